@@ -1,0 +1,12 @@
+//! The shared disk-image engine of `img` and `vmm`.
+//!
+//! Front ends open an image with [`open::open_image`] and move bytes through the
+//! [`driver::BlockDriver`] trait. Formats sit on the [`storage::Storage`] trait so that tests
+//! can inject failures below them.
+
+pub mod driver;
+pub mod error;
+pub mod storage;
+
+pub use driver::{Allocation, BlockDriver, BlockStatus};
+pub use error::{Error, Result};

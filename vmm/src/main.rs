@@ -1,0 +1,6 @@
+//! `vmm`: a minimal KVM hypervisor.
+
+fn main() {
+    eprintln!("vmm: not implemented yet");
+    std::process::exit(1);
+}
