@@ -54,11 +54,20 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Io { context, source } => write!(f, "{context}: {}", os_message(source)),
             Error::Corrupt(m) | Error::Unsupported(m) | Error::Locked(m) => f.write_str(m),
             Error::InvalidArgument(m) => f.write_str(m),
             Error::ReadOnly => f.write_str("Image is read-only"),
         }
+    }
+}
+
+/// An I/O error's text the way C's strerror puts it, without Rust's "(os error N)" suffix.
+pub fn os_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 

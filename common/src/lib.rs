@@ -6,7 +6,12 @@
 
 pub mod driver;
 pub mod error;
+pub mod fault_storage;
+pub mod lock;
+pub mod raw;
 pub mod storage;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};
+pub mod open;
+pub mod qcow2;

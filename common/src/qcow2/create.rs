@@ -1,0 +1,264 @@
+//! Creating a new qcow2 image: layout of header, refcount structures and L1 table.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::entry::{L2Entry, ALL_ALLOCATED, COPIED};
+use super::header::{
+    default_feature_names, CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_EXTL2, MAX_L1_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
+};
+use super::meta::Meta;
+use super::refcount;
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, Storage};
+
+/// How much of a new image to allocate up front (qemu-img's `preallocation` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+/// Options of `qemu-img create -f qcow2`, with qemu-img's defaults.
+#[derive(Debug, Clone)]
+pub struct Qcow2CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// 2 for compat=0.10, 3 for compat=1.1.
+    pub version: u32,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub extended_l2: bool,
+    pub compression_type: CompressionType,
+    pub preallocation: Preallocation,
+    /// Backing file name, stored as given.
+    pub backing_file: Option<String>,
+    /// Backing format name stored in the backing-format extension.
+    pub backing_format: Option<String>,
+}
+
+impl Default for Qcow2CreateOptions {
+    fn default() -> Self {
+        Qcow2CreateOptions {
+            size: 0,
+            version: 3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: CompressionType::Zlib,
+            preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+impl Qcow2CreateOptions {
+    /// Check the options the way qemu-img does, with its messages.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::invalid(
+                "Cluster size must be a power of two between 512 and 2048k",
+            ));
+        }
+        if self.version != 2 && self.version != 3 {
+            return Err(Error::invalid(format!(
+                "Invalid compat version {}",
+                self.version
+            )));
+        }
+        let v3_only = |what: &str| {
+            Err(Error::invalid(format!(
+                "{what} only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+            )))
+        };
+        if self.version == 2 {
+            if self.lazy_refcounts {
+                return v3_only("Lazy refcounts");
+            }
+            if self.refcount_bits != 16 {
+                return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
+            }
+            if self.extended_l2 {
+                return v3_only("Extended L2 entries are");
+            }
+            if self.compression_type != CompressionType::Zlib {
+                return v3_only("Non-zlib compression type is");
+            }
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if self.extended_l2 && cs < 16384 {
+            return Err(Error::invalid(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(Error::invalid(
+                "Backing format cannot be used without backing file",
+            ));
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> Header {
+        let mut incompat = 0;
+        if self.extended_l2 {
+            incompat |= INCOMPAT_EXTL2;
+        }
+        if self.compression_type == CompressionType::Zstd {
+            incompat |= INCOMPAT_COMPRESSION;
+        }
+        let cs = self.cluster_size;
+        Header {
+            version: self.version,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: cs.trailing_zeros(),
+            size: 0,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: incompat,
+            compatible_features: if self.lazy_refcounts {
+                COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            autoclear_features: 0,
+            refcount_order: self.refcount_bits.trailing_zeros(),
+            header_length: if self.version == 2 {
+                V2_HEADER_LEN
+            } else {
+                V3_HEADER_LEN
+            },
+            compression_type: self.compression_type,
+            backing_file: self.backing_file.clone(),
+            backing_format: self.backing_format.clone(),
+            feature_names: if self.version == 2 {
+                Vec::new()
+            } else {
+                default_feature_names()
+            },
+            other_extensions: Vec::new(),
+        }
+    }
+}
+
+fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::io(what, e))
+}
+
+/// Create (or overwrite) a qcow2 image at `path`.
+pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+    crate::lock::lock_image(&file, path, false, false)?;
+    format_qcow2(Arc::new(FileStorage::new(file)), opts)
+}
+
+/// Write a new qcow2 image onto empty storage.
+pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Result<()> {
+    opts.validate()?;
+    let mut h = opts.header();
+    let cs = opts.cluster_size;
+    if h.l1_entries_for(opts.size) * 8 > MAX_L1_BYTES {
+        return Err(Error::invalid(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+        ));
+    }
+    // Minimal layout: header, refcount table, one refcount block for clusters 0..2.
+    let mut first = h.encode()?;
+    first.resize(cs as usize, 0);
+    io("Could not write qcow2 header", storage.write_at(&first, 0))?;
+    let mut table = vec![0u8; cs as usize];
+    table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    io(
+        "Could not write refcount table",
+        storage.write_at(&table, cs),
+    )?;
+    let mut block = vec![0u8; cs as usize];
+    for c in 0..3 {
+        refcount::set(&mut block, h.refcount_order, c, 1);
+    }
+    io(
+        "Could not write refcount block",
+        storage.write_at(&block, 2 * cs),
+    )?;
+    let mut meta = Meta::load(storage.clone(), h.clone(), false)?;
+    meta.grow_l1(h.l1_entries_for(opts.size))?;
+    meta.h.size = opts.size;
+    meta.write_header()?;
+    if opts.preallocation != Preallocation::Off {
+        preallocate(&mut meta, opts.preallocation)?;
+    }
+    meta.close()
+}
+
+/// Allocate every L2 table and data cluster; with falloc/full also the file space.
+fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
+    let cb = meta.h.cluster_bits;
+    let cs = meta.cluster_size();
+    let clusters = meta.h.size.div_ceil(cs);
+    let per_l2 = meta.h.l2_entries();
+    let ext = meta.h.extended_l2();
+    let storage = meta.storage().clone();
+    let mut gc = 0;
+    while gc < clusters {
+        let n = (per_l2 - gc % per_l2).min(clusters - gc);
+        // Touch the L2 table first so it precedes its data clusters, as QEMU lays it out.
+        meta.set_l2_entry(gc, L2Entry::default())?;
+        let first = meta.alloc_clusters(n)?;
+        for i in 0..n {
+            let e = L2Entry {
+                word: ((first + i) << cb) | COPIED,
+                bitmap: if ext { ALL_ALLOCATED } else { 0 },
+            };
+            meta.set_l2_entry(gc + i, e)?;
+        }
+        let (start, len) = (first << cb, n << cb);
+        match mode {
+            Preallocation::Falloc => io("Could not preallocate", storage.allocate(start, len))?,
+            Preallocation::Full => {
+                let zeros = vec![0u8; (1 << 20).min(len) as usize];
+                let mut pos = start;
+                while pos < start + len {
+                    let k = (start + len - pos).min(zeros.len() as u64);
+                    io(
+                        "Could not preallocate",
+                        storage.write_at(&zeros[..k as usize], pos),
+                    )?;
+                    pos += k;
+                }
+            }
+            _ => {
+                let end = start + len;
+                if io("Could not get image size", storage.len())? < end {
+                    io("Could not preallocate", storage.set_len(end))?;
+                }
+            }
+        }
+        gc += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
+
+mod cache;
+pub mod compress;
+pub mod create;
+pub mod entry;
+pub mod header;
+mod io;
+mod meta;
+mod rebuild;
+pub mod refcount;
+pub mod snapshot;
+
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::driver::{BlockDriver, BlockStatus};
+use crate::error::{Error, Result};
+use crate::open::{open_in_chain, resolve_backing_path, Format, OpenOptions};
+use crate::storage::{FileStorage, Storage};
+use header::Header;
+use meta::Meta;
+use snapshot::Snapshot;
+
+/// An open qcow2 image.
+pub struct Qcow2Image {
+    storage: Arc<dyn Storage>,
+    meta: Mutex<Meta>,
+    /// Held shared by data I/O that bypasses the metadata lock, exclusively while freed
+    /// clusters are released, so a cluster is never reused under an in-flight request.
+    gate: RwLock<()>,
+    backing: Option<Box<dyn BlockDriver>>,
+    path: PathBuf,
+    read_only: bool,
+    size: u64,
+}
+
+fn open_file(path: &Path, read_only: bool) -> Result<std::fs::File> {
+    FsOpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))
+}
+
+/// Read and validate the header from the start of `storage`.
+pub fn read_header(storage: &dyn Storage) -> Result<Header> {
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::io("Could not get image size", e))?;
+    let mut start = vec![0u8; (header::V3_MIN_HEADER_LEN as u64).min(file_len) as usize];
+    storage
+        .read_at(&mut start, 0)
+        .map_err(|e| Error::io("Could not read qcow2 header", e))?;
+    let bits = Header::cluster_bits_of(&start)?;
+    let mut first = vec![0u8; (1u64 << bits).min(file_len) as usize];
+    storage
+        .read_at(&mut first, 0)
+        .map_err(|e| Error::io("Could not read qcow2 header", e))?;
+    Header::parse(&first, file_len)
+}
+
+impl Qcow2Image {
+    /// Open the qcow2 image at `path`.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2Image> {
+        Self::open_in_chain(path, opts, &mut Vec::new())
+    }
+
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut Vec<PathBuf>,
+    ) -> Result<Qcow2Image> {
+        let file = open_file(path, opts.read_only)?;
+        crate::lock::lock_image(&file, path, opts.read_only, opts.force_share)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let header = read_header(&*storage)?;
+        let backing = match (&header.backing_file, opts.no_backing) {
+            (Some(name), false) => {
+                let bpath = resolve_backing_path(path, name);
+                let bopts = OpenOptions {
+                    read_only: true,
+                    force_share: opts.force_share,
+                    format: header
+                        .backing_format
+                        .as_deref()
+                        .map(Format::from_name)
+                        .transpose()?,
+                    no_backing: false,
+                };
+                let img = open_in_chain(&bpath, &bopts, seen)
+                    .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
+                Some(img.into_driver())
+            }
+            _ => None,
+        };
+        let mut img = Self::from_storage(storage, header, opts.read_only, backing)?;
+        img.path = path.to_path_buf();
+        Ok(img)
+    }
+
+    /// Open a qcow2 image on any storage (no lock, no path), with an optional backing image.
+    pub fn from_storage_with_backing(
+        storage: Arc<dyn Storage>,
+        read_only: bool,
+        backing: Option<Box<dyn BlockDriver>>,
+    ) -> Result<Qcow2Image> {
+        let header = read_header(&*storage)?;
+        Self::from_storage(storage, header, read_only, backing)
+    }
+
+    fn from_storage(
+        storage: Arc<dyn Storage>,
+        header: Header,
+        read_only: bool,
+        backing: Option<Box<dyn BlockDriver>>,
+    ) -> Result<Qcow2Image> {
+        if header.is_corrupt() && !read_only {
+            return Err(Error::corrupt(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        let size = header.size;
+        let mut meta = Meta::load(storage.clone(), header, read_only)?;
+        if meta.h.is_dirty() && !read_only {
+            meta.rebuild_refcounts()?;
+        }
+        Ok(Qcow2Image {
+            storage,
+            meta: Mutex::new(meta),
+            gate: RwLock::new(()),
+            backing,
+            path: PathBuf::new(),
+            read_only,
+            size,
+        })
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the current header (with extensions and backing file name).
+    pub fn header(&self) -> Header {
+        self.meta().h.clone()
+    }
+
+    /// The path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The storage the image lives on.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// The internal snapshots listed in the snapshot table.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let h = self.header();
+        snapshot::read_table(&*self.storage, &h)
+    }
+
+    /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
+    pub fn close(&self) -> Result<()> {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.meta().close()
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.close();
+        }
+    }
+}
+
+impl BlockDriver for Qcow2Image {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::driver::check_range(offset, buf.len() as u64, self.size)?;
+        self.read_impl(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::driver::check_range(offset, buf.len() as u64, self.size)?;
+        self.write_impl(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::driver::check_range(offset, len, self.size)?;
+        self.zeroes_impl(offset, len, may_unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::driver::check_range(offset, len, self.size)?;
+        self.discard_impl(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.meta().flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        crate::driver::check_range(offset, len.max(1), self.size)?;
+        self.status_impl(offset, len)
+    }
+
+    fn allocated_file_size(&self) -> Result<u64> {
+        self.storage
+            .allocated_size()
+            .map_err(|e| Error::io("Could not get allocated size", e))
+    }
+}
+
+#[cfg(test)]
+mod tests;
