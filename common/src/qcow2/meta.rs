@@ -515,26 +515,29 @@ impl Meta {
     }
 
     /// Find `n` contiguous free clusters (refcount 0, not cluster 0, not reserved).
+    /// Moves the search hint past the clusters found to be in use.
     fn find_free(&mut self, n: u64) -> Result<u64> {
-        let mut start = self.free_hint.max(1);
+        let limit = 1u64 << (56 - self.h.cluster_bits);
+        let mut c = self.free_hint.max(1);
+        let mut first_free = None;
         let mut run = 0;
-        let mut c = start;
         loop {
+            if c >= limit {
+                return Err(Error::invalid("image file would grow past the qcow2 limit"));
+            }
             if self.refcount(c)? == 0 && !self.is_reserved(c) {
-                if run == 0 {
-                    start = c;
-                }
+                first_free.get_or_insert(c);
                 run += 1;
                 if run == n {
+                    let start = c + 1 - n;
+                    let ff = first_free.expect("set above");
+                    self.free_hint = if ff == start { c + 1 } else { ff };
                     return Ok(start);
                 }
             } else {
                 run = 0;
             }
             c += 1;
-            if c > (1u64 << (56 - self.h.cluster_bits)) {
-                return Err(Error::invalid("image file would grow past the qcow2 limit"));
-            }
         }
     }
 
@@ -555,9 +558,6 @@ impl Meta {
         }
         self.reserved.pop();
         result?;
-        if first == self.free_hint.max(1) {
-            self.free_hint = first + n;
-        }
         Ok(first)
     }
 
