@@ -1,0 +1,530 @@
+//! The raw format: guest offset = file offset, sparse-aware.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
+use crate::error::{Error, Result};
+use crate::lock;
+use crate::storage::{FileStorage, Storage};
+
+/// Chunk size used when zeroes have to be written out explicitly.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// A raw image: the guest sees the bytes of the file as they are.
+pub struct RawImage {
+    storage: Box<dyn Storage>,
+    size: u64,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for RawImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawImage")
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("Could not open '{}'", path.display()), e)
+}
+
+impl RawImage {
+    /// Open the file at `path` (read-write unless `read_only`) and lock it like QEMU does
+    /// (see [`crate::lock::lock_image`]). The size is the file length at open.
+    pub fn open(path: &Path, read_only: bool, force_share: bool) -> Result<RawImage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        lock::lock_image(&file, path, read_only, force_share)?;
+        Self::from_storage(Box::new(FileStorage::new(file)), read_only)
+    }
+
+    /// Wrap an already open storage. No lock is taken.
+    pub fn from_storage(storage: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("Could not get the image size", e))?;
+        Ok(RawImage {
+            storage,
+            size,
+            read_only,
+        })
+    }
+
+    /// The storage under the image.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len, self.size)
+    }
+
+    fn write_zero_chunks(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK) as usize;
+            self.storage
+                .write_at(&zeros[..n], pos)
+                .map_err(|e| Error::io("Failed to write zeroes", e))?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for RawImage {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| Error::io("Failed to read", e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_write(offset, buf.len() as u64)?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io("Failed to write", e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if may_unmap {
+            self.storage
+                .punch_hole(offset, len)
+                .map_err(|e| Error::io("Failed to write zeroes", e))
+        } else {
+            self.write_zero_chunks(offset, len)
+        }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.storage
+            .punch_hole(offset, len)
+            .map_err(|e| Error::io("Failed to discard", e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("Failed to flush", e))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Err(Error::invalid("block_status of an empty range"));
+        }
+        let end = offset + len;
+        let next = self
+            .storage
+            .next_data(offset)
+            .map_err(|e| Error::io("Failed to query allocation", e))?;
+        let (allocation, run_end) = match next {
+            // Inside data (a data run starting at or before `offset`).
+            Some((start, stop)) if start <= offset && stop > offset => (Allocation::Data, stop),
+            // A hole up to the next data run.
+            Some((start, _)) => (Allocation::Zero, start.max(offset + 1)),
+            // A hole up to the end of the file.
+            None => (Allocation::Zero, end),
+        };
+        let run_end = run_end.min(end);
+        Ok(BlockStatus {
+            len: run_end - offset,
+            allocation,
+            depth: 0,
+            host_offset: (allocation == Allocation::Data).then_some(offset),
+        })
+    }
+
+    fn allocated_file_size(&self) -> Result<u64> {
+        self.storage
+            .allocated_size()
+            .map_err(|e| Error::io("Failed to get the allocated file size", e))
+    }
+}
+
+/// Preallocation modes of `qemu-img create -o preallocation=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preallocation {
+    /// Sparse file.
+    Off,
+    /// Preallocate metadata only (qcow2); not supported for raw.
+    Metadata,
+    /// Reserve the space with `posix_fallocate`.
+    Falloc,
+    /// Write zeroes over the whole image.
+    Full,
+}
+
+impl Preallocation {
+    /// Parse the `preallocation=` option value.
+    pub fn from_name(name: &str) -> Result<Preallocation> {
+        match name {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            other => Err(Error::invalid(format!("invalid parameter value: {other}"))),
+        }
+    }
+
+    /// The name as qemu-img prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// Create (or overwrite) a raw image of `size` bytes, like `qemu-img create -f raw`.
+///
+/// Like QEMU, the file is opened without `O_TRUNC`, locked the way `qemu-img create`
+/// locks it (so an image in use is not clobbered), truncated to zero and then grown
+/// according to `prealloc`. `Metadata` is refused after the truncation, as QEMU does
+/// ("Unsupported preallocation mode: metadata").
+pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    lock::lock_image_perms(&file, path, lock::Perms::CREATE)?;
+    let storage = FileStorage::new(file);
+    let io = |what: &str, e| Error::io(what.to_string(), e);
+    storage
+        .set_len(0)
+        .map_err(|e| io("Could not resize file", e))?;
+    match prealloc {
+        Preallocation::Off => storage
+            .set_len(size)
+            .map_err(|e| io("Could not resize file", e))?,
+        Preallocation::Metadata => {
+            return Err(Error::Unsupported(
+                "Unsupported preallocation mode: metadata".into(),
+            ))
+        }
+        Preallocation::Falloc => {
+            storage
+                .allocate(0, size)
+                .map_err(|e| io("Could not preallocate data for the new file", e))?;
+            storage
+                .set_len(size)
+                .map_err(|e| io("Could not resize file", e))?;
+        }
+        Preallocation::Full => {
+            storage
+                .set_len(size)
+                .map_err(|e| io("Could not resize file", e))?;
+            let zeros = vec![0u8; size.min(ZERO_CHUNK) as usize];
+            let mut pos = 0;
+            while pos < size {
+                let n = (size - pos).min(ZERO_CHUNK) as usize;
+                storage
+                    .write_at(&zeros[..n], pos)
+                    .map_err(|e| io("Could not write zeros for preallocation", e))?;
+                pos += n as u64;
+            }
+        }
+    }
+    storage
+        .flush()
+        .map_err(|e| io("Could not flush the new file", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn status_runs(img: &RawImage) -> Vec<(u64, u64, Allocation)> {
+        let mut v = Vec::new();
+        let mut off = 0;
+        while off < img.size() {
+            let s = img.block_status(off, img.size() - off).unwrap();
+            assert!(s.len > 0);
+            if let Some(h) = s.host_offset {
+                assert_eq!(h, off);
+            }
+            v.push((off, s.len, s.allocation));
+            off += s.len;
+        }
+        v
+    }
+
+    #[test]
+    fn create_open_read_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.raw");
+        crate::lock::retry_while_locked(|| create_raw(&p, 4 << 20, Preallocation::Off)).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 << 20);
+        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        assert_eq!(img.size(), 4 << 20);
+        assert_eq!(img.format_name(), "raw");
+        assert_eq!(
+            status_runs(&img),
+            vec![(0, 4 << 20, Allocation::Zero)],
+            "fresh image is one hole"
+        );
+        img.write_at(b"hello", 1 << 20).unwrap();
+        let mut buf = [0u8; 7];
+        img.read_at(&mut buf, (1 << 20) - 1).unwrap();
+        assert_eq!(&buf, b"\0hello\0");
+        img.flush().unwrap();
+        let runs = status_runs(&img);
+        assert!(runs
+            .iter()
+            .any(|&(o, l, a)| a == Allocation::Data && o <= 1 << 20 && o + l > 1 << 20));
+        assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), 4 << 20);
+        assert!(img.allocated_file_size().unwrap() >= 4096);
+
+        // Out of range and read-only checks.
+        assert!(matches!(
+            img.write_at(b"x", 4 << 20),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(img.read_at(&mut buf, (4 << 20) - 3).is_err());
+        assert!(img.write_zeroes(u64::MAX, 2, false).is_err());
+        drop(img);
+        let ro = crate::lock::retry_while_locked(|| RawImage::open(&p, true, false)).unwrap();
+        assert!(ro.is_read_only());
+        assert!(matches!(ro.write_at(b"x", 0), Err(Error::ReadOnly)));
+        assert!(matches!(ro.discard(0, 4096), Err(Error::ReadOnly)));
+        assert!(matches!(ro.write_zeroes(0, 1, true), Err(Error::ReadOnly)));
+        // A second read-only open shares, a read-write one does not.
+        let ro2 = RawImage::open(&p, true, false).unwrap();
+        let e = RawImage::open(&p, false, false).unwrap_err();
+        assert!(matches!(e, Error::Locked(_)), "{e}");
+        drop((ro, ro2));
+        crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+    }
+
+    #[test]
+    fn zeroes_and_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("z.raw");
+        std::fs::write(&p, vec![0xabu8; 1 << 20]).unwrap();
+        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        img.write_zeroes(4096, 8192, false).unwrap();
+        img.write_zeroes(65536, 65536, true).unwrap();
+        img.discard(262144, 65536).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        img.read_at(&mut buf, 0).unwrap();
+        for (i, &b) in buf.iter().enumerate() {
+            let zero = (4096..12288).contains(&i)
+                || (65536..131072).contains(&i)
+                || (262144..327680).contains(&i);
+            assert_eq!(b, if zero { 0 } else { 0xab }, "byte {i}");
+        }
+        // Punched ranges show up as holes (on filesystems that support it).
+        let s = img.block_status(65536, 65536).unwrap();
+        if s.allocation == Allocation::Zero {
+            assert_eq!(s.len, 65536);
+            assert_eq!(s.host_offset, None);
+        }
+        // Written zeroes stay allocated data.
+        let s = img.block_status(4096, 8192).unwrap();
+        assert_eq!(s.allocation, Allocation::Data);
+        assert_eq!(s.host_offset, Some(4096));
+    }
+
+    #[test]
+    fn block_status_runs_are_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.raw");
+        crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Off)).unwrap();
+        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        img.write_at(&[1u8; 65536], 512 << 10).unwrap();
+        let s = img.block_status(0, 4096).unwrap();
+        assert_eq!((s.len, s.allocation), (4096, Allocation::Zero));
+        let s = img.block_status(0, 1 << 20).unwrap();
+        assert_eq!(s.allocation, Allocation::Zero);
+        assert!(s.len <= 512 << 10);
+        let s = img.block_status(512 << 10, 100).unwrap();
+        assert_eq!((s.len, s.allocation), (100, Allocation::Data));
+        assert!(img.block_status(0, 0).is_err());
+        assert!(img.block_status(1 << 20, 1).is_err());
+    }
+
+    #[test]
+    fn preallocation_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.raw");
+        // Existing content is thrown away.
+        std::fs::write(&p, vec![0xffu8; 3 << 20]).unwrap();
+        crate::lock::retry_while_locked(|| create_raw(&p, 2 << 20, Preallocation::Off)).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 2 << 20);
+        assert!(m.blocks() * 512 < 1 << 20, "off is sparse");
+        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
+
+        crate::lock::retry_while_locked(|| create_raw(&p, 2 << 20, Preallocation::Falloc)).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 2 << 20);
+        assert!(m.blocks() * 512 >= 2 << 20, "falloc allocates");
+
+        crate::lock::retry_while_locked(|| create_raw(&p, (2 << 20) + 512, Preallocation::Full))
+            .unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), (2 << 20) + 512);
+        assert!(m.blocks() * 512 >= 2 << 20, "full allocates");
+        assert!(std::fs::read(&p).unwrap().iter().all(|&b| b == 0));
+
+        let e =
+            crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Metadata))
+                .unwrap_err();
+        assert_eq!(e.to_string(), "Unsupported preallocation mode: metadata");
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "like QEMU");
+
+        assert_eq!(
+            Preallocation::from_name("bogus").unwrap_err().to_string(),
+            "invalid parameter value: bogus"
+        );
+        for m in ["off", "metadata", "falloc", "full"] {
+            assert_eq!(Preallocation::from_name(m).unwrap().name(), m);
+        }
+    }
+
+    #[test]
+    fn create_refuses_locked_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.raw");
+        crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Off)).unwrap();
+        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        img.write_at(b"keep", 0).unwrap();
+        let e = create_raw(&p, 1 << 20, Preallocation::Off).unwrap_err();
+        assert!(matches!(e, Error::Locked(_)), "{e}");
+        let mut buf = [0u8; 4];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"keep", "a locked image is not truncated");
+    }
+
+    #[test]
+    fn from_storage_has_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.raw");
+        crate::lock::retry_while_locked(|| create_raw(&p, 65536, Preallocation::Off)).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let a = RawImage::from_storage(Box::new(FileStorage::new(f)), false).unwrap();
+        let b = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        a.write_at(b"ab", 0).unwrap();
+        let mut buf = [0u8; 2];
+        b.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"ab");
+    }
+
+    #[test]
+    fn over_fault_storage() {
+        use crate::fault_storage::{FaultStorage, Op};
+        let f = FaultStorage::with_content(vec![7u8; 64 << 10]);
+        let img = RawImage::from_storage(f.boxed(), false).unwrap();
+        assert_eq!(img.size(), 64 << 10);
+        f.fail_write(1);
+        let e = img.write_at(b"x", 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        f.fail_flush(1);
+        assert_eq!(img.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        img.write_at(b"ab", 100).unwrap();
+        img.flush().unwrap();
+        img.write_zeroes(8192, 8192, true).unwrap();
+        img.write_zeroes(0, 3 << 20 >> 8, false).unwrap(); // 12 KiB in one chunk
+        img.discard(32768, 4096).unwrap();
+        assert_eq!(
+            f.log(),
+            vec![
+                Op::Write {
+                    offset: 100,
+                    len: 2
+                },
+                Op::Flush,
+                Op::PunchHole {
+                    offset: 8192,
+                    len: 8192
+                },
+                Op::Write {
+                    offset: 0,
+                    len: 12288
+                },
+                Op::PunchHole {
+                    offset: 32768,
+                    len: 4096
+                },
+            ]
+        );
+        // Block status follows the memory storage's holes.
+        let s = img.block_status(12288, 50000).unwrap();
+        assert_eq!((s.len, s.allocation), (4096, Allocation::Zero));
+        let s = img.block_status(16384, 49152).unwrap();
+        assert_eq!((s.len, s.allocation), (16384, Allocation::Data));
+        assert_eq!(img.allocated_file_size().unwrap(), 64 * 1024 - 4096 * 2);
+        // Nothing can grow the image.
+        assert!(img.write_at(b"x", 64 << 10).is_err());
+        assert_eq!(f.content().unwrap().len(), 64 << 10);
+        // Read-only over storage.
+        let ro = RawImage::from_storage(f.boxed(), true).unwrap();
+        assert!(matches!(ro.write_at(b"x", 0), Err(Error::ReadOnly)));
+        assert!(matches!(ro.flush(), Ok(())));
+    }
+
+    #[test]
+    fn concurrent_writers_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.raw");
+        crate::lock::retry_while_locked(|| create_raw(&p, 8 << 20, Preallocation::Off)).unwrap();
+        let img = std::sync::Arc::new(
+            crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap(),
+        );
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let img = img.clone();
+                s.spawn(move || {
+                    for i in 0..64u64 {
+                        let off = (t as u64 * 64 + i) * 16384;
+                        img.write_at(&[t + 1; 16384], off).unwrap();
+                    }
+                });
+            }
+        });
+        let mut buf = vec![0u8; 8 << 20];
+        img.read_at(&mut buf, 0).unwrap();
+        for (i, c) in buf.chunks(16384).enumerate() {
+            assert!(c.iter().all(|&b| b == (i / 64) as u8 + 1));
+        }
+    }
+}
