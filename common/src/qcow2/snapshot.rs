@@ -89,7 +89,7 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
     // Tables may end in the last, partially written cluster.
     let file_end = file_len.next_multiple_of(cluster_size);
     let table_offset = header.snapshots_offset;
-    if table_offset % cluster_size != 0 || table_offset >= file_end {
+    if !table_offset.is_multiple_of(cluster_size) || table_offset >= file_end {
         return Err(Error::corrupt("Snapshot table offset invalid"));
     }
     let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
@@ -141,7 +141,7 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         let id = String::from_utf8_lossy(&var[extra_len..extra_len + id_len]).into_owned();
         let name = String::from_utf8_lossy(&var[extra_len + id_len..]).into_owned();
 
-        if l1_table_offset % cluster_size != 0 {
+        if !l1_table_offset.is_multiple_of(cluster_size) {
             return Err(Error::corrupt(format!(
                 "Snapshot {i} L1 table offset invalid"
             )));

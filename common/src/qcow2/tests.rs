@@ -285,3 +285,80 @@ fn reads_what_qemu_wrote_through_a_backing_chain_with_compression() {
         assert!(engine_bytes(&top) == expected, "chain read differs ({ct})");
     }
 }
+
+#[test]
+fn dirty_lazy_refcount_image_is_repaired_on_read_write_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dirty.qcow2");
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            path.to_str().unwrap(),
+            "4M"
+        ])
+        .0
+    );
+    // qemu-io's `abort` kills it with the refcounts of the new clusters never written.
+    let status = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "abort",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+        .status;
+    assert!(!status.success());
+    let (ok, text) = qemu_img(&["check", path.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("refcount=0 reference=1"),
+        "image should need repair:\n{text}"
+    );
+    {
+        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        assert!(!img.header().is_dirty(), "repair clears the dirty bit");
+        let mut buf = vec![0u8; 1 << 20];
+        img.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        img.write_at(&[7u8; 4096], 2 << 20).unwrap();
+    }
+    check_clean(&path);
+    let raw = qemu_raw(&path);
+    assert!(raw[..1 << 20].iter().all(|&b| b == 0x5a));
+    assert!(raw[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 7));
+    let (_, json) = qemu_img(&["info", "--output=json", path.to_str().unwrap()]);
+    assert!(json.contains("\"dirty-flag\": false"), "{json}");
+}
+
+#[test]
+fn lazy_refcounts_set_dirty_while_open_and_clear_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lazy.qcow2");
+    let opts = Qcow2CreateOptions {
+        size: 4 << 20,
+        lazy_refcounts: true,
+        ..Default::default()
+    };
+    create_qcow2(&path, &opts).unwrap();
+    let img = Qcow2Image::open(&path, &rw()).unwrap();
+    img.write_at(&[1u8; 512], 0).unwrap();
+    let on_disk = super::read_header(&crate::storage::FileStorage::new(
+        std::fs::File::open(&path).unwrap(),
+    ))
+    .unwrap();
+    assert!(on_disk.is_dirty());
+    drop(img);
+    let (_, json) = qemu_img(&["info", "--output=json", path.to_str().unwrap()]);
+    assert!(
+        json.contains("\"dirty-flag\": false") && json.contains("\"lazy-refcounts\": true"),
+        "{json}"
+    );
+    check_clean(&path);
+}
