@@ -179,8 +179,8 @@ mod tests {
     fn compressed_descriptor_round_trips() {
         for bits in [9u32, 12, 16, 21] {
             let run = CompressedRun {
-                offset: (5u64 << bits) + 1000,
-                len: 3000,
+                offset: (5u64 << bits) + 100,
+                len: (1u64 << bits) / 2 + 7,
             };
             let word = run.encode(bits);
             let back = CompressedRun::decode(word, bits);
@@ -219,7 +219,7 @@ mod tests {
         );
         assert_eq!(x.kind(16, true, 2), Kind::Unallocated);
         assert!(L2Entry {
-            word: 0x30001 << 1,
+            word: 0x30200,
             bitmap: 0
         }
         .validate(65536, false)

@@ -4,8 +4,7 @@
 //! Reads and writes to clusters that are already allocated and unshared hold the metadata
 //! lock only for the lookup; writes that allocate or change the mapping hold it throughout.
 
-use super::compress;
-use super::entry::{HostOffset, Kind, L2Entry, ALL_ZEROES, COPIED, ZERO};
+use super::entry::{HostOffset, Kind, L2Entry, ALL_ZEROES, ZERO};
 use super::meta::Meta;
 use super::Qcow2Image;
 use crate::driver::{Allocation, BlockStatus};
@@ -23,7 +22,7 @@ fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
 
 impl Qcow2Image {
     /// Bits of the allocation unit: the subcluster with extended L2, else the cluster.
-    fn unit_bits(m: &Meta) -> u32 {
+    pub(super) fn unit_bits(m: &Meta) -> u32 {
         if m.h.extended_l2() {
             m.h.cluster_bits - 5
         } else {
@@ -78,7 +77,7 @@ impl Qcow2Image {
         })
     }
 
-    fn read_backing(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+    pub(super) fn read_backing(&self, buf: &mut [u8], pos: u64) -> Result<()> {
         let Some(b) = &self.backing else {
             buf.fill(0);
             return Ok(());
@@ -90,23 +89,6 @@ impl Qcow2Image {
         }
         buf[avail..].fill(0);
         Ok(())
-    }
-
-    /// Read a whole compressed cluster into `out` (one cluster long).
-    fn read_compressed(
-        &self,
-        m: &Meta,
-        run: super::entry::CompressedRun,
-        out: &mut [u8],
-    ) -> Result<()> {
-        let cs = m.cluster_size();
-        let len = run.len.min(2 * cs);
-        let mut input = vec![0u8; len as usize];
-        io(
-            "Could not read compressed cluster",
-            self.storage.read_at(&mut input, run.offset),
-        )?;
-        compress::decompress(m.h.compression_type, &input, out)
     }
 
     pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -129,153 +111,12 @@ impl Qcow2Image {
                 )?,
                 Kind::Compressed(c) => {
                     let mut cluster = vec![0u8; cs as usize];
-                    {
-                        let m = self.meta();
-                        self.read_compressed(&m, c, &mut cluster)?;
-                    }
+                    self.read_compressed(c, &mut cluster)?;
                     let at = (pos % cs) as usize;
                     part.copy_from_slice(&cluster[at..at + part.len()]);
                 }
             }
             done += run.len as usize;
-        }
-        Ok(())
-    }
-
-    pub(super) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let mut m = self.meta();
-            let cs = m.cluster_size();
-            let n = ((cs - pos % cs) as usize).min(buf.len() - done);
-            let data = &buf[done..done + n];
-            if let Some(host) = Self::overwrite_in_place(&mut m, pos, n as u64)? {
-                drop(m);
-                io(
-                    "Could not write image data",
-                    self.storage.write_at(data, host),
-                )?;
-            } else {
-                self.cow_write(&mut m, pos, data)?;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Host offset for writing `len` bytes at `pos` (within one cluster) without any
-    /// metadata change: the cluster is allocated, unshared, and every unit touched is data.
-    fn overwrite_in_place(m: &mut Meta, pos: u64, len: u64) -> Result<Option<u64>> {
-        let cb = m.h.cluster_bits;
-        let e = m.l2_entry(pos >> cb)?;
-        if !e.is_copied() || e.is_compressed() {
-            return Ok(None);
-        }
-        let Some(host) = e.host_cluster() else {
-            return Ok(None);
-        };
-        let in_cluster = pos & ((1 << cb) - 1);
-        if m.h.extended_l2() {
-            let ub = cb - 5;
-            let first = in_cluster >> ub;
-            let last = (in_cluster + len - 1) >> ub;
-            let mask = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
-            if e.bitmap & mask != mask {
-                return Ok(None);
-            }
-        } else if e.word & ZERO != 0 {
-            return Ok(None);
-        }
-        Ok(Some(host.0 + in_cluster))
-    }
-
-    /// Write `data` at `pos` (within one cluster) where the mapping must change: allocate
-    /// or copy the cluster, fill the units it only partly covers from what they showed
-    /// before, then point the L2 entry at it. Holds the metadata lock throughout.
-    fn cow_write(&self, m: &mut Meta, pos: u64, data: &[u8]) -> Result<()> {
-        let cb = m.h.cluster_bits;
-        let cs = m.cluster_size();
-        let ext = m.h.extended_l2();
-        let ub = Self::unit_bits(m);
-        let us = 1u64 << ub;
-        let units = (cs >> ub) as u32;
-        let gc = pos >> cb;
-        let cluster_start = gc << cb;
-        let in_cluster = pos - cluster_start;
-        let old = m.l2_entry(gc)?;
-        let first = (in_cluster >> ub) as u32;
-        let last = ((in_cluster + data.len() as u64 - 1) >> ub) as u32;
-
-        // Reuse the host cluster if it is ours alone; otherwise take a new one.
-        let reuse = old.is_copied() && !old.is_compressed() && old.host_cluster().is_some();
-        let target = if reuse {
-            old.host_cluster().expect("checked").0
-        } else {
-            m.alloc_clusters(1)? << cb
-        };
-        // Units whose old content must move to a new cluster with them.
-        let old_kind = |s: u32| old.kind(cb, ext, s);
-        let keeps =
-            |s: u32| !reuse && matches!(old_kind(s), Kind::Data { .. } | Kind::Compressed(_));
-        let span_first = (0..first).find(|&s| keeps(s)).unwrap_or(first);
-        let span_last = (last + 1..units).rev().find(|&s| keeps(s)).unwrap_or(last);
-
-        let mut decompressed: Option<Vec<u8>> = None;
-        let span_start = u64::from(span_first) << ub;
-        let mut buf = vec![0u8; ((span_last - span_first + 1) as u64 * us) as usize];
-        let data_at = (in_cluster - span_start) as usize;
-        for s in span_first..=span_last {
-            let u_start = u64::from(s) << ub;
-            let covered = u_start >= in_cluster && u_start + us <= in_cluster + data.len() as u64;
-            let touched = s >= first && s <= last;
-            if covered || !(touched || keeps(s)) {
-                continue;
-            }
-            let dst =
-                &mut buf[(u_start - span_start) as usize..(u_start - span_start + us) as usize];
-            match old_kind(s) {
-                Kind::Unallocated => self.read_backing(dst, cluster_start + u_start)?,
-                Kind::Zero { .. } => dst.fill(0),
-                Kind::Data { host } => io(
-                    "Could not read image data",
-                    self.storage.read_at(dst, host.0),
-                )?,
-                Kind::Compressed(c) => {
-                    if decompressed.is_none() {
-                        let mut out = vec![0u8; cs as usize];
-                        self.read_compressed(m, c, &mut out)?;
-                        decompressed = Some(out);
-                    }
-                    let d = decompressed.as_ref().expect("just set");
-                    dst.copy_from_slice(&d[u_start as usize..(u_start + us) as usize]);
-                }
-            }
-        }
-        buf[data_at..data_at + data.len()].copy_from_slice(data);
-        io(
-            "Could not write image data",
-            self.storage.write_at(&buf, target + span_start),
-        )?;
-
-        let mut new = L2Entry {
-            word: target | COPIED,
-            bitmap: 0,
-        };
-        if ext {
-            let mut bitmap = if old.is_compressed() { 0 } else { old.bitmap };
-            for s in span_first..=span_last {
-                if (s >= first && s <= last) || keeps(s) {
-                    bitmap |= 1 << s;
-                    bitmap &= !(1u64 << (32 + s));
-                }
-            }
-            new.bitmap = bitmap;
-        }
-        m.set_l2_entry(gc, new)?;
-        if !reuse {
-            m.free_entry(old);
         }
         Ok(())
     }
@@ -317,53 +158,66 @@ impl Qcow2Image {
 
     /// Mark whole units as zero, cluster by cluster.
     fn zero_units(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.meta();
-        let cb = m.h.cluster_bits;
-        let cs = m.cluster_size();
-        let ext = m.h.extended_l2();
+        let cb = self.cluster_bits;
+        let cs = 1u64 << cb;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let gc = pos >> cb;
             let in_cluster = pos - (gc << cb);
             let n = (cs - in_cluster).min(end - pos);
-            let old = m.l2_entry(gc)?;
             let whole = n == cs || pos + n == self.size && in_cluster == 0;
-            if !whole && old.is_compressed() {
+            if !self.zero_in_cluster(gc, in_cluster, n, whole, may_unmap)? {
                 // Only part of a compressed cluster: write real zeroes (decompresses it).
-                self.cow_write(&mut m, pos, &vec![0u8; n as usize])?;
-                pos += n;
-                continue;
-            }
-            let allocated = old.is_compressed() || old.host_cluster().is_some();
-            let unmap = old.is_compressed() || (may_unmap && allocated && whole);
-            let mut new = old;
-            if unmap {
-                new.word = 0;
-            }
-            if ext {
-                let ub = cb - 5;
-                let first = in_cluster >> ub;
-                let last = (in_cluster + n).div_ceil(1 << ub) - 1;
-                let mask = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
-                new.bitmap = if whole {
-                    ALL_ZEROES
-                } else {
-                    (old.bitmap & !mask) | (mask << 32)
-                };
-            } else {
-                new.word |= ZERO;
-            }
-            if new != old {
-                m.set_l2_entry(gc, new)?;
-                if unmap {
-                    m.free_entry(old);
-                }
+                self.write_zero_bytes(pos, n)?;
             }
             pos += n;
         }
         Ok(())
+    }
+
+    /// Set the zero flag (or subcluster zero bits) for `n` bytes at `in_cluster` of guest
+    /// cluster `gc`. Returns false when that needs real zeroes written instead.
+    fn zero_in_cluster(
+        &self,
+        gc: u64,
+        in_cluster: u64,
+        n: u64,
+        whole: bool,
+        may_unmap: bool,
+    ) -> Result<bool> {
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.meta_settled(gc, 1);
+        let old = m.l2_entry(gc)?;
+        if !whole && old.is_compressed() {
+            return Ok(false);
+        }
+        let allocated = old.is_compressed() || old.host_cluster().is_some();
+        let unmap = old.is_compressed() || (may_unmap && allocated && whole);
+        let mut new = old;
+        if unmap {
+            new.word = 0;
+        }
+        if m.h.extended_l2() {
+            let ub = self.cluster_bits - 5;
+            let first = in_cluster >> ub;
+            let last = (in_cluster + n).div_ceil(1 << ub) - 1;
+            let mask = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+            new.bitmap = if whole {
+                ALL_ZEROES
+            } else {
+                (old.bitmap & !mask) | (mask << 32)
+            };
+        } else {
+            new.word |= ZERO;
+        }
+        if new != old {
+            m.set_l2_entry(gc, new)?;
+            if unmap {
+                m.free_entry(old);
+            }
+        }
+        Ok(true)
     }
 
     /// Version 2 has no zero flag: drop clusters when nothing shows through, else write.
@@ -412,7 +266,7 @@ impl Qcow2Image {
     /// Release guest cluster `gc`; with `zero` it reads as zeroes afterwards.
     fn drop_cluster(&self, gc: u64, zero: bool) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.meta();
+        let mut m = self.meta_settled(gc, 1);
         let old = m.l2_entry(gc)?;
         let allocated = old.is_compressed() || old.host_cluster().is_some();
         if !(self.backing.is_some() || allocated) {

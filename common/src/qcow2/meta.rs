@@ -38,6 +38,8 @@ pub(crate) struct Meta {
     reserved: Vec<std::ops::Range<u64>>,
     /// One refcount decrement per entry, applied at the next flush.
     pending_free: Vec<u64>,
+    /// Guest cluster ranges (start, count) whose allocating write is under way.
+    inflight: Vec<(u64, u64)>,
     pub read_only: bool,
 }
 
@@ -97,6 +99,7 @@ impl Meta {
             free_hint: 1,
             reserved: Vec::new(),
             pending_free: Vec::new(),
+            inflight: Vec::new(),
             read_only,
         })
     }
@@ -577,6 +580,25 @@ impl Meta {
             }
         } else if let Some(h) = e.host_cluster() {
             self.free_cluster(h.0 >> bits);
+        }
+    }
+
+    // ---- allocating writes in flight ----------------------------------------------
+
+    /// Whether an allocating write is under way for any of guest clusters `gc..gc + n`.
+    pub fn inflight_overlaps(&self, gc: u64, n: u64) -> bool {
+        self.inflight.iter().any(|&(s, k)| gc < s + k && s < gc + n)
+    }
+
+    /// Note an allocating write for guest clusters `gc..gc + n`.
+    pub fn inflight_add(&mut self, gc: u64, n: u64) {
+        self.inflight.push((gc, n));
+    }
+
+    /// The allocating write that started at guest cluster `gc` has settled.
+    pub fn inflight_remove(&mut self, gc: u64) {
+        if let Some(i) = self.inflight.iter().position(|&(s, _)| s == gc) {
+            self.inflight.swap_remove(i);
         }
     }
 

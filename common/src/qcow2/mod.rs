@@ -10,10 +10,11 @@ mod meta;
 mod rebuild;
 pub mod refcount;
 pub mod snapshot;
+mod write;
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
@@ -30,6 +31,10 @@ pub struct Qcow2Image {
     /// Held shared by data I/O that bypasses the metadata lock, exclusively while freed
     /// clusters are released, so a cluster is never reused under an in-flight request.
     gate: RwLock<()>,
+    /// Signalled when an allocating write has settled its mapping.
+    alloc_done: Condvar,
+    cluster_bits: u32,
+    compression: header::CompressionType,
     backing: Option<Box<dyn BlockDriver>>,
     path: PathBuf,
     read_only: bool,
@@ -122,6 +127,8 @@ impl Qcow2Image {
             ));
         }
         let size = header.size;
+        let cluster_bits = header.cluster_bits;
+        let compression = header.compression_type;
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
         if meta.h.is_dirty() && !read_only {
             meta.rebuild_refcounts()?;
@@ -130,6 +137,9 @@ impl Qcow2Image {
             storage,
             meta: Mutex::new(meta),
             gate: RwLock::new(()),
+            alloc_done: Condvar::new(),
+            cluster_bits,
+            compression,
             backing,
             path: PathBuf::new(),
             read_only,

@@ -1,0 +1,324 @@
+//! The guest write path: in-place overwrites, and allocating writes with copy-on-write.
+//!
+//! Guest data moves outside the metadata lock. An allocating write plans under the lock
+//! (takes clusters, marks the guest clusters in flight), copies and writes data without
+//! it, then takes the lock again to point the L2 entries at the new clusters. Other
+//! requests for guest clusters in flight wait until the mapping is settled.
+
+use std::sync::MutexGuard;
+
+use super::compress;
+use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
+use super::meta::Meta;
+use super::Qcow2Image;
+use crate::error::{Error, Result};
+
+/// Largest run of whole clusters one allocating write takes at once.
+const MAX_RUN_BYTES: u64 = 16 << 20;
+
+fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::io(what, e))
+}
+
+/// Where the old content of one allocation unit comes from, when it must be copied.
+#[derive(Clone, Copy)]
+enum Source {
+    Backing(u64),
+    Zero,
+    Host(u64),
+    Compressed(CompressedRun, u64),
+}
+
+/// A partial-cluster write planned under the lock, carried out without it.
+struct CowPlan {
+    gc: u64,
+    old: L2Entry,
+    new: L2Entry,
+    reuse: bool,
+    /// Host offset where the buffer goes, and the guest offset of its first byte.
+    host: u64,
+    guest: u64,
+    /// Units (offset in buffer, length) to fill before the data is copied in.
+    fills: Vec<(usize, usize, Source)>,
+    buf_len: usize,
+}
+
+impl Qcow2Image {
+    /// Lock the metadata once no allocation is in flight for guest clusters `gc..gc + n`.
+    pub(super) fn meta_settled(&self, gc: u64, n: u64) -> MutexGuard<'_, Meta> {
+        let mut m = self.meta();
+        while m.inflight_overlaps(gc, n) {
+            m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
+        }
+        m
+    }
+
+    fn finish_inflight(&self, m: &mut Meta, gc: u64) {
+        m.inflight_remove(gc);
+        self.alloc_done.notify_all();
+    }
+
+    pub(super) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let left = (buf.len() - done) as u64;
+            let mut m = self.meta_settled(pos >> self.cluster_bits, 1);
+            let cs = m.cluster_size();
+            let n = (cs - pos % cs).min(left);
+            if let Some(host) = Self::overwrite_in_place(&mut m, pos, n)? {
+                let n = Self::extend_in_place(&mut m, pos + n, host + n, left - n)? + n;
+                drop(m);
+                let data = &buf[done..done + n as usize];
+                io(
+                    "Could not write image data",
+                    self.storage.write_at(data, host),
+                )?;
+                done += n as usize;
+                continue;
+            }
+            if pos % cs == 0 && left >= cs {
+                done += self.write_whole_clusters(m, pos, &buf[done..])? as usize;
+            } else {
+                let plan = self.plan_cow(&mut m, pos, n)?;
+                drop(m);
+                self.run_cow(plan, &buf[done..done + n as usize], pos)?;
+                done += n as usize;
+            }
+        }
+        Ok(())
+    }
+
+    /// Host offset for writing `len` bytes at `pos` (within one cluster) without any
+    /// metadata change: the cluster is allocated, unshared, and every unit touched is data.
+    fn overwrite_in_place(m: &mut Meta, pos: u64, len: u64) -> Result<Option<u64>> {
+        let cb = m.h.cluster_bits;
+        let e = m.l2_entry(pos >> cb)?;
+        if !e.is_copied() || e.is_compressed() {
+            return Ok(None);
+        }
+        let Some(host) = e.host_cluster() else {
+            return Ok(None);
+        };
+        let in_cluster = pos & ((1 << cb) - 1);
+        if m.h.extended_l2() {
+            let ub = cb - 5;
+            let first = in_cluster >> ub;
+            let last = (in_cluster + len - 1) >> ub;
+            let mask = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+            if e.bitmap & mask != mask {
+                return Ok(None);
+            }
+        } else if e.word & ZERO != 0 {
+            return Ok(None);
+        }
+        Ok(Some(host.0 + in_cluster))
+    }
+
+    /// How many more bytes from `pos` (cluster aligned) can be written in place right
+    /// after an in-place write ending at `host`: following clusters whose host clusters
+    /// continue contiguously, at most `max` bytes.
+    fn extend_in_place(m: &mut Meta, pos: u64, host: u64, max: u64) -> Result<u64> {
+        let cs = m.cluster_size();
+        let mut more = 0;
+        while more < max.min(MAX_RUN_BYTES) {
+            let n = cs.min(max - more);
+            if m.inflight_overlaps((pos + more) / cs, 1) {
+                break;
+            }
+            match Self::overwrite_in_place(m, pos + more, n)? {
+                Some(h) if h == host + more => more += n,
+                _ => break,
+            }
+        }
+        Ok(more)
+    }
+
+    /// Write a run of whole clusters that all need new storage into freshly allocated,
+    /// contiguous clusters with one write. Returns the bytes written (at least a cluster).
+    fn write_whole_clusters(
+        &self,
+        mut m: MutexGuard<'_, Meta>,
+        pos: u64,
+        buf: &[u8],
+    ) -> Result<u64> {
+        let cb = m.h.cluster_bits;
+        let cs = m.cluster_size();
+        let gc = pos >> cb;
+        let per_l2 = m.h.l2_entries();
+        let max = (buf.len() as u64 / cs)
+            .min(MAX_RUN_BYTES / cs)
+            .min(per_l2 - gc % per_l2)
+            .max(1);
+        let mut olds = vec![m.l2_entry(gc)?];
+        while (olds.len() as u64) < max {
+            let next = gc + olds.len() as u64;
+            if m.inflight_overlaps(next, 1)
+                || Self::overwrite_in_place(&mut m, next << cb, cs)?.is_some()
+            {
+                break;
+            }
+            olds.push(m.l2_entry(next)?);
+        }
+        let k = olds.len() as u64;
+        let first = m.alloc_clusters(k)?;
+        m.inflight_add(gc, k);
+        drop(m);
+        let host = first << cb;
+        let wrote = io(
+            "Could not write image data",
+            self.storage.write_at(&buf[..(k * cs) as usize], host),
+        );
+        let mut m = self.meta();
+        let ext = m.h.extended_l2();
+        let mut result = wrote;
+        if result.is_ok() {
+            for (i, old) in olds.iter().enumerate() {
+                let new = L2Entry {
+                    word: (host + i as u64 * cs) | COPIED,
+                    bitmap: if ext { ALL_ALLOCATED } else { 0 },
+                };
+                if let Err(e) = m.set_l2_entry(gc + i as u64, new) {
+                    result = Err(e);
+                    break;
+                }
+                m.free_entry(*old);
+            }
+        }
+        self.finish_inflight(&mut m, gc);
+        result?;
+        Ok(k * cs)
+    }
+
+    /// Plan a write of `len` bytes at `pos` within one cluster whose mapping must change:
+    /// which cluster it goes to, and which units to fill from what they showed before.
+    fn plan_cow(&self, m: &mut Meta, pos: u64, len: u64) -> Result<CowPlan> {
+        let cb = m.h.cluster_bits;
+        let cs = m.cluster_size();
+        let ext = m.h.extended_l2();
+        let ub = Self::unit_bits(m);
+        let us = 1u64 << ub;
+        let units = (cs >> ub) as u32;
+        let gc = pos >> cb;
+        let cluster_start = gc << cb;
+        let in_cluster = pos - cluster_start;
+        let old = m.l2_entry(gc)?;
+        let first = (in_cluster >> ub) as u32;
+        let last = ((in_cluster + len - 1) >> ub) as u32;
+
+        // Reuse the host cluster if it is ours alone; otherwise take a new one.
+        let reuse = old.is_copied() && !old.is_compressed() && old.host_cluster().is_some();
+        let target = if reuse {
+            old.host_cluster().expect("checked").0
+        } else {
+            m.alloc_clusters(1)? << cb
+        };
+        let old_kind = |s: u32| old.kind(cb, ext, s);
+        // Units whose old content moves to a new cluster with the written ones.
+        let keeps =
+            |s: u32| !reuse && matches!(old_kind(s), Kind::Data { .. } | Kind::Compressed(_));
+        let span_first = (0..first).find(|&s| keeps(s)).unwrap_or(first);
+        let span_last = (last + 1..units).rev().find(|&s| keeps(s)).unwrap_or(last);
+        let span_start = u64::from(span_first) << ub;
+
+        let mut fills = Vec::new();
+        for s in span_first..=span_last {
+            let u_start = u64::from(s) << ub;
+            let covered = u_start >= in_cluster && u_start + us <= in_cluster + len;
+            let touched = s >= first && s <= last;
+            if covered || !(touched || keeps(s)) {
+                continue;
+            }
+            let src = match old_kind(s) {
+                Kind::Unallocated => Source::Backing(cluster_start + u_start),
+                Kind::Zero { .. } => Source::Zero,
+                Kind::Data { host } => Source::Host(host.0),
+                Kind::Compressed(c) => Source::Compressed(c, u_start),
+            };
+            fills.push(((u_start - span_start) as usize, us as usize, src));
+        }
+
+        let mut new = L2Entry {
+            word: target | COPIED,
+            bitmap: 0,
+        };
+        if ext {
+            let mut bitmap = if old.is_compressed() { 0 } else { old.bitmap };
+            for s in span_first..=span_last {
+                if (s >= first && s <= last) || keeps(s) {
+                    bitmap |= 1 << s;
+                    bitmap &= !(1u64 << (32 + s));
+                }
+            }
+            new.bitmap = bitmap;
+        }
+        m.inflight_add(gc, 1);
+        Ok(CowPlan {
+            gc,
+            old,
+            new,
+            reuse,
+            host: target + span_start,
+            guest: cluster_start + span_start,
+            fills,
+            buf_len: ((span_last - span_first + 1) as u64 * us) as usize,
+        })
+    }
+
+    /// Carry out a planned copy-on-write without the lock, then commit the mapping.
+    fn run_cow(&self, plan: CowPlan, data: &[u8], pos: u64) -> Result<()> {
+        let written = self.fill_and_write(&plan, data, pos);
+        let mut m = self.meta();
+        let mut result = written;
+        if result.is_ok() {
+            result = m.set_l2_entry(plan.gc, plan.new);
+            if result.is_ok() && !plan.reuse {
+                m.free_entry(plan.old);
+            }
+        }
+        self.finish_inflight(&mut m, plan.gc);
+        result
+    }
+
+    fn fill_and_write(&self, plan: &CowPlan, data: &[u8], pos: u64) -> Result<()> {
+        let mut buf = vec![0u8; plan.buf_len];
+        let mut decompressed: Option<Vec<u8>> = None;
+        for &(at, len, src) in &plan.fills {
+            let dst = &mut buf[at..at + len];
+            match src {
+                Source::Backing(guest) => self.read_backing(dst, guest)?,
+                Source::Zero => dst.fill(0),
+                Source::Host(host) => {
+                    io("Could not read image data", self.storage.read_at(dst, host))?
+                }
+                Source::Compressed(run, u_start) => {
+                    if decompressed.is_none() {
+                        let mut out = vec![0u8; 1 << self.cluster_bits];
+                        self.read_compressed(run, &mut out)?;
+                        decompressed = Some(out);
+                    }
+                    let d = decompressed.as_ref().expect("just set");
+                    dst.copy_from_slice(&d[u_start as usize..u_start as usize + len]);
+                }
+            }
+        }
+        let at = (pos - plan.guest) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        io(
+            "Could not write image data",
+            self.storage.write_at(&buf, plan.host),
+        )
+    }
+
+    /// Decompress the compressed cluster `run` into `out` (one cluster long).
+    pub(super) fn read_compressed(&self, run: CompressedRun, out: &mut [u8]) -> Result<()> {
+        let len = run.len.min(2 << self.cluster_bits);
+        let mut input = vec![0u8; len as usize];
+        io(
+            "Could not read compressed cluster",
+            self.storage.read_at(&mut input, run.offset),
+        )?;
+        compress::decompress(self.compression, &input, out)
+    }
+}
