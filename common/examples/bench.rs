@@ -317,14 +317,16 @@ fn fresh_copy(template: &Path, work: &Path) -> Result<()> {
 }
 
 type RunResult = std::result::Result<f64, String>;
+/// One timed run on an image path, returning seconds.
+type Runner<'a> = &'a dyn Fn(&Path) -> Result<f64>;
 
 /// Best time of `o.repeat` runs per side, alternating ours and qemu's so that neither
 /// side always runs on a page cache the other one just warmed or dirtied.
 fn best_of_interleaved(
     o: &Opts,
     work: &Path,
-    ours: &dyn Fn(&Path) -> Result<f64>,
-    qemu: Option<&dyn Fn(&Path) -> Result<f64>>,
+    ours: Runner<'_>,
+    qemu: Option<Runner<'_>>,
 ) -> (RunResult, Option<RunResult>) {
     let one = |run: &dyn Fn(&Path) -> Result<f64>| -> RunResult {
         let target = if o.copy {

@@ -47,6 +47,8 @@ pub struct OpenOptions {
 }
 
 /// An open image of any format.
+// One `Image` exists per open file, so the size difference of the variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
 pub enum Image {
     Raw(RawImage),
     Qcow2(Qcow2Image),

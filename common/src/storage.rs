@@ -17,6 +17,10 @@ pub trait Storage: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the storage holds no bytes at all.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncate or extend to `len` bytes (new bytes read as zeroes).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Deallocate a range so that it reads as zeroes; may be a no-op that writes zeroes.

@@ -34,7 +34,7 @@ pub fn l1_table_offset(entry: u64, cluster_size: u64) -> Result<Option<HostOffse
     if off == 0 {
         return Ok(None);
     }
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(format!(
             "L2 table offset {off:#x} unaligned (L1 entry {entry:#x})"
         )));

@@ -406,7 +406,7 @@ impl Header {
         }
         // Tables must be cluster aligned and lie inside the file.
         let table = |what: &str, offset: u64, bytes: u64| -> Result<()> {
-            if offset % cs != 0 {
+            if !offset.is_multiple_of(cs) {
                 return Err(Error::corrupt(format!("Invalid {what} offset {offset:#x}")));
             }
             match offset.checked_add(bytes) {

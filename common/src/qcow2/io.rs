@@ -230,7 +230,7 @@ impl Qcow2Image {
         let mut pos = offset;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            if n == cs || (pos % cs == 0 && pos + n == self.size) {
+            if n == cs || (pos.is_multiple_of(cs) && pos + n == self.size) {
                 self.drop_cluster(pos >> self.meta().h.cluster_bits, false)?;
             } else {
                 self.write_zero_bytes(pos, n)?;

@@ -116,7 +116,7 @@ impl Meta {
     /// Check that a table cluster lies where a table may be (not cluster 0, inside the
     /// file's reach), so hostile offsets cannot make us read or write anywhere.
     fn check_table_offset(&self, off: u64, what: &str) -> Result<()> {
-        if off == 0 || off % self.cluster_size() != 0 {
+        if off == 0 || !off.is_multiple_of(self.cluster_size()) {
             return Err(Error::corrupt(format!("{what} offset {off:#x} is invalid")));
         }
         Ok(())
@@ -293,7 +293,7 @@ impl Meta {
             None | Some(0) => Ok(None),
             Some(&e) => {
                 let off = e & REFTABLE_OFFSET_MASK;
-                if off == 0 || off % self.cluster_size() != 0 {
+                if off == 0 || !off.is_multiple_of(self.cluster_size()) {
                     return Err(Error::corrupt(format!(
                         "refcount block offset {off:#x} is invalid"
                     )));

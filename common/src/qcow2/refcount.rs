@@ -59,7 +59,7 @@ mod tests {
     fn every_width_round_trips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             let max = max_value(order);
             for i in 0..entries {
                 set(&mut block, order, i, (i as u64 * 7 + 3) & max);

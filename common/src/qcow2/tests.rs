@@ -97,11 +97,8 @@ fn create_write_read_check_all_geometries() {
             img.discard(0, 2 << 20).unwrap();
             let dstart = 0usize.next_multiple_of(cs as usize);
             let dend = (2 << 20) / cs as usize * cs as usize;
-            if version == 3 {
-                model[dstart..dend].fill(0);
-            } else {
-                model[dstart..dend].fill(0);
-            }
+            // Without a backing file a discarded cluster reads as zeroes in v2 and v3.
+            model[dstart..dend].fill(0);
             let mut back = vec![0u8; size as usize];
             img.read_at(&mut back, 0).unwrap();
             assert!(
@@ -420,7 +417,7 @@ fn crash_at_any_point_leaves_a_consistent_image() {
             }
         }
         let log = fault.log();
-        assert!(log.iter().any(|op| *op == Op::Flush));
+        assert!(log.contains(&Op::Flush));
         let file = dir.path().join(format!("crash-{ext}.qcow2"));
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for k in 0..=log.len() {

@@ -78,7 +78,7 @@ impl Qcow2Image {
                 done += n as usize;
                 continue;
             }
-            if pos % cs == 0 && left >= cs {
+            if pos.is_multiple_of(cs) && left >= cs {
                 done += self.write_whole_clusters(m, pos, &buf[done..])? as usize;
             } else {
                 let plan = self.plan_cow(&mut m, pos, n)?;
