@@ -1,6 +1,92 @@
 //! `vmm`: a minimal KVM hypervisor.
 
+use clap::{Parser, Subcommand};
+
+use vmm::config::{parse_drive, parse_memory, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "Minimal KVM hypervisor with virtio-blk disks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Linux kernel.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image (bzImage).
+    #[arg(long)]
+    kernel: std::path::PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<std::path::PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    append: String,
+    /// Guest memory size (bytes, or with K/M/G suffix).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on][,cache=writeback|none|unsafe][,serial=S]
+    #[arg(long)]
+    drive: Vec<String>,
+    /// Name of the VM (used for messages).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn build_config(a: RunArgs) -> Result<VmConfig, String> {
+    let memory = parse_memory(&a.memory)?;
+    let drives = a
+        .drive
+        .iter()
+        .map(|d| parse_drive(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.cpus == 0 || a.cpus > vmm::config::MAX_CPUS {
+        return Err(format!(
+            "--cpus must be between 1 and {}",
+            vmm::config::MAX_CPUS
+        ));
+    }
+    Ok(VmConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.append,
+        memory,
+        cpus: a.cpus,
+        drives,
+        name: a.name,
+    })
+}
+
 fn main() {
-    eprintln!("vmm: not implemented yet");
-    std::process::exit(1);
+    let cli = Cli::parse();
+    let Cmd::Run(args) = cli.cmd;
+    let code = match build_config(args) {
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            1
+        }
+        Ok(cfg) => match vmm::run::run(cfg) {
+            Ok(code) => code,
+            Err(e) => {
+                // One line, even when the engine's message has several.
+                let line: Vec<&str> = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                eprintln!("vmm: {}", line.join(": "));
+                1
+            }
+        },
+    };
+    std::process::exit(code);
 }

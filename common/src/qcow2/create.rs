@@ -166,14 +166,17 @@ fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
 /// Create (or overwrite) a qcow2 image at `path`.
 pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
     opts.validate()?;
+    // Lock before truncating, so that an image in use by someone else is not clobbered.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
         .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-    crate::lock::lock_image(&file, path, false, false)?;
+    crate::lock::lock_image_perms(&file, path, crate::lock::Perms::CREATE)?;
+    file.set_len(0)
+        .map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
     format_qcow2(Arc::new(FileStorage::new(file)), opts)
 }
 
