@@ -6,6 +6,7 @@
 //! and L2 tables before the entries that point at them, and refcount decrements only after
 //! the tables that stopped pointing at the cluster. Freed clusters are not reused before that.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::cache::TableCache;
@@ -38,6 +39,9 @@ pub(crate) struct Meta {
     reserved: Vec<std::ops::Range<u64>>,
     /// One refcount decrement per entry, applied at the next flush.
     pending_free: Vec<u64>,
+    /// Host clusters holding active L2 tables and refcount blocks: allocation refuses them
+    /// even when corrupt refcounts call them free (QEMU's metadata overlap check).
+    metadata: HashSet<u64>,
     /// Guest cluster ranges (start, count) whose allocating write is under way.
     inflight: Vec<(u64, u64)>,
     pub read_only: bool,
@@ -87,7 +91,16 @@ impl Meta {
             .max(h.size.div_ceil(h.l1_coverage()).min(CACHE_MAX_BYTES / cs))
             .clamp(16, (CACHE_MAX_BYTES / cs).max(16));
         let rb_tables = (CACHE_MAX_BYTES / cs).clamp(16, 1024);
+        let cb = h.cluster_bits;
+        let metadata = l1
+            .iter()
+            .map(|e| e & entry::OFFSET_MASK)
+            .chain(reftable.iter().map(|e| e & REFTABLE_OFFSET_MASK))
+            .filter(|&o| o != 0)
+            .map(|o| o >> cb)
+            .collect();
         Ok(Meta {
+            metadata,
             l2: TableCache::new(l2_tables as usize),
             refblocks: TableCache::new(rb_tables as usize),
             h,
@@ -225,6 +238,10 @@ impl Meta {
         };
         self.make_room_l2()?;
         self.l2.insert(new, content, true);
+        self.metadata.insert(new >> self.h.cluster_bits);
+        if let Some(HostOffset(off)) = old {
+            self.metadata.remove(&(off >> self.h.cluster_bits));
+        }
         self.l1[idx] = new | COPIED;
         self.l1_dirty = true;
         Ok(new)
@@ -396,6 +413,7 @@ impl Meta {
         }
         self.load_refblock_new(off, block);
         self.reftable[rt] = off;
+        self.metadata.insert(c);
         self.reftable_dirty = true;
         if !self_described {
             self.reserved.push(c..c + 1);
@@ -461,6 +479,7 @@ impl Meta {
         for (j, &rb_index) in new_blocks.iter().enumerate() {
             let off = (start + j as u64) * cs;
             table[rb_index as usize] = off;
+            self.metadata.insert(start + j as u64);
             let mut block = vec![0u8; cs as usize];
             for c in start.max(rb_index * per_rb)..end.min((rb_index + 1) * per_rb) {
                 refcount::set(&mut block, self.h.refcount_order, (c % per_rb) as usize, 1);
@@ -551,6 +570,7 @@ impl Meta {
         }
         self.mark_dirty_if_lazy()?;
         let first = self.find_free(n)?;
+        self.check_no_overlap(first, n)?;
         self.reserved.push(first..first + n);
         let mut result = Ok(());
         for c in first..first + n {
@@ -562,6 +582,39 @@ impl Meta {
         self.reserved.pop();
         result?;
         Ok(first)
+    }
+
+    /// Refuse clusters that are in use as metadata although their refcount says free: the
+    /// refcounts are corrupt. Like QEMU, mark the image corrupt and stop writing to it.
+    fn check_no_overlap(&mut self, first: u64, n: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let cb = self.h.cluster_bits;
+        let within = |c: u64, off: u64, bytes: u64| {
+            bytes > 0 && c >= off >> cb && c <= (off + bytes - 1) >> cb
+        };
+        let h = &self.h;
+        let bad = (first..first + n).find(|&c| {
+            c == 0
+                || within(c, h.l1_table_offset, u64::from(h.l1_size) * 8)
+                || within(
+                    c,
+                    h.refcount_table_offset,
+                    u64::from(h.refcount_table_clusters) * cs,
+                )
+                || (h.nb_snapshots > 0 && within(c, h.snapshots_offset, 1))
+                || self.metadata.contains(&c)
+        });
+        let Some(c) = bad else {
+            return Ok(());
+        };
+        self.h.incompatible_features |= super::header::INCOMPAT_CORRUPT;
+        let _ = self.write_header().and_then(|_| self.sync());
+        self.read_only = true;
+        Err(Error::corrupt(format!(
+            "Preventing invalid allocation of cluster at offset {:#x}: it holds metadata but \
+             its refcount is 0; image marked as corrupt",
+            c << cb
+        )))
     }
 
     /// Drop one reference to cluster `c` at the next flush (after the tables that pointed
@@ -726,6 +779,15 @@ impl Meta {
 
     /// Replace the in-memory refcount table (after a rebuild wrote a new one).
     pub(crate) fn reset_refcounts(&mut self, table: Vec<u64>) {
+        let cb = self.h.cluster_bits;
+        self.metadata = self
+            .l1
+            .iter()
+            .map(|e| e & entry::OFFSET_MASK)
+            .chain(table.iter().map(|e| e & REFTABLE_OFFSET_MASK))
+            .filter(|&o| o != 0)
+            .map(|o| o >> cb)
+            .collect();
         self.reftable = table;
         self.reftable_dirty = false;
         let cap = self.refblocks_capacity();

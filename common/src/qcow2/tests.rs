@@ -467,3 +467,47 @@ fn crash_at_any_point_leaves_a_consistent_image() {
         }
     }
 }
+
+#[test]
+fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lying.qcow2");
+    let opts = Qcow2CreateOptions {
+        size: 4 << 20,
+        ..Default::default()
+    };
+    create_qcow2(&path, &opts).unwrap();
+    {
+        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        img.write_at(&[9u8; 65536], 0).unwrap();
+    }
+    // Zero the refcount block (cluster 2): now every cluster, the header and the L2 table
+    // included, claims to be free.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&vec![0u8; 65536], 2 * 65536).unwrap();
+    drop(f);
+    let header_before = std::fs::read(&path).unwrap()[..104].to_vec();
+    {
+        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        let err = img.write_at(&[1u8; 512], 1 << 20).unwrap_err().to_string();
+        assert!(err.contains("Preventing invalid allocation"), "{err}");
+        assert!(img.header().is_corrupt());
+    }
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(
+        after[..72],
+        header_before[..72],
+        "only the feature bits may change"
+    );
+    let (_, info) = qemu_img(&["info", path.to_str().unwrap()]);
+    assert!(info.contains("corrupt: true"), "{info}");
+    assert!(
+        Qcow2Image::open(&path, &rw()).is_err(),
+        "a corrupt image opens read-only only"
+    );
+    assert!(
+        qemu_raw(&path)[..65536].iter().all(|&b| b == 9),
+        "guest data untouched"
+    );
+}
