@@ -348,21 +348,19 @@ impl Header {
     }
 
     fn check_features(&self) -> Result<()> {
-        let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
+        let mut unknown = self.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
+            // Like QEMU: the names the image's own table gives, then one mask of the rest.
             let mut parts = Vec::new();
-            for bit in 0..64u8 {
-                if unknown & (1 << bit) == 0 {
-                    continue;
+            for f in &self.feature_names {
+                let bit = 1u64.checked_shl(u32::from(f.bit)).unwrap_or(0);
+                if f.kind == FeatureKind::Incompatible && unknown & bit != 0 {
+                    parts.push(f.name.clone());
+                    unknown &= !bit;
                 }
-                let named = self
-                    .feature_names
-                    .iter()
-                    .find(|f| f.kind == FeatureKind::Incompatible && f.bit == bit);
-                parts.push(match named {
-                    Some(f) => f.name.clone(),
-                    None => format!("Unknown incompatible feature: {:x}", 1u64 << bit),
-                });
+            }
+            if unknown != 0 {
+                parts.push(format!("Unknown incompatible feature: {unknown:x}"));
             }
             return Err(Error::Unsupported(format!(
                 "Unsupported qcow2 feature(s): {}",
