@@ -6,6 +6,7 @@
 mod create;
 mod create_opts;
 mod errors;
+mod imgopen;
 mod info;
 mod info_format;
 mod paths;
@@ -179,6 +180,12 @@ fn run(args: Vec<String>) -> CmdResult {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`img info x | head -1`) like C tools, instead of
+    // panicking in `print!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     let code = match run(args) {
         Ok(code) => code,

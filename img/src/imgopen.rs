@@ -1,0 +1,19 @@
+//! Opening an image by the name the user gave, with qemu-img's wording for failures.
+
+use std::path::Path;
+
+use common::open::{open_image, Image, OpenOptions};
+
+use crate::errors::engine_msg;
+
+/// Open `name`; the error is the text qemu-img prints after `Could not open 'NAME': `
+/// (or, for the backing file of `create`, after `FILE: `).
+pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
+    let path = Path::new(name);
+    if path.is_dir() {
+        return Err(format!(
+            "'file' driver requires '{name}' to be a regular file"
+        ));
+    }
+    open_image(path, opts).map_err(|e| engine_msg(&e))
+}

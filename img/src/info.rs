@@ -1,0 +1,176 @@
+//! `img info`: describe an image (and with `--backing-chain` its backing files), like
+//! `qemu-img info`.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use clap::Args;
+use common::open::{Format, Image, OpenOptions};
+
+use crate::errors::{engine_msg, CmdResult, Failure};
+use crate::imgopen::open_named;
+use crate::info_format::{
+    render_human, render_json, FormatSpecific, NodeInfo, Qcow2Specific, SnapshotInfo,
+};
+use crate::paths::path_combine;
+
+/// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
+#[derive(Args, Debug, Default)]
+pub struct InfoArgs {
+    /// Image format (probed when not given)
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format: human or json
+    #[arg(long = "output", value_name = "human|json")]
+    pub output: Option<String>,
+    /// Also describe every backing file of the chain
+    #[arg(short = 'b', long = "backing-chain")]
+    pub backing_chain: bool,
+    /// Open the image in shared mode (allowed while another process writes it)
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// FILE
+    #[arg(value_name = "FILE")]
+    pub args: Vec<String>,
+}
+
+const CMD: &str = "info";
+
+/// Output format of `info` (and later of check, map, measure...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+/// Parse `--output`, with qemu-img's usage error.
+pub fn parse_output(cmd: &'static str, v: Option<&str>) -> Result<OutputFormat, Failure> {
+    match v {
+        None | Some("human") => Ok(OutputFormat::Human),
+        Some("json") => Ok(OutputFormat::Json),
+        Some(other) => Err(Failure::usage(
+            cmd,
+            format!("--output expects 'human' or 'json' not '{other}'"),
+        )),
+    }
+}
+
+/// Run `img info`.
+pub fn run(a: &InfoArgs) -> CmdResult {
+    let output = parse_output(CMD, a.output.as_deref())?;
+    if a.args.len() != 1 {
+        return Err(Failure::usage(CMD, "Expecting one image file name"));
+    }
+    let nodes = collect_image_info_list(
+        &a.args[0],
+        a.format.as_deref(),
+        a.backing_chain,
+        a.force_share,
+    )
+    .map_err(Failure::msg)?;
+    match output {
+        OutputFormat::Human => print!("{}", render_human(&nodes)),
+        OutputFormat::Json => print!("{}", render_json(&nodes, a.backing_chain)),
+    }
+    Ok(0)
+}
+
+/// Describe `filename` and, with `chain`, every image below it. Each image is opened on
+/// its own without its backing file, as qemu-img does; a name seen twice is a loop.
+pub fn collect_image_info_list(
+    filename: &str,
+    fmt: Option<&str>,
+    chain: bool,
+    force_share: bool,
+) -> Result<Vec<NodeInfo>, String> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut list = Vec::new();
+    let mut next = Some((filename.to_string(), fmt.map(str::to_string)));
+    while let Some((name, fmt)) = next.take() {
+        if !seen.insert(name.clone()) {
+            return Err(format!("Backing file '{name}' creates an infinite loop."));
+        }
+        let info = image_info(&name, fmt.as_deref(), force_share)?;
+        if chain {
+            if let Some(full) = &info.full_backing_filename {
+                next = Some((full.clone(), info.backing_filename_format.clone()));
+            }
+        }
+        list.push(info);
+    }
+    Ok(list)
+}
+
+/// Open one image read-only without its backing file and describe it.
+pub fn image_info(
+    filename: &str,
+    fmt: Option<&str>,
+    force_share: bool,
+) -> Result<NodeInfo, String> {
+    let open_err = |m: String| format!("Could not open '{filename}': {m}");
+    let path = Path::new(filename);
+    let format = match fmt {
+        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
+        None => None,
+    };
+    let image = open_named(
+        filename,
+        &OpenOptions {
+            read_only: true,
+            force_share,
+            format,
+            no_backing: true,
+        },
+    )
+    .map_err(open_err)?;
+    let driver = image.driver();
+    let actual_size = driver.allocated_file_size().ok();
+    let file_len = std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| open_err(crate::errors::strip_os_error(&e.to_string())))?;
+
+    // QEMU's block layer counts lengths in whole 512-byte sectors.
+    let file_len = file_len.next_multiple_of(512);
+    let mut file = NodeInfo::new(filename, "file", file_len);
+    file.actual_size = actual_size;
+    file.format_specific = Some(FormatSpecific::File);
+
+    let virtual_size = driver.size().next_multiple_of(512);
+    let mut node = NodeInfo::new(filename, driver.format_name(), virtual_size);
+    node.actual_size = actual_size;
+    if let Image::Qcow2(q) = &image {
+        let h = q.header();
+        node.cluster_size = Some(h.cluster_size());
+        node.dirty_flag = h.is_dirty();
+        if let Some(b) = &h.backing_file {
+            node.backing_filename = Some(b.clone());
+            node.full_backing_filename = Some(path_combine(filename, b));
+            node.backing_filename_format = h.backing_format.clone();
+        }
+        node.snapshots = q
+            .snapshots()
+            .map_err(|e| open_err(engine_msg(&e)))?
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                name: s.name,
+                vm_state_size: s.vm_state_size,
+                date_sec: i64::from(s.date_sec),
+                date_nsec: i64::from(s.date_nsec),
+                vm_clock_nsec: s.vm_clock_nsec,
+                icount: s.icount,
+            })
+            .collect();
+        let v3 = h.version >= 3;
+        node.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
+            compat: h.compat_name().to_string(),
+            compression_type: h.compression_type.name().to_string(),
+            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+            refcount_bits: h.refcount_bits(),
+            corrupt: v3.then(|| h.is_corrupt()),
+            extended_l2: v3.then(|| h.extended_l2()),
+        }));
+    }
+    node.children = vec![("file".to_string(), file)];
+    Ok(node)
+}
