@@ -14,4 +14,5 @@ pub mod storage;
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};
 pub mod open;
+pub mod prealloc;
 pub mod qcow2;

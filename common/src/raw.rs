@@ -46,9 +46,12 @@ impl RawImage {
 
     /// Wrap an already open storage. No lock is taken.
     pub fn from_storage(storage: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
+        // Like QEMU, the size is counted in whole 512-byte sectors; the tail past the end
+        // of the file reads as zeroes.
         let size = storage
             .len()
-            .map_err(|e| Error::io("Could not get the image size", e))?;
+            .map_err(|e| Error::io("Could not get the image size", e))?
+            .next_multiple_of(512);
         Ok(RawImage {
             storage,
             size,
@@ -174,41 +177,7 @@ impl BlockDriver for RawImage {
     }
 }
 
-/// Preallocation modes of `qemu-img create -o preallocation=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preallocation {
-    /// Sparse file.
-    Off,
-    /// Preallocate metadata only (qcow2); not supported for raw.
-    Metadata,
-    /// Reserve the space with `posix_fallocate`.
-    Falloc,
-    /// Write zeroes over the whole image.
-    Full,
-}
-
-impl Preallocation {
-    /// Parse the `preallocation=` option value.
-    pub fn from_name(name: &str) -> Result<Preallocation> {
-        match name {
-            "off" => Ok(Preallocation::Off),
-            "metadata" => Ok(Preallocation::Metadata),
-            "falloc" => Ok(Preallocation::Falloc),
-            "full" => Ok(Preallocation::Full),
-            other => Err(Error::invalid(format!("invalid parameter value: {other}"))),
-        }
-    }
-
-    /// The name as qemu-img prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Preallocation::Off => "off",
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-        }
-    }
-}
+pub use crate::prealloc::Preallocation;
 
 /// Create (or overwrite) a raw image of `size` bytes, like `qemu-img create -f raw`.
 ///
@@ -223,7 +192,7 @@ pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()>
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(|e| open_error(path, e))?;
+        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
     lock::lock_image_perms(&file, path, lock::Perms::CREATE)?;
     let storage = FileStorage::new(file);
     let io = |what: &str, e| Error::io(what.to_string(), e);

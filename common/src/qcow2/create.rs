@@ -5,23 +5,15 @@ use std::sync::Arc;
 
 use super::entry::{L2Entry, ALL_ALLOCATED, COPIED};
 use super::header::{
-    default_feature_names, CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-    INCOMPAT_EXTL2, MAX_L1_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
+    CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+    MAX_L1_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use super::meta::Meta;
 use super::refcount;
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
 
-/// How much of a new image to allocate up front (qemu-img's `preallocation` option).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preallocation {
-    #[default]
-    Off,
-    Metadata,
-    Falloc,
-    Full,
-}
+pub use crate::prealloc::Preallocation;
 
 /// Options of `qemu-img create -f qcow2`, with qemu-img's defaults.
 #[derive(Debug, Clone)]
@@ -149,11 +141,7 @@ impl Qcow2CreateOptions {
             compression_type: self.compression_type,
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_format.clone(),
-            feature_names: if self.version == 2 {
-                Vec::new()
-            } else {
-                default_feature_names()
-            },
+            feature_names: Vec::new(),
             other_extensions: Vec::new(),
         }
     }

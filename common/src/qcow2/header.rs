@@ -509,12 +509,10 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             ext(EXT_BACKING_FORMAT, fmt.as_bytes());
         }
-        if self.version >= 3 {
-            let table = if self.feature_names.is_empty() {
-                default_feature_names()
-            } else {
-                self.feature_names.clone()
-            };
+        // Like QEMU: its own feature table, left out for clusters of 4 KiB and less where
+        // it would crowd out the backing file name.
+        if self.version >= 3 && cs > 4096 {
+            let table = default_feature_names();
             let mut data = Vec::with_capacity(table.len() * 48);
             for f in &table {
                 let mut e = [0u8; 48];

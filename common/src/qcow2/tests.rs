@@ -9,14 +9,30 @@ use super::Qcow2Image;
 use crate::driver::BlockDriver;
 use crate::open::OpenOptions;
 
+/// Run qemu-img. A lock conflict is retried for a moment: another test thread's child
+/// process may briefly hold a copy of a descriptor this test just closed.
 fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let start = std::time::Instant::now();
+    loop {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if text.contains("Is another process using the image")
+            && start.elapsed() < std::time::Duration::from_secs(2)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        return (out.status.success(), text);
+    }
+}
+
+/// Open read-write, retrying a lock conflict for a moment (see `qemu_img`).
+fn open_rw(path: &Path) -> crate::Result<Qcow2Image> {
+    crate::lock::retry_while_locked(|| Qcow2Image::open(path, &rw()))
 }
 
 fn check_clean(path: &Path) {
@@ -73,11 +89,11 @@ fn create_write_read_check_all_geometries() {
             version,
             ..Default::default()
         };
-        create_qcow2(&path, &opts).unwrap();
+        crate::lock::retry_while_locked(|| create_qcow2(&path, &opts)).unwrap();
         check_clean(&path);
         let mut model = vec![0u8; size as usize];
         {
-            let img = Qcow2Image::open(&path, &rw()).unwrap();
+            let img = open_rw(&path).unwrap();
             for (i, (off, len)) in [
                 (0u64, 1000usize),
                 (70000, 200000),
@@ -130,7 +146,7 @@ fn preallocation_modes_pass_check() {
             lazy_refcounts: true,
             ..Default::default()
         };
-        create_qcow2(&path, &opts).unwrap();
+        crate::lock::retry_while_locked(|| create_qcow2(&path, &opts)).unwrap();
         check_clean(&path);
         assert_eq!(qemu_raw(&path), vec![0u8; 3 << 20]);
     }
@@ -148,10 +164,10 @@ fn refcount_table_grows() {
         refcount_bits: 64,
         ..Default::default()
     };
-    create_qcow2(&path, &opts).unwrap();
+    crate::lock::retry_while_locked(|| create_qcow2(&path, &opts)).unwrap();
     let data = pattern(4 << 20, 7);
     {
-        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        let img = open_rw(&path).unwrap();
         img.write_at(&data, 1 << 20).unwrap();
     }
     check_clean(&path);
@@ -180,14 +196,11 @@ fn qemu_io(path: &Path, fmt: &str, cmds: &[&str]) {
 }
 
 fn engine_bytes(path: &Path) -> Vec<u8> {
-    let img = crate::open::open_image(
-        path,
-        &OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let opts = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let img = crate::lock::retry_while_locked(|| crate::open::open_image(path, &opts)).unwrap();
     let d = img.driver();
     let mut out = vec![0u8; d.size() as usize];
     // Odd chunk size so that reads straddle clusters and subclusters.
@@ -319,7 +332,7 @@ fn dirty_lazy_refcount_image_is_repaired_on_read_write_open() {
         "image should need repair:\n{text}"
     );
     {
-        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        let img = open_rw(&path).unwrap();
         assert!(!img.header().is_dirty(), "repair clears the dirty bit");
         let mut buf = vec![0u8; 1 << 20];
         img.read_at(&mut buf, 0).unwrap();
@@ -343,8 +356,8 @@ fn lazy_refcounts_set_dirty_while_open_and_clear_on_close() {
         lazy_refcounts: true,
         ..Default::default()
     };
-    create_qcow2(&path, &opts).unwrap();
-    let img = Qcow2Image::open(&path, &rw()).unwrap();
+    crate::lock::retry_while_locked(|| create_qcow2(&path, &opts)).unwrap();
+    let img = open_rw(&path).unwrap();
     img.write_at(&[1u8; 512], 0).unwrap();
     let on_disk = super::read_header(&crate::storage::FileStorage::new(
         std::fs::File::open(&path).unwrap(),
@@ -477,9 +490,9 @@ fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
         size: 4 << 20,
         ..Default::default()
     };
-    create_qcow2(&path, &opts).unwrap();
+    crate::lock::retry_while_locked(|| create_qcow2(&path, &opts)).unwrap();
     {
-        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        let img = open_rw(&path).unwrap();
         img.write_at(&[9u8; 65536], 0).unwrap();
     }
     // Zero the refcount block (cluster 2): now every cluster, the header and the L2 table
@@ -489,7 +502,7 @@ fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
     drop(f);
     let header_before = std::fs::read(&path).unwrap()[..104].to_vec();
     {
-        let img = Qcow2Image::open(&path, &rw()).unwrap();
+        let img = open_rw(&path).unwrap();
         let err = img.write_at(&[1u8; 512], 1 << 20).unwrap_err().to_string();
         assert!(err.contains("Preventing invalid allocation"), "{err}");
         assert!(img.header().is_corrupt());
@@ -503,7 +516,7 @@ fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
     let (_, info) = qemu_img(&["info", path.to_str().unwrap()]);
     assert!(info.contains("corrupt: true"), "{info}");
     assert!(
-        Qcow2Image::open(&path, &rw()).is_err(),
+        open_rw(&path).is_err(),
         "a corrupt image opens read-only only"
     );
     assert!(
