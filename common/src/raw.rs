@@ -231,6 +231,14 @@ pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()>
             }
         }
     }
+    // Like QEMU, write the first block so that tools probing the file's allocation (which
+    // treat an all-hole file specially) see it as in use.
+    let first = size.min(4096) as usize;
+    if first > 0 && prealloc != Preallocation::Full {
+        storage
+            .write_at(&vec![0u8; first], 0)
+            .map_err(|e| io("Could not write the first block", e))?;
+    }
     storage
         .flush()
         .map_err(|e| io("Could not flush the new file", e))?;
@@ -268,8 +276,11 @@ mod tests {
         assert_eq!(img.format_name(), "raw");
         assert_eq!(
             status_runs(&img),
-            vec![(0, 4 << 20, Allocation::Zero)],
-            "fresh image is one hole"
+            vec![
+                (0, 4096, Allocation::Data),
+                (4096, (4 << 20) - 4096, Allocation::Zero)
+            ],
+            "fresh image: the first block written like QEMU does, the rest one hole"
         );
         img.write_at(b"hello", 1 << 20).unwrap();
         let mut buf = [0u8; 7];
@@ -340,11 +351,13 @@ mod tests {
         crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Off)).unwrap();
         let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
         img.write_at(&[1u8; 65536], 512 << 10).unwrap();
-        let s = img.block_status(0, 4096).unwrap();
+        let s = img.block_status(0, 8192).unwrap();
+        assert_eq!((s.len, s.allocation), (4096, Allocation::Data));
+        let s = img.block_status(4096, 4096).unwrap();
         assert_eq!((s.len, s.allocation), (4096, Allocation::Zero));
-        let s = img.block_status(0, 1 << 20).unwrap();
+        let s = img.block_status(4096, 1 << 19).unwrap();
         assert_eq!(s.allocation, Allocation::Zero);
-        assert!(s.len <= 512 << 10);
+        assert!(s.len <= (512 << 10) - 4096);
         let s = img.block_status(512 << 10, 100).unwrap();
         assert_eq!((s.len, s.allocation), (100, Allocation::Data));
         assert!(img.block_status(0, 0).is_err());

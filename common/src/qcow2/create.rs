@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::entry::{L2Entry, ALL_ALLOCATED, COPIED};
+use super::entry::{L2Entry, COPIED};
 use super::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
     MAX_L1_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
@@ -212,7 +212,6 @@ fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
     let cs = meta.cluster_size();
     let clusters = meta.h.size.div_ceil(cs);
     let per_l2 = meta.h.l2_entries();
-    let ext = meta.h.extended_l2();
     let storage = meta.storage().clone();
     let mut gc = 0;
     while gc < clusters {
@@ -223,7 +222,9 @@ fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
         for i in 0..n {
             let e = L2Entry {
                 word: ((first + i) << cb) | COPIED,
-                bitmap: if ext { ALL_ALLOCATED } else { 0 },
+                // With subclusters QEMU leaves every subcluster unallocated: the cluster is
+                // reserved, reads still fall through to the backing file.
+                bitmap: 0,
             };
             meta.set_l2_entry(gc + i, e)?;
         }
