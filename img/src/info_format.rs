@@ -34,6 +34,32 @@ pub struct Qcow2Specific {
     pub refcount_bits: u32,
     pub corrupt: Option<bool>,
     pub extended_l2: Option<bool>,
+    /// Persistent bitmaps, listed only when there are any.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// One persistent dirty bitmap (QAPI `Qcow2BitmapInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub granularity: u64,
+    pub in_use: bool,
+    pub auto: bool,
+}
+
+fn bitmap_dict(b: &BitmapInfo) -> QDict {
+    let mut d = QDict::new();
+    d.put_str("name", &b.name);
+    d.put_int("granularity", b.granularity as i64);
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push(QValue::Str("in-use".to_string()));
+    }
+    if b.auto {
+        flags.push(QValue::Str("auto".to_string()));
+    }
+    d.put("flags", QValue::List(flags));
+    d
 }
 
 /// One node of the block graph (QAPI `BlockGraphInfo`).
@@ -109,6 +135,14 @@ fn format_specific_data(f: &FormatSpecific) -> QDict {
             d.put_bool("corrupt", v);
         }
         d.put_int("refcount-bits", i64::from(q.refcount_bits));
+        if !q.bitmaps.is_empty() {
+            let list = q
+                .bitmaps
+                .iter()
+                .map(|b| QValue::Dict(bitmap_dict(b)))
+                .collect();
+            d.put("bitmaps", QValue::List(list));
+        }
         d.put_str("compression-type", &q.compression_type);
     }
     d
@@ -422,6 +456,7 @@ mod tests {
             refcount_bits: 16,
             corrupt: Some(false),
             extended_l2: Some(false),
+            bitmaps: Vec::new(),
         }));
         n.children = vec![("file".into(), file)];
         n
@@ -544,6 +579,7 @@ Child node '/file':
             refcount_bits: 16,
             corrupt: None,
             extended_l2: None,
+            bitmaps: Vec::new(),
         }));
         n.dirty_flag = true;
         let h = render_human_with(&[n.clone()], &fixed_date);

@@ -1,5 +1,6 @@
 //! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
 
+pub mod bitmaps;
 mod cache;
 pub mod compress;
 pub mod create;
@@ -133,6 +134,12 @@ impl Qcow2Image {
         if meta.h.is_dirty() && !read_only {
             meta.rebuild_refcounts()?;
         }
+        if meta.h.autoclear_features != 0 && !read_only {
+            // Features this engine does not maintain (bitmaps) become stale once it
+            // writes: the spec says a writer that does not know them clears their bits.
+            meta.h.autoclear_features = 0;
+            meta.write_header()?;
+        }
         Ok(Qcow2Image {
             storage,
             meta: Mutex::new(meta),
@@ -170,6 +177,11 @@ impl Qcow2Image {
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let h = self.header();
         snapshot::read_table(&*self.storage, &h)
+    }
+
+    /// The persistent dirty bitmaps the image declares (for `info`).
+    pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
+        bitmaps::read_bitmaps(&*self.storage, &self.header())
     }
 
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
