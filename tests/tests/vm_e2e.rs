@@ -1667,6 +1667,9 @@ fn harness_kills_commands_past_their_timeout() {
         Duration::from_millis(500),
     );
     assert!(o.timed_out && o.code.is_none(), "{}", o.report());
-    assert!(t0.elapsed() < Duration::from_secs(10), "run() did not return promptly");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "run() did not return promptly"
+    );
     assert!(!o.stdout().contains("never"));
 }
