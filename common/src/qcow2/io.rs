@@ -225,13 +225,13 @@ impl Qcow2Image {
         if self.backing.is_some() {
             return self.write_zero_bytes(offset, len);
         }
-        let cs = self.meta().cluster_size();
+        let cs = 1u64 << self.cluster_bits;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
             if n == cs || (pos.is_multiple_of(cs) && pos + n == self.size) {
-                self.drop_cluster(pos >> self.meta().h.cluster_bits, false)?;
+                self.drop_cluster(pos >> self.cluster_bits, false)?;
             } else {
                 self.write_zero_bytes(pos, n)?;
             }
