@@ -1,0 +1,262 @@
+//! The `vmm` binary end to end, with a fake bzImage whose "kernel" is a few bytes of
+//! 64-bit code: boot protocol, serial to stdout, exit status of each way to stop, and the
+//! one-line errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn have_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-cli-{}-{name}", std::process::id()))
+}
+
+/// A minimal bzImage: one setup sector after the boot sector, then the 64-bit entry at
+/// offset 0x200 of the protected-mode part. `tail` runs after printing the first
+/// command-line byte.
+fn fake_bzimage(name: &str, tail: &[u8]) -> PathBuf {
+    let mut f = vec![0u8; 1024];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe] = 0x55;
+    f[0x1ff] = 0xaa;
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1; // LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    f[0x236..0x238].copy_from_slice(&3u16.to_le_bytes()); // XLF_KERNEL_64 | above 4G
+    f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+    f[0x260..0x264].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    let mut k = vec![0x90u8; 0x200];
+    k.extend_from_slice(&[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x8b, 0x86, 0x28, 0x02, 0x00, 0x00, // mov eax, [rsi + 0x228] (cmd_line_ptr)
+        0x8a, 0x00, // mov al, [rax]
+        0xee, // out dx, al
+        0xb0, b'\n', 0xee, // newline
+    ]);
+    k.extend_from_slice(tail);
+    f.extend(k);
+    let p = tmp(name);
+    std::fs::write(&p, f).unwrap();
+    p
+}
+
+const POWEROFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
+const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+// lidt [0x3000] (a zero-limit IDT); int3 -> triple fault.
+const CRASH: &[u8] = &[0x0f, 0x01, 0x1c, 0x25, 0x00, 0x30, 0x00, 0x00, 0xcc, 0xf4];
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn one_error_line(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(e.starts_with("vmm: "), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+#[test]
+fn poweroff_reboot_and_crash() {
+    if !have_kvm() {
+        return;
+    }
+    let disk = tmp("disk");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw", disk.display());
+    for (name, tail, ok) in [
+        ("off", POWEROFF, true),
+        ("reset", RESET, true),
+        ("crash", CRASH, false),
+    ] {
+        let k = fake_bzimage(name, tail);
+        let o = vmm(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--append",
+            "Zconsole=ttyS0",
+            "--memory",
+            "128M",
+            "--cpus",
+            "2",
+            "--drive",
+            &drive,
+        ]);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "Z\n", "{name}: {o:?}");
+        if ok {
+            assert_eq!(o.status.code(), Some(0), "{name}: {o:?}");
+        } else {
+            one_error_line(&o);
+        }
+        std::fs::remove_file(&k).unwrap();
+    }
+    std::fs::remove_file(&disk).unwrap();
+}
+
+#[test]
+fn errors_are_one_line() {
+    let e = one_error_line(&vmm(&["run", "--kernel", "/nonexistent/bzImage"]));
+    assert!(e.contains("/nonexistent/bzImage"), "{e}");
+    let not_kernel = tmp("notkernel");
+    std::fs::write(&not_kernel, b"hello").unwrap();
+    let nk = not_kernel.to_str().unwrap();
+    if have_kvm() {
+        one_error_line(&vmm(&["run", "--kernel", nk]));
+        let k = fake_bzimage("small", POWEROFF);
+        let e = one_error_line(&vmm(&[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--drive",
+            "file=/nonexistent/disk.img",
+        ]));
+        assert!(e.contains("/nonexistent/disk.img"), "{e}");
+        std::fs::remove_file(&k).unwrap();
+    }
+    one_error_line(&vmm(&["run", "--kernel", nk, "--memory", "1000000G"]));
+    one_error_line(&vmm(&[
+        "run",
+        "--kernel",
+        nk,
+        "--drive",
+        "file=x,cache=maybe",
+    ]));
+    one_error_line(&vmm(&["run", "--kernel", nk, "--cpus", "0"]));
+    std::fs::remove_file(&not_kernel).unwrap();
+}
+
+#[test]
+fn image_in_use() {
+    if !have_kvm() {
+        return;
+    }
+    let disk = tmp("inuse");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw", disk.display());
+    // Hold the image with a guest that never stops, then try a second VM on it.
+    let k = fake_bzimage("spin", &[0xeb, 0xfe]);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--append",
+            "x",
+            "--drive",
+            &drive,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it printed (so the image is open).
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    first.stdout.as_mut().unwrap().read_exact(&mut b).unwrap();
+    let e = one_error_line(&vmm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--drive",
+        &drive,
+    ]));
+    assert!(e.to_lowercase().contains("lock"), "{e}");
+    // SIGTERM stops the first one cleanly.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let st = first.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    std::fs::remove_file(&k).unwrap();
+    std::fs::remove_file(&disk).unwrap();
+}
+
+/// A minimal ELF64 "vmlinux" with a PVH entry note: 32-bit code checks the start-info
+/// magic in `ebx`, prints `P` if it matches, then powers off.
+fn fake_pvh_elf(name: &str) -> PathBuf {
+    let mut f = vec![0u8; 0x1000];
+    f[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut put = |off: usize, v: &[u8]| f[off..off + v.len()].copy_from_slice(v);
+    put(16, &2u16.to_le_bytes()); // ET_EXEC
+    put(18, &0x3eu16.to_le_bytes()); // x86-64
+    put(20, &1u32.to_le_bytes());
+    put(24, &0x10_0000u64.to_le_bytes()); // e_entry
+    put(32, &64u64.to_le_bytes()); // e_phoff
+    put(52, &64u16.to_le_bytes()); // e_ehsize
+    put(54, &56u16.to_le_bytes()); // e_phentsize
+    put(56, &2u16.to_le_bytes()); // e_phnum
+    put(58, &64u16.to_le_bytes()); // e_shentsize
+    let code: Vec<u8> = vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x8b, 0x03, // mov eax, [ebx]
+        0x3d, 0x78, 0xc5, 0x6e, 0x33, // cmp eax, XEN_HVM_START_MAGIC_VALUE
+        0x75, 0x03, // jne +3
+        0xb0, b'P', 0xee, // mov al, 'P'; out dx, al
+        0xb0, b'\n', 0xee, // newline
+        0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd, // ACPI S5
+    ];
+    // PT_LOAD
+    let mut ph = Vec::new();
+    ph.extend_from_slice(&1u32.to_le_bytes());
+    ph.extend_from_slice(&5u32.to_le_bytes());
+    for v in [
+        0x1000u64,
+        0x10_0000,
+        0x10_0000,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        ph.extend_from_slice(&v.to_le_bytes());
+    }
+    // PT_NOTE
+    ph.extend_from_slice(&4u32.to_le_bytes());
+    ph.extend_from_slice(&4u32.to_le_bytes());
+    for v in [0x200u64, 0, 0, 20, 20, 4] {
+        ph.extend_from_slice(&v.to_le_bytes());
+    }
+    put(64, &ph);
+    // Note: namesz 4, descsz 4, type 18 (XEN_ELFNOTE_PHYS32_ENTRY), "Xen\0", entry.
+    let mut note = Vec::new();
+    for v in [4u32, 4, 18] {
+        note.extend_from_slice(&v.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&0x10_0000u32.to_le_bytes());
+    put(0x200, &note);
+    f.extend(code);
+    let p = tmp(name);
+    std::fs::write(&p, f).unwrap();
+    p
+}
+
+#[test]
+fn pvh_elf_kernel() {
+    if !have_kvm() {
+        return;
+    }
+    let k = fake_pvh_elf("pvh");
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--append",
+        "console=ttyS0",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "P\n", "{o:?}");
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    std::fs::remove_file(&k).unwrap();
+}
