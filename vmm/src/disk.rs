@@ -1,10 +1,11 @@
-//! Opening `--drive` images as [`BlockDriver`]s, plus the small wrappers vmm adds on top:
-//! an in-memory copy-on-write layer for `snapshot=on` and a flush-ignoring layer for
-//! `cache=unsafe`.
+//! Opening `--drive` images as [`BlockDriver`]s: `snapshot=on` puts a temporary qcow2
+//! overlay on top (QEMU's `-snapshot`), `cache=unsafe` a flush-ignoring layer.
 
-use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use common::open::{open_image, probe_format, Format, OpenOptions};
+use common::qcow2::create::{create_qcow2, Qcow2CreateOptions};
 use common::{Allocation, BlockDriver, BlockStatus, Error, Result};
 
 use crate::config::{CacheMode, DriveConfig, DriveFormat};
@@ -12,9 +13,12 @@ use crate::config::{CacheMode, DriveConfig, DriveFormat};
 /// Open one drive as the guest will see it.
 pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>, String> {
     let path = cfg.path.display();
-    // With snapshot=on the image itself is never written: open it read-only and shared.
-    let base_ro = cfg.read_only || cfg.snapshot;
-    let base = open_base(cfg, base_ro).map_err(|e| {
+    let opened = if cfg.snapshot && !cfg.read_only {
+        open_snapshot(cfg)
+    } else {
+        open_base(cfg, cfg.read_only)
+    };
+    let base = opened.map_err(|e| {
         let msg = e.to_string();
         if msg.contains(&path.to_string()) {
             msg
@@ -23,154 +27,69 @@ pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>
         }
     })?;
     let mut drv: Arc<dyn BlockDriver> = Arc::from(base);
-    if cfg.snapshot && !cfg.read_only {
-        drv = Arc::new(CowOverlay::new(drv));
-    }
     if cfg.cache == CacheMode::Unsafe {
         drv = Arc::new(NoFlush(drv));
     }
     Ok(drv)
 }
 
+fn drive_format(cfg: &DriveConfig) -> Option<Format> {
+    cfg.format.map(|f| match f {
+        DriveFormat::Raw => Format::Raw,
+        DriveFormat::Qcow2 => Format::Qcow2,
+    })
+}
+
 fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>> {
-    let opts = common::open::OpenOptions {
+    let opts = OpenOptions {
         read_only,
-        force_share: false,
-        format: cfg.format.map(|f| match f {
-            DriveFormat::Raw => common::open::Format::Raw,
-            DriveFormat::Qcow2 => common::open::Format::Qcow2,
-        }),
-        no_backing: false,
+        format: drive_format(cfg),
+        ..Default::default()
     };
-    Ok(common::open::open_image(&cfg.path, &opts)?.into_driver())
+    Ok(open_image(&cfg.path, &opts)?.into_driver())
 }
 
-const COW_BLOCK: u64 = 4096;
-
-enum CowBlock {
-    Zero,
-    Data(Box<[u8]>),
+/// `snapshot=on`: a qcow2 overlay in the temporary directory whose backing file is the
+/// image (opened read-only through the chain). The overlay file is unlinked as soon as it
+/// is open, so it goes away when vmm exits, however it exits.
+fn open_snapshot(cfg: &DriveConfig) -> Result<Box<dyn BlockDriver>> {
+    let base = std::fs::canonicalize(&cfg.path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", cfg.path.display()), e))?;
+    let format = match drive_format(cfg) {
+        Some(f) => f,
+        None => probe_format(&base)?,
+    };
+    let size = open_base(cfg, true)?.size();
+    let overlay = temp_overlay_path();
+    let opts = Qcow2CreateOptions {
+        size,
+        backing_file: Some(base.to_string_lossy().into_owned()),
+        backing_format: Some(format.name().to_string()),
+        ..Default::default()
+    };
+    let opened = create_qcow2(&overlay, &opts).and_then(|()| {
+        let rw = OpenOptions {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        };
+        open_image(&overlay, &rw)
+    });
+    let _ = std::fs::remove_file(&overlay);
+    Ok(opened?.into_driver())
 }
 
-/// `snapshot=on`: every write lands in memory; the image below is only read.
-pub struct CowOverlay {
-    base: Arc<dyn BlockDriver>,
-    blocks: RwLock<HashMap<u64, CowBlock>>,
-}
-
-impl CowOverlay {
-    pub fn new(base: Arc<dyn BlockDriver>) -> Self {
-        CowOverlay {
-            base,
-            blocks: RwLock::new(HashMap::new()),
-        }
-    }
-
-    /// Call `f(block_index, offset_in_block, offset_in_request, len)` for each block piece.
-    fn pieces(
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(u64, usize, usize, usize) -> Result<()>,
-    ) -> Result<()> {
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let blk = pos / COW_BLOCK;
-            let in_blk = (pos % COW_BLOCK) as usize;
-            let n = ((COW_BLOCK as usize) - in_blk).min((end - pos) as usize);
-            f(blk, in_blk, (pos - offset) as usize, n)?;
-            pos += n as u64;
-        }
-        Ok(())
-    }
-
-    fn block_len(&self, blk: u64) -> usize {
-        (self.base.size() - blk * COW_BLOCK).min(COW_BLOCK) as usize
-    }
-
-    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        common::driver::check_range(offset, len, self.size())?;
-        let mut map = self.blocks.write().unwrap();
-        Self::pieces(offset, len, |blk, in_blk, _, n| {
-            if in_blk == 0 && n == self.block_len(blk) {
-                map.insert(blk, CowBlock::Zero);
-            } else {
-                let mut data = self.load_block(&map, blk)?;
-                data[in_blk..in_blk + n].fill(0);
-                map.insert(blk, CowBlock::Data(data));
-            }
-            Ok(())
-        })
-    }
-
-    fn load_block(&self, map: &HashMap<u64, CowBlock>, blk: u64) -> Result<Box<[u8]>> {
-        let mut data = vec![0u8; self.block_len(blk)].into_boxed_slice();
-        match map.get(&blk) {
-            Some(CowBlock::Zero) => {}
-            Some(CowBlock::Data(d)) => data.copy_from_slice(d),
-            None => self.base.read_at(&mut data, blk * COW_BLOCK)?,
-        }
-        Ok(data)
-    }
-}
-
-impl BlockDriver for CowOverlay {
-    fn format_name(&self) -> &'static str {
-        self.base.format_name()
-    }
-    fn size(&self) -> u64 {
-        self.base.size()
-    }
-    fn is_read_only(&self) -> bool {
-        false
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        common::driver::check_range(offset, buf.len() as u64, self.size())?;
-        let map = self.blocks.read().unwrap();
-        Self::pieces(offset, buf.len() as u64, |blk, in_blk, at, n| {
-            let out = &mut buf[at..at + n];
-            match map.get(&blk) {
-                Some(CowBlock::Zero) => out.fill(0),
-                Some(CowBlock::Data(d)) => out.copy_from_slice(&d[in_blk..in_blk + n]),
-                None => self.base.read_at(out, blk * COW_BLOCK + in_blk as u64)?,
-            }
-            Ok(())
-        })
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        common::driver::check_range(offset, buf.len() as u64, self.size())?;
-        let mut map = self.blocks.write().unwrap();
-        Self::pieces(offset, buf.len() as u64, |blk, in_blk, at, n| {
-            let mut data = if in_blk == 0 && n == self.block_len(blk) {
-                vec![0u8; n].into_boxed_slice()
-            } else {
-                self.load_block(&map, blk)?
-            };
-            data[in_blk..in_blk + n].copy_from_slice(&buf[at..at + n]);
-            map.insert(blk, CowBlock::Data(data));
-            Ok(())
-        })
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
-        self.zero_range(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_range(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        Ok(BlockStatus {
-            len: len.min(self.size().saturating_sub(offset)).max(1),
-            allocation: Allocation::Data,
-            depth: 0,
-            host_offset: None,
-        })
-    }
-    fn allocated_file_size(&self) -> Result<u64> {
-        self.base.allocated_file_size()
-    }
+fn temp_overlay_path() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!(
+        "vmm-snapshot-{}-{}-{nanos}.qcow2",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    Path::new(&std::env::temp_dir()).join(name)
 }
 
 /// `cache=unsafe`: flushes from the guest are acknowledged without reaching the disk.
@@ -328,26 +247,34 @@ mod tests {
     }
 
     #[test]
-    fn cow_overlay_keeps_base_untouched() {
-        let base = Arc::new(MemDisk::new(3 * 4096 + 100, false));
-        base.write_at(&[7u8; 10], 4090).unwrap();
-        let cow = CowOverlay::new(base.clone());
-        cow.write_at(&[1u8; 5], 4093).unwrap();
+    fn snapshot_overlay_is_qcow2_over_the_image_and_leaves_no_file() {
+        let p = temp_image("snapq", 3 * 4096 + 512);
+        let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("vmm-snapshot-"))
+            .map(|e| e.path())
+            .collect();
+        let d = open_drive(&drive(&p, ",snapshot=on")).unwrap();
+        assert_eq!(d.format_name(), "qcow2");
+        assert_eq!(d.size(), 3 * 4096 + 512);
+        d.write_at(&[1u8; 5], 4093).unwrap();
+        d.write_zeroes(0, 4096, true).unwrap();
         let mut buf = [0u8; 12];
-        cow.read_at(&mut buf, 4088).unwrap();
-        assert_eq!(buf, [0, 0, 7, 7, 7, 1, 1, 1, 1, 1, 7, 7]);
-        cow.write_zeroes(4090, 4, false).unwrap();
-        cow.read_at(&mut buf, 4088).unwrap();
-        assert_eq!(buf, [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 7, 7]);
-        // Last, short block.
-        cow.write_at(&[9u8; 100], 3 * 4096).unwrap();
-        cow.discard(0, 4096).unwrap();
-        let mut b2 = [0u8; 100];
-        cow.read_at(&mut b2, 3 * 4096).unwrap();
-        assert_eq!(b2, [9u8; 100]);
-        assert!(cow.write_at(&[0u8; 2], 3 * 4096 + 99).is_err());
-        let mut base_buf = [0u8; 10];
-        base.read_at(&mut base_buf, 4090).unwrap();
-        assert_eq!(base_buf, [7u8; 10]);
+        d.read_at(&mut buf, 4088).unwrap();
+        assert_eq!(buf, [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0x11, 0x11]);
+        // The image is opened read-only below the overlay: a writer is refused.
+        assert!(open_drive(&drive(&p, "")).is_err());
+        let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("vmm-snapshot-"))
+            .map(|e| e.path())
+            .filter(|p| !before.contains(p))
+            .collect();
+        assert!(after.is_empty(), "overlay file left behind: {after:?}");
+        drop(d);
+        assert_eq!(std::fs::read(&p).unwrap(), vec![0x11u8; 3 * 4096 + 512]);
+        std::fs::remove_file(&p).unwrap();
     }
 }
