@@ -169,6 +169,8 @@ pub fn image_info(
             refcount_bits: h.refcount_bits(),
             corrupt: v3.then(|| h.is_corrupt()),
             extended_l2: v3.then(|| h.extended_l2()),
+            data_file: h.data_file.clone(),
+            data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
             bitmaps: q
                 .bitmaps()
                 .map_err(|e| open_err(engine_msg(&e)))?

@@ -34,6 +34,10 @@ pub struct Qcow2Specific {
     pub refcount_bits: u32,
     pub corrupt: Option<bool>,
     pub extended_l2: Option<bool>,
+    /// External data file name, when the image names one.
+    pub data_file: Option<String>,
+    /// Whether the external data file is raw, when the image has one.
+    pub data_file_raw: Option<bool>,
     /// Persistent bitmaps, listed only when there are any.
     pub bitmaps: Vec<BitmapInfo>,
 }
@@ -125,6 +129,12 @@ fn format_specific_data(f: &FormatSpecific) -> QDict {
     let mut d = QDict::new();
     if let FormatSpecific::Qcow2(q) = f {
         d.put_str("compat", &q.compat);
+        if let Some(f) = &q.data_file {
+            d.put_str("data-file", f);
+        }
+        if let Some(v) = q.data_file_raw {
+            d.put_bool("data-file-raw", v);
+        }
         if let Some(v) = q.extended_l2 {
             d.put_bool("extended-l2", v);
         }
@@ -456,6 +466,8 @@ mod tests {
             refcount_bits: 16,
             corrupt: Some(false),
             extended_l2: Some(false),
+            data_file: None,
+            data_file_raw: None,
             bitmaps: Vec::new(),
         }));
         n.children = vec![("file".into(), file)];
@@ -579,6 +591,8 @@ Child node '/file':
             refcount_bits: 16,
             corrupt: None,
             extended_l2: None,
+            data_file: None,
+            data_file_raw: None,
             bitmaps: Vec::new(),
         }));
         n.dirty_flag = true;

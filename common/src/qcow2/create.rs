@@ -141,6 +141,7 @@ impl Qcow2CreateOptions {
             compression_type: self.compression_type,
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_format.clone(),
+            data_file: None,
             feature_names: Vec::new(),
             other_extensions: Vec::new(),
         }

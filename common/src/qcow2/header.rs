@@ -28,7 +28,7 @@ pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature bits.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature bits.
@@ -109,6 +109,8 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing format from the backing-format extension.
     pub backing_format: Option<String>,
+    /// External data file name from its extension (guest data lives there).
+    pub data_file: Option<String>,
     /// Feature-name table, when present.
     pub feature_names: Vec<FeatureName>,
     /// Extensions kept verbatim (bitmaps and any unknown ones).
@@ -141,6 +143,16 @@ impl Header {
     /// Whether L2 entries are 128 bits wide with subcluster bitmaps.
     pub fn extended_l2(&self) -> bool {
         self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// Whether the external data file is a valid raw image by itself.
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
     /// Whether lazy refcounts are enabled.
@@ -239,6 +251,7 @@ impl Header {
             compression_type: CompressionType::Zlib,
             backing_file: None,
             backing_format: None,
+            data_file: None,
             feature_names: Vec::new(),
             other_extensions: Vec::new(),
         };
@@ -334,9 +347,7 @@ impl Header {
                     ))
                 }
                 EXT_DATA_FILE => {
-                    return Err(Error::Unsupported(
-                        "qcow2 images with an external data file are not supported".into(),
-                    ))
+                    self.data_file = Some(String::from_utf8_lossy(data).into_owned());
                 }
                 _ => self.other_extensions.push(RawExtension {
                     kind,
@@ -366,11 +377,6 @@ impl Header {
                 "Unsupported qcow2 feature(s): {}",
                 parts.join(", ")
             )));
-        }
-        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-            return Err(Error::Unsupported(
-                "qcow2 images with an external data file are not supported".into(),
-            ));
         }
         if self.crypt_method != 0 {
             return Err(Error::Unsupported(
@@ -509,6 +515,9 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             ext(EXT_BACKING_FORMAT, fmt.as_bytes());
         }
+        if let Some(name) = &self.data_file {
+            ext(EXT_DATA_FILE, name.as_bytes());
+        }
         // Like QEMU: its own feature table, left out for clusters of 4 KiB and less where
         // it would crowd out the backing file name.
         if self.version >= 3 && cs > 4096 {
@@ -603,6 +612,7 @@ mod tests {
             compression_type: CompressionType::Zstd,
             backing_file: Some("base.qcow2".into()),
             backing_format: Some("qcow2".into()),
+            data_file: None,
             feature_names: default_feature_names(),
             other_extensions: vec![RawExtension {
                 kind: 0x1234_5678,
@@ -649,10 +659,13 @@ mod tests {
             err.contains("Unknown incompatible feature: 10000000000"),
             "{err}"
         );
-        let mut bad = good.clone();
-        bad[72..80]
-            .copy_from_slice(&(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION | 1 << 2).to_be_bytes());
-        assert!(parse(&bad).is_err());
+        // The external data file bit is known: it parses (I/O on such images is refused
+        // by the image layer, not the header).
+        let mut df = good.clone();
+        df[72..80].copy_from_slice(
+            &(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION | INCOMPAT_DATA_FILE).to_be_bytes(),
+        );
+        assert!(parse(&df).unwrap().has_data_file());
         assert!(parse(&good[..50]).is_err());
     }
 }

@@ -37,6 +37,8 @@ pub struct Qcow2Image {
     cluster_bits: u32,
     compression: header::CompressionType,
     backing: Option<Box<dyn BlockDriver>>,
+    /// Guest data lives in an external data file, which this engine does not read.
+    external_data: bool,
     path: PathBuf,
     read_only: bool,
     size: u64,
@@ -127,6 +129,12 @@ impl Qcow2Image {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
+        if header.has_data_file() && !read_only {
+            return Err(Error::Unsupported(
+                "qcow2 images with an external data file can only be opened read-only".into(),
+            ));
+        }
+        let external_data = header.has_data_file();
         let size = header.size;
         let cluster_bits = header.cluster_bits;
         let compression = header.compression_type;
@@ -148,6 +156,7 @@ impl Qcow2Image {
             cluster_bits,
             compression,
             backing,
+            external_data,
             path: PathBuf::new(),
             read_only,
             size,
@@ -177,6 +186,15 @@ impl Qcow2Image {
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let h = self.header();
         snapshot::read_table(&*self.storage, &h)
+    }
+
+    fn check_own_data(&self) -> Result<()> {
+        if self.external_data {
+            return Err(Error::Unsupported(
+                "I/O on qcow2 images with an external data file is not supported".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The persistent dirty bitmaps the image declares (for `info`).
@@ -214,6 +232,7 @@ impl BlockDriver for Qcow2Image {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         crate::driver::check_range(offset, buf.len() as u64, self.size)?;
+        self.check_own_data()?;
         self.read_impl(buf, offset)
     }
 
@@ -251,6 +270,7 @@ impl BlockDriver for Qcow2Image {
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         crate::driver::check_range(offset, len.max(1), self.size)?;
+        self.check_own_data()?;
         self.status_impl(offset, len)
     }
 

@@ -524,3 +524,41 @@ fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
         "guest data untouched"
     );
 }
+
+#[test]
+fn external_data_file_images_open_for_metadata_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("df.qcow2");
+    let data = dir.path().join("df.raw");
+    let opt = format!("data_file={}", data.display());
+    assert!(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opt,
+            path.to_str().unwrap(),
+            "1M"
+        ])
+        .0
+    );
+    let ro = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let img = crate::lock::retry_while_locked(|| Qcow2Image::open(&path, &ro)).unwrap();
+    assert_eq!(
+        img.header().data_file.as_deref(),
+        Some(data.to_str().unwrap())
+    );
+    let err = img.read_at(&mut [0u8; 512], 0).unwrap_err().to_string();
+    assert!(err.contains("external data file"), "{err}");
+    drop(img);
+    let err = open_rw(&path)
+        .err()
+        .expect("read-write open refused")
+        .to_string();
+    assert!(err.contains("external data file"), "{err}");
+}
