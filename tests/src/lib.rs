@@ -5,7 +5,20 @@
 //! - [`img_bin`]: locate (and build once per test process) the `img` binary;
 //! - [`Rng`]: a small seeded generator, so every random test is reproducible;
 //! - [`text_diff`]: a readable line diff for failure messages;
-//! - [`engine`]: thin adapters over `common`'s public API.
+//! - [`engine`]: thin adapters over `common`'s public API;
+//! - [`Failures`]: run many cases in one test and report every failing one;
+//! - [`qemu_io_hold`]: a qemu-io process holding an image locked;
+//! - [`with_deadline`]: run engine code with a deadline (hangs become failures).
+//!
+//! Environment knobs for the cross tests (tests/tests/*.rs):
+//! - `TEST_SEED=<n|0xhex>`: replay a randomized test (the seed is printed by every one);
+//! - `PROP_SEQUENCES`, `PROP_OPS`: sequences per configuration and ops per sequence of the
+//!   property tests (defaults 2 and 60);
+//! - `KEEP_TMP=1`: keep the temporary directories with the images of a run;
+//! - `IMG_TEST_BIN=<path>`: use another `img` binary (e.g. a qemu-img wrapper that maps the
+//!   `qemu-img: ` prefix to `img: `, to check the tests themselves against the reference).
+//!
+//! The tests need `qemu-img`/`qemu-io` 10.0.2 and `prlimit` (util-linux) on PATH.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -54,8 +67,14 @@ impl Output {
             "  $ {}\n  exit: {:?}{}{}\n  stdout:\n{}\n  stderr:\n{}",
             self.cmdline,
             self.code,
-            self.signal.map(|s| format!(" (signal {s})")).unwrap_or_default(),
-            if self.timed_out { " (TIMED OUT, killed)" } else { "" },
+            self.signal
+                .map(|s| format!(" (signal {s})"))
+                .unwrap_or_default(),
+            if self.timed_out {
+                " (TIMED OUT, killed)"
+            } else {
+                ""
+            },
             indent(&self.stdout),
             indent(&self.stderr)
         )
@@ -233,8 +252,10 @@ pub fn img_bin() -> PathBuf {
 
 /// A fresh temporary directory.
 pub fn tempdir() -> tempfile::TempDir {
+    // KEEP_TMP=1 keeps the directories (and so every image a failing case made).
     tempfile::Builder::new()
         .prefix("img-it-")
+        .disable_cleanup(std::env::var_os("KEEP_TMP").is_some())
         .tempdir()
         .expect("tempdir")
 }
@@ -306,7 +327,12 @@ pub fn seed(default: u64) -> u64 {
 // Diffs
 
 /// A unified-style line diff of two texts (LCS based), or `None` when they are equal.
-pub fn text_diff(expected_label: &str, expected: &str, actual_label: &str, actual: &str) -> Option<String> {
+pub fn text_diff(
+    expected_label: &str,
+    expected: &str,
+    actual_label: &str,
+    actual: &str,
+) -> Option<String> {
     if expected == actual {
         return None;
     }
@@ -351,7 +377,13 @@ pub fn text_diff(expected_label: &str, expected: &str, actual_label: &str, actua
 
 /// Assert two texts are equal, printing a readable diff otherwise.
 #[track_caller]
-pub fn assert_text_eq(what: &str, expected_label: &str, expected: &str, actual_label: &str, actual: &str) {
+pub fn assert_text_eq(
+    what: &str,
+    expected_label: &str,
+    expected: &str,
+    actual_label: &str,
+    actual: &str,
+) {
     if let Some(d) = text_diff(expected_label, expected, actual_label, actual) {
         panic!("{what}: output differs\n{d}");
     }
@@ -394,7 +426,12 @@ pub fn qemu_read_all(path: &Path, fmt: Option<&str>, dir: &Path) -> Vec<u8> {
         args.push("-f".into());
         args.push(f.into());
     }
-    args.extend(["-O".into(), "raw".into(), s(path).into(), s(&out_path).into()]);
+    args.extend([
+        "-O".into(),
+        "raw".into(),
+        s(path).into(),
+        s(&out_path).into(),
+    ]);
     qemu_img(&args).ok();
     let data = std::fs::read(&out_path).expect("read converted raw");
     let _ = std::fs::remove_file(&out_path);
@@ -437,7 +474,11 @@ pub fn first_mismatch(expected: &[u8], actual: &[u8]) -> Option<String> {
             i
         ));
     }
-    let i = expected.iter().zip(actual).position(|(a, b)| a != b).unwrap();
+    let i = expected
+        .iter()
+        .zip(actual)
+        .position(|(a, b)| a != b)
+        .unwrap();
     let end = expected[i..]
         .iter()
         .zip(&actual[i..])
@@ -579,7 +620,8 @@ fn inode_locked(path: &Path) -> bool {
 pub fn qemu_io_hold(path: &Path) -> QemuIoHolder {
     let mut last_err = String::new();
     for _attempt in 0..5 {
-        let err_path = std::env::temp_dir().join(format!("qemu-io-holder-{}.err", std::process::id()));
+        let err_path =
+            std::env::temp_dir().join(format!("qemu-io-holder-{}.err", std::process::id()));
         let mut child = Command::new("qemu-io")
             .args(["-c", "sleep 600000", s(path)])
             .stdin(Stdio::null())
@@ -604,4 +646,31 @@ pub fn qemu_io_hold(path: &Path) -> QemuIoHolder {
         let _ = std::fs::remove_file(&err_path);
     }
     panic!("qemu-io never locked {}: {last_err}", path.display());
+}
+
+/// Run `f` on its own thread and wait at most `limit` for it. A hang (deadlock, endless
+/// loop) or a panic becomes an `Err` naming what happened; a hung thread is left behind.
+pub fn with_deadline<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(r)) => r,
+        Ok(Err(p)) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("PANICKED: {msg}"))
+        }
+        Err(_) => Err(format!(
+            "HUNG: no result after {limit:?} (deadlock or endless loop?)"
+        )),
+    }
 }

@@ -1,0 +1,517 @@
+//! `img create` against `qemu-img create`.
+//!
+//! Every case runs the same argument list through both tools, each in its own directory with
+//! identical contents (same relative file names), and then checks:
+//! - exit code, stdout ("Formatting '...', fmt=qcow2 ...") and stderr (with `qemu-img: `
+//!   mapped to `img: `) are identical;
+//! - on success, the image we made passes `qemu-img check`, `qemu-img info --output=json`
+//!   reports the same as for qemu-img's image (only `actual-size` ignored, plus the host
+//!   file length when nothing is preallocated), and `qemu-img compare` finds the guest
+//!   contents identical;
+//! - with preallocation, the file length and `qemu-img map` (offsets aside) match too.
+
+use integration_tests::*;
+use std::path::Path;
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    qdir: std::path::PathBuf,
+    idir: std::path::PathBuf,
+}
+
+/// Two directories with the same backing files, made by qemu-img.
+fn env() -> Env {
+    let tmp = tempdir();
+    let qdir = tmp.path().join("q");
+    let idir = tmp.path().join("i");
+    for d in [&qdir, &idir] {
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::create_dir_all(d.join("deep/er")).unwrap();
+        qemu_img_in(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "3M"]).ok();
+        qemu_img_in(d, &["create", "-q", "-f", "raw", "base.raw", "2M"]).ok();
+        qemu_img_in(d, &["create", "-q", "-f", "qcow2", "sub/base2.qcow2", "5M"]).ok();
+        qemu_img_in(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base2.qcow2",
+                "-F",
+                "qcow2",
+                "sub/mid.qcow2",
+            ],
+        )
+        .ok();
+        // Some data in the backing files so that `compare` means something.
+        qemu_io_cmds(
+            &d.join("base.qcow2"),
+            "qcow2",
+            &["write -P 0x5a 64k 100k".into()],
+        );
+        qemu_io_cmds(
+            &d.join("base.raw"),
+            "raw",
+            &["write -P 0xa5 1000 3000".into()],
+        );
+    }
+    Env {
+        _tmp: tmp,
+        qdir,
+        idir,
+    }
+}
+
+#[derive(Clone)]
+struct Case {
+    name: String,
+    args: Vec<String>,
+    /// The image file (relative), whose results are compared.
+    file: String,
+    /// Compare guest contents with `qemu-img compare` (not possible with a missing backing).
+    compare: bool,
+}
+
+fn case(args: &str) -> Case {
+    let args: Vec<String> = shell_split(args);
+    // The file is the first non-option argument after the options that take a value.
+    let mut file = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if ["-f", "-o", "-b", "-F"].contains(&a.as_str()) {
+            i += 2;
+            continue;
+        }
+        if a.starts_with('-') && a.len() > 1 && a != "--" {
+            i += 1;
+            continue;
+        }
+        if a == "--" {
+            i += 1;
+            file = args.get(i).cloned();
+            break;
+        }
+        file = Some(a.clone());
+        break;
+    }
+    Case {
+        name: args.join(" "),
+        file: file.expect("case has a file"),
+        args,
+        compare: true,
+    }
+}
+
+fn shell_split(s: &str) -> Vec<String> {
+    s.split_whitespace().map(|w| w.to_string()).collect()
+}
+
+fn with_create(c: &Case) -> Vec<String> {
+    std::iter::once("create".to_string())
+        .chain(c.args.iter().cloned())
+        .collect()
+}
+
+fn run_case(env: &Env, c: &Case) -> Result<(), String> {
+    let args = with_create(c);
+    for d in [&env.qdir, &env.idir] {
+        let _ = std::fs::remove_file(d.join(&c.file));
+    }
+    let q = qemu_img_in(&env.qdir, &args);
+    let i = img_in(&env.idir, &args);
+    let mut errs = Vec::new();
+    if i.timed_out || i.signal.is_some() {
+        return Err(format!("img did not exit normally:\n{}", i.report()));
+    }
+    if i.stderr.contains("panicked") {
+        errs.push("img panicked".to_string());
+    }
+    if q.code != i.code {
+        errs.push(format!(
+            "exit code: qemu-img {:?}, img {:?}",
+            q.code, i.code
+        ));
+    }
+    if let Some(d) = text_diff("qemu-img stdout", &q.stdout, "img stdout", &i.stdout) {
+        errs.push(format!("stdout differs:\n{d}"));
+    }
+    let q_err = qemu_to_img_prefix(&q.stderr);
+    if let Some(d) = text_diff(
+        "qemu-img stderr (prefix mapped)",
+        &q_err,
+        "img stderr",
+        &i.stderr,
+    ) {
+        errs.push(format!("stderr differs:\n{d}"));
+    }
+    if q.success() && i.success() {
+        if let Err(e) = compare_images(env, c) {
+            errs.push(e);
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}\n--- qemu-img run:\n{}\n--- img run:\n{}",
+            errs.join("\n"),
+            q.report(),
+            i.report()
+        ))
+    }
+}
+
+fn info_json(dir: &Path, file: &str, keep_file_len: bool) -> Result<serde_json::Value, String> {
+    let out = qemu_img_in(dir, &["info", "-U", "--output=json", file]);
+    if !out.success() {
+        return Err(format!("qemu-img info failed on {file}:\n{}", out.report()));
+    }
+    let mut v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+    json_remove_key(&mut v, "actual-size");
+    if !keep_file_len {
+        if let Some(children) = v.get_mut("children").and_then(|c| c.as_array_mut()) {
+            for ch in children {
+                if let Some(info) = ch.get_mut("info").and_then(|i| i.as_object_mut()) {
+                    info.remove("virtual-size");
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn map_json(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
+    let out = qemu_img_in(dir, &["map", "-U", "--output=json", file]);
+    if !out.success() {
+        return Err(format!("qemu-img map failed on {file}:\n{}", out.report()));
+    }
+    let mut v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+    // Host offsets are layout, not contract: drop them, then merge neighbours that only
+    // qemu-img kept apart because their host offsets were not contiguous.
+    json_remove_key(&mut v, "offset");
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for e in v.as_array().cloned().unwrap_or_default() {
+        if let Some(last) = merged.last_mut() {
+            let same = ["depth", "present", "zero", "data", "compressed"]
+                .iter()
+                .all(|k| last[k] == e[k]);
+            let adjacent = last["start"].as_u64().unwrap() + last["length"].as_u64().unwrap()
+                == e["start"].as_u64().unwrap();
+            if same && adjacent {
+                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+                last["length"] = len.into();
+                continue;
+            }
+        }
+        merged.push(e);
+    }
+    Ok(serde_json::Value::Array(merged))
+}
+
+fn compare_images(env: &Env, c: &Case) -> Result<(), String> {
+    let qf = env.qdir.join(&c.file);
+    let inf = env.idir.join(&c.file);
+    if !inf.exists() {
+        return Err(format!("img did not create {}", inf.display()));
+    }
+    let fmt = qemu_info_json(&qf, &["-U"])["format"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let prealloc = c
+        .args
+        .iter()
+        .any(|a| a.contains("preallocation=") && !a.contains("preallocation=off"));
+    let mut errs = Vec::new();
+    if fmt == "qcow2" {
+        // Without the backing file (it may not exist with -u), check the image alone.
+        let spec = format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+            c.file
+        );
+        let out = qemu_img_in(&env.idir, &["check", "-U", &spec]);
+        if !out.success() {
+            errs.push(format!(
+                "qemu-img check of img's image failed:\n{}",
+                out.report()
+            ));
+        }
+    }
+    let keep_len = prealloc || fmt == "raw";
+    match (
+        info_json(&env.qdir, &c.file, keep_len),
+        info_json(&env.idir, &c.file, keep_len),
+    ) {
+        (Ok(q), Ok(i)) => {
+            if let Some(d) = text_diff(
+                "qemu-img info of qemu-img's image",
+                &json_pretty(&q),
+                "qemu-img info of img's image",
+                &json_pretty(&i),
+            ) {
+                errs.push(format!("info --output=json differs:\n{d}"));
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => errs.push(e),
+    }
+    if keep_len {
+        let ql = std::fs::metadata(&qf).unwrap().len();
+        let il = std::fs::metadata(&inf).unwrap().len();
+        if ql != il {
+            errs.push(format!("file length: qemu-img {ql}, img {il}"));
+        }
+    }
+    if prealloc {
+        match (map_json(&env.qdir, &c.file), map_json(&env.idir, &c.file)) {
+            (Ok(q), Ok(i)) => {
+                if let Some(d) = text_diff(
+                    "qemu-img map (qemu's image)",
+                    &json_pretty(&q),
+                    "qemu-img map (img's image)",
+                    &json_pretty(&i),
+                ) {
+                    errs.push(format!("map differs:\n{d}"));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => errs.push(e),
+        }
+    }
+    if c.compare {
+        // Guest contents (through the backing chain, if any) must be the same.
+        let out = qemu_img(&["compare", "-U", s(&qf), s(&inf)]);
+        if out.code != Some(0) {
+            errs.push(format!(
+                "qemu-img compare says contents differ:\n{}",
+                out.report()
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
+fn run_all(cases: Vec<Case>) {
+    let env = env();
+    let mut f = Failures::new();
+    for c in &cases {
+        f.record(&c.name, run_case(&env, c));
+    }
+    f.finish();
+}
+
+#[test]
+fn create_qcow2_options() {
+    let mut cases = vec![
+        case("-f qcow2 a.qcow2 1M"),
+        case("-f qcow2 -o compat=0.10 a.qcow2 1M"),
+        case("-f qcow2 -o compat=1.1 a.qcow2 1M"),
+        case("-f qcow2 -o compat=v2 a.qcow2 1M"),
+        case("-f qcow2 -o compat=v3 a.qcow2 1M"),
+        case("-f qcow2 -o lazy_refcounts=on a.qcow2 1M"),
+        case("-f qcow2 -o lazy_refcounts=off a.qcow2 1M"),
+        case("-f qcow2 -o compat=1.1,lazy_refcounts=on a.qcow2 1M"),
+        case("-f qcow2 -o compression_type=zlib a.qcow2 1M"),
+        case("-f qcow2 -o compression_type=zstd a.qcow2 1M"),
+        case("-f qcow2 -o compression_type=zstd,cluster_size=4k,lazy_refcounts=on a.qcow2 7M"),
+        case("-f qcow2 -o extended_l2=on,cluster_size=16k a.qcow2 1M"),
+        case("-f qcow2 -o extended_l2=on a.qcow2 1M"),
+        case("-f qcow2 -o extended_l2=on,cluster_size=2M a.qcow2 10M"),
+        case("-f qcow2 -o extended_l2=off,cluster_size=16k a.qcow2 1M"),
+        case("-f qcow2 -o extended_l2=on,compression_type=zstd,refcount_bits=1,cluster_size=32k a.qcow2 3M"),
+        case("-f qcow2 -q a.qcow2 1M"),
+        case("-q -f qcow2 -o cluster_size=4096 a.qcow2 1M"),
+        case("-f qcow2 -o size=2M a.qcow2"),
+        case("-f qcow2 -o cluster_size=8k -o refcount_bits=8 a.qcow2 2M"),
+        case("-f qcow2 -o preallocation=off a.qcow2 1M"),
+        case("-f qcow2 -o preallocation=metadata a.qcow2 1M"),
+        case("-f qcow2 -o preallocation=metadata,cluster_size=512 a.qcow2 300k"),
+        case("-f qcow2 -o preallocation=metadata,extended_l2=on a.qcow2 3M"),
+        case("-f qcow2 -o preallocation=falloc a.qcow2 1M"),
+        case("-f qcow2 -o preallocation=falloc,cluster_size=4k a.qcow2 1000000"),
+        case("-f qcow2 -o preallocation=full a.qcow2 1M"),
+        case("-f qcow2 -o preallocation=full,cluster_size=2M a.qcow2 5M"),
+        case("-f qcow2 -o preallocation=full,refcount_bits=64,cluster_size=1k a.qcow2 200k"),
+        case("-f qcow2 -o compat=0.10,preallocation=metadata a.qcow2 1M"),
+    ];
+    for cs in [
+        "512", "1024", "2048", "4096", "8192", "16384", "32768", "65536", "131072", "262144",
+        "524288", "1M", "2M", "64k", "4k",
+    ] {
+        cases.push(case(&format!("-f qcow2 -o cluster_size={cs} a.qcow2 3M")));
+    }
+    for rb in [1, 2, 4, 8, 16, 32, 64] {
+        cases.push(case(&format!("-f qcow2 -o refcount_bits={rb} a.qcow2 3M")));
+        cases.push(case(&format!(
+            "-f qcow2 -o refcount_bits={rb},cluster_size=512 a.qcow2 1M"
+        )));
+    }
+    run_all(cases);
+}
+
+#[test]
+fn create_qcow2_sizes() {
+    let mut cases = Vec::new();
+    for size in [
+        "0", "1", "511", "512", "513", "1000", "1k", "1K", "1.5k", "1M", "1.5M", "1.5G", "1G",
+        "2G", "1T", "4T", "100T", "1P", "3000000", "65535", "1b", "1024b", "0.5M", "1.25G",
+    ] {
+        cases.push(case(&format!("-f qcow2 a.qcow2 {size}")));
+    }
+    // Huge image with tiny clusters: L1 table gets large.
+    cases.push(case("-f qcow2 -o cluster_size=512 a.qcow2 1T"));
+    cases.push(case("-f qcow2 -o cluster_size=2M a.qcow2 100T"));
+    run_all(cases);
+}
+
+#[test]
+fn create_qcow2_backing() {
+    let mut cases = vec![
+        case("-f qcow2 -b base.qcow2 -F qcow2 a.qcow2"),
+        case("-f qcow2 -b base.qcow2 -F qcow2 a.qcow2 8M"),
+        case("-f qcow2 -b base.qcow2 -F qcow2 a.qcow2 1M"),
+        case("-f qcow2 -b base.raw -F raw a.qcow2"),
+        case("-f qcow2 -b base.raw -F raw a.qcow2 3M"),
+        case("-f qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2 a.qcow2"),
+        case("-f qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2,cluster_size=4k a.qcow2 5M"),
+        case("-f qcow2 -o backing_file=base.raw,backing_fmt=raw,compat=0.10 a.qcow2"),
+        // Relative backing paths are relative to the new image's directory.
+        case("-f qcow2 -b base2.qcow2 -F qcow2 sub/a.qcow2"),
+        case("-f qcow2 -b ../base.qcow2 -F qcow2 sub/a.qcow2"),
+        case("-f qcow2 -b ../../sub/mid.qcow2 -F qcow2 deep/er/a.qcow2"),
+        case("-f qcow2 -b mid.qcow2 -F qcow2 sub/top.qcow2"),
+        case("-f qcow2 -b sub/mid.qcow2 -F qcow2 a.qcow2"),
+        case("-f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on a.qcow2"),
+        case(
+            "-f qcow2 -b base.qcow2 -F qcow2 -o compression_type=zstd,lazy_refcounts=on a.qcow2 4M",
+        ),
+        // Errors: missing backing file, missing -F, size needed.
+        case("-f qcow2 -b nonexist.qcow2 -F qcow2 a.qcow2 1M"),
+        case("-f qcow2 -b base.qcow2 a.qcow2"),
+        case("-f qcow2 -b base.qcow2 -F raw a.qcow2"),
+        case("-f qcow2 a.qcow2"),
+        case("-f qcow2 -b a.qcow2 -F qcow2 a.qcow2 1M"),
+    ];
+    // -u: backing file need not exist; then a size is required.
+    let mut u = case("-f qcow2 -u -b nonexist.qcow2 -F qcow2 a.qcow2 1M");
+    u.compare = false;
+    cases.push(u);
+    cases.push(case("-f qcow2 -u -b nonexist.qcow2 -F qcow2 a.qcow2"));
+    cases.push(case("-f qcow2 -u -b base.qcow2 -F qcow2 a.qcow2 2M"));
+    cases.push(case("-f qcow2 -u -b base.qcow2 -F qcow2 a.qcow2"));
+    // Absolute backing path.
+    let env = env();
+    let abs = env.qdir.join("base.qcow2");
+    // Absolute paths differ between the two directories, so run it separately below.
+    let mut f = Failures::new();
+    for c in &cases {
+        f.record(&c.name, run_case(&env, c));
+    }
+    // Absolute backing path: each tool gets its own directory's base; compare by substitution.
+    let q = qemu_img_in(
+        &env.qdir,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&abs),
+            "-F",
+            "qcow2",
+            "abs.qcow2",
+        ],
+    );
+    let iabs = env.idir.join("base.qcow2");
+    let i = img_in(
+        &env.idir,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&iabs),
+            "-F",
+            "qcow2",
+            "abs.qcow2",
+        ],
+    );
+    let expected = q.stdout.replace(s(&env.qdir), s(&env.idir));
+    f.record(
+        "-f qcow2 -b /abs/base.qcow2 -F qcow2 abs.qcow2",
+        ensure(q.success() && i.success() && expected == i.stdout, || {
+            format!(
+                "{}\n{}\n{}",
+                text_diff("qemu-img (path-substituted)", &expected, "img", &i.stdout)
+                    .unwrap_or_default(),
+                q.report(),
+                i.report()
+            )
+        })
+        .and_then(|_| {
+            let qj = info_json(&env.qdir, "abs.qcow2", false)?;
+            let ij = info_json(&env.idir, "abs.qcow2", false)?;
+            let qt = json_pretty(&qj).replace(s(&env.qdir), s(&env.idir));
+            let it = json_pretty(&ij);
+            ensure(qt == it, || {
+                text_diff("qemu-img info (qemu's)", &qt, "qemu-img info (img's)", &it).unwrap()
+            })
+        }),
+    );
+    f.finish();
+}
+
+#[test]
+fn create_raw() {
+    let cases = vec![
+        case("-f raw a.raw 1M"),
+        case("a.raw 1M"),
+        case("a.raw 1.5G"),
+        case("-f raw a.raw 0"),
+        case("-f raw a.raw 1000"),
+        case("-f raw -q a.raw 1M"),
+        case("-f raw -o preallocation=off a.raw 1M"),
+        case("-f raw -o preallocation=falloc a.raw 1M"),
+        case("-f raw -o preallocation=full a.raw 1M"),
+        case("-f raw -o preallocation=full a.raw 1001"),
+        case("-f raw -o size=3M a.raw"),
+        case("-f raw a.raw"),
+        case("-f raw -o cluster_size=4k a.raw 1M"),
+    ];
+    run_all(cases);
+}
+
+#[test]
+fn create_errors_match_qemu() {
+    let cases = vec![
+        case("-f qcow2 -o compat=0.10,lazy_refcounts=on a.qcow2 1M"),
+        case("-f qcow2 -o compat=0.10,refcount_bits=64 a.qcow2 1M"),
+        case("-f qcow2 -o compat=0.10,compression_type=zstd a.qcow2 1M"),
+        case("-f qcow2 -o compat=0.10,extended_l2=on a.qcow2 1M"),
+        case("-f qcow2 -o compat=1.2 a.qcow2 1M"),
+        case("-f qcow2 -o refcount_bits=3 a.qcow2 1M"),
+        case("-f qcow2 -o refcount_bits=128 a.qcow2 1M"),
+        case("-f qcow2 -o refcount_bits=0 a.qcow2 1M"),
+        case("-f qcow2 -o cluster_size=256 a.qcow2 1M"),
+        case("-f qcow2 -o cluster_size=4M a.qcow2 1M"),
+        case("-f qcow2 -o cluster_size=1000 a.qcow2 1M"),
+        case("-f qcow2 -o extended_l2=on,cluster_size=8k a.qcow2 1M"),
+        case("-f qcow2 -o compression_type=lz4 a.qcow2 1M"),
+        case("-f qcow2 -o preallocation=bogus a.qcow2 1M"),
+        case("-f qcow2 -o bogus_option=1 a.qcow2 1M"),
+        case("-f qcow2 -o lazy_refcounts=maybe a.qcow2 1M"),
+        case("-f qcow2 a.qcow2 99E"),
+        case("-f qcow2 a.qcow2 16E"),
+        case("-f qcow2 a.qcow2 1.5.5G"),
+        case("-f qcow2 a.qcow2 12Q"),
+        case("-f qcow2 a.qcow2 abc"),
+        case("-f qcow2 -- a.qcow2 -1"),
+        case("-f qcow2 -o size=99E a.qcow2"),
+        case("-f bogusfmt a.img 1M"),
+    ];
+    run_all(cases);
+}

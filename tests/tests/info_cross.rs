@@ -1,0 +1,316 @@
+//! `img info` against `qemu-img info` on images made by qemu-img / qemu-io.
+//!
+//! Both tools run in the same directory on the same file with the same arguments; stdout,
+//! stderr (prefix mapped) and exit code must be identical, except the values of
+//! `disk size:` (human) and `"actual-size"` (JSON), which depend on the host filesystem.
+
+use integration_tests::*;
+use std::path::Path;
+
+/// Blank out the host-dependent values.
+fn normalize(out: &str) -> String {
+    out.lines()
+        .map(|l| {
+            let t = l.trim_start();
+            let ind = &l[..l.len() - t.len()];
+            if t.starts_with("disk size:") {
+                format!("{ind}disk size: <ignored>")
+            } else if t.starts_with("\"actual-size\":") {
+                let comma = if t.ends_with(',') { "," } else { "" };
+                format!("{ind}\"actual-size\": <ignored>{comma}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + if out.ends_with('\n') { "\n" } else { "" }
+}
+
+fn compare_info(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let mut full = vec!["info"];
+    full.extend_from_slice(args);
+    let q = qemu_img_in(dir, &full);
+    let i = img_in(dir, &full);
+    let mut errs = Vec::new();
+    if i.timed_out || i.signal.is_some() || i.stderr.contains("panicked") {
+        errs.push("img did not exit normally (timeout/signal/panic)".to_string());
+    }
+    if q.code != i.code {
+        errs.push(format!(
+            "exit code: qemu-img {:?}, img {:?}",
+            q.code, i.code
+        ));
+    }
+    if let Some(d) = text_diff(
+        "qemu-img",
+        &normalize(&q.stdout),
+        "img",
+        &normalize(&i.stdout),
+    ) {
+        errs.push(format!("stdout differs:\n{d}"));
+    }
+    if let Some(d) = text_diff(
+        "qemu-img stderr (prefix mapped)",
+        &qemu_to_img_prefix(&q.stderr),
+        "img stderr",
+        &i.stderr,
+    ) {
+        errs.push(format!("stderr differs:\n{d}"));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}\n--- img run:\n{}", errs.join("\n"), i.report()))
+    }
+}
+
+/// Every flavour of `info` invocation for one image.
+fn variants(file: &str, fmt: &str) -> Vec<Vec<String>> {
+    let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        f(&[file]),
+        f(&["--output=json", file]),
+        f(&["--output", "human", file]),
+        f(&["--backing-chain", file]),
+        f(&["--output=json", "--backing-chain", file]),
+        f(&["-f", fmt, file]),
+        f(&["-f", fmt, "--output=json", file]),
+        f(&["-U", file]),
+        f(&["-U", "--backing-chain", "--output=json", file]),
+    ]
+}
+
+fn qimg(dir: &Path, args: &str) {
+    let a: Vec<&str> = args.split_whitespace().collect();
+    qemu_img_in(dir, &a).ok();
+}
+
+fn qio(dir: &Path, file: &str, fmt: &str, cmds: &[&str]) {
+    qemu_io_cmds(
+        &dir.join(file),
+        fmt,
+        &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+    );
+}
+
+/// Flip bits in the qcow2 header's incompatible features (offset 72, big-endian u64).
+fn set_incompat_bits(path: &Path, bits: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 72).unwrap();
+    let v = u64::from_be_bytes(b) | bits;
+    f.write_all_at(&v.to_be_bytes(), 72).unwrap();
+}
+
+/// Build the images (name, format) in `dir`.
+fn make_images(dir: &Path) -> Vec<(String, &'static str)> {
+    let mut v: Vec<(String, &'static str)> = Vec::new();
+    let mut add = |name: &str, fmt: &'static str| v.push((name.to_string(), fmt));
+
+    qimg(dir, "create -q -f qcow2 v3.qcow2 1M");
+    add("v3.qcow2", "qcow2");
+    qimg(dir, "create -q -f qcow2 -o compat=0.10 v2.qcow2 1.5G");
+    add("v2.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o cluster_size=512,refcount_bits=1 c512.qcow2 3M",
+    );
+    qio(dir, "c512.qcow2", "qcow2", &["write -P 1 1000 5000"]);
+    add("c512.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o cluster_size=2M,refcount_bits=64 c2m.qcow2 10G",
+    );
+    qio(dir, "c2m.qcow2", "qcow2", &["write -P 2 3M 1M"]);
+    add("c2m.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 64M",
+    );
+    add("lazy.qcow2", "qcow2");
+    // Dirty: lazy refcounts, write, then abort() without closing.
+    qimg(
+        dir,
+        "create -q -f qcow2 -o lazy_refcounts=on dirty.qcow2 64M",
+    );
+    let _ = qemu_io(&[
+        "-c",
+        "write -P 3 0 128k",
+        "-c",
+        "abort",
+        s(&dir.join("dirty.qcow2")),
+    ]);
+    add("dirty.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o extended_l2=on,cluster_size=128k el2.qcow2 5M",
+    );
+    qio(dir, "el2.qcow2", "qcow2", &["write -P 4 4k 4k"]);
+    add("el2.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o compression_type=zstd zstd.qcow2 2M",
+    );
+    qio(dir, "zstd.qcow2", "qcow2", &["write -c -P 5 0 64k"]);
+    add("zstd.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o preallocation=metadata pm.qcow2 3M",
+    );
+    add("pm.qcow2", "qcow2");
+    qimg(dir, "create -q -f qcow2 -o preallocation=full pf.qcow2 1M");
+    add("pf.qcow2", "qcow2");
+    qimg(dir, "create -q -f raw r.raw 3M");
+    add("r.raw", "raw");
+    qimg(dir, "create -q -f raw odd.raw 1000");
+    add("odd.raw", "raw");
+    qimg(dir, "create -q -f qcow2 odd.qcow2 1000001");
+    add("odd.qcow2", "qcow2");
+    // Backing chains: qcow2 <- qcow2 (2 deep), raw <- qcow2 <- qcow2 (3 deep), relative.
+    qimg(dir, "create -q -f qcow2 base.qcow2 4M");
+    qio(dir, "base.qcow2", "qcow2", &["write -P 6 0 1M"]);
+    qimg(dir, "create -q -f qcow2 -b base.qcow2 -F qcow2 top2.qcow2");
+    add("top2.qcow2", "qcow2");
+    qimg(dir, "create -q -f qcow2 -b base.raw -F raw mid.qcow2 1M"); // fails if base.raw missing
+    add("mid.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -b mid.qcow2 -F qcow2 top3.qcow2 2M",
+    );
+    add("top3.qcow2", "qcow2");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    qimg(
+        dir,
+        "create -q -f qcow2 -b ../top2.qcow2 -F qcow2 -o compat=0.10 sub/rel.qcow2",
+    );
+    add("sub/rel.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -u -b missing.qcow2 -F qcow2 miss.qcow2 1M",
+    );
+    add("miss.qcow2", "qcow2");
+    // Snapshots.
+    qimg(dir, "create -q -f qcow2 snap.qcow2 8M");
+    qio(dir, "snap.qcow2", "qcow2", &["write -P 7 0 1M"]);
+    qimg(dir, "snapshot -c first snap.qcow2");
+    qio(dir, "snap.qcow2", "qcow2", &["write -P 8 512k 1M"]);
+    qimg(dir, "snapshot -c second-with-longer-name snap.qcow2");
+    qimg(dir, "snapshot -c third snap.qcow2");
+    add("snap.qcow2", "qcow2");
+    qimg(dir, "create -q -f qcow2 -o compat=0.10 snapv2.qcow2 8M");
+    qimg(dir, "snapshot -c only snapv2.qcow2");
+    add("snapv2.qcow2", "qcow2");
+    qimg(
+        dir,
+        "create -q -f qcow2 -b snap.qcow2 -F qcow2 snaptop.qcow2",
+    );
+    qimg(dir, "snapshot -c topsnap snaptop.qcow2");
+    add("snaptop.qcow2", "qcow2");
+    // Corrupt bit set (info still works and says corrupt: true).
+    qimg(dir, "create -q -f qcow2 corrupt.qcow2 1M");
+    set_incompat_bits(&dir.join("corrupt.qcow2"), 2);
+    add("corrupt.qcow2", "qcow2");
+    v
+}
+
+#[test]
+fn info_matches_qemu() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qimg(dir, "create -q -f raw base.raw 1M");
+    qio(dir, "base.raw", "raw", &["write -P 9 4k 8k"]);
+    let images = make_images(dir);
+    let mut f = Failures::new();
+    for (file, fmt) in &images {
+        for args in variants(file, fmt) {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            f.record(&format!("info {}", args.join(" ")), compare_info(dir, &a));
+        }
+    }
+    // Absolute paths (names and backing "actual path" then carry the absolute directory).
+    for (file, fmt) in [
+        ("top3.qcow2", "qcow2"),
+        ("sub/rel.qcow2", "qcow2"),
+        ("r.raw", "raw"),
+    ] {
+        let abs = dir.join(file);
+        for args in variants(s(&abs), fmt).into_iter().take(5) {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            f.record(
+                &format!("info {}", args.join(" ")),
+                compare_info(Path::new("/"), &a),
+            );
+        }
+    }
+    // Wrong -f: qcow2 read as raw is fine; raw read as qcow2 is an error (same message).
+    f.record(
+        "info -f raw v3.qcow2",
+        compare_info(dir, &["-f", "raw", "v3.qcow2"]),
+    );
+    f.record(
+        "info -f qcow2 r.raw",
+        compare_info(dir, &["-f", "qcow2", "r.raw"]),
+    );
+    f.record(
+        "info nonexistent",
+        compare_info(dir, &["nonexistent.qcow2"]),
+    );
+    f.finish();
+}
+
+/// While another process has the image open read-write, plain `info` fails with the lock
+/// message (like qemu-img) and `info -U` works.
+#[test]
+fn info_on_locked_image() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qimg(dir, "create -q -f qcow2 locked.qcow2 1M");
+    let holder = qemu_io_hold(&dir.join("locked.qcow2"));
+    let mut f = Failures::new();
+    f.record(
+        "info locked.qcow2 (locked)",
+        compare_info(dir, &["locked.qcow2"]),
+    );
+    f.record(
+        "info -U locked.qcow2 (locked)",
+        compare_info(dir, &["-U", "locked.qcow2"]),
+    );
+    f.record(
+        "info -U --output=json locked.qcow2 (locked)",
+        compare_info(dir, &["-U", "--output=json", "locked.qcow2"]),
+    );
+    drop(holder);
+    f.finish();
+}
+
+/// Less common qcow2 features qemu-img create/bitmap can produce: persistent dirty bitmaps
+/// (autoclear feature, listed under "bitmaps:") and external data files.
+#[test]
+fn info_matches_qemu_extra_features() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qimg(dir, "create -q -f qcow2 bm.qcow2 1M");
+    qimg(dir, "bitmap --add bm.qcow2 bm0");
+    qimg(dir, "bitmap --add -g 128k bm.qcow2 second");
+    qimg(dir, "bitmap --add bm.qcow2 off");
+    qimg(dir, "bitmap --disable bm.qcow2 off");
+    qimg(dir, "create -q -f qcow2 -o data_file=df.raw df.qcow2 1M");
+    qimg(
+        dir,
+        "create -q -f qcow2 -o data_file=dfr.raw,data_file_raw=on dfr.qcow2 1M",
+    );
+    let mut f = Failures::new();
+    for file in ["bm.qcow2", "df.qcow2", "dfr.qcow2"] {
+        for args in variants(file, "qcow2").into_iter().take(5) {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            f.record(&format!("info {}", args.join(" ")), compare_info(dir, &a));
+        }
+    }
+    f.finish();
+}
