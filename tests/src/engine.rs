@@ -5,15 +5,30 @@ use common::open::{open_image, Format, Image, OpenOptions};
 use common::BlockDriver;
 use std::path::Path;
 
+/// Retry `f` for a moment while it fails with a lock conflict. Tests run in threads that
+/// spawn child processes, and a child holds a copy of every open descriptor until its
+/// `exec`: an image this process has just closed can still look locked for a moment.
+fn retry_locked(mut f: impl FnMut() -> common::Result<Image>) -> common::Result<Image> {
+    let start = std::time::Instant::now();
+    loop {
+        match f() {
+            Err(common::Error::Locked(_))
+                if start.elapsed() < std::time::Duration::from_secs(2) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Open an image through the engine, probing the format.
 pub fn open(path: &Path, read_only: bool) -> common::Result<Image> {
-    open_image(
-        path,
-        &OpenOptions {
-            read_only,
-            ..Default::default()
-        },
-    )
+    let opts = OpenOptions {
+        read_only,
+        ..Default::default()
+    };
+    retry_locked(|| open_image(path, &opts))
 }
 
 /// Open with an explicit format (`"raw"`/`"qcow2"`) and share mode.
@@ -24,15 +39,13 @@ pub fn open_with(
     force_share: bool,
 ) -> common::Result<Image> {
     let format = format.map(|f| Format::from_name(f).expect("known format"));
-    open_image(
-        path,
-        &OpenOptions {
-            read_only,
-            force_share,
-            format,
-            ..Default::default()
-        },
-    )
+    let opts = OpenOptions {
+        read_only,
+        force_share,
+        format,
+        ..Default::default()
+    };
+    retry_locked(|| open_image(path, &opts))
 }
 
 /// Read the whole guest contents in `chunk`-byte reads starting at `start` (bytes before

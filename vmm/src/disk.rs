@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use common::open::{open_image, probe_format, Format, OpenOptions};
-use common::qcow2::create::{create_qcow2, Qcow2CreateOptions};
+use common::qcow2::create::Qcow2CreateOptions;
+use common::qcow2::Qcow2Image;
 use common::{Allocation, BlockDriver, BlockStatus, Error, Result};
 
 use crate::config::{CacheMode, DriveConfig, DriveFormat};
@@ -67,15 +68,9 @@ fn open_snapshot(cfg: &DriveConfig) -> Result<Box<dyn BlockDriver>> {
         backing_format: Some(format.name().to_string()),
         ..Default::default()
     };
-    let opened = create_qcow2(&overlay, &opts).and_then(|()| {
-        let rw = OpenOptions {
-            format: Some(Format::Qcow2),
-            ..Default::default()
-        };
-        open_image(&overlay, &rw)
-    });
+    let opened = Qcow2Image::create_and_open(&overlay, &opts);
     let _ = std::fs::remove_file(&overlay);
-    Ok(opened?.into_driver())
+    Ok(Box::new(opened?))
 }
 
 fn temp_overlay_path() -> PathBuf {

@@ -155,6 +155,12 @@ fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
 /// Create (or overwrite) a qcow2 image at `path`.
 pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
     opts.validate()?;
+    let file = create_file(path)?;
+    format_qcow2(Arc::new(FileStorage::new(file)), opts)
+}
+
+/// Open (creating it if needed) and lock a file for a new image, then truncate it.
+pub(crate) fn create_file(path: &Path) -> Result<std::fs::File> {
     // Lock before truncating, so that an image in use by someone else is not clobbered.
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -166,7 +172,7 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
     crate::lock::lock_image_perms(&file, path, crate::lock::Perms::CREATE)?;
     file.set_len(0)
         .map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
-    format_qcow2(Arc::new(FileStorage::new(file)), opts)
+    Ok(file)
 }
 
 /// Write a new qcow2 image onto empty storage.

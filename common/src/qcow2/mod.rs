@@ -82,7 +82,32 @@ impl Qcow2Image {
     ) -> Result<Qcow2Image> {
         let file = open_file(path, opts.read_only)?;
         crate::lock::lock_image(&file, path, opts.read_only, opts.force_share)?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        Self::open_storage(Arc::new(FileStorage::new(file)), path, opts, seen)
+    }
+
+    /// Create a qcow2 image at `path` and open it read-write through the same file
+    /// descriptor, so that nobody can take the image between the two.
+    pub fn create_and_open(path: &Path, create: &create::Qcow2CreateOptions) -> Result<Qcow2Image> {
+        create.validate()?;
+        let file = create::create_file(path)?;
+        let storage = Arc::new(FileStorage::new(file));
+        create::format_qcow2(storage.clone(), create)?;
+        crate::lock::relock_image(
+            storage.file(),
+            path,
+            crate::lock::Perms::CREATE,
+            crate::lock::Perms::READ_WRITE,
+        )?;
+        Self::open_storage(storage, path, &OpenOptions::default(), &mut Vec::new())
+    }
+
+    /// Read the header of an opened, locked file, open its backing chain, build the image.
+    fn open_storage(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        opts: &OpenOptions,
+        seen: &mut Vec<PathBuf>,
+    ) -> Result<Qcow2Image> {
         let header = read_header(&*storage)?;
         let backing = match (&header.backing_file, opts.no_backing) {
             (Some(name), false) => {
