@@ -240,13 +240,17 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Discard whole clusters like QEMU: v3 images read zeroes afterwards, v2 images show
-    /// the backing file again. Partial clusters at either end are left alone.
+    /// Discard whole clusters like QEMU: v3 images read zeroes afterwards; v2 images drop
+    /// the clusters only without a backing file (it would show through), else keep them.
+    /// Partial clusters at either end are left alone.
     pub(super) fn discard_impl(&self, offset: u64, len: u64) -> Result<()> {
         let (cb, version) = {
             let m = self.meta();
             (m.h.cluster_bits, m.h.version)
         };
+        if version < 3 && self.backing.is_some() {
+            return Ok(());
+        }
         let cs = 1u64 << cb;
         let end = offset + len;
         let start = offset.next_multiple_of(cs);
