@@ -562,3 +562,35 @@ fn external_data_file_images_open_for_metadata_only() {
         .to_string();
     assert!(err.contains("external data file"), "{err}");
 }
+
+#[test]
+fn v2_discard_keeps_data_over_a_backing_file_and_drops_it_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.qcow2");
+    let top = dir.path().join("t.qcow2");
+    let lone = dir.path().join("n.qcow2");
+    for (p, backing) in [(&base, None), (&top, Some("b.qcow2")), (&lone, None)] {
+        let opts = Qcow2CreateOptions {
+            size: 1 << 20,
+            version: 2,
+            backing_file: backing.map(str::to_string),
+            backing_format: backing.map(|_| "qcow2".to_string()),
+            ..Default::default()
+        };
+        crate::lock::retry_while_locked(|| create_qcow2(p, &opts)).unwrap();
+    }
+    qemu_io(&base, "qcow2", &["write -P 0x11 0 1M"]);
+    for p in [&top, &lone] {
+        let opts = OpenOptions::default();
+        let img = crate::lock::retry_while_locked(|| crate::open::open_image(p, &opts)).unwrap();
+        let d = img.driver();
+        d.write_at(&[0x22; 131072], 0).unwrap();
+        d.discard(0, 131072).unwrap();
+        let mut buf = vec![0u8; 131072];
+        d.read_at(&mut buf, 0).unwrap();
+        let want = if p == &top { 0x22 } else { 0 };
+        assert!(buf.iter().all(|&b| b == want), "{}", p.display());
+    }
+    check_clean(&top);
+    check_clean(&lone);
+}
