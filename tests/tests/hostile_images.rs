@@ -1,0 +1,2870 @@
+//! Hostile images: the engine must answer a corrupt or malicious qcow2 file with an `Err`
+//! (one line), never a panic, a hang or a huge allocation, and a read-write session on a
+//! damaged image must never put guest data into cluster 0 or into the image's metadata.
+//!
+//! Two parts:
+//! - a seeded, reproducible mutation fuzzer (`fuzz_*`): small valid images made by qemu-img
+//!   and qemu-io with various options, a few random mutations of their metadata (header
+//!   fields, extensions, L1/L2 tables, refcount table and blocks, snapshot table and L1
+//!   tables, backing file name, truncation), then the engine opens each read-only and
+//!   read-write, reads, walks block_status, writes, zeroes, discards, flushes and drops it;
+//! - targeted cases (`target_*`) for hostile structures random mutation rarely builds.
+//!
+//! Every case runs in a child process (this test binary, re-executed with `HOSTILE_MODE`
+//! set) under `prlimit --as` (1 GiB address space) with a deadline: a hang is killed and
+//! reported with the operation that hung, an allocation failure or abort is reported with
+//! the child's stderr, a panic with its message and location. The child also resets and
+//! reads its peak RSS (`/proc/self/clear_refs`, `VmHWM`) around every case.
+//!
+//! Replay: the seed is printed; `TEST_SEED=<seed> HOSTILE_CASE=<n> cargo test -p
+//! integration-tests --test hostile_images <fuzz test name> -- --nocapture` reruns one case,
+//! and every failing case's mutated image is saved under `target/tmp/hostile_images/`.
+
+use common::open::{open_image, Image, OpenOptions};
+use common::qcow2::header::Header;
+use integration_tests::{qemu_img, qemu_io_cmds, Rng};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Guest data written by the tests: found anywhere in metadata, it is a clobber.
+const TAG: &[u8; 8] = b"HOSTILE!";
+/// A fuzz case (all its operations) must finish within this time.
+const CASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A targeted case must finish within this time.
+const TARGET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a child process to start and report its first case.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Address-space limit of the child processes.
+const AS_LIMIT: u64 = 1 << 30;
+/// Peak RSS one case may reach.
+const HWM_LIMIT_KIB: u64 = 384 << 10;
+/// How much a read-write session may grow the file (it writes well under 2 MiB).
+const GROWTH_LIMIT: u64 = 256 << 20;
+/// The test that the child processes run.
+const CHILD_TEST: &str = "zz_child_process_entry";
+
+// ------------------------------------------------------------------------------------------
+// Small byte helpers
+
+fn be16(b: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_be_bytes(s.try_into().unwrap()) as u64)
+}
+fn be32(b: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_be_bytes(s.try_into().unwrap()) as u64)
+}
+fn be64(b: &[u8], at: u64) -> u64 {
+    let at = at as usize;
+    b.get(at..at + 8)
+        .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap()))
+}
+fn get_be(b: &[u8], at: u64, width: u64) -> u64 {
+    match width {
+        1 => b.get(at as usize).map_or(0, |&x| x as u64),
+        2 => be16(b, at),
+        4 => be32(b, at),
+        _ => be64(b, at),
+    }
+}
+/// Store `v` big-endian in `width` bytes at `at`, if it fits in the buffer.
+fn put_be(b: &mut [u8], at: u64, width: u64, v: u64) -> bool {
+    let at = at as usize;
+    let w = width as usize;
+    if at + w > b.len() {
+        return false;
+    }
+    b[at..at + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
+    true
+}
+fn round_up(v: u64, to: u64) -> u64 {
+    v.div_ceil(to) * to
+}
+fn has_tag(b: &[u8]) -> bool {
+    b.windows(8).any(|w| w == TAG)
+}
+fn tag_buf(len: usize) -> Vec<u8> {
+    TAG.iter().copied().cycle().take(len).collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// The layout of a (valid, qemu-made) image: where its metadata lives
+
+#[derive(Clone, Debug, Default)]
+struct Layout {
+    cb: u32,
+    cs: u64,
+    version: u64,
+    ext_l2: bool,
+    refcount_order: u64,
+    file_len: u64,
+    header_len: u64,
+    /// Offsets of the extension headers (type, length), and the end of the extensions.
+    ext_headers: Vec<u64>,
+    ext_end: u64,
+    backing: Option<(u64, u64)>,
+    l1: (u64, u64),
+    l2s: Vec<u64>,
+    rt: (u64, u64),
+    rbs: Vec<u64>,
+    snap_table: Option<(u64, u64)>,
+    snap_entries: Vec<u64>,
+    snap_l1s: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    fn parse(b: &[u8]) -> Layout {
+        let cb = be32(b, 20) as u32;
+        let cs = 1u64 << cb;
+        let version = be32(b, 4);
+        let mut l = Layout {
+            cb,
+            cs,
+            version,
+            file_len: b.len() as u64,
+            ..Default::default()
+        };
+        if version >= 3 {
+            l.ext_l2 = be64(b, 72) & (1 << 4) != 0;
+            l.refcount_order = be32(b, 96);
+            l.header_len = be32(b, 100);
+        } else {
+            l.refcount_order = 4;
+            l.header_len = 72;
+        }
+        let mut at = l.header_len;
+        for _ in 0..64 {
+            if at + 8 > cs {
+                break;
+            }
+            l.ext_headers.push(at);
+            let kind = be32(b, at);
+            let len = be32(b, at + 4);
+            at += 8;
+            if kind == 0 {
+                break;
+            }
+            at += round_up(len, 8);
+        }
+        l.ext_end = at;
+        let bo = be64(b, 8);
+        if bo != 0 {
+            l.backing = Some((bo, be32(b, 16)));
+        }
+        let l1_off = be64(b, 40);
+        let l1_size = be32(b, 36);
+        l.l1 = (l1_off, l1_size * 8);
+        l.rt = (be64(b, 48), be32(b, 56) * cs);
+        let mut l2s = Vec::new();
+        let add_l1 = |off: u64, bytes: u64, l2s: &mut Vec<u64>| {
+            for i in 0..bytes / 8 {
+                let e = be64(b, off + 8 * i) & OFFSET_MASK;
+                if e != 0 && !l2s.contains(&e) {
+                    l2s.push(e);
+                }
+            }
+        };
+        add_l1(l1_off, l1_size * 8, &mut l2s);
+        for i in 0..l.rt.1 / 8 {
+            let e = be64(b, l.rt.0 + 8 * i) & !0x1ff;
+            if e != 0 {
+                l.rbs.push(e);
+            }
+        }
+        let nb = be32(b, 60);
+        if nb > 0 {
+            let start = be64(b, 64);
+            let mut at = start;
+            for _ in 0..nb {
+                l.snap_entries.push(at);
+                let sl1 = be64(b, at);
+                let sl1_size = be32(b, at + 8);
+                l.snap_l1s.push((sl1, sl1_size * 8));
+                add_l1(sl1, sl1_size * 8, &mut l2s);
+                let var = be16(b, at + 12) + be16(b, at + 14) + be32(b, at + 36);
+                at = round_up(at + 40 + var, 8);
+            }
+            l.snap_table = Some((start, at - start));
+        }
+        l.l2s = l2s;
+        l
+    }
+
+    /// Metadata offsets a hostile pointer may aim at, with names for the mutation log.
+    fn targets(&self) -> Vec<(u64, String)> {
+        let mut v = vec![
+            (0, "header".to_string()),
+            (self.cs, "cluster 1".to_string()),
+            (self.l1.0, "L1".to_string()),
+            (self.rt.0, "reftable".to_string()),
+            (
+                round_up(self.file_len, self.cs),
+                "EOF (aligned)".to_string(),
+            ),
+        ];
+        v.extend(
+            self.rbs
+                .iter()
+                .take(2)
+                .map(|&o| (o, "refblock".to_string())),
+        );
+        v.extend(self.l2s.iter().take(3).map(|&o| (o, "L2".to_string())));
+        if let Some((o, _)) = self.snap_table {
+            v.push((o, "snapshot table".to_string()));
+        }
+        v.extend(
+            self.snap_l1s
+                .iter()
+                .take(2)
+                .map(|&(o, _)| (o, "snapshot L1".to_string())),
+        );
+        v
+    }
+
+    /// Host clusters holding metadata (header, tables), for clobber checks.
+    fn metadata_ranges(&self) -> Vec<(u64, u64, String)> {
+        // Whole clusters: a table owns the clusters it starts in, to their end.
+        let cl = |bytes: u64| round_up(bytes.max(1), self.cs);
+        let mut v = vec![(0, self.cs, "header cluster".to_string())];
+        v.push((self.l1.0, cl(self.l1.1), "L1 table".into()));
+        v.push((self.rt.0, self.rt.1, "refcount table".into()));
+        for &o in &self.rbs {
+            v.push((o, self.cs, format!("refcount block {o:#x}")));
+        }
+        for &o in &self.l2s {
+            v.push((o, self.cs, format!("L2 table {o:#x}")));
+        }
+        if let Some((o, n)) = self.snap_table {
+            v.push((o, cl(n), "snapshot table".into()));
+        }
+        for &(o, n) in &self.snap_l1s {
+            v.push((o, cl(n), format!("snapshot L1 table {o:#x}")));
+        }
+        v
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Base images
+
+fn create(dir: &Path, file: &str, opts: &str, size: &str, backing: Option<(&str, &str)>) {
+    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+    if !opts.is_empty() {
+        args.push("-o".into());
+        args.push(opts.into());
+    }
+    if let Some((b, f)) = backing {
+        args.extend(["-b".into(), b.into(), "-F".into(), f.into()]);
+    }
+    args.push(dir.join(file).to_str().unwrap().into());
+    args.push(size.into());
+    qemu_img(&args).ok();
+}
+
+fn io(dir: &Path, file: &str, fmt: &str, cmds: &[&str]) {
+    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
+    qemu_io_cmds(&dir.join(file), fmt, &cmds);
+}
+
+fn snapshot(dir: &Path, file: &str, name: &str) {
+    qemu_img(&["snapshot", "-c", name, dir.join(file).to_str().unwrap()]).ok();
+}
+
+const W64: &[&str] = &[
+    "write -P 0x11 0 64k",
+    "write -P 0x22 200k 10k",
+    "write -z 1M 64k",
+    "write -c -P 0x33 2M 64k",
+    "write -P 0x44 4092k 4k",
+];
+
+/// Build the base image `name` in `dir`; returns its file name.
+fn build_base(dir: &Path, name: &str) -> &'static str {
+    match name {
+        "v3-64k" => {
+            create(dir, "v3-64k.qcow2", "cluster_size=65536", "4M", None);
+            io(dir, "v3-64k.qcow2", "qcow2", W64);
+            "v3-64k.qcow2"
+        }
+        "v2-64k" => {
+            create(dir, "v2-64k.qcow2", "compat=0.10", "4M", None);
+            io(
+                dir,
+                "v2-64k.qcow2",
+                "qcow2",
+                &[
+                    "write -P 0x11 0 64k",
+                    "write -P 0x22 200k 10k",
+                    "write -c -P 0x33 2M 64k",
+                ],
+            );
+            "v2-64k.qcow2"
+        }
+        "lazy" => {
+            create(dir, "lazy.qcow2", "lazy_refcounts=on", "4M", None);
+            io(dir, "lazy.qcow2", "qcow2", W64);
+            "lazy.qcow2"
+        }
+        "zstd" => {
+            create(dir, "zstd.qcow2", "compression_type=zstd", "4M", None);
+            io(
+                dir,
+                "zstd.qcow2",
+                "qcow2",
+                &[
+                    "write -c -P 0x11 0 64k",
+                    "write -c -P 0x22 64k 64k",
+                    "write -P 0x33 1M 10k",
+                ],
+            );
+            "zstd.qcow2"
+        }
+        "c512-rc1" => {
+            create(
+                dir,
+                "c512.qcow2",
+                "cluster_size=512,refcount_bits=1",
+                "1M",
+                None,
+            );
+            io(
+                dir,
+                "c512.qcow2",
+                "qcow2",
+                &[
+                    "write -P 0x11 0 4k",
+                    "write -P 0x22 300k 1000",
+                    "write -z 600k 2k",
+                    "write -c -P 0x33 512k 512",
+                    "write -P 0x44 1020k 4k",
+                ],
+            );
+            "c512.qcow2"
+        }
+        "c4k-rc64" => {
+            create(
+                dir,
+                "c4k.qcow2",
+                "cluster_size=4096,refcount_bits=64",
+                "4M",
+                None,
+            );
+            io(
+                dir,
+                "c4k.qcow2",
+                "qcow2",
+                &[
+                    "write -P 0x11 0 16k",
+                    "write -P 0x22 200k 10k",
+                    "write -z 1M 8k",
+                    "write -c -P 0x33 2M 4k",
+                    "write -P 0x44 4092k 4k",
+                ],
+            );
+            "c4k.qcow2"
+        }
+        "c2m-rc8" => {
+            create(
+                dir,
+                "c2m.qcow2",
+                "cluster_size=2M,refcount_bits=8",
+                "8M",
+                None,
+            );
+            io(
+                dir,
+                "c2m.qcow2",
+                "qcow2",
+                // No compressed cluster here: reading one 2 MiB compressed cluster in small
+                // chunks decompresses it per chunk (see target_compressed_2m_cluster_small_reads)
+                // and would make every case of this base slow.
+                &[
+                    "write -P 0x11 0 64k",
+                    "write -P 0x22 5M 4k",
+                    "write -P 0x33 2M 8k",
+                ],
+            );
+            "c2m.qcow2"
+        }
+        "extl2" => {
+            create(
+                dir,
+                "extl2.qcow2",
+                "extended_l2=on,cluster_size=65536",
+                "4M",
+                None,
+            );
+            io(
+                dir,
+                "extl2.qcow2",
+                "qcow2",
+                &[
+                    "write -P 0x11 0 2k",
+                    "write -P 0x22 70k 5k",
+                    "write -z 1M 64k",
+                    "write -c -P 0x33 2M 64k",
+                    "write -P 0x44 4092k 4k",
+                ],
+            );
+            "extl2.qcow2"
+        }
+        "snaps" => {
+            create(dir, "snaps.qcow2", "", "4M", None);
+            io(dir, "snaps.qcow2", "qcow2", &W64[..2]);
+            snapshot(dir, "snaps.qcow2", "s1");
+            io(
+                dir,
+                "snaps.qcow2",
+                "qcow2",
+                &["write -P 0x55 0 4k", "write -c 2M 64k"],
+            );
+            snapshot(dir, "snaps.qcow2", "second");
+            io(dir, "snaps.qcow2", "qcow2", &["write -P 0x66 3M 64k"]);
+            "snaps.qcow2"
+        }
+        "snaps-4k-v2" => {
+            create(
+                dir,
+                "snaps4k.qcow2",
+                "compat=0.10,cluster_size=4096",
+                "2M",
+                None,
+            );
+            io(
+                dir,
+                "snaps4k.qcow2",
+                "qcow2",
+                &["write -P 0x11 0 8k", "write -P 0x22 1M 4k"],
+            );
+            snapshot(dir, "snaps4k.qcow2", "s1");
+            io(dir, "snaps4k.qcow2", "qcow2", &["write -P 0x33 4k 4k"]);
+            "snaps4k.qcow2"
+        }
+        "backing-q" => {
+            create(dir, "bk-base.qcow2", "", "4M", None);
+            io(
+                dir,
+                "bk-base.qcow2",
+                "qcow2",
+                &["write -P 0x55 0 1M", "write -c -P 0x56 2M 64k"],
+            );
+            create(
+                dir,
+                "bk-top.qcow2",
+                "",
+                "4M",
+                Some(("bk-base.qcow2", "qcow2")),
+            );
+            io(
+                dir,
+                "bk-top.qcow2",
+                "qcow2",
+                &[
+                    "write -P 0x66 64k 64k",
+                    "write -P 0x77 1M 4k",
+                    "write -z 2M 64k",
+                ],
+            );
+            "bk-top.qcow2"
+        }
+        "backing-raw" => {
+            fs::write(dir.join("bk-raw.img"), vec![0x5a; 3 << 20]).unwrap();
+            create(
+                dir,
+                "bk-rtop.qcow2",
+                "cluster_size=4096",
+                "4M",
+                Some(("bk-raw.img", "raw")),
+            );
+            io(
+                dir,
+                "bk-rtop.qcow2",
+                "qcow2",
+                &["write -P 0x66 0 6k", "write -P 0x77 1M 4k"],
+            );
+            "bk-rtop.qcow2"
+        }
+        other => panic!("unknown base image {other}"),
+    }
+}
+
+struct Base {
+    name: String,
+    bytes: Vec<u8>,
+    lay: Layout,
+}
+
+fn load_base(dir: &Path, name: &str, file: &str) -> Base {
+    let bytes = fs::read(dir.join(file)).unwrap();
+    let lay = Layout::parse(&bytes);
+    Base {
+        name: name.to_string(),
+        bytes,
+        lay,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Mutations
+
+struct Mutator<'a> {
+    lay: &'a Layout,
+    bytes: Vec<u8>,
+    rng: Rng,
+    log: Vec<String>,
+    truncate_to: Option<u64>,
+}
+
+const HEADER_FIELDS: &[(u64, u64, &str)] = &[
+    (4, 4, "version"),
+    (8, 8, "backing_file_offset"),
+    (16, 4, "backing_file_size"),
+    (20, 4, "cluster_bits"),
+    (24, 8, "size"),
+    (32, 4, "crypt_method"),
+    (36, 4, "l1_size"),
+    (40, 8, "l1_table_offset"),
+    (48, 8, "refcount_table_offset"),
+    (56, 4, "refcount_table_clusters"),
+    (60, 4, "nb_snapshots"),
+    (64, 8, "snapshots_offset"),
+    (72, 8, "incompatible_features"),
+    (80, 8, "compatible_features"),
+    (88, 8, "autoclear_features"),
+    (96, 4, "refcount_order"),
+    (100, 4, "header_length"),
+    (104, 1, "compression_type"),
+];
+
+impl Mutator<'_> {
+    fn mask(width: u64) -> u64 {
+        if width >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * width)) - 1
+        }
+    }
+
+    fn target(&mut self) -> (u64, String) {
+        let t = self.lay.targets();
+        let (o, n) = self.rng.pick(&t).clone();
+        (o, n)
+    }
+
+    /// An interesting value for a field of `width` bytes that held `old`.
+    fn value(&mut self, width: u64, old: u64) -> (u64, String) {
+        let cs = self.lay.cs;
+        let bits = 8 * width;
+        let (v, why) = match self.rng.below(21) {
+            0 => (0, "0".to_string()),
+            1 => (1, "1".into()),
+            2 => (u64::MAX, "all ones".into()),
+            3 => (Self::mask(width) >> 1, "signed max".into()),
+            4 => (1 << (bits - 1), "sign bit".into()),
+            5 => {
+                let b = self.rng.below(bits);
+                (old ^ (1 << b), format!("flip bit {b}"))
+            }
+            6 => (old.wrapping_add(1), "+1".into()),
+            7 => (old.wrapping_sub(1), "-1".into()),
+            8 => (old.wrapping_mul(2), "*2".into()),
+            9 => (self.lay.file_len, "file length".into()),
+            10 => (round_up(self.lay.file_len, cs) + cs, "past EOF".into()),
+            11 => {
+                let (o, n) = self.target();
+                (o, format!("-> {n}"))
+            }
+            12 => {
+                let (o, n) = self.target();
+                (o + 8, format!("-> {n} + 8 (unaligned)"))
+            }
+            13 => (self.rng.next_u64(), "random".into()),
+            14 => (cs, "cluster size".into()),
+            15 => (cs - 1, "cluster size - 1".into()),
+            16 => (old << 8, "<< 8".into()),
+            17 => (old.wrapping_add(cs), "+cluster".into()),
+            18 => {
+                let b = self.rng.below(bits);
+                (1u64 << b, format!("1 << {b}"))
+            }
+            19 => (1 << 40, "1 TiB".into()),
+            _ => (old.wrapping_add(512), "+512".into()),
+        };
+        (v & Self::mask(width), why)
+    }
+
+    fn field_special(&mut self, name: &str) -> Option<(u64, String)> {
+        let pick = |rng: &mut Rng, vals: &[u64]| *rng.pick(vals);
+        let v = match name {
+            "version" => pick(&mut self.rng, &[0, 1, 2, 3, 4, u32::MAX as u64]),
+            "cluster_bits" => pick(&mut self.rng, &[0, 8, 9, 12, 16, 21, 22, 31, 32, 63, 64]),
+            "refcount_order" => pick(&mut self.rng, &[0, 1, 3, 5, 6, 7, 8, 32, u32::MAX as u64]),
+            "header_length" => pick(
+                &mut self.rng,
+                &[
+                    0,
+                    72,
+                    103,
+                    104,
+                    105,
+                    112,
+                    self.lay.cs - 1,
+                    self.lay.cs,
+                    self.lay.cs + 8,
+                ],
+            ),
+            "nb_snapshots" => pick(
+                &mut self.rng,
+                &[1, 2, 1000, 65535, 65536, 65537, u32::MAX as u64],
+            ),
+            "l1_size" => pick(
+                &mut self.rng,
+                &[
+                    0,
+                    1,
+                    2,
+                    0x3fff_ffff,
+                    4 << 20,
+                    (4 << 20) + 1,
+                    0x7fff_ffff,
+                    u32::MAX as u64,
+                ],
+            ),
+            "size" => pick(
+                &mut self.rng,
+                &[
+                    0,
+                    1,
+                    511,
+                    1 << 30,
+                    1 << 40,
+                    1 << 50,
+                    1 << 61,
+                    (1 << 63) - 1,
+                    u64::MAX,
+                ],
+            ),
+            "refcount_table_clusters" => pick(
+                &mut self.rng,
+                &[0, 1, 2, 128, 129, 0x10000, u32::MAX as u64],
+            ),
+            "incompatible_features" | "compatible_features" | "autoclear_features" => {
+                let at = match name {
+                    "incompatible_features" => 72,
+                    "compatible_features" => 80,
+                    _ => 88,
+                };
+                let old = be64(&self.bytes, at);
+                let b = *self.rng.pick(&[0u64, 1, 2, 3, 4, 5, 6, 40, 63]);
+                old | (1 << b)
+            }
+            "compression_type" => pick(&mut self.rng, &[0, 1, 2, 0xff]),
+            "backing_file_size" => pick(&mut self.rng, &[0, 1, 1023, 1024, 65536, u32::MAX as u64]),
+            _ => return None,
+        };
+        Some((v, "special".into()))
+    }
+
+    fn mutate_header(&mut self) {
+        let fields: Vec<_> = HEADER_FIELDS
+            .iter()
+            .filter(|f| self.lay.version >= 3 || f.0 < 72)
+            .collect();
+        let &&(off, width, name) = self.rng.pick(&fields);
+        let old = get_be(&self.bytes, off, width);
+        let (v, why) = if self.rng.chance(1, 2) {
+            self.field_special(name)
+                .unwrap_or_else(|| self.value(width, old))
+        } else {
+            self.value(width, old)
+        };
+        put_be(&mut self.bytes, off, width, v);
+        self.log
+            .push(format!("header.{name}: {old:#x} -> {v:#x} ({why})"));
+    }
+
+    fn mutate_ext(&mut self) {
+        if self.lay.ext_headers.is_empty() || self.rng.chance(1, 4) {
+            let (start, end) = (
+                self.lay.header_len,
+                self.lay.ext_end.max(self.lay.header_len + 8),
+            );
+            let at = self.rng.range(start, end - 1);
+            let v = self.rng.next_u64() as u8;
+            put_be(&mut self.bytes, at, 1, v as u64);
+            self.log.push(format!("extension byte @{at:#x} := {v:#x}"));
+            return;
+        }
+        let at = *self.rng.pick(&self.lay.ext_headers);
+        if self.rng.chance(1, 2) {
+            let old = be32(&self.bytes, at);
+            let v = *self.rng.pick(&[
+                0u64,
+                0xe279_2aca,
+                0x6803_f857,
+                0x2385_2875,
+                0x0537_be77,
+                0x4441_5441,
+                0x1234_5678,
+            ]);
+            put_be(&mut self.bytes, at, 4, v);
+            self.log
+                .push(format!("extension type @{at:#x}: {old:#x} -> {v:#x}"));
+        } else {
+            let old = be32(&self.bytes, at + 4);
+            let cs = self.lay.cs;
+            let v = *self.rng.pick(&[
+                0,
+                1,
+                7,
+                old + 8,
+                old.wrapping_sub(1),
+                cs,
+                cs - at,
+                u32::MAX as u64,
+                0x8000_0000,
+            ]);
+            put_be(&mut self.bytes, at + 4, 4, v & 0xffff_ffff);
+            self.log.push(format!(
+                "extension length @{at:#x}: {old:#x} -> {:#x}",
+                v & 0xffff_ffff
+            ));
+        }
+    }
+
+    /// An interesting value for a table entry (L1, L2, refcount table) that held `old`.
+    fn entry_value(&mut self, old: u64, bitmap: bool) -> (u64, String) {
+        let cs = self.lay.cs;
+        let cb = self.lay.cb as u64;
+        if bitmap {
+            let flip = 1u64 << self.rng.below(64);
+            let random = self.rng.next_u64();
+            let v = *self.rng.pick(&[
+                0,
+                u64::MAX,
+                0xffff_ffff,
+                0xffff_ffff_0000_0000,
+                1 | 1 << 32,
+                old | 1 << 32,
+                old ^ flip,
+                random,
+            ]);
+            return (v, "bitmap".into());
+        }
+        let eof = round_up(self.lay.file_len, cs);
+        let sector_shift = 62 - (cb - 8);
+        let sector_mask = ((1u64 << (cb - 8)) - 1) << sector_shift;
+        match self.rng.below(20) {
+            0 => (0, "0".into()),
+            1 => {
+                let b = self.rng.below(64);
+                (old ^ (1 << b), format!("flip bit {b}"))
+            }
+            2 | 3 => {
+                let (o, n) = self.target();
+                (o | COPIED, format!("-> {n} |COPIED"))
+            }
+            4 => {
+                let (o, n) = self.target();
+                (o, format!("-> {n}"))
+            }
+            5 => (COPIED, "offset 0 |COPIED".into()),
+            6 => (
+                (eof + cs * self.rng.below(4)) | COPIED,
+                "past EOF |COPIED".into(),
+            ),
+            7 => ((1 << 40) | COPIED, "1 TiB |COPIED".into()),
+            8 => (
+                (OFFSET_MASK & !(cs - 1)) | COPIED,
+                "max offset |COPIED".into(),
+            ),
+            9 => (old.wrapping_add(512), "+512 (unaligned?)".into()),
+            10 => (old.wrapping_add(8), "+8 (unaligned)".into()),
+            11 => (self.rng.next_u64(), "random".into()),
+            12 => (u64::MAX, "all ones".into()),
+            13 => (
+                COMPRESSED | (self.rng.next_u64() & ((1 << 62) - 1)),
+                "compressed, random descriptor".into(),
+            ),
+            14 => (
+                COMPRESSED | sector_mask | self.rng.below(cs),
+                "compressed in cluster 0, max sectors".into(),
+            ),
+            15 => (
+                COMPRESSED | sector_mask | (old & ((1 << sector_shift) - 1)),
+                "compressed, max sector count".into(),
+            ),
+            16 => (old | 1, "|ZERO".into()),
+            17 => (old ^ COPIED, "^COPIED".into()),
+            18 => {
+                let (o, n) = self.target();
+                (o | COPIED | 1, format!("-> {n} |COPIED|ZERO"))
+            }
+            _ => (0x7fff_ffff_ffff_ffff, "i64 max".into()),
+        }
+    }
+
+    fn mutate_table(&mut self, what: &str, off: u64, len: u64, ext_l2: bool) {
+        let n = (len / 8).max(1);
+        let nonzero: Vec<u64> = (0..n)
+            .filter(|&i| be64(&self.bytes, off + 8 * i) != 0)
+            .collect();
+        let i = if !nonzero.is_empty() && self.rng.chance(7, 10) {
+            *self.rng.pick(&nonzero)
+        } else {
+            self.rng.below(n.min(64))
+        };
+        let at = off + 8 * i;
+        let old = be64(&self.bytes, at);
+        let bitmap = ext_l2 && i % 2 == 1;
+        // Sometimes aim at the whole table (every entry alike).
+        if what == "reftable" && self.rng.chance(1, 8) {
+            let first = be64(&self.bytes, off);
+            for k in 0..n {
+                put_be(&mut self.bytes, off + 8 * k, 8, first);
+            }
+            self.log
+                .push(format!("{what}@{off:#x}: every entry := {first:#x}"));
+            return;
+        }
+        let (v, why) = self.entry_value(old, bitmap);
+        if put_be(&mut self.bytes, at, 8, v) {
+            self.log.push(format!(
+                "{what}@{off:#x}[{i}] (@{at:#x}): {old:#x} -> {v:#x} ({why})"
+            ));
+        }
+    }
+
+    fn mutate_refblock(&mut self, off: u64) {
+        let cs = self.lay.cs;
+        let order = self.lay.refcount_order.min(6);
+        let bits = 1u64 << order;
+        match self.rng.below(5) {
+            0 => {
+                if (off + cs) as usize <= self.bytes.len() {
+                    self.bytes[off as usize..(off + cs) as usize].fill(0);
+                }
+                self.log
+                    .push(format!("refblock@{off:#x}: all refcounts 0 (all free)"));
+            }
+            1 => {
+                if (off + cs) as usize <= self.bytes.len() {
+                    self.bytes[off as usize..(off + cs) as usize].fill(0xff);
+                }
+                self.log
+                    .push(format!("refblock@{off:#x}: all refcounts max"));
+            }
+            2 if off == self.lay.rbs[0] => {
+                // The refcount of one metadata cluster (the first block covers them all in
+                // these small images).
+                let (t, name) = self.target();
+                let c = t >> self.lay.cb;
+                if c * bits / 8 >= cs {
+                    return;
+                }
+                let v = *self.rng.pick(&[0u64, 2, u64::MAX]);
+                let v = if bits == 64 { v } else { v & ((1 << bits) - 1) };
+                set_refcount(&mut self.bytes, off, order, c, v);
+                self.log
+                    .push(format!("refcount of cluster {c} ({name}) := {v:#x}"));
+            }
+            3 => {
+                let used = (self.lay.file_len.div_ceil(cs) * bits)
+                    .div_ceil(8)
+                    .clamp(1, cs);
+                let at = off + self.rng.below(used);
+                let random = self.rng.next_u64() & 0xff;
+                let v = *self.rng.pick(&[0u64, 0xff, 1, random]);
+                put_be(&mut self.bytes, at, 1, v);
+                self.log.push(format!("refblock byte @{at:#x} := {v:#x}"));
+            }
+            _ => {
+                let at = off + 8 * self.rng.below(cs / 8);
+                let v = self.rng.next_u64();
+                put_be(&mut self.bytes, at, 8, v);
+                self.log.push(format!("refblock word @{at:#x} := {v:#x}"));
+            }
+        }
+    }
+
+    fn mutate_snapshot_table(&mut self) {
+        let entry = *self.rng.pick(&self.lay.snap_entries);
+        const FIELDS: &[(u64, u64, &str)] = &[
+            (0, 8, "l1_table_offset"),
+            (8, 4, "l1_size"),
+            (12, 2, "id_len"),
+            (14, 2, "name_len"),
+            (32, 4, "vm_state_size"),
+            (36, 4, "extra_data_size"),
+            (40, 8, "vm_state_size_large"),
+            (48, 8, "disk_size"),
+        ];
+        let &(fo, w, name) = self.rng.pick(FIELDS);
+        let old = get_be(&self.bytes, entry + fo, w);
+        let (v, why) = if name == "l1_size" && self.rng.chance(1, 2) {
+            let v = *self
+                .rng
+                .pick(&[0u64, 0xffff_ffff, 4 << 20, 0x10_0000, 1 << 31]);
+            (v, "special".to_string())
+        } else {
+            self.value(w, old)
+        };
+        put_be(&mut self.bytes, entry + fo, w, v);
+        self.log.push(format!(
+            "snapshot entry @{entry:#x}.{name}: {old:#x} -> {v:#x} ({why})"
+        ));
+    }
+
+    fn mutate_backing_name(&mut self) {
+        let cs = self.lay.cs;
+        let name: &[u8] = match self.rng.below(4) {
+            0 | 1 => b"case.qcow2",
+            2 => b"no-such-file.qcow2",
+            _ => b"/dev/null",
+        };
+        let at = match self.lay.backing {
+            Some((o, _)) => o,
+            None => self.lay.ext_end,
+        };
+        if at + name.len() as u64 > cs.min(self.bytes.len() as u64) {
+            return;
+        }
+        self.bytes[at as usize..at as usize + name.len()].copy_from_slice(name);
+        put_be(&mut self.bytes, 8, 8, at);
+        put_be(&mut self.bytes, 16, 4, name.len() as u64);
+        self.log.push(format!(
+            "backing file name @{at:#x} := {:?}",
+            String::from_utf8_lossy(name)
+        ));
+    }
+
+    fn one(&mut self) {
+        let lay = self.lay;
+        let mut choices: Vec<(u64, u8)> = vec![(30, 0), (5, 1), (15, 2), (20, 3), (10, 4), (10, 5)];
+        if lay.snap_table.is_some() {
+            choices.push((8, 6));
+            choices.push((5, 7));
+        }
+        choices.push((3, 8)); // backing name
+        choices.push((3, 9)); // dirty bit
+        choices.push((3, 10)); // truncate
+        let total: u64 = choices.iter().map(|c| c.0).sum();
+        let mut r = self.rng.below(total);
+        let mut kind = 0;
+        for &(w, k) in &choices {
+            if r < w {
+                kind = k;
+                break;
+            }
+            r -= w;
+        }
+        match kind {
+            0 => self.mutate_header(),
+            1 => self.mutate_ext(),
+            2 => self.mutate_table("L1", lay.l1.0, lay.l1.1, false),
+            3 if !lay.l2s.is_empty() => {
+                let o = *self.rng.pick(&lay.l2s);
+                self.mutate_table("L2", o, lay.cs, lay.ext_l2)
+            }
+            4 => {
+                let used = lay.rt.1.min(64 * 8);
+                self.mutate_table("reftable", lay.rt.0, used, false)
+            }
+            5 if !lay.rbs.is_empty() => {
+                let o = *self.rng.pick(&lay.rbs);
+                self.mutate_refblock(o)
+            }
+            6 => self.mutate_snapshot_table(),
+            7 if !lay.snap_l1s.is_empty() => {
+                let (o, n) = *self.rng.pick(&lay.snap_l1s);
+                self.mutate_table("snapshot L1", o, n, false)
+            }
+            8 => self.mutate_backing_name(),
+            9 if lay.version >= 3 => {
+                let old = be64(&self.bytes, 72);
+                put_be(&mut self.bytes, 72, 8, old | 1);
+                self.log.push("incompatible_features |= DIRTY".into());
+            }
+            10 => {
+                let len = self.bytes.len() as u64;
+                let to = if self.rng.chance(1, 2) {
+                    round_up(self.rng.range(1, len - 1), lay.cs).min(len - 1)
+                } else {
+                    self.rng.range(lay.cs.min(len - 1), len - 1)
+                };
+                self.truncate_to = Some(self.truncate_to.map_or(to, |t: u64| t.min(to)));
+                self.log.push(format!("truncate file to {to:#x}"));
+            }
+            _ => self.mutate_header(),
+        }
+    }
+}
+
+fn set_refcount(b: &mut [u8], block: u64, order: u64, idx: u64, v: u64) {
+    let bits = 1u64 << order;
+    if bits >= 8 {
+        put_be(b, block + idx * bits / 8, bits / 8, v);
+    } else {
+        let at = (block + idx * bits / 8) as usize;
+        let shift = (idx * bits) % 8;
+        let m = (((1u16 << bits) - 1) as u8) << shift;
+        if let Some(x) = b.get_mut(at) {
+            *x = (*x & !m) | (((v as u8) << shift) & m);
+        }
+    }
+}
+
+fn case_rng(seed: u64, case: u64, salt: u64) -> Rng {
+    let mut r = Rng::new(seed ^ case.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt);
+    r.next_u64();
+    r
+}
+
+/// The mutated image of fuzz case `case`: which base, the bytes, the mutation list.
+fn make_case(bases: &[Base], seed: u64, case: u64) -> (usize, Vec<u8>, Vec<String>) {
+    let bi = (case % bases.len() as u64) as usize;
+    let base = &bases[bi];
+    let mut m = Mutator {
+        lay: &base.lay,
+        bytes: base.bytes.clone(),
+        rng: case_rng(seed, case, 0x6d75_7461),
+        log: Vec::new(),
+        truncate_to: None,
+    };
+    let n = match m.rng.below(10) {
+        0..=4 => 1,
+        5..=7 => 2,
+        _ => m.rng.range(3, 5),
+    };
+    for _ in 0..n {
+        m.one();
+    }
+    if let Some(t) = m.truncate_to {
+        m.bytes.truncate(t as usize);
+    }
+    (bi, m.bytes, m.log)
+}
+
+// ------------------------------------------------------------------------------------------
+// The child process: running cases
+
+static LAST_PANIC: Mutex<String> = Mutex::new(String::new());
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "<non-string panic>".into());
+        let loc = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        *LAST_PANIC.lock().unwrap_or_else(|p| p.into_inner()) =
+            format!("{} at {loc}", msg.replace('\n', " | "));
+    }));
+}
+
+fn take_panic() -> String {
+    std::mem::take(&mut *LAST_PANIC.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn reset_hwm() {
+    let _ = fs::write("/proc/self/clear_refs", "5");
+}
+
+fn vm_hwm_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// One line on stdout for the parent (stdout is line buffered, so it arrives at once).
+fn say(line: String) {
+    println!("@@{line}");
+}
+
+struct Ctx {
+    case: u64,
+    step: String,
+    notes: Vec<String>,
+    /// (step, message)
+    failures: Vec<(String, String)>,
+}
+
+impl Ctx {
+    fn step(&mut self, what: &str) {
+        self.step = what.to_string();
+        say(format!("STEP {} {what}", self.case));
+    }
+    fn fail(&mut self, msg: String) {
+        self.failures.push((self.step.clone(), msg));
+    }
+    /// Check an engine error: it must be one line of text.
+    fn err(&mut self, what: &str, e: &common::Error) {
+        let s = e.to_string();
+        if s.contains('\n') || s.trim().is_empty() {
+            self.fail(format!("{what}: error message is not one line: {s:?}"));
+        }
+        if self.notes.len() < 12 {
+            self.notes.push(format!("{what}: Err({s})"));
+        }
+    }
+    fn res<T>(&mut self, what: &str, r: common::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(what, &e);
+                None
+            }
+        }
+    }
+}
+
+fn open(path: &Path, read_only: bool) -> common::Result<Image> {
+    open_image(
+        path,
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+}
+
+/// Read-only exercise: reads in odd chunks, block_status, snapshot table.
+fn ro_session(cx: &mut Ctx, img: &Image, rng: &mut Rng) {
+    let d = img.driver();
+    let size = d.size();
+    let lim = size.min(4 << 20);
+    let chunk = *rng.pick(&[511usize, 4097, 65537, 333_331]);
+    cx.step(&format!("read size={size:#x} lim={lim:#x} chunk={chunk}"));
+    let mut buf = vec![0u8; chunk];
+    let mut pos = 0;
+    let mut errors = 0;
+    while pos < lim && errors < 16 {
+        let n = (lim - pos).min(chunk as u64) as usize;
+        if let Err(e) = d.read_at(&mut buf[..n], pos) {
+            cx.err("read", &e);
+            errors += 1;
+        }
+        pos += n as u64;
+    }
+    if size > lim {
+        let n = size.min(65536);
+        cx.step(&format!("read tail off={:#x} len={n:#x}", size - n));
+        let mut t = vec![0u8; n as usize];
+        let r = d.read_at(&mut t, size - n);
+        cx.res("read tail", r);
+    }
+    let end = size.min(64 << 20);
+    cx.step(&format!("block_status walk end={end:#x}"));
+    let mut pos = 0;
+    let mut calls = 0;
+    while pos < end && calls < 2048 {
+        calls += 1;
+        match d.block_status(pos, end - pos) {
+            Ok(s) => {
+                if s.len == 0 || s.len > end - pos {
+                    cx.fail(format!(
+                        "block_status({pos:#x}, {:#x}) returned len {:#x}",
+                        end - pos,
+                        s.len
+                    ));
+                    break;
+                }
+                pos += s.len;
+            }
+            Err(e) => {
+                cx.err("block_status", &e);
+                pos = (pos + 65536) & !65535;
+            }
+        }
+    }
+    if size > 0 {
+        cx.step("block_status last byte");
+        let r = d.block_status(size - 1, 1);
+        cx.res("block_status last", r);
+    }
+    if let Image::Qcow2(q) = img {
+        cx.step("snapshots");
+        let r = q.snapshots();
+        cx.res("snapshots", r);
+        let _ = q.header();
+    }
+}
+
+/// Read-write exercise: writes (tagged data), write_zeroes, discards, flushes.
+fn rw_session(cx: &mut Ctx, img: &Image, rng: &mut Rng, cs: u64) {
+    let d = img.driver();
+    let size = d.size();
+    let lim = size.min(6 << 20);
+    if lim == 0 {
+        cx.step("flush (empty)");
+        let r = d.flush();
+        cx.res("flush", r);
+        return;
+    }
+    let n = size.min(4096);
+    cx.step(&format!("write off=0 len={n:#x}"));
+    let r = d.write_at(&tag_buf(n as usize), 0);
+    cx.res("write@0", r);
+    for _ in 0..6 {
+        let op = rng.below(20);
+        let mut off = rng.below(lim);
+        let mut len = match rng.below(4) {
+            0 => rng.range(1, 4096),
+            1 => {
+                off -= off % cs;
+                cs * rng.range(1, 3)
+            }
+            2 => rng.range(1, 300_000),
+            _ => {
+                off = size - size.min(rng.range(1, 70_000));
+                size - off
+            }
+        };
+        len = len.min(size - off).min(1 << 20);
+        if len == 0 {
+            continue;
+        }
+        match op {
+            0..=9 => {
+                cx.step(&format!("write off={off:#x} len={len:#x}"));
+                let r = d.write_at(&tag_buf(len as usize), off);
+                cx.res("write", r);
+            }
+            10..=13 => {
+                let unmap = rng.chance(1, 2);
+                cx.step(&format!(
+                    "write_zeroes off={off:#x} len={len:#x} unmap={unmap}"
+                ));
+                let r = d.write_zeroes(off, len, unmap);
+                cx.res("write_zeroes", r);
+            }
+            14..=16 => {
+                cx.step(&format!("discard off={off:#x} len={len:#x}"));
+                let r = d.discard(off, len);
+                cx.res("discard", r);
+            }
+            _ => {
+                cx.step("flush");
+                let r = d.flush();
+                cx.res("flush", r);
+            }
+        }
+    }
+    cx.step("read back 0..64k");
+    let mut b = vec![0u8; size.min(65536) as usize];
+    let r = d.read_at(&mut b, 0);
+    cx.res("read back", r);
+    cx.step("flush");
+    let r = d.flush();
+    cx.res("final flush", r);
+}
+
+/// After a read-write session: cluster 0 holds no guest data and, if it changed, is still a
+/// valid header; the file did not grow hugely.
+fn check_after_rw(path: &Path, before: &[u8]) -> Result<(), String> {
+    let f = fs::File::open(path).map_err(|e| format!("reopen: {e}"))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let cb = be32(before, 20);
+    let cs = if (9..=21).contains(&cb) {
+        1u64 << cb
+    } else {
+        65536
+    };
+    let mut now = vec![0u8; cs.min(len) as usize];
+    f.read_exact_at(&mut now, 0).map_err(|e| e.to_string())?;
+    if has_tag(&now) {
+        return Err("guest data written into cluster 0 (the header cluster)".into());
+    }
+    let was = &before[..(cs as usize).min(before.len())];
+    if now.as_slice() != was {
+        if let Err(e) = Header::parse(&now, len) {
+            let first_diff = now.iter().zip(was).position(|(a, b)| a != b);
+            return Err(format!(
+                "header cluster changed (first difference at {first_diff:?}, file now \
+                 {len:#x} bytes) and no longer parses: {e}"
+            ));
+        }
+    }
+    check_growth(path, before)
+}
+
+fn check_growth(path: &Path, before: &[u8]) -> Result<(), String> {
+    let len = fs::metadata(path).map_err(|e| e.to_string())?.len();
+    let limit = before.len() as u64 + GROWTH_LIMIT;
+    if len > limit {
+        return Err(format!(
+            "file grew from {:#x} to {len:#x} bytes in a session that wrote < 2 MiB",
+            before.len()
+        ));
+    }
+    Ok(())
+}
+
+/// All operations of one fuzz case. Returns a short summary (which opens succeeded).
+fn exercise(cx: &mut Ctx, dir: &Path, bytes: &[u8], cs: u64, seed: u64) -> String {
+    let path = dir.join("case.qcow2");
+    fs::write(&path, bytes).expect("write case image");
+    let mut rng = case_rng(seed, cx.case, 0x6f70_73);
+    let mut summary = String::new();
+    cx.step("open read-only");
+    match open(&path, true) {
+        Ok(img) => {
+            summary.push_str("ro=ok ");
+            ro_session(cx, &img, &mut rng);
+            cx.step("drop read-only");
+            drop(img);
+        }
+        Err(e) => {
+            summary.push_str("ro=err ");
+            cx.err("open ro", &e);
+        }
+    }
+    cx.step("open read-write");
+    match open(&path, false) {
+        Ok(img) => {
+            // A mutated version field makes the file probe as raw: then cluster 0 is guest
+            // data (see target_probed_raw_write_sector0 for what that allows).
+            let raw = matches!(img, Image::Raw(_));
+            summary.push_str(if raw { "rw=ok(raw)" } else { "rw=ok" });
+            rw_session(cx, &img, &mut rng, cs);
+            cx.step("drop read-write");
+            drop(img);
+            cx.step("check header and file size");
+            let r = if raw {
+                check_growth(&path, bytes)
+            } else {
+                check_after_rw(&path, bytes)
+            };
+            if let Err(e) = r {
+                cx.fail(e);
+            }
+            cx.step("reopen read-only after the session");
+            if let Ok(img) = open(&path, true) {
+                let d = img.driver();
+                let mut b = vec![0u8; d.size().min(1 << 20) as usize];
+                let r = d.read_at(&mut b, 0);
+                cx.res("reread", r);
+            }
+        }
+        Err(e) => {
+            summary.push_str("rw=err");
+            cx.err("open rw", &e);
+        }
+    }
+    summary
+}
+
+fn child_fuzz(dir: &Path) {
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let seed: u64 = env("HOSTILE_SEED").parse().unwrap();
+    let from: u64 = env("HOSTILE_FROM").parse().unwrap();
+    let to: u64 = env("HOSTILE_TO").parse().unwrap();
+    let bases: Vec<Base> = env("HOSTILE_BASES")
+        .split(',')
+        .map(|nf| {
+            let (n, f) = nf.split_once('=').unwrap();
+            load_base(dir, n, f)
+        })
+        .collect();
+    for case in from..to {
+        say(format!("CASE {case}"));
+        let (bi, bytes, _) = make_case(&bases, seed, case);
+        let mut cx = Ctx {
+            case,
+            step: String::new(),
+            notes: Vec::new(),
+            failures: Vec::new(),
+        };
+        reset_hwm();
+        let start = Instant::now();
+        let cs = bases[bi].lay.cs;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            exercise(&mut cx, dir, &bytes, cs, seed)
+        }));
+        let summary = match r {
+            Ok(s) => s,
+            Err(_) => {
+                cx.fail(format!("PANIC: {}", take_panic()));
+                "panicked".into()
+            }
+        };
+        let hwm = vm_hwm_kib();
+        if hwm > HWM_LIMIT_KIB {
+            cx.step = "(whole case)".into();
+            cx.fail(format!("peak RSS {} MiB during the case", hwm >> 10));
+        }
+        for (step, f) in &cx.failures {
+            say(format!("FAIL {case} {step}\t{f}"));
+        }
+        say(format!(
+            "DONE {case} {} {summary}",
+            start.elapsed().as_millis()
+        ));
+    }
+}
+
+fn child_target(dir: &Path) {
+    let name = std::env::var("HOSTILE_TARGET").unwrap();
+    let t = TARGETS
+        .iter()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("no target {name}"));
+    say("CASE 0".into());
+    let r = catch_unwind(AssertUnwindSafe(|| (t.2)(dir)));
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => say(format!("FAIL 0 {}", e.replace('\n', " | "))),
+        Err(_) => say(format!("FAIL 0 PANIC: {}", take_panic())),
+    }
+    say("DONE 0 0 target".into());
+}
+
+/// Not a test of its own: the entry point of the child processes (a no-op otherwise).
+#[test]
+fn zz_child_process_entry() {
+    let Ok(mode) = std::env::var("HOSTILE_MODE") else {
+        return;
+    };
+    install_panic_hook();
+    let dir = PathBuf::from(std::env::var("HOSTILE_DIR").unwrap());
+    match mode.as_str() {
+        "fuzz" => child_fuzz(&dir),
+        "target" => child_target(&dir),
+        m => panic!("unknown HOSTILE_MODE {m}"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The parent: spawning children, deadlines, collecting failures
+
+struct Child {
+    proc: std::process::Child,
+    rx: Receiver<String>,
+    stderr: PathBuf,
+}
+
+fn spawn_child(dir: &Path, envs: &[(&str, String)], n: u32) -> Child {
+    // Through /proc: it still works if a concurrent build replaces the test binary.
+    let exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    let stderr = dir.join(format!("child-{n}.stderr"));
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--as={AS_LIMIT}"))
+        .arg("--")
+        .arg(exe)
+        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env("HOSTILE_DIR", dir)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&stderr).unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut proc = cmd.spawn().expect("spawn child (prlimit)");
+    let out = proc.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            // libtest may print "test name ... " before the first line on the same line.
+            if let Some(i) = line.find("@@") {
+                if tx.send(line[i + 2..].to_string()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Child { proc, rx, stderr }
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    case: u64,
+    step: String,
+    what: String,
+}
+
+#[derive(Default)]
+struct RunStats {
+    done: u64,
+    summaries: BTreeMap<String, u64>,
+    slowest: (u64, u64),
+}
+
+/// Run cases `from..to` in children (restarting after a crash or hang); collect failures.
+fn run_children(
+    dir: &Path,
+    envs: &[(&str, String)],
+    from: u64,
+    to: u64,
+    timeout: Duration,
+) -> (Vec<Failure>, RunStats) {
+    let mut failures = Vec::new();
+    let mut stats = RunStats::default();
+    let mut next = from;
+    let mut spawns = 0;
+    while next < to {
+        spawns += 1;
+        let mut e: Vec<(&str, String)> = envs.to_vec();
+        e.push(("HOSTILE_FROM", next.to_string()));
+        e.push(("HOSTILE_TO", to.to_string()));
+        let mut child = spawn_child(dir, &e, spawns);
+        let mut current: Option<u64> = None;
+        let mut step = String::from("(start)");
+        let mut deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut last_msg = Instant::now();
+        let mut cpu = (cpu_ticks(child.proc.id()), Instant::now());
+        loop {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250));
+            let got = child.rx.recv_timeout(wait);
+            if got.is_ok() {
+                last_msg = Instant::now();
+            }
+            // A child that has sent nothing for a second, used no CPU meanwhile and has
+            // no runnable thread (so it is not merely starved on a loaded machine) is
+            // blocked: deadlocked, or stuck in a blocking open. No need to wait longer.
+            let mut deadlocked = false;
+            if let Err(RecvTimeoutError::Timeout) = got {
+                let now_ticks = cpu_ticks(child.proc.id());
+                if now_ticks != cpu.0 || any_runnable(child.proc.id()) {
+                    cpu = (now_ticks, Instant::now());
+                } else if current.is_some()
+                    && last_msg.elapsed() > Duration::from_secs(1)
+                    && cpu.1.elapsed() > Duration::from_secs(1)
+                {
+                    deadlocked = true;
+                }
+                if !deadlocked && Instant::now() < deadline {
+                    continue;
+                }
+            }
+            match got {
+                Ok(line) => {
+                    let mut it = line.splitn(3, ' ');
+                    let (kind, num, rest) = (
+                        it.next().unwrap_or(""),
+                        it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
+                        it.next().unwrap_or("").to_string(),
+                    );
+                    match kind {
+                        "CASE" => {
+                            current = Some(num);
+                            step = "(start)".into();
+                            deadline = Instant::now() + timeout;
+                        }
+                        "STEP" => step = rest,
+                        "FAIL" => {
+                            let (st, what) = match rest.split_once('\t') {
+                                Some((s, w)) => (s.to_string(), w.to_string()),
+                                None => (step.clone(), rest),
+                            };
+                            failures.push(Failure {
+                                case: num,
+                                step: st,
+                                what,
+                            })
+                        }
+                        "DONE" => {
+                            current = None;
+                            next = num + 1;
+                            stats.done += 1;
+                            let mut p = rest.splitn(2, ' ');
+                            let ms: u64 = p.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                            if ms > stats.slowest.1 {
+                                stats.slowest = (num, ms);
+                            }
+                            *stats
+                                .summaries
+                                .entry(p.next().unwrap_or("").to_string())
+                                .or_default() += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = child.proc.kill();
+                    let _ = child.proc.wait();
+                    match current {
+                        Some(c) => {
+                            failures.push(Failure {
+                                case: c,
+                                step: step.clone(),
+                                what: if deadlocked {
+                                    "HANG (blocked, no CPU use: deadlock or blocking open); \
+                                     killed during this step"
+                                        .to_string()
+                                } else {
+                                    format!(
+                                        "HANG (busy): no progress for {timeout:?}; killed \
+                                         during this step"
+                                    )
+                                },
+                            });
+                            next = c + 1;
+                        }
+                        None => panic!(
+                            "child process did not start in {STARTUP_TIMEOUT:?}: {}",
+                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                        ),
+                    }
+                    break;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = child.proc.wait().unwrap();
+                    if let Some(c) = current {
+                        let err = fs::read_to_string(&child.stderr).unwrap_or_default();
+                        let tail: Vec<&str> = err
+                            .lines()
+                            .filter(|l| !l.trim().is_empty())
+                            .rev()
+                            .take(4)
+                            .collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        failures.push(Failure {
+                            case: c,
+                            step: step.clone(),
+                            what: format!(
+                                "CRASH: child died ({status}); stderr: {}",
+                                tail.join(" | ")
+                            ),
+                        });
+                        next = c + 1;
+                    } else if next < to {
+                        panic!(
+                            "child exited ({status}) before finishing cases {next}..{to}: {}",
+                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    (failures, stats)
+}
+
+/// Whether any thread of a process is running or runnable.
+fn any_runnable(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .and_then(|x| x.1.split_whitespace().next().map(|c| c == "R"))
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// User + system CPU ticks of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let after = stat.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn work_dir(tag: &str) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let prefix = format!("hostile-{tag}-");
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix);
+    if shm.is_dir() {
+        if let Ok(d) = b.tempdir_in(shm) {
+            return d;
+        }
+    }
+    b.tempdir().expect("tempdir")
+}
+
+fn saved_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile_images");
+    let _ = fs::create_dir_all(&d);
+    d
+}
+
+/// Short signature of a failure for grouping: the operation, and the message up to its
+/// first number (or the panic location).
+fn signature(f: &Failure) -> String {
+    let op = f.step.split_whitespace().next().unwrap_or("").to_string();
+    let what = match f.what.find(" at ") {
+        Some(i) if f.what.starts_with("PANIC") => format!("PANIC at {}", &f.what[i + 4..]),
+        _ => f
+            .what
+            .split(|c: char| c.is_ascii_digit() || c == '(')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+    };
+    format!("[{op}] {what}")
+}
+
+fn fuzz(group: &str, base_names: &[&str], iterations: u64, default_seed: u64) {
+    let dir = work_dir(group);
+    let started = Instant::now();
+    let mut bases = Vec::new();
+    let mut spec = Vec::new();
+    for n in base_names {
+        let f = build_base(dir.path(), n);
+        spec.push(format!("{n}={f}"));
+        bases.push(load_base(dir.path(), n, f));
+    }
+    let seed = integration_tests::seed(default_seed);
+    let (from, to) = match std::env::var("HOSTILE_CASE")
+        .ok()
+        .and_then(|c| c.parse().ok())
+    {
+        Some(c) => (c, c + 1),
+        None => (
+            0,
+            std::env::var("HOSTILE_ITERATIONS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(iterations),
+        ),
+    };
+    if to - from == 1 {
+        let (bi, _, log) = make_case(&bases, seed, from);
+        eprintln!("[{group}] case {from} on {}: {log:#?}", bases[bi].name);
+    }
+    let envs = [
+        ("HOSTILE_MODE", "fuzz".to_string()),
+        ("HOSTILE_SEED", seed.to_string()),
+        ("HOSTILE_BASES", spec.join(",")),
+    ];
+    let built = started.elapsed();
+    let (failures, stats) = run_children(dir.path(), &envs, from, to, CASE_TIMEOUT);
+    eprintln!(
+        "[{group}] seed {seed}: {} cases in {:?} (bases built in {built:?}); opens: {:?}; \
+         slowest case {} ({} ms); {} failures",
+        stats.done,
+        started.elapsed(),
+        stats.summaries,
+        stats.slowest.0,
+        stats.slowest.1,
+        failures.len()
+    );
+    if failures.is_empty() {
+        return;
+    }
+    let mut groups: BTreeMap<String, Vec<&Failure>> = BTreeMap::new();
+    for f in &failures {
+        groups.entry(signature(f)).or_default().push(f);
+    }
+    let mut report = format!(
+        "[{group}] {} failures in {} kinds (seed {seed}; replay one case with \
+         TEST_SEED={seed} HOSTILE_CASE=<n>):\n",
+        failures.len(),
+        groups.len()
+    );
+    for (sig, fs_) in &groups {
+        report.push_str(&format!("\n== {sig}  ({} cases)\n", fs_.len()));
+        for f in fs_.iter().take(3) {
+            let (bi, bytes, log) = make_case(&bases, seed, f.case);
+            let saved = saved_dir().join(format!("{group}-{seed}-case{}.qcow2", f.case));
+            let _ = fs::write(&saved, &bytes);
+            report.push_str(&format!(
+                "  case {} (base {}), during `{}`:\n    {}\n    mutations:\n",
+                f.case, bases[bi].name, f.step, f.what
+            ));
+            for m in &log {
+                report.push_str(&format!("      - {m}\n"));
+            }
+            report.push_str(&format!("    image: {}\n", saved.display()));
+        }
+    }
+    panic!("{report}");
+}
+
+// Three groups so that libtest runs them in parallel; 3600 cases in all.
+
+#[test]
+fn fuzz_default_clusters() {
+    fuzz(
+        "default",
+        &["v3-64k", "v2-64k", "lazy", "zstd"],
+        1200,
+        0x4859_0001,
+    );
+}
+
+#[test]
+fn fuzz_small_clusters() {
+    fuzz(
+        "small",
+        &["c512-rc1", "c4k-rc64", "snaps-4k-v2"],
+        1200,
+        0x4859_0002,
+    );
+}
+
+#[test]
+fn fuzz_features() {
+    fuzz(
+        "features",
+        &["extl2", "snaps", "backing-q", "backing-raw", "c2m-rc8"],
+        1200,
+        0x4859_0003,
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Targeted cases
+
+type Setup = fn(&Path);
+type Run = fn(&Path) -> Result<(), String>;
+
+/// Run target `name`: its setup here (qemu-img, patches), its run in a child with a deadline.
+fn target(name: &str) {
+    let t = TARGETS
+        .iter()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("no target {name}"));
+    let dir = work_dir(name);
+    (t.1)(dir.path());
+    let envs = [
+        ("HOSTILE_MODE", "target".to_string()),
+        ("HOSTILE_TARGET", name.to_string()),
+    ];
+    let (failures, _) = run_children(dir.path(), &envs, 0, 1, TARGET_TIMEOUT);
+    let notes = fs::read_to_string(dir.path().join("notes.txt")).unwrap_or_default();
+    if std::env::var_os("HOSTILE_KEEP").is_some() {
+        eprintln!("[{name}] kept {}", dir.path().display());
+        std::mem::forget(dir);
+    }
+    if !notes.is_empty() {
+        eprintln!("[{name}] notes:\n{notes}");
+    }
+    if !failures.is_empty() {
+        let mut s = format!("[{name}] failed:\n");
+        for f in &failures {
+            s.push_str(&format!("  during `{}`: {}\n", f.step, f.what));
+        }
+        if !notes.is_empty() {
+            s.push_str(&format!("  notes:\n{notes}"));
+        }
+        panic!("{s}");
+    }
+}
+
+/// A note from a target's child, shown by the parent.
+fn note(dir: &Path, msg: String) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("notes.txt"))
+        .unwrap();
+    let _ = writeln!(f, "    {msg}");
+}
+
+fn tstep(what: &str) {
+    say(format!("STEP 0 {what}"));
+}
+
+fn p(dir: &Path, f: &str) -> PathBuf {
+    dir.join(f)
+}
+
+fn patch64(path: &Path, off: u64, v: u64) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&v.to_be_bytes(), off).unwrap();
+}
+fn patch32(path: &Path, off: u64, v: u32) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&v.to_be_bytes(), off).unwrap();
+}
+fn patch_bytes(path: &Path, off: u64, b: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(b, off).unwrap();
+}
+fn layout_of(path: &Path) -> Layout {
+    Layout::parse(&fs::read(path).unwrap())
+}
+fn l2_entry_at(lay: &Layout, l2_index: usize, entry: u64) -> u64 {
+    lay.l2s[l2_index] + entry * if lay.ext_l2 { 16 } else { 8 }
+}
+
+/// The standard 64 KiB-cluster image of the targets: data at 0..64k, 200k, a zero cluster
+/// at 1M, a compressed cluster at 2M, data at the end.
+fn std_image(dir: &Path, file: &str, opts: &str) -> Layout {
+    create(dir, file, opts, "4M", None);
+    io(dir, file, "qcow2", W64);
+    layout_of(&p(dir, file))
+}
+
+/// Save what an image reads as (through qemu-img) so the child can compare later.
+fn save_guest(dir: &Path, file: &str) {
+    let raw = integration_tests::qemu_read_all(&p(dir, file), Some("qcow2"), dir);
+    fs::write(p(dir, &format!("{file}.guest")), raw).unwrap();
+}
+
+/// Clobber check: no metadata cluster of the pre-session layout holds guest data (TAG),
+/// and the header cluster is unchanged or still parses.
+fn check_clobber(path: &Path, lay: &Layout, before: &[u8]) -> Result<(), String> {
+    check_after_rw(path, before)?;
+    let now = fs::read(path).map_err(|e| e.to_string())?;
+    for (off, len, what) in lay.metadata_ranges() {
+        let end = ((off + len) as usize).min(now.len());
+        if (off as usize) < end && has_tag(&now[off as usize..end]) {
+            return Err(format!(
+                "guest data was written into the {what} (at {off:#x}, {len:#x} bytes)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Open read-write and run `ops` ("w off len", "z off len", "d off len", "f"), recording
+/// each result as a note. Returns whether the open succeeded.
+fn rw_ops(dir: &Path, path: &Path, ops: &[(&str, u64, u64)]) -> bool {
+    rw_ops_acked(dir, path, ops).is_some()
+}
+
+/// Like [`rw_ops`]; returns the writes ("w") that returned Ok, or None if the open failed.
+fn rw_ops_acked(dir: &Path, path: &Path, ops: &[(&str, u64, u64)]) -> Option<Vec<(u64, u64)>> {
+    tstep("open read-write");
+    let img = match open(path, false) {
+        Ok(i) => i,
+        Err(e) => {
+            note(dir, format!("open rw: Err({e})"));
+            return None;
+        }
+    };
+    let mut acked = Vec::new();
+    let d = img.driver();
+    for &(op, off, len) in ops {
+        tstep(&format!("{op} off={off:#x} len={len:#x}"));
+        let r = match op {
+            "w" => d.write_at(&tag_buf(len as usize), off),
+            "z" => d.write_zeroes(off, len, true),
+            "d" => d.discard(off, len),
+            "r" => {
+                let mut b = vec![0u8; len as usize];
+                d.read_at(&mut b, off)
+            }
+            _ => d.flush(),
+        };
+        if op == "w" && r.is_ok() {
+            acked.push((off, len));
+        }
+        if op == "d" || op == "z" {
+            acked.retain(|&(o, l)| o + l <= off || off + len <= o);
+        }
+        note(
+            dir,
+            format!(
+                "{op} {off:#x}+{len:#x}: {}",
+                r.map_or_else(|e| format!("Err({e})"), |_| "Ok".into())
+            ),
+        );
+    }
+    tstep("drop read-write");
+    drop(img);
+    Some(acked)
+}
+
+/// Compare what the image reads as now (through the engine) with what qemu-img read before
+/// the session, outside the byte ranges `except`. Returns the first mismatch.
+fn guest_mismatch(dir: &Path, path: &Path, file: &str, except: &[(u64, u64)]) -> Option<String> {
+    let before = fs::read(p(dir, &format!("{file}.guest"))).ok()?;
+    tstep("reopen read-only and compare guest data");
+    let img = match open(path, true) {
+        Ok(i) => i,
+        Err(e) => return Some(format!("image no longer opens: {e}")),
+    };
+    let d = img.driver();
+    let cs = 65536u64;
+    let mut buf = vec![0u8; cs as usize];
+    let mut pos = 0;
+    while pos < before.len() as u64 {
+        let n = (before.len() as u64 - pos).min(cs);
+        let skip = except.iter().any(|&(o, l)| pos < o + l && o < pos + n);
+        if !skip {
+            match d.read_at(&mut buf[..n as usize], pos) {
+                Ok(()) if buf[..n as usize] == before[pos as usize..(pos + n) as usize] => {}
+                Ok(()) => return Some(format!("guest data at {pos:#x} changed")),
+                Err(e) => return Some(format!("guest data at {pos:#x} no longer reads: {e}")),
+            }
+        }
+        pos += n;
+    }
+    None
+}
+
+fn file_bytes(dir: &Path, f: &str) -> Vec<u8> {
+    fs::read(p(dir, f)).unwrap()
+}
+
+/// The common run of the "pointer into metadata" targets: a few writes, then the clobber
+/// check against the layout of the unpatched image.
+fn run_clobber(dir: &Path, ops: &[(&str, u64, u64)]) -> Result<(), String> {
+    let path = p(dir, "t.qcow2");
+    let before = file_bytes(dir, "t.qcow2");
+    let lay = Layout::parse(&file_bytes(dir, "t.qcow2.orig"));
+    let acked = rw_ops_acked(dir, &path, ops).unwrap_or_default();
+    tstep("clobber check");
+    check_clobber(&path, &lay, &before)?;
+    // Writes that returned Ok must read back (if the image still opens and reads).
+    tstep("read back acknowledged writes");
+    if let Ok(img) = open(&path, true) {
+        for (off, len) in acked {
+            let mut b = vec![0u8; len as usize];
+            if img.driver().read_at(&mut b, off).is_ok() && b != tag_buf(len as usize) {
+                return Err(format!(
+                    "the write at guest {off:#x} (+{len:#x}) returned Ok but the data did not \
+                     survive the session (a stale metadata copy or aliasing overwrote it)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn setup_std(dir: &Path, opts: &str) -> Layout {
+    let lay = std_image(dir, "t.qcow2", opts);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    save_guest(dir, "t.qcow2");
+    lay
+}
+
+const WRITE_FIRST: &[(&str, u64, u64)] = &[
+    ("w", 0, 4096),
+    ("w", 65536, 65536),
+    ("w", 512, 512),
+    ("f", 0, 0),
+];
+
+// --- L1 entry pointing at cluster 0 (offset 0 with COPIED), at the refcount table, at itself
+
+fn s_l1_offset0(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.l1.0, COPIED);
+}
+fn s_l1_reftable(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.rt.0 | COPIED);
+}
+fn s_l1_self(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.l1.0 | COPIED);
+}
+fn s_l1_refblock(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.rbs[0] | COPIED);
+}
+fn r_write_first(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, WRITE_FIRST)
+}
+/// For L1 aliasing: also the aliased table's first entry must be what it was (the engine
+/// must not store an L2 entry into the refcount table or the L1 table).
+fn r_l1_alias(dir: &Path) -> Result<(), String> {
+    let orig = file_bytes(dir, "t.qcow2.orig");
+    let lay = Layout::parse(&orig);
+    let r = run_clobber(dir, WRITE_FIRST);
+    let now = file_bytes(dir, "t.qcow2");
+    let hdr_now = Layout::parse(&now);
+    // The refcount table may legitimately move; compare where the header points now.
+    if hdr_now.rt.0 == lay.rt.0 && be64(&now, lay.rt.0) != be64(&orig, lay.rt.0) {
+        return Err(format!(
+            "refcount table entry 0 changed from {:#x} to {:#x}: an L2 entry was stored \
+             into the refcount table",
+            be64(&orig, lay.rt.0),
+            be64(&now, lay.rt.0)
+        ));
+    }
+    // No L1 entry may end up pointing at a cluster of guest data (an L2 entry stored into
+    // the L1 table itself makes the data cluster an "L2 table").
+    for i in 0..hdr_now.l1.1 / 8 {
+        let e = be64(&now, hdr_now.l1.0 + 8 * i) & OFFSET_MASK;
+        if e != 0 && (e as usize) < now.len() {
+            let c = &now[e as usize..(e as usize + lay.cs as usize).min(now.len())];
+            if has_tag(c) {
+                return Err(format!(
+                    "L1[{i}] on disk now points at {e:#x}, a cluster holding guest data: an L2 \
+                     entry was stored into the L1 table"
+                ));
+            }
+        }
+    }
+    for (i, &rb) in lay.rbs.iter().enumerate() {
+        if be64(&now, rb) != be64(&orig, rb) && be64(&now, rb) & COPIED != 0 {
+            return Err(format!(
+                "refcount block {i} at {rb:#x} now starts with {:#x}: an L2 entry was stored \
+                 into a refcount block",
+                be64(&now, rb)
+            ));
+        }
+    }
+    r
+}
+
+// --- L2 entries: data cluster 0, pointing at metadata
+
+fn s_l2_offset0(dir: &Path) {
+    let lay = setup_std(dir, "");
+    let t = p(dir, "t.qcow2");
+    patch64(&t, l2_entry_at(&lay, 0, 0), COPIED);
+    patch64(&t, l2_entry_at(&lay, 0, 1), COPIED | 1);
+}
+fn s_l2_to_l1(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 0),
+        lay.l1.0 | COPIED,
+    );
+}
+fn s_l2_to_reftable(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 0),
+        lay.rt.0 | COPIED,
+    );
+}
+fn s_l2_to_refblock(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 0),
+        lay.rbs[0] | COPIED,
+    );
+}
+fn s_l2_to_itself(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 0),
+        lay.l2s[0] | COPIED,
+    );
+}
+fn r_write_cluster0(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("w", 0, 4096), ("w", 8192, 100), ("f", 0, 0)])
+}
+
+// --- Compressed descriptors: offset inside cluster 0; huge sector count
+
+fn s_compressed_in_header(dir: &Path) {
+    let lay = setup_std(dir, "");
+    // Guest cluster 1 (64k..128k) is unallocated in the standard image.
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 1),
+        COMPRESSED | 0x100,
+    );
+}
+fn r_compressed_in_header_discard(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("r", 65536, 4096), ("d", 65536, 65536), ("f", 0, 0)])
+}
+fn r_compressed_in_header_overwrite(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("w", 65536, 65536), ("f", 0, 0)])
+}
+fn r_compressed_in_header_zero(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("z", 65536, 65536), ("f", 0, 0)])
+}
+
+fn s_compressed_huge_sectors(dir: &Path) {
+    let lay = setup_std(dir, "");
+    let t = p(dir, "t.qcow2");
+    let at = l2_entry_at(&lay, 0, 32); // guest 2M: the compressed cluster
+    let old = be64(&file_bytes(dir, "t.qcow2"), at);
+    assert!(
+        old & COMPRESSED != 0,
+        "guest 2M is not compressed: {old:#x}"
+    );
+    let shift = 62 - (16 - 8);
+    patch64(&t, at, old | (0xff << shift));
+}
+fn r_compressed_huge_sectors(dir: &Path) -> Result<(), String> {
+    let path = p(dir, "t.qcow2");
+    let before = file_bytes(dir, "t.qcow2");
+    let lay = Layout::parse(&file_bytes(dir, "t.qcow2.orig"));
+    tstep("read the hostile compressed cluster");
+    if let Ok(img) = open(&path, true) {
+        let mut b = vec![0u8; 65536];
+        let r = img.driver().read_at(&mut b, 2 << 20);
+        note(dir, format!("read 2M: {:?}", r.map_err(|e| e.to_string())));
+    }
+    rw_ops(dir, &path, &[("d", 2 << 20, 65536), ("f", 0, 0)]);
+    tstep("clobber check");
+    check_clobber(&path, &lay, &before)?;
+    if let Some(m) = guest_mismatch(dir, &path, "t.qcow2", &[(2 << 20, 65536)]) {
+        return Err(format!(
+            "discarding one compressed cluster whose descriptor claims 256 sectors damaged \
+             other data: {m}"
+        ));
+    }
+    Ok(())
+}
+
+// --- Extended L2 with both the allocated and the zero bit of a subcluster
+
+fn s_extl2_both_bits(dir: &Path) {
+    let lay = setup_std(dir, "extended_l2=on");
+    let at = l2_entry_at(&lay, 0, 0) + 8;
+    let old = be64(&file_bytes(dir, "t.qcow2"), at);
+    patch64(&p(dir, "t.qcow2"), at, old | 0xffff_ffff_0000_0000 | 1);
+}
+fn r_extl2_both_bits(dir: &Path) -> Result<(), String> {
+    let path = p(dir, "t.qcow2");
+    tstep("open read-only, read and block_status");
+    if let Ok(img) = open(&path, true) {
+        let d = img.driver();
+        let mut b = vec![0u8; 8192];
+        note(
+            dir,
+            format!(
+                "read: {:?}",
+                d.read_at(&mut b, 0).map_err(|e| e.to_string())
+            ),
+        );
+        note(
+            dir,
+            format!(
+                "block_status: {:?}",
+                d.block_status(0, 1 << 20).map_err(|e| e.to_string())
+            ),
+        );
+    }
+    run_clobber(
+        dir,
+        &[
+            ("w", 1024, 1024),
+            ("z", 0, 2048),
+            ("d", 0, 65536),
+            ("w", 0, 65536),
+            ("f", 0, 0),
+        ],
+    )
+}
+
+// --- Refcounts that lie
+
+fn s_refblock_all_free(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch_bytes(&p(dir, "t.qcow2"), lay.rbs[0], &vec![0u8; lay.cs as usize]);
+}
+fn r_refblock_all_free(dir: &Path) -> Result<(), String> {
+    // Allocating writes (guest 3M is unallocated; guest 64k too), a new L2 table (none
+    // covers guest 4M.. in a 4M image, so stay below), and compressed-cluster rewrite.
+    let r = run_clobber(
+        dir,
+        &[
+            ("w", 3 << 20, 65536),
+            ("w", 65536, 4096),
+            ("w", 2 << 20, 4096),
+            ("f", 0, 0),
+        ],
+    );
+    let path = p(dir, "t.qcow2");
+    if let Some(m) = guest_mismatch(
+        dir,
+        &path,
+        "t.qcow2",
+        &[(65536, 65536), (2 << 20, 65536), (3 << 20, 65536)],
+    ) {
+        note(
+            dir,
+            format!("OBSERVATION: other guest data did not survive (allocator reused a live data cluster?): {m}"),
+        );
+    }
+    r
+}
+
+fn s_reftable_zero(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.rt.0, 0);
+}
+fn s_reftable_to_l1(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.l1.0);
+}
+fn s_reftable_to_self(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.rt.0);
+}
+fn s_reftable_to_l2(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.l2s[0]);
+}
+fn r_reftable_alias(dir: &Path) -> Result<(), String> {
+    let orig = file_bytes(dir, "t.qcow2.orig");
+    let lay = Layout::parse(&orig);
+    let r = run_clobber(
+        dir,
+        &[
+            ("w", 3 << 20, 65536),
+            ("w", 65536, 4096),
+            ("d", 0, 65536),
+            ("f", 0, 0),
+        ],
+    );
+    let now = file_bytes(dir, "t.qcow2");
+    // The table the refcount table entry points at must not have been rewritten as a
+    // refcount block (compare its first 64 bytes, the L1/L2 entries in use).
+    for (off, what) in [(lay.l1.0, "L1 table"), (lay.l2s[0], "L2 table")] {
+        let a = &orig[off as usize..off as usize + 64];
+        let b = &now[off as usize..(off as usize + 64).min(now.len())];
+        if a != b {
+            let l1_moved = Layout::parse(&now).l1.0 != lay.l1.0;
+            if !(what == "L1 table" && l1_moved) {
+                note(
+                    dir,
+                    format!("{what} at {off:#x} first 64 bytes before {a:02x?}"),
+                );
+                note(
+                    dir,
+                    format!("{what} at {off:#x} first 64 bytes after  {b:02x?}"),
+                );
+                return Err(format!(
+                    "the {what} at {off:#x} was modified by refcount updates through a refcount \
+                     table entry that points at it"
+                ));
+            }
+        }
+    }
+    r
+}
+
+fn s_refblocks_all_used(dir: &Path) {
+    let lay = setup_std(dir, "");
+    let t = p(dir, "t.qcow2");
+    patch_bytes(&t, lay.rbs[0], &vec![0xffu8; lay.cs as usize]);
+    // Every refcount table entry points at that block: every cluster the table can
+    // describe looks in use.
+    let n = lay.rt.1 / 8;
+    let mut table = Vec::with_capacity(lay.rt.1 as usize);
+    for _ in 0..n {
+        table.extend_from_slice(&lay.rbs[0].to_be_bytes());
+    }
+    patch_bytes(&t, lay.rt.0, &table);
+}
+fn r_alloc_scan(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("w", 3 << 20, 65536), ("f", 0, 0)])
+}
+
+// --- Snapshot table
+
+fn s_snap_base(dir: &Path) -> Layout {
+    create(dir, "t.qcow2", "", "4M", None);
+    io(dir, "t.qcow2", "qcow2", &W64[..2]);
+    snapshot(dir, "t.qcow2", "s1");
+    io(dir, "t.qcow2", "qcow2", &["write -P 0x55 0 4k"]);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    layout_of(&p(dir, "t.qcow2"))
+}
+fn s_snap_huge_l1(dir: &Path) {
+    let lay = s_snap_base(dir);
+    patch32(&p(dir, "t.qcow2"), lay.snap_entries[0] + 8, u32::MAX);
+}
+fn s_snap_l1_past_eof(dir: &Path) {
+    let lay = s_snap_base(dir);
+    patch32(&p(dir, "t.qcow2"), lay.snap_entries[0] + 8, 4 << 20);
+}
+fn s_snap_huge_l1_dirty(dir: &Path) {
+    create(dir, "t.qcow2", "lazy_refcounts=on", "4M", None);
+    io(dir, "t.qcow2", "qcow2", &W64[..2]);
+    snapshot(dir, "t.qcow2", "s1");
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    let lay = layout_of(&p(dir, "t.qcow2"));
+    let t = p(dir, "t.qcow2");
+    patch32(&t, lay.snap_entries[0] + 8, 4 << 20);
+    patch64(&t, 72, be64(&file_bytes(dir, "t.qcow2"), 72) | 1);
+}
+fn s_nb_snapshots_max(dir: &Path) {
+    s_snap_base(dir);
+    patch32(&p(dir, "t.qcow2"), 60, u32::MAX);
+}
+fn s_nb_snapshots_65536(dir: &Path) {
+    s_snap_base(dir);
+    patch32(&p(dir, "t.qcow2"), 60, 65536);
+}
+fn r_snapshots(dir: &Path) -> Result<(), String> {
+    let path = p(dir, "t.qcow2");
+    tstep("open read-only, list snapshots");
+    match open(&path, true) {
+        Ok(img) => {
+            if let Image::Qcow2(q) = &img {
+                note(
+                    dir,
+                    format!(
+                        "snapshots(): {:?}",
+                        q.snapshots().map(|s| s.len()).map_err(|e| e.to_string())
+                    ),
+                );
+            }
+        }
+        Err(e) => note(dir, format!("open ro: Err({e})")),
+    }
+    run_clobber(
+        dir,
+        &[
+            ("w", 0, 4096),
+            ("w", 3 << 20, 65536),
+            ("d", 0, 65536),
+            ("f", 0, 0),
+        ],
+    )
+}
+
+// --- Backing file name and chains
+
+fn set_backing_name(path: &Path, name: &str) {
+    let b = fs::read(path).unwrap();
+    let off = be64(&b, 8);
+    assert!(off != 0);
+    patch_bytes(path, off, name.as_bytes());
+    patch32(path, 16, name.len() as u32);
+}
+fn s_backing_past_cluster(dir: &Path) {
+    create(dir, "b.qcow2", "", "4M", None);
+    create(dir, "t.qcow2", "", "4M", Some(("b.qcow2", "qcow2")));
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    patch64(&p(dir, "t.qcow2"), 8, 65536 + 16);
+}
+fn s_backing_straddles_cluster(dir: &Path) {
+    s_backing_past_cluster(dir);
+    patch64(&p(dir, "t.qcow2"), 8, 65536 - 4);
+    patch32(&p(dir, "t.qcow2"), 16, 64);
+}
+fn s_backing_size_huge(dir: &Path) {
+    s_backing_past_cluster(dir);
+    let orig = file_bytes(dir, "t.qcow2.orig");
+    patch64(&p(dir, "t.qcow2"), 8, be64(&orig, 8));
+    patch32(&p(dir, "t.qcow2"), 16, u32::MAX);
+}
+fn s_loop_self(dir: &Path) {
+    create(dir, "b.qcow2", "", "4M", None);
+    create(dir, "t.qcow2", "", "4M", Some(("b.qcow2", "qcow2")));
+    set_backing_name(&p(dir, "t.qcow2"), "t.qcow2");
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn s_loop_two(dir: &Path) {
+    create(dir, "c.qcow2", "", "4M", None);
+    create(dir, "b.qcow2", "", "4M", Some(("c.qcow2", "qcow2")));
+    create(dir, "t.qcow2", "", "4M", Some(("b.qcow2", "qcow2")));
+    set_backing_name(&p(dir, "b.qcow2"), "t.qcow2");
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn s_loop_symlink(dir: &Path) {
+    create(dir, "b.qcow2", "", "4M", None);
+    create(dir, "t.qcow2", "", "4M", Some(("b.qcow2", "qcow2")));
+    std::os::unix::fs::symlink("t.qcow2", p(dir, "l.qcow2")).unwrap();
+    set_backing_name(&p(dir, "t.qcow2"), "l.qcow2");
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn s_loop_raw_self(dir: &Path) {
+    fs::write(p(dir, "b.raw"), vec![0u8; 1 << 20]).unwrap();
+    create(dir, "t.qcow2", "", "4M", Some(("b.raw", "raw")));
+    set_backing_name(&p(dir, "t.qcow2"), "t.qcow2");
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn s_backing_fifo(dir: &Path) {
+    fs::write(p(dir, "b.raw"), vec![0u8; 1 << 20]).unwrap();
+    create(dir, "t.qcow2", "", "4M", Some(("b.raw", "raw")));
+    fs::remove_file(p(dir, "b.raw")).unwrap();
+    let st = Command::new("mkfifo")
+        .arg(p(dir, "b.raw"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+/// Opening must fail (one line), read-only and read-write, and quickly.
+fn r_open_fails(dir: &Path) -> Result<(), String> {
+    let path = p(dir, "t.qcow2");
+    for ro in [true, false] {
+        tstep(&format!("open read_only={ro}"));
+        match open(&path, ro) {
+            Ok(_) => {
+                return Err(format!(
+                    "open (read_only={ro}) succeeded on a hostile image"
+                ))
+            }
+            Err(e) => {
+                let s = e.to_string();
+                note(dir, format!("open read_only={ro}: Err({s})"));
+                if s.contains('\n') {
+                    return Err(format!("error is not one line: {s:?}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// --- Work proportional to sizes in the image, not to the file
+
+fn s_huge_sparse(dir: &Path) {
+    // An empty 64 TiB image (a 1 MiB L1 table, nothing allocated): legitimate, not hostile.
+    create(dir, "t.qcow2", "", "64T", None);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn r_block_status_whole(dir: &Path) -> Result<(), String> {
+    let img = open(&p(dir, "t.qcow2"), true).map_err(|e| e.to_string())?;
+    let d = img.driver();
+    tstep(&format!(
+        "block_status(0, {:#x}) on an empty image",
+        d.size()
+    ));
+    let t = Instant::now();
+    let s = d.block_status(0, d.size()).map_err(|e| e.to_string())?;
+    note(
+        dir,
+        format!("block_status(0, size) = {s:?} in {:?}", t.elapsed()),
+    );
+    drop(img);
+    Ok(())
+}
+
+fn s_dirty_repeated_l2(dir: &Path) {
+    // 32 TiB virtual with 64 KiB clusters: 65536 L1 entries (512 KiB). Every entry points
+    // at the one L2 table; the lazy-refcounts dirty bit makes a read-write open rebuild.
+    create(
+        dir,
+        "t.qcow2",
+        "lazy_refcounts=on,refcount_bits=64",
+        "32T",
+        None,
+    );
+    io(dir, "t.qcow2", "qcow2", &["write -P 0x11 0 64k"]);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    let b = file_bytes(dir, "t.qcow2");
+    let lay = Layout::parse(&b);
+    let e = be64(&b, lay.l1.0);
+    let mut table = Vec::with_capacity(lay.l1.1 as usize);
+    for _ in 0..lay.l1.1 / 8 {
+        table.extend_from_slice(&(e & !COPIED).to_be_bytes());
+    }
+    let t = p(dir, "t.qcow2");
+    patch_bytes(&t, lay.l1.0, &table);
+    patch64(&t, 72, be64(&b, 72) | 1);
+}
+fn r_open_rw_bounded(dir: &Path) -> Result<(), String> {
+    let t = Instant::now();
+    rw_ops(dir, &p(dir, "t.qcow2"), &[("f", 0, 0)]);
+    note(
+        dir,
+        format!("open rw + flush + drop took {:?}", t.elapsed()),
+    );
+    Ok(())
+}
+
+fn s_l2_far_past_eof(dir: &Path) {
+    let lay = setup_std(dir, "");
+    patch64(
+        &p(dir, "t.qcow2"),
+        l2_entry_at(&lay, 0, 0),
+        (1 << 40) | COPIED,
+    );
+}
+
+// --- A version field the probe does not accept makes a qcow2 file "raw"; a probed raw
+// image must not let a guest write turn it into another format (QEMU refuses writes to
+// sector 0 of a probed raw image that would change what it probes as).
+
+fn s_probed_raw(dir: &Path) {
+    fs::write(p(dir, "t.qcow2"), vec![0u8; 1 << 20]).unwrap();
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+    fs::write(p(dir, "secret.txt"), b"host secret\n").unwrap();
+    create(dir, "donor.qcow2", "", "1M", Some(("secret.txt", "raw")));
+}
+fn r_probed_raw(dir: &Path) -> Result<(), String> {
+    let donor = file_bytes(dir, "donor.qcow2");
+    let path = p(dir, "t.qcow2");
+    tstep("open the raw file read-write, format probed");
+    let img = open(&path, false).map_err(|e| e.to_string())?;
+    if !matches!(img, Image::Raw(_)) {
+        return Err("a zero-filled file did not probe as raw".into());
+    }
+    tstep("guest writes a qcow2 header (backing file secret.txt) into sector 0");
+    let r = img.driver().write_at(&donor[..512], 0);
+    note(
+        dir,
+        format!(
+            "write of a qcow2 header at 0: {:?}",
+            r.map_err(|e| e.to_string())
+        ),
+    );
+    drop(img);
+    tstep("probe again");
+    match common::open::probe_format(&path) {
+        Ok(common::open::Format::Qcow2) => Err(
+            "a guest write to sector 0 of a probed raw image turned it into a qcow2 image \
+             whose backing file is secret.txt: the next probing open exposes a host file \
+             to the guest (QEMU refuses this write on probed raw images)"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+// --- Not hostile at all: a whole-cluster write_zeroes on a version 2 image.
+
+fn s_v2_plain(dir: &Path) {
+    create(dir, "t.qcow2", "compat=0.10", "4M", None);
+    io(dir, "t.qcow2", "qcow2", &["write -P 0x11 0 128k"]);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn r_v2_write_zeroes(dir: &Path) -> Result<(), String> {
+    run_clobber(dir, &[("z", 0, 65536), ("f", 0, 0)])
+}
+
+// --- Not hostile: small reads of one compressed 2 MiB cluster.
+
+fn s_compressed_2m(dir: &Path) {
+    create(dir, "t.qcow2", "cluster_size=2M", "8M", None);
+    io(dir, "t.qcow2", "qcow2", &["write -c -P 0x33 2M 2M"]);
+    fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
+}
+fn r_compressed_2m_small_reads(dir: &Path) -> Result<(), String> {
+    let img = open(&p(dir, "t.qcow2"), true).map_err(|e| e.to_string())?;
+    let d = img.driver();
+    tstep("read 1 MiB of the compressed cluster in 4 KiB reads");
+    let t = Instant::now();
+    let mut b = vec![0u8; 4096];
+    for i in 0..256u64 {
+        d.read_at(&mut b, (2 << 20) + i * 4096)
+            .map_err(|e| e.to_string())?;
+    }
+    note(dir, format!("256 reads of 4 KiB took {:?}", t.elapsed()));
+    Ok(())
+}
+
+type Target = (&'static str, Setup, Run);
+
+const TARGETS: &[Target] = &[
+    ("l1_offset0_copied_then_write", s_l1_offset0, r_write_first),
+    (
+        "l1_points_at_reftable_then_write",
+        s_l1_reftable,
+        r_l1_alias,
+    ),
+    ("l1_points_at_l1_table_then_write", s_l1_self, r_l1_alias),
+    (
+        "l1_points_at_refblock_then_write",
+        s_l1_refblock,
+        r_l1_alias,
+    ),
+    ("l2_offset0_then_write", s_l2_offset0, r_write_cluster0),
+    (
+        "l2_points_at_l1_table_then_write",
+        s_l2_to_l1,
+        r_write_cluster0,
+    ),
+    (
+        "l2_points_at_reftable_then_write",
+        s_l2_to_reftable,
+        r_write_cluster0,
+    ),
+    (
+        "l2_points_at_refblock_then_write",
+        s_l2_to_refblock,
+        r_write_cluster0,
+    ),
+    (
+        "l2_points_at_own_l2_then_write",
+        s_l2_to_itself,
+        r_write_cluster0,
+    ),
+    (
+        "l2_points_far_past_eof_then_write",
+        s_l2_far_past_eof,
+        r_write_cluster0,
+    ),
+    (
+        "compressed_in_header_then_discard",
+        s_compressed_in_header,
+        r_compressed_in_header_discard,
+    ),
+    (
+        "compressed_in_header_then_overwrite",
+        s_compressed_in_header,
+        r_compressed_in_header_overwrite,
+    ),
+    (
+        "compressed_in_header_then_write_zeroes",
+        s_compressed_in_header,
+        r_compressed_in_header_zero,
+    ),
+    (
+        "compressed_huge_sector_count_then_discard",
+        s_compressed_huge_sectors,
+        r_compressed_huge_sectors,
+    ),
+    (
+        "extl2_alloc_and_zero_bits",
+        s_extl2_both_bits,
+        r_extl2_both_bits,
+    ),
+    (
+        "refblock_all_free_then_write",
+        s_refblock_all_free,
+        r_refblock_all_free,
+    ),
+    (
+        "reftable_entry_zero_then_write",
+        s_reftable_zero,
+        r_reftable_alias,
+    ),
+    (
+        "reftable_entry_points_at_l1_then_write",
+        s_reftable_to_l1,
+        r_reftable_alias,
+    ),
+    (
+        "reftable_entry_points_at_itself_then_write",
+        s_reftable_to_self,
+        r_reftable_alias,
+    ),
+    (
+        "reftable_entry_points_at_l2_then_write",
+        s_reftable_to_l2,
+        r_reftable_alias,
+    ),
+    (
+        "refcounts_all_used_allocation_scan",
+        s_refblocks_all_used,
+        r_alloc_scan,
+    ),
+    ("snapshot_huge_l1_size", s_snap_huge_l1, r_snapshots),
+    ("snapshot_l1_past_eof", s_snap_l1_past_eof, r_snapshots),
+    (
+        "snapshot_l1_past_eof_dirty_rebuild",
+        s_snap_huge_l1_dirty,
+        r_snapshots,
+    ),
+    ("nb_snapshots_u32_max", s_nb_snapshots_max, r_snapshots),
+    ("nb_snapshots_65536", s_nb_snapshots_65536, r_snapshots),
+    (
+        "backing_name_past_first_cluster",
+        s_backing_past_cluster,
+        r_open_fails,
+    ),
+    (
+        "backing_name_straddles_first_cluster",
+        s_backing_straddles_cluster,
+        r_open_fails,
+    ),
+    (
+        "backing_name_size_u32_max",
+        s_backing_size_huge,
+        r_open_fails,
+    ),
+    ("backing_loop_self", s_loop_self, r_open_fails),
+    ("backing_loop_two", s_loop_two, r_open_fails),
+    ("backing_loop_via_symlink", s_loop_symlink, r_open_fails),
+    (
+        "backing_loop_self_raw_format",
+        s_loop_raw_self,
+        r_open_fails,
+    ),
+    ("backing_file_is_a_fifo", s_backing_fifo, r_open_fails),
+    (
+        "block_status_whole_huge_image",
+        s_huge_sparse,
+        r_block_status_whole,
+    ),
+    (
+        "dirty_rebuild_repeated_l2",
+        s_dirty_repeated_l2,
+        r_open_rw_bounded,
+    ),
+    ("probed_raw_write_sector0", s_probed_raw, r_probed_raw),
+    (
+        "compressed_2m_cluster_small_reads",
+        s_compressed_2m,
+        r_compressed_2m_small_reads,
+    ),
+    (
+        "v2_write_zeroes_whole_cluster",
+        s_v2_plain,
+        r_v2_write_zeroes,
+    ),
+];
+
+macro_rules! targets {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                target(stringify!($name).strip_prefix("target_").unwrap());
+            }
+        )*
+    };
+}
+
+targets!(
+    target_l1_offset0_copied_then_write,
+    target_l1_points_at_reftable_then_write,
+    target_l1_points_at_l1_table_then_write,
+    target_l1_points_at_refblock_then_write,
+    target_l2_offset0_then_write,
+    target_l2_points_at_l1_table_then_write,
+    target_l2_points_at_reftable_then_write,
+    target_l2_points_at_refblock_then_write,
+    target_l2_points_at_own_l2_then_write,
+    target_l2_points_far_past_eof_then_write,
+    target_compressed_in_header_then_discard,
+    target_compressed_in_header_then_overwrite,
+    target_compressed_in_header_then_write_zeroes,
+    target_compressed_huge_sector_count_then_discard,
+    target_extl2_alloc_and_zero_bits,
+    target_refblock_all_free_then_write,
+    target_reftable_entry_zero_then_write,
+    target_reftable_entry_points_at_l1_then_write,
+    target_reftable_entry_points_at_itself_then_write,
+    target_reftable_entry_points_at_l2_then_write,
+    target_refcounts_all_used_allocation_scan,
+    target_snapshot_huge_l1_size,
+    target_snapshot_l1_past_eof,
+    target_snapshot_l1_past_eof_dirty_rebuild,
+    target_nb_snapshots_u32_max,
+    target_nb_snapshots_65536,
+    target_backing_name_past_first_cluster,
+    target_backing_name_straddles_first_cluster,
+    target_backing_name_size_u32_max,
+    target_backing_loop_self,
+    target_backing_loop_two,
+    target_backing_loop_via_symlink,
+    target_backing_loop_self_raw_format,
+    target_backing_file_is_a_fifo,
+    target_block_status_whole_huge_image,
+    target_dirty_rebuild_repeated_l2,
+    target_probed_raw_write_sector0,
+    target_compressed_2m_cluster_small_reads,
+    target_v2_write_zeroes_whole_cluster,
+);
