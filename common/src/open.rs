@@ -83,8 +83,7 @@ impl Image {
 /// Guess the format of a file from its first bytes, like QEMU (qcow2 magic, else raw).
 pub fn probe_format(path: &Path) -> Result<Format> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    let mut f = crate::storage::open_image_file(path, true)?;
     let mut buf = [0u8; 8];
     let mut n = 0;
     while n < buf.len() {
@@ -126,11 +125,14 @@ pub(crate) fn open_in_chain(
         None => probe_format(path)?,
     };
     match format {
-        Format::Raw => Ok(Image::Raw(RawImage::open(
-            path,
-            opts.read_only,
-            opts.force_share,
-        )?)),
+        Format::Raw => {
+            let mut raw = RawImage::open(path, opts.read_only, opts.force_share)?;
+            if opts.format.is_none() {
+                // Like QEMU: a guest must not turn a probed raw image into another format.
+                raw.set_probed();
+            }
+            Ok(Image::Raw(raw))
+        }
         Format::Qcow2 => Ok(Image::Qcow2(Qcow2Image::open_in_chain(path, opts, seen)?)),
     }
 }
@@ -145,5 +147,123 @@ pub fn resolve_backing_path(overlay: &Path, backing: &str) -> PathBuf {
     match overlay.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
         _ => b.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::create::{create_qcow2, Qcow2CreateOptions};
+
+    fn mkfifo(p: &Path) {
+        assert!(std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn qcow2_start() -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn fifo_image_fails_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.fifo");
+        mkfifo(&f);
+        let e = probe_format(&f).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "'file' driver requires '{}' to be a regular file",
+                f.display()
+            )
+        );
+        for format in [None, Some(Format::Raw), Some(Format::Qcow2)] {
+            for read_only in [true, false] {
+                let opts = OpenOptions {
+                    read_only,
+                    format,
+                    ..Default::default()
+                };
+                let e = open_image(&f, &opts).err().expect("a FIFO must not open");
+                let s = e.to_string();
+                assert!(s.contains("to be a regular file"), "{s}");
+                assert!(!s.contains('\n'), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fifo_backing_file_fails_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path().join("b.raw");
+        let t = dir.path().join("t.qcow2");
+        for backing_format in [Some("raw"), None] {
+            let _ = std::fs::remove_file(&b);
+            std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+            crate::lock::retry_while_locked(|| {
+                create_qcow2(
+                    &t,
+                    &Qcow2CreateOptions {
+                        size: 4 << 20,
+                        backing_file: Some("b.raw".into()),
+                        backing_format: backing_format.map(String::from),
+                        ..Default::default()
+                    },
+                )
+            })
+            .unwrap();
+            std::fs::remove_file(&b).unwrap();
+            mkfifo(&b);
+            for read_only in [true, false] {
+                let opts = OpenOptions {
+                    read_only,
+                    ..Default::default()
+                };
+                let e = open_image(&t, &opts).err().expect("a FIFO backing file");
+                let s = e.to_string();
+                assert!(s.contains("to be a regular file"), "{s}");
+                assert!(!s.contains('\n'), "{s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn probed_raw_refuses_a_qcow2_header_in_sector0() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.img");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+
+        // Probed: refused, and the file still probes as raw.
+        let img =
+            crate::lock::retry_while_locked(|| open_image(&p, &OpenOptions::default())).unwrap();
+        let Image::Raw(raw) = &img else {
+            panic!("zeroes probe as raw")
+        };
+        assert!(raw.is_probed());
+        let e = img.driver().write_at(&qcow2_start(), 0).unwrap_err();
+        assert!(e.to_string().contains("Operation not permitted"), "{e}");
+        img.driver().write_at(&[0xeeu8; 512], 0).unwrap();
+        drop(img);
+        assert_eq!(probe_format(&p).unwrap(), Format::Raw);
+
+        // Format given: the guest may write whatever it likes, as in QEMU.
+        let opts = OpenOptions {
+            format: Some(Format::Raw),
+            ..Default::default()
+        };
+        let img = crate::lock::retry_while_locked(|| open_image(&p, &opts)).unwrap();
+        let Image::Raw(raw) = &img else {
+            panic!("raw was asked for")
+        };
+        assert!(!raw.is_probed());
+        img.driver().write_at(&qcow2_start(), 0).unwrap();
+        drop(img);
+        assert_eq!(probe_format(&p).unwrap(), Format::Qcow2);
     }
 }

@@ -11,11 +11,20 @@ use crate::storage::{FileStorage, Storage};
 /// Chunk size used when zeroes have to be written out explicitly.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// How much of the start of a probed raw image is guarded against format headers
+/// (QEMU's BLOCK_PROBE_BUF_SIZE).
+const PROBE_LEN: u64 = 512;
+
 /// A raw image: the guest sees the bytes of the file as they are.
 pub struct RawImage {
     storage: Box<dyn Storage>,
     size: u64,
     read_only: bool,
+    /// The format was probed, not given: writes must not make it probe as another format.
+    probed: bool,
+    /// Serialises writes touching the first [`PROBE_LEN`] bytes of a probed image, so the
+    /// read-check-write of the probe guard cannot be raced by another such write.
+    sector0: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for RawImage {
@@ -23,23 +32,17 @@ impl std::fmt::Debug for RawImage {
         f.debug_struct("RawImage")
             .field("size", &self.size)
             .field("read_only", &self.read_only)
+            .field("probed", &self.probed)
             .finish_non_exhaustive()
     }
-}
-
-fn open_error(path: &Path, e: std::io::Error) -> Error {
-    Error::io(format!("Could not open '{}'", path.display()), e)
 }
 
 impl RawImage {
     /// Open the file at `path` (read-write unless `read_only`) and lock it like QEMU does
     /// (see [`crate::lock::lock_image`]). The size is the file length at open.
     pub fn open(path: &Path, read_only: bool, force_share: bool) -> Result<RawImage> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
+        // Never blocks on a FIFO; refuses anything but a regular file or a block device.
+        let file = crate::storage::open_image_file(path, read_only)?;
         lock::lock_image(&file, path, read_only, force_share)?;
         Self::from_storage(Box::new(FileStorage::new(file)), read_only)
     }
@@ -56,7 +59,52 @@ impl RawImage {
             storage,
             size,
             read_only,
+            probed: false,
+            sector0: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Mark the image as opened with its format probed (no format given). Like QEMU, a
+    /// write that would make the first sector probe as another format (a qcow2 header,
+    /// say, naming a host file as its backing file) is then refused.
+    pub(crate) fn set_probed(&mut self) {
+        self.probed = true;
+    }
+
+    /// Whether the image was opened with its format probed.
+    pub fn is_probed(&self) -> bool {
+        self.probed
+    }
+
+    /// Run `write` (which stores `buf` at `offset`), refusing it if the image is probed
+    /// and the first sector would afterwards probe as another format.
+    ///
+    /// Only data writes need this: zeroing bytes can never create the qcow2 magic or
+    /// raise the version field, so write_zeroes and discard are not checked (nor are they
+    /// in QEMU).
+    fn guarded<F>(&self, buf: &[u8], offset: u64, write: F) -> Result<()>
+    where
+        F: FnOnce() -> Result<()>,
+    {
+        let len = buf.len() as u64;
+        if !self.probed || len == 0 || offset >= PROBE_LEN {
+            return write();
+        }
+        let _guard = self.sector0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = vec![0u8; PROBE_LEN.min(self.size) as usize];
+        self.storage
+            .read_at(&mut first, 0)
+            .map_err(|e| Error::io("Failed to read", e))?;
+        let start = offset as usize;
+        let end = (offset + len).min(first.len() as u64) as usize;
+        first[start..end].copy_from_slice(&buf[..end - start]);
+        if crate::qcow2::header::probe(&first) {
+            return Err(Error::invalid(
+                "Refusing to write a format header to a probed raw image \
+                 (Operation not permitted)",
+            ));
+        }
+        write()
     }
 
     /// The storage under the image.
@@ -108,9 +156,11 @@ impl BlockDriver for RawImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| Error::io("Failed to write", e))
+        self.guarded(buf, offset, || {
+            self.storage
+                .write_at(buf, offset)
+                .map_err(|e| Error::io("Failed to write", e))
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -482,6 +532,83 @@ mod tests {
         let ro = RawImage::from_storage(f.boxed(), true).unwrap();
         assert!(matches!(ro.write_at(b"x", 0), Err(Error::ReadOnly)));
         assert!(matches!(ro.flush(), Ok(())));
+    }
+
+    /// The first bytes of a qcow2 header (magic, version 3).
+    fn qcow2_start() -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn probed_image_refuses_format_header_in_sector0() {
+        use crate::fault_storage::FaultStorage;
+        let f = FaultStorage::with_content(vec![0u8; 64 << 10]);
+        let mut img = RawImage::from_storage(f.boxed(), false).unwrap();
+        assert!(!img.is_probed());
+        img.set_probed();
+        assert!(img.is_probed());
+        let refused = |r: Result<()>| {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+            assert!(e.to_string().contains("Operation not permitted"), "{e}");
+        };
+        // A whole header at once.
+        refused(img.write_at(&qcow2_start(), 0));
+        // Piecewise: the magic with version 0 does not probe as qcow2, so it is allowed;
+        // the version that completes the header is not.
+        img.write_at(b"QFI\xfb", 0).unwrap();
+        refused(img.write_at(&3u32.to_be_bytes(), 4));
+        refused(img.write_at(&[0, 0, 0, 2, 0xaa], 4));
+        // A large write starting at 0 and running past sector 0.
+        let mut big = vec![0x55u8; 8192];
+        big[..8].copy_from_slice(&qcow2_start()[..8]);
+        refused(img.write_at(&big, 0));
+        // Nothing refused reached the storage.
+        let c = f.content().unwrap();
+        assert_eq!(&c[..8], b"QFI\xfb\0\0\0\0");
+        assert!(c[8..].iter().all(|&b| b == 0));
+        // Other writes to sector 0, and anything past it, are fine.
+        img.write_at(&[0u8; 4], 0).unwrap();
+        img.write_at(&[1u8; 600], 4).unwrap();
+        img.write_at(&qcow2_start(), 512).unwrap();
+        img.write_zeroes(0, 4096, true).unwrap();
+        img.discard(0, 4096).unwrap();
+
+        // Without the probed flag (format given), the write goes through like QEMU's.
+        let f = FaultStorage::with_content(vec![0u8; 4096]);
+        let img = RawImage::from_storage(f.boxed(), false).unwrap();
+        img.write_at(&qcow2_start(), 0).unwrap();
+        assert!(crate::qcow2::header::probe(&f.content().unwrap()));
+    }
+
+    #[test]
+    fn probed_image_smaller_than_a_sector() {
+        use crate::fault_storage::FaultStorage;
+        // The image size is rounded up to 512; the check must cope with the short file.
+        let f = FaultStorage::with_content(vec![0u8; 100]);
+        let mut img = RawImage::from_storage(f.boxed(), false).unwrap();
+        img.set_probed();
+        assert_eq!(img.size(), 512);
+        assert!(img.write_at(&qcow2_start()[..8], 0).is_err());
+        img.write_at(b"hello", 0).unwrap();
+    }
+
+    #[test]
+    fn open_refuses_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.raw");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success());
+        for ro in [true, false] {
+            let e = RawImage::open(&p, ro, false).unwrap_err();
+            assert!(e.to_string().contains("to be a regular file"), "{e}");
+        }
     }
 
     #[test]

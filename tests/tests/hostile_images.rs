@@ -1327,7 +1327,7 @@ fn check_growth(path: &Path, before: &[u8]) -> Result<(), String> {
 fn exercise(cx: &mut Ctx, dir: &Path, bytes: &[u8], cs: u64, seed: u64) -> String {
     let path = dir.join("case.qcow2");
     fs::write(&path, bytes).expect("write case image");
-    let mut rng = case_rng(seed, cx.case, 0x6f70_73);
+    let mut rng = case_rng(seed, cx.case, 0x006f_7073);
     let mut summary = String::new();
     cx.step("open read-only");
     match open(&path, true) {

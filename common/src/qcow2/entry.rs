@@ -125,6 +125,15 @@ impl L2Entry {
                     "compressed cluster with a subcluster bitmap",
                 ));
             }
+            // Compressed data never takes more than a cluster (QEMU then stores the cluster
+            // plainly), plus the rounding to whole sectors.
+            let run = CompressedRun::decode(self.word, cluster_size.trailing_zeros());
+            if run.len > cluster_size + 512 {
+                return Err(Error::corrupt(format!(
+                    "compressed cluster claims {} bytes (L2 entry {:#x})",
+                    run.len, self.word
+                )));
+            }
             return Ok(());
         }
         if let Some(HostOffset(off)) = self.host_cluster() {

@@ -33,6 +33,11 @@ impl Qcow2Image {
     /// Kind of the unit holding guest offset `pos`, with `host` moved to `pos` itself.
     fn kind_at(m: &mut Meta, pos: u64) -> Result<(Kind, u64)> {
         let cb = m.h.cluster_bits;
+        if m.l2_offset(pos >> cb)?.is_none() {
+            // No L2 table: the whole range its L1 entry covers is unallocated.
+            let cover = m.h.l1_coverage();
+            return Ok((Kind::Unallocated, cover - pos % cover));
+        }
         let ub = Self::unit_bits(m);
         let e = m.l2_entry(pos >> cb)?;
         let in_cluster = pos & ((1 << cb) - 1);

@@ -23,6 +23,8 @@ const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 const L2_CACHE_COVERAGE: u64 = 32 << 30;
 /// Upper bound on metadata cache memory per cache.
 const CACHE_MAX_BYTES: u64 = 32 << 20;
+/// `metadata_kind` of an active L2 table.
+const L2_TABLE: &str = "an L2 table";
 
 pub(crate) struct Meta {
     pub h: Header,
@@ -39,9 +41,13 @@ pub(crate) struct Meta {
     reserved: Vec<std::ops::Range<u64>>,
     /// One refcount decrement per entry, applied at the next flush.
     pending_free: Vec<u64>,
-    /// Host clusters holding active L2 tables and refcount blocks: allocation refuses them
-    /// even when corrupt refcounts call them free (QEMU's metadata overlap check).
-    metadata: HashSet<u64>,
+    /// Host clusters holding active L2 tables and refcount blocks. Allocation, frees and
+    /// data writes refuse them even when corrupt metadata points there (QEMU's overlap check).
+    l2_clusters: HashSet<u64>,
+    refblock_clusters: HashSet<u64>,
+    /// Cluster index past everything in the file or allocated this session: clusters from
+    /// here on are free whatever (possibly corrupt) refcounts say.
+    alloc_end: u64,
     /// Guest cluster ranges (start, count) whose allocating write is under way.
     inflight: Vec<(u64, u64)>,
     pub read_only: bool,
@@ -64,6 +70,16 @@ fn read_u64_table(
     let mut buf = vec![0u8; count * 8];
     io(what, storage.read_at(&mut buf, offset))?;
     Ok((0..count).map(|i| be64_at(&buf, i)).collect())
+}
+
+/// Cluster indexes of the nonzero offsets in a table of entries.
+fn cluster_set(table: &[u64], mask: u64, cluster_bits: u32) -> HashSet<u64> {
+    table
+        .iter()
+        .map(|e| e & mask)
+        .filter(|&o| o != 0)
+        .map(|o| o >> cluster_bits)
+        .collect()
 }
 
 fn encode_u64_table(t: &[u64]) -> Vec<u8> {
@@ -91,16 +107,11 @@ impl Meta {
             .max(h.size.div_ceil(h.l1_coverage()).min(CACHE_MAX_BYTES / cs))
             .clamp(16, (CACHE_MAX_BYTES / cs).max(16));
         let rb_tables = (CACHE_MAX_BYTES / cs).clamp(16, 1024);
-        let cb = h.cluster_bits;
-        let metadata = l1
-            .iter()
-            .map(|e| e & entry::OFFSET_MASK)
-            .chain(reftable.iter().map(|e| e & REFTABLE_OFFSET_MASK))
-            .filter(|&o| o != 0)
-            .map(|o| o >> cb)
-            .collect();
+        let alloc_end = io("Could not get image file length", storage.len())?.div_ceil(cs);
         Ok(Meta {
-            metadata,
+            l2_clusters: cluster_set(&l1, entry::OFFSET_MASK, h.cluster_bits),
+            refblock_clusters: cluster_set(&reftable, REFTABLE_OFFSET_MASK, h.cluster_bits),
+            alloc_end,
             l2: TableCache::new(l2_tables as usize),
             refblocks: TableCache::new(rb_tables as usize),
             h,
@@ -142,12 +153,14 @@ impl Meta {
             return Ok(());
         }
         self.check_table_offset(off, "L2 table")?;
-        if off >= self.file_clusters()? * self.cluster_size()
-            && self.refcount(off >> self.h.cluster_bits)? == 0
-        {
+        let c = off >> self.h.cluster_bits;
+        if c >= self.alloc_end {
             return Err(Error::corrupt(format!(
                 "L2 table offset {off:#x} is beyond the end of the image file"
             )));
+        }
+        if let Some(kind) = self.metadata_kind(c).filter(|&k| k != L2_TABLE) {
+            return Err(self.overlap("L2 table", c, kind));
         }
         self.make_room_l2()?;
         let mut buf = vec![0u8; self.cluster_size() as usize];
@@ -238,9 +251,9 @@ impl Meta {
         };
         self.make_room_l2()?;
         self.l2.insert(new, content, true);
-        self.metadata.insert(new >> self.h.cluster_bits);
+        self.l2_clusters.insert(new >> self.h.cluster_bits);
         if let Some(HostOffset(off)) = old {
-            self.metadata.remove(&(off >> self.h.cluster_bits));
+            self.l2_clusters.remove(&(off >> self.h.cluster_bits));
         }
         self.l1[idx] = new | COPIED;
         self.l1_dirty = true;
@@ -400,6 +413,7 @@ impl Meta {
             return Ok(off);
         }
         let c = self.find_free(1)?;
+        self.alloc_end = self.alloc_end.max(c + 1);
         let off = c << self.h.cluster_bits;
         let mut block = vec![0u8; self.cluster_size() as usize];
         let self_described = (c >> self.rb_bits()) as usize == rt;
@@ -413,7 +427,7 @@ impl Meta {
         }
         self.load_refblock_new(off, block);
         self.reftable[rt] = off;
-        self.metadata.insert(c);
+        self.refblock_clusters.insert(c);
         self.reftable_dirty = true;
         if !self_described {
             self.reserved.push(c..c + 1);
@@ -468,6 +482,7 @@ impl Meta {
         }
         let table_start = start + new_blocks.len() as u64;
         let end = table_start + table_clusters;
+        self.alloc_end = self.alloc_end.max(end);
         if (table_clusters * cs) > super::header::MAX_REFTABLE_BYTES {
             return Err(Error::invalid(
                 "refcount table would exceed its maximum size",
@@ -479,7 +494,7 @@ impl Meta {
         for (j, &rb_index) in new_blocks.iter().enumerate() {
             let off = (start + j as u64) * cs;
             table[rb_index as usize] = off;
-            self.metadata.insert(start + j as u64);
+            self.refblock_clusters.insert(start + j as u64);
             let mut block = vec![0u8; cs as usize];
             for c in start.max(rb_index * per_rb)..end.min((rb_index + 1) * per_rb) {
                 refcount::set(&mut block, self.h.refcount_order, (c % per_rb) as usize, 1);
@@ -520,14 +535,9 @@ impl Meta {
 
     /// First cluster index past everything in the file or allocated in memory.
     fn end_cluster(&mut self) -> Result<u64> {
-        let mut end = self.file_clusters()?;
+        let mut end = self.alloc_end;
         for r in &self.reserved {
             end = end.max(r.end);
-        }
-        // Clusters allocated in memory but not yet written lie past the file's end:
-        // scan forward over nonzero refcounts.
-        while self.refcount(end)? != 0 {
-            end += 1;
         }
         Ok(end)
     }
@@ -547,7 +557,10 @@ impl Meta {
             if c >= limit {
                 return Err(Error::invalid("image file would grow past the qcow2 limit"));
             }
-            if self.refcount(c)? == 0 && !self.is_reserved(c) {
+            // Past everything this session knows of, refcounts (possibly corrupt ones
+            // claiming far-away clusters) are not consulted: those clusters are free.
+            let free = c >= self.alloc_end || self.refcount(c)? == 0;
+            if free && !self.is_reserved(c) {
                 first_free.get_or_insert(c);
                 run += 1;
                 if run == n {
@@ -581,40 +594,71 @@ impl Meta {
         }
         self.reserved.pop();
         result?;
+        self.alloc_end = self.alloc_end.max(first + n);
         Ok(first)
     }
 
     /// Refuse clusters that are in use as metadata although their refcount says free: the
     /// refcounts are corrupt. Like QEMU, mark the image corrupt and stop writing to it.
     fn check_no_overlap(&mut self, first: u64, n: u64) -> Result<()> {
+        match (first..first + n).find_map(|c| Some((c, self.metadata_kind(c)?))) {
+            Some((c, kind)) => Err(self.overlap("Allocation", c, kind)),
+            None => Ok(()),
+        }
+    }
+
+    /// Which metadata host cluster `c` holds, if any.
+    pub fn metadata_kind(&self, c: u64) -> Option<&'static str> {
         let cs = self.cluster_size();
         let cb = self.h.cluster_bits;
-        let within = |c: u64, off: u64, bytes: u64| {
-            bytes > 0 && c >= off >> cb && c <= (off + bytes - 1) >> cb
-        };
+        let within =
+            |off: u64, bytes: u64| bytes > 0 && c >= off >> cb && c <= (off + bytes - 1) >> cb;
         let h = &self.h;
-        let bad = (first..first + n).find(|&c| {
-            c == 0
-                || within(c, h.l1_table_offset, u64::from(h.l1_size) * 8)
-                || within(
-                    c,
-                    h.refcount_table_offset,
-                    u64::from(h.refcount_table_clusters) * cs,
-                )
-                || (h.nb_snapshots > 0 && within(c, h.snapshots_offset, 1))
-                || self.metadata.contains(&c)
-        });
-        let Some(c) = bad else {
-            return Ok(());
-        };
-        self.h.incompatible_features |= super::header::INCOMPAT_CORRUPT;
-        let _ = self.write_header().and_then(|_| self.sync());
-        self.read_only = true;
-        Err(Error::corrupt(format!(
-            "Preventing invalid allocation of cluster at offset {:#x}: it holds metadata but \
-             its refcount is 0; image marked as corrupt",
-            c << cb
-        )))
+        if c == 0 {
+            Some("the header")
+        } else if within(h.l1_table_offset, u64::from(h.l1_size) * 8) {
+            Some("the active L1 table")
+        } else if within(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        ) {
+            Some("the refcount table")
+        } else if h.nb_snapshots > 0 && within(h.snapshots_offset, 1) {
+            Some("the snapshot table")
+        } else if self.refblock_clusters.contains(&c) {
+            Some("a refcount block")
+        } else if self.l2_clusters.contains(&c) {
+            Some(L2_TABLE)
+        } else {
+            None
+        }
+    }
+
+    /// Check that guest data may be written to host cluster `c` in place: it must not
+    /// hold metadata and must be allocated (refcount above 0).
+    pub fn check_data_cluster(&mut self, c: u64) -> Result<()> {
+        if let Some(kind) = self.metadata_kind(c) {
+            return Err(self.overlap("Data write", c, kind));
+        }
+        if c >= self.alloc_end || self.refcount(c)? == 0 {
+            return Err(self.overlap("Data write", c, "a cluster with refcount 0"));
+        }
+        Ok(())
+    }
+
+    /// Metadata points where it must not: like QEMU, mark the image corrupt (when it is
+    /// writable) and stop writing to it.
+    fn overlap(&mut self, what: &str, c: u64, kind: &str) -> Error {
+        if !self.read_only {
+            self.h.incompatible_features |= super::header::INCOMPAT_CORRUPT;
+            let _ = self.write_header().and_then(|_| self.sync());
+            self.read_only = true;
+        }
+        Error::corrupt(format!(
+            "{what} at offset {:#x}: preventing invalid write on metadata (overlaps with \
+             {kind}); image marked as corrupt",
+            c << self.h.cluster_bits
+        ))
     }
 
     /// Drop one reference to cluster `c` at the next flush (after the tables that pointed
@@ -627,7 +671,8 @@ impl Meta {
     pub fn free_entry(&mut self, e: L2Entry) {
         let bits = self.h.cluster_bits;
         if e.is_compressed() {
-            let run = entry::CompressedRun::decode(e.word, bits);
+            let mut run = entry::CompressedRun::decode(e.word, bits);
+            run.len = run.len.min(1 << bits);
             for c in run.clusters(bits) {
                 self.free_cluster(c);
             }
@@ -745,6 +790,9 @@ impl Meta {
     }
 
     fn release(&mut self, c: u64) -> Result<()> {
+        if let Some(kind) = self.metadata_kind(c) {
+            return Err(self.overlap("Freeing a cluster", c, kind));
+        }
         let v = self.refcount(c)?;
         if v == 0 {
             return Err(Error::corrupt(format!(
@@ -779,16 +827,11 @@ impl Meta {
 
     /// Replace the in-memory refcount table (after a rebuild wrote a new one).
     pub(crate) fn reset_refcounts(&mut self, table: Vec<u64>) {
-        let cb = self.h.cluster_bits;
-        self.metadata = self
-            .l1
-            .iter()
-            .map(|e| e & entry::OFFSET_MASK)
-            .chain(table.iter().map(|e| e & REFTABLE_OFFSET_MASK))
-            .filter(|&o| o != 0)
-            .map(|o| o >> cb)
-            .collect();
+        self.refblock_clusters = cluster_set(&table, REFTABLE_OFFSET_MASK, self.h.cluster_bits);
         self.reftable = table;
+        if let Ok(end) = self.file_clusters() {
+            self.alloc_end = self.alloc_end.max(end);
+        }
         self.reftable_dirty = false;
         let cap = self.refblocks_capacity();
         self.refblocks = TableCache::new(cap);

@@ -13,7 +13,6 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
@@ -44,14 +43,6 @@ pub struct Qcow2Image {
     size: u64,
 }
 
-fn open_file(path: &Path, read_only: bool) -> Result<std::fs::File> {
-    FsOpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))
-}
-
 /// Read and validate the header from the start of `storage`.
 pub fn read_header(storage: &dyn Storage) -> Result<Header> {
     let file_len = storage
@@ -80,7 +71,7 @@ impl Qcow2Image {
         opts: &OpenOptions,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Qcow2Image> {
-        let file = open_file(path, opts.read_only)?;
+        let file = crate::storage::open_image_file(path, opts.read_only)?;
         crate::lock::lock_image(&file, path, opts.read_only, opts.force_share)?;
         Self::open_storage(Arc::new(FileStorage::new(file)), path, opts, seen)
     }

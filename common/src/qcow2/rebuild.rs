@@ -40,19 +40,25 @@ impl Meta {
         Ok(())
     }
 
-    /// Count the references of one L1 table and everything below it.
+    /// Count the references of one L1 table and everything below it. An L2 table that
+    /// several L1 entries point at is read and counted once, times its number of uses.
     fn count_l1(&self, counts: &mut Counts, l1: &[u64], limit: u64) -> Result<()> {
         let cs = self.cluster_size();
         let cb = self.h.cluster_bits;
         let ext = self.h.extended_l2();
         let storage = self.storage().clone();
-        let mut table = vec![0u8; cs as usize];
+        let mut uses: BTreeMap<u64, u64> = BTreeMap::new();
         for &l1e in l1 {
-            let Some(l2) = entry::l1_table_offset(l1e, cs)? else {
-                continue;
-            };
-            self.count_range(counts, l2.0, cs, limit)?;
-            io("Could not read L2 table", storage.read_at(&mut table, l2.0))?;
+            if let Some(l2) = entry::l1_table_offset(l1e, cs)? {
+                *uses.entry(l2.0).or_insert(0) += 1;
+            }
+        }
+        let mut table = vec![0u8; cs as usize];
+        let mut here = Counts::new();
+        for (&l2, &n) in &uses {
+            here.clear();
+            self.count_range(&mut here, l2, cs, limit)?;
+            io("Could not read L2 table", storage.read_at(&mut table, l2))?;
             let step = if ext { 16 } else { 8 };
             for raw in table.chunks_exact(step) {
                 let e = L2Entry {
@@ -66,10 +72,13 @@ impl Meta {
                 e.validate(cs, ext)?;
                 if e.is_compressed() {
                     let run = CompressedRun::decode(e.word, cb);
-                    self.count_range(counts, run.offset, run.len.min(1 << cb), limit)?;
+                    self.count_range(&mut here, run.offset, run.len.min(1 << cb), limit)?;
                 } else if let Some(h) = e.host_cluster() {
-                    self.count_range(counts, h.0, cs, limit)?;
+                    self.count_range(&mut here, h.0, cs, limit)?;
                 }
+            }
+            for (&c, &k) in &here {
+                *counts.entry(c).or_insert(0) += k * n;
             }
         }
         Ok(())

@@ -504,7 +504,10 @@ fn allocation_refuses_metadata_clusters_when_refcounts_lie() {
     {
         let img = open_rw(&path).unwrap();
         let err = img.write_at(&[1u8; 512], 1 << 20).unwrap_err().to_string();
-        assert!(err.contains("Preventing invalid allocation"), "{err}");
+        assert!(
+            err.contains("preventing invalid write on metadata"),
+            "{err}"
+        );
         assert!(img.header().is_corrupt());
     }
     let after = std::fs::read(&path).unwrap();

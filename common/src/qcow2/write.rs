@@ -113,6 +113,7 @@ impl Qcow2Image {
         } else if e.word & ZERO != 0 {
             return Ok(None);
         }
+        m.check_data_cluster(host.0 >> cb)?;
         Ok(Some(host.0 + in_cluster))
     }
 
@@ -210,7 +211,9 @@ impl Qcow2Image {
         // Reuse the host cluster if it is ours alone; otherwise take a new one.
         let reuse = old.is_copied() && !old.is_compressed() && old.host_cluster().is_some();
         let target = if reuse {
-            old.host_cluster().expect("checked").0
+            let host = old.host_cluster().expect("checked").0;
+            m.check_data_cluster(host >> cb)?;
+            host
         } else {
             m.alloc_clusters(1)? << cb
         };
