@@ -152,15 +152,30 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
 }
 
 /// Run a program with arguments (in `dir`, when given) and the default timeout.
+///
+/// A lock conflict is retried for up to 2 s: the test threads of one binary spawn child
+/// processes, and a child holds a copy of every descriptor of this process until its exec,
+/// so an image another thread has just closed can look locked for a moment. Real conflicts
+/// (a holder that stays) still fail, only later.
 pub fn run_in<S: AsRef<std::ffi::OsStr>>(dir: Option<&Path>, prog: &Path, args: &[S]) -> Output {
-    let mut c = Command::new(prog);
-    c.args(args);
-    // Reference tools print in C locale; keep ours the same.
-    c.env("LC_ALL", "C");
-    if let Some(d) = dir {
-        c.current_dir(d);
+    let start = std::time::Instant::now();
+    loop {
+        let mut c = Command::new(prog);
+        c.args(args);
+        // Reference tools print in C locale; keep ours the same.
+        c.env("LC_ALL", "C");
+        if let Some(d) = dir {
+            c.current_dir(d);
+        }
+        let out = run(&mut c, TIMEOUT);
+        if out.stderr.contains("Is another process using the image")
+            && start.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        return out;
     }
-    run(&mut c, TIMEOUT)
 }
 
 /// `qemu-img ARGS`.
