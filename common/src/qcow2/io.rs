@@ -4,7 +4,9 @@
 //! Reads and writes to clusters that are already allocated and unshared hold the metadata
 //! lock only for the lookup; writes that allocate or change the mapping hold it throughout.
 
-use super::entry::{HostOffset, Kind, L2Entry, ALL_ZEROES, ZERO};
+use std::sync::Arc;
+
+use super::entry::{CompressedRun, HostOffset, Kind, L2Entry, ALL_ZEROES, ZERO};
 use super::meta::Meta;
 use super::Qcow2Image;
 use crate::driver::{Allocation, BlockStatus};
@@ -96,6 +98,26 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// The decompressed cluster stored at `run`, from a one-entry cache: small sequential
+    /// reads of a compressed cluster decompress it once. The cache is dropped whenever
+    /// freed clusters may become reusable (at flush), so it never outlives the data.
+    fn decompressed(&self, run: CompressedRun) -> Result<Arc<[u8]>> {
+        let mut last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((off, data)) = &*last {
+            if *off == run.offset {
+                return Ok(data.clone());
+            }
+        }
+        let mut out = vec![0u8; 1 << self.cluster_bits];
+        self.read_compressed(run, &mut out)?;
+        let data: Arc<[u8]> = out.into();
+        *last = Some((run.offset, data.clone()));
+        Ok(data)
+    }
+
     pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut done = 0usize;
@@ -115,8 +137,7 @@ impl Qcow2Image {
                     self.storage.read_at(part, host.0),
                 )?,
                 Kind::Compressed(c) => {
-                    let mut cluster = vec![0u8; cs as usize];
-                    self.read_compressed(c, &mut cluster)?;
+                    let cluster = self.decompressed(c)?;
                     let at = (pos % cs) as usize;
                     part.copy_from_slice(&cluster[at..at + part.len()]);
                 }

@@ -31,6 +31,8 @@ pub struct Qcow2Image {
     /// Held shared by data I/O that bypasses the metadata lock, exclusively while freed
     /// clusters are released, so a cluster is never reused under an in-flight request.
     gate: RwLock<()>,
+    /// The last decompressed cluster, by the offset of its compressed data.
+    last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Signalled when an allocating write has settled its mapping.
     alloc_done: Condvar,
     cluster_bits: u32,
@@ -169,6 +171,7 @@ impl Qcow2Image {
             meta: Mutex::new(meta),
             gate: RwLock::new(()),
             alloc_done: Condvar::new(),
+            last_compressed: Mutex::new(None),
             cluster_bits,
             compression,
             backing,
@@ -204,6 +207,14 @@ impl Qcow2Image {
         snapshot::read_table(&*self.storage, &h)
     }
 
+    /// Drop the decompressed-cluster cache (freed clusters are about to become reusable).
+    fn forget_decompressed(&self) {
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     fn check_own_data(&self) -> Result<()> {
         if self.external_data {
             return Err(Error::Unsupported(
@@ -221,6 +232,7 @@ impl Qcow2Image {
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
     pub fn close(&self) -> Result<()> {
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.forget_decompressed();
         self.meta().close()
     }
 }
@@ -281,6 +293,7 @@ impl BlockDriver for Qcow2Image {
             return Ok(());
         }
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.forget_decompressed();
         self.meta().flush()
     }
 
