@@ -1,8 +1,19 @@
 //! Linux x86_64 64-bit boot protocol: load a bzImage at 1 MiB, build the zero page
 //! (setup header, E820 map, command line, initrd), identity page tables and a GDT.
+//!
+//! A bzImage whose payload is LZ4 (legacy frame, as the Debian cloud kernel has it) is not
+//! left to decompress itself in the guest, which is most of a small VM's boot time: the
+//! vmlinux ELF is decompressed here (blocks in parallel, straight into guest memory),
+//! loaded at its physical addresses and entered through its PVH entry point, or through
+//! `startup_64` with a zero page when it has none. Other payload formats boot as bzImage.
 
 use std::fs::File;
 use std::path::Path;
+
+mod elf;
+pub mod lz4;
+
+use elf::{ElfStream, LoadedElf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
@@ -63,6 +74,107 @@ pub fn setup_long_mode_tables(mem: &GuestMem) -> Result<(), String> {
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR)).map_err(err)?;
     Ok(())
+}
+
+/// A zeroed scratch buffer mapped straight from the OS and unmapped on drop, so that the
+/// tens of MiB the kernel loader uses for a moment (file image, decompression buffers, on
+/// several threads) are not kept by the allocator and never count in vmm's memory.
+pub struct Scratch {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: Scratch owns its mapping exclusively, like a Vec<u8>.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    pub fn new(len: usize) -> Result<Scratch, String> {
+        if len == 0 {
+            return Ok(Scratch {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len,
+            });
+        }
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "cannot map {len} bytes: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Scratch {
+            ptr: p as *mut u8,
+            len,
+        })
+    }
+}
+
+impl Scratch {
+    /// The whole of `f`, mapped privately (no copy: the loader reads the image once, from
+    /// the page cache), or read into an anonymous mapping when it cannot be mapped. A file
+    /// truncated by someone else while it is mapped would fault (SIGBUS); kernel images are
+    /// not rewritten under a starting VM, and the mapping lives only while loading.
+    fn map_file(f: &File) -> Result<Scratch, String> {
+        use std::os::fd::AsRawFd;
+        let len = f.metadata().map_err(|e| e.to_string())?.len() as usize;
+        if len != 0 {
+            // SAFETY: a fresh private (copy-on-write, so writable through DerefMut without
+            // touching the file) mapping of a file we hold open.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                return Ok(Scratch {
+                    ptr: p as *mut u8,
+                    len,
+                });
+            }
+        }
+        let mut s = Scratch::new(len)?;
+        std::io::Read::read_exact(&mut &*f, &mut s).map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes (or a dangling pointer with len 0), owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: unmapping exactly the mapping made in `new`.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+        }
+    }
 }
 
 fn read_file(path: &Path, what: &str) -> Result<File, String> {
@@ -136,34 +248,19 @@ fn load_initrd(m: &Machine, p: &Path, floor: u64, max: u64) -> Result<(u64, u64)
     Ok((addr, size))
 }
 
-/// Boot an ELF vmlinux through its PVH entry point.
-fn load_pvh(
+/// Boot a loaded vmlinux (ending at `kernel_end`) through its PVH entry point.
+fn setup_pvh(
     m: &Machine,
-    kernel: &Path,
+    kernel_end: u64,
+    entry: u32,
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootEntry, String> {
-    use linux_loader::loader::elf::{Elf, PvhBootCapability};
-    let mut kf = read_file(kernel, "kernel")?;
-    let res = Elf::load(&m.mem, None, &mut kf, Some(GuestAddress(HIMEM_START)))
-        .map_err(|e| format!("kernel '{}' cannot be loaded: {e}", kernel.display()))?;
-    let PvhBootCapability::PvhEntryPresent(entry) = res.pvh_boot_cap else {
-        return Err(format!(
-            "ELF kernel '{}' has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use a bzImage",
-            kernel.display()
-        ));
-    };
-    if res.kernel_end > m.low_mem_end() {
-        return Err(format!(
-            "memory size {} MiB is too small for this kernel",
-            m.mem_size >> 20
-        ));
-    }
     write_cmdline(&m.mem, cmdline, 4095)?;
     let err = |e: vm_memory::GuestMemoryError| format!("writing PVH start info: {e}");
     let mut nr_modules = 0u32;
     if let Some(p) = initrd {
-        let (addr, size) = load_initrd(m, p, res.kernel_end.next_multiple_of(0x1000), 0xffff_ffff)?;
+        let (addr, size) = load_initrd(m, p, kernel_end.next_multiple_of(0x1000), 0xffff_ffff)?;
         let mut e = Vec::new();
         for v in [addr, size, 0, 0] {
             e.extend_from_slice(&v.to_le_bytes());
@@ -200,9 +297,326 @@ fn load_pvh(
         .map_err(err)?;
     write_firmware_tables(m)?;
     Ok(BootEntry::Pvh {
-        entry: entry.0 as u32,
+        entry,
         start_info: PVH_INFO as u32,
     })
+}
+
+/// Writers of guest memory for the ELF loader.
+fn guest_writer(mem: &GuestMem) -> impl FnMut(u64, &[u8]) -> Result<(), String> + '_ {
+    move |a, b| {
+        mem.write_slice(b, GuestAddress(a))
+            .map_err(|e| format!("loading kernel at {a:#x}: {e}"))
+    }
+}
+
+fn guest_zeroer(mem: &GuestMem) -> impl FnMut(u64, u64) -> Result<(), String> + '_ {
+    move |a, n| {
+        let zeros = vec![0u8; 1 << 16];
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(zeros.len() as u64);
+            mem.write_slice(&zeros[..k as usize], GuestAddress(a + done))
+                .map_err(|e| format!("clearing kernel bss at {a:#x}: {e}"))?;
+            done += k;
+        }
+        Ok(())
+    }
+}
+
+/// Decompress a legacy-LZ4 vmlinux (a bzImage payload) into guest memory: its segments go
+/// to their physical addresses, which must lie in [`min`, `max`). The blocks are
+/// independent, so they are decompressed on several threads, straight into place where a
+/// block lies inside one segment.
+pub fn load_lz4_vmlinux(
+    payload: &[u8],
+    min: u64,
+    max: u64,
+    mem: &GuestMem,
+) -> Result<LoadedElf, String> {
+    match load_lz4_parallel(payload, min, max, mem)? {
+        Some(k) => Ok(k),
+        None => load_lz4_sequential(payload, min, max, mem),
+    }
+}
+
+/// One block at a time through a buffer.
+fn load_lz4_sequential(
+    payload: &[u8],
+    min: u64,
+    max: u64,
+    mem: &GuestMem,
+) -> Result<LoadedElf, String> {
+    let mut dec = lz4::Lz4Legacy::new(payload)?;
+    let mut buf = Scratch::new(lz4::BLOCK_SIZE)?;
+    let n = dec
+        .next_block(&mut buf)?
+        .ok_or("compressed kernel is empty")?;
+    let mut elf = ElfStream::new(&buf[..n], min, max)?;
+    let mut write = guest_writer(mem);
+    elf.feed(&buf[..n], &mut write)?;
+    while let Some(n) = dec.next_block(&mut buf)? {
+        elf.feed(&buf[..n], &mut write)?;
+    }
+    elf.finish(&mut guest_zeroer(mem))
+}
+
+/// `len` bytes of guest memory at `addr` as a slice, if they are in one region.
+///
+/// # Safety
+/// No other reference to those bytes may exist while the slice lives (vCPUs not running,
+/// no overlapping slice). Guest memory is shared, interior-mutable memory, hence the
+/// mutable slice from a shared reference.
+#[allow(clippy::mut_from_ref)]
+unsafe fn guest_slice(mem: &GuestMem, addr: u64, len: usize) -> Option<&mut [u8]> {
+    use vm_memory::GuestMemoryBackend;
+    let vs = mem.get_slice(GuestAddress(addr), len).ok()?;
+    let p = vs.ptr_guard_mut().as_ptr();
+    Some(std::slice::from_raw_parts_mut(p, len))
+}
+
+/// All blocks but the last must be 8 MiB (as `lz4 -l` writes them) so that their file
+/// offsets are known before decompressing; Ok(None) when they are not.
+fn load_lz4_parallel(
+    payload: &[u8],
+    min: u64,
+    max: u64,
+    mem: &GuestMem,
+) -> Result<Option<LoadedElf>, String> {
+    let bs = lz4::BLOCK_SIZE;
+    let (blocks, trailer) = lz4::split_blocks(payload)?;
+    let Some(first_block) = blocks.first() else {
+        return Err("compressed kernel is empty".into());
+    };
+    let mut first = Scratch::new(bs)?;
+    let n0 = lz4::decompress_block(first_block, &mut first)?;
+    let mut elf = ElfStream::new(&first[..n0], min, max)?;
+    if blocks.len() > 1 && n0 != bs {
+        return Ok(None);
+    }
+    let mut write = guest_writer(mem);
+    elf.feed(&first[..n0], &mut write)?;
+    drop(first);
+
+    // (index, compressed block, destination: guest memory, or a buffer when None)
+    enum Dest<'a> {
+        Guest(&'a mut [u8]),
+        Buf(Scratch),
+    }
+    type Item<'a> = (usize, &'a [u8], Dest<'a>);
+    let mut items: Vec<std::sync::Mutex<Option<Item>>> = Vec::new();
+    for (i, blk) in blocks.iter().enumerate().skip(1) {
+        let last = i + 1 == blocks.len();
+        let direct = if last {
+            None
+        } else {
+            elf.direct_target((i * bs) as u64, bs as u64)
+                // SAFETY: the vCPUs are not running; PT_LOAD segments do not overlap in
+                // memory (ElfStream checks) and blocks are disjoint file ranges, so the
+                // slices are disjoint; nothing else touches guest memory until they are gone.
+                .and_then(|pa| unsafe { guest_slice(mem, pa, bs) })
+        };
+        let dest = match direct {
+            Some(d) => Dest::Guest(d),
+            None => Dest::Buf(Scratch::new(bs)?),
+        };
+        items.push(std::sync::Mutex::new(Some((i, blk, dest))));
+    }
+    type Done = (usize, Result<(usize, Option<Scratch>), String>);
+    // Workers take the next block until none is left.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> Vec<Done> {
+        let mut out = Vec::new();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(slot) = items.get(k) else {
+                return out;
+            };
+            let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let Some((i, blk, dest)) = taken else {
+                continue;
+            };
+            let r = match dest {
+                Dest::Guest(dst) => lz4::decompress_block(blk, dst).map(|n| (n, None)),
+                Dest::Buf(mut v) => lz4::decompress_block(blk, &mut v).map(|n| (n, Some(v))),
+            };
+            out.push((i, r));
+        }
+    };
+    let nthreads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(items.len().max(1));
+    let mut done: Vec<Done> = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..nthreads).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in handles {
+            all.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        all
+    });
+    done.sort_by_key(|d| d.0);
+    let mut total = n0 as u64;
+    for (i, r) in done {
+        let (n, buf) = r?;
+        if i + 1 != blocks.len() && n != bs {
+            return Ok(None);
+        }
+        total += n as u64;
+        match buf {
+            Some(v) => elf.feed(&v[..n], &mut write)?,
+            None => elf.skip(n as u64),
+        }
+    }
+    if let Some(t) = trailer {
+        if t as u64 != total & 0xffff_ffff {
+            return Err(format!(
+                "LZ4 stream: size trailer says {t} bytes, decompressed {total}"
+            ));
+        }
+    }
+    elf.finish(&mut guest_zeroer(mem)).map(Some)
+}
+
+/// The setup header fields the direct boot needs, from the start of a bzImage.
+struct BzHeader {
+    version: u16,
+    xloadflags: u16,
+    payload: std::ops::Range<usize>,
+}
+
+fn parse_bzimage_header(data: &[u8]) -> Option<BzHeader> {
+    if data.len() < 0x270 || &data[0x202..0x206] != b"HdrS" {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) as usize;
+    let version = u16_at(0x206);
+    if version < 0x0208 {
+        return None;
+    }
+    let setup_sects = match data[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let start = (setup_sects + 1) * 512 + u32_at(0x248);
+    let end = start.checked_add(u32_at(0x24c))?;
+    if end > data.len() {
+        return None;
+    }
+    Some(BzHeader {
+        version,
+        xloadflags: u16_at(0x236),
+        payload: start..end,
+    })
+}
+
+/// Boot parameters for the 64-bit entry: the setup header as the image has it, then the
+/// loader's fields, E820 map and RSDP; written to [`ZERO_PAGE`] with the long-mode tables.
+/// `initrd_floor` is the lowest address the initrd may use.
+fn setup_zero_page(
+    m: &Machine,
+    image: &[u8],
+    initrd: Option<&Path>,
+    cmdline: &str,
+    initrd_floor: u64,
+) -> Result<(), String> {
+    let mem = &m.mem;
+    let mut params = boot_params::default();
+    let hdr_len = (0x202 + image[0x201] as usize)
+        .min(0x1f1 + std::mem::size_of::<linux_loader::bootparam::setup_header>())
+        .min(image.len());
+    // SAFETY: boot_params is a plain repr(C) struct of integers; any bytes are valid.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            &mut params as *mut boot_params as *mut u8,
+            std::mem::size_of::<boot_params>(),
+        )
+    };
+    bytes[0x1f1..hdr_len].copy_from_slice(&image[0x1f1..hdr_len]);
+    let hdr = &mut params.hdr;
+    let max_cmdline = if hdr.version >= 0x0206 {
+        hdr.cmdline_size as usize
+    } else {
+        255
+    };
+    write_cmdline(mem, cmdline, max_cmdline)?;
+    hdr.type_of_loader = 0xff;
+    hdr.loadflags |= 0x80; // CAN_USE_HEAP
+    hdr.heap_end_ptr = 0xfe00;
+    hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    hdr.cmdline_size = cmdline.len() as u32;
+    hdr.code32_start = HIMEM_START as u32;
+    if let Some(p) = initrd {
+        let max = if hdr.version >= 0x0203 {
+            hdr.initrd_addr_max as u64 + 1
+        } else {
+            0x3800_0000
+        };
+        let (addr, size) = load_initrd(m, p, initrd_floor, max)?;
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+    }
+    let e820 = e820_map(m);
+    for (i, &(addr, size, type_)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
+    }
+    params.e820_entries = e820.len() as u8;
+    params.acpi_rsdp_addr = crate::acpi::ACPI_START;
+    // SAFETY: as above; a read-only view this time.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &params as *const boot_params as *const u8,
+            std::mem::size_of::<boot_params>(),
+        )
+    };
+    mem.write_slice(bytes, GuestAddress(ZERO_PAGE))
+        .map_err(|e| format!("writing zero page: {e}"))?;
+    write_firmware_tables(m)?;
+    setup_long_mode_tables(mem)
+}
+
+/// Set `VMM_BOOT_NO_PVH=1` to enter a decompressed kernel at its 64-bit entry even when
+/// it has a PVH entry (to exercise that path).
+fn pvh_disabled() -> bool {
+    std::env::var_os("VMM_BOOT_NO_PVH").is_some_and(|v| v == "1")
+}
+
+/// Boot an LZ4-compressed bzImage without its in-guest decompressor: decompress the
+/// vmlinux here, load it at its physical addresses, and enter it through PVH or the 64-bit
+/// boot protocol. Ok(None) when the image is not of that kind (then the caller boots it as
+/// a bzImage).
+fn load_decompressed(
+    m: &Machine,
+    image: &[u8],
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<Option<BootEntry>, String> {
+    let Some(h) = parse_bzimage_header(image) else {
+        return Ok(None);
+    };
+    let payload = &image[h.payload.clone()];
+    if !lz4::is_legacy_frame(payload) {
+        return Ok(None);
+    }
+    let k = load_lz4_vmlinux(payload, HIMEM_START, m.low_mem_end(), &m.mem)
+        .map_err(|e| format!("kernel: {e}"))?;
+    let floor = k.end.next_multiple_of(0x1000);
+    match k.pvh_entry {
+        Some(e) if !pvh_disabled() => setup_pvh(m, floor, e, initrd, cmdline).map(Some),
+        _ if h.version >= 0x020c && h.xloadflags & 1 != 0 => {
+            setup_zero_page(m, image, initrd, cmdline, floor)?;
+            Ok(Some(BootEntry::Linux64 {
+                entry: k.entry,
+                zero_page: ZERO_PAGE,
+            }))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Load the kernel (bzImage, or ELF vmlinux with a PVH note), initrd, command line and
@@ -215,15 +629,30 @@ pub fn load_linux(
 ) -> Result<BootEntry, String> {
     let mem = &m.mem;
     let low_end = m.low_mem_end();
-    let mut kf = read_file(kernel, "kernel")?;
-    let mut magic = [0u8; 4];
-    if std::io::Read::read_exact(&mut kf, &mut magic).is_ok() && &magic == b"\x7fELF" {
-        return load_pvh(m, kernel, initrd, cmdline);
+    let kf = read_file(kernel, "kernel")?;
+    let image = Scratch::map_file(&kf)
+        .map_err(|e| format!("cannot read kernel '{}': {e}", kernel.display()))?;
+    let image: &[u8] = &image;
+    if elf::is_elf(image) {
+        let mut s = ElfStream::new(image, HIMEM_START, low_end)
+            .map_err(|e| format!("kernel '{}' cannot be loaded: {e}", kernel.display()))?;
+        s.feed(image, &mut guest_writer(mem))?;
+        let k = s.finish(&mut guest_zeroer(mem))?;
+        let Some(entry) = k.pvh_entry else {
+            return Err(format!(
+                "ELF kernel '{}' has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use a bzImage",
+                kernel.display()
+            ));
+        };
+        return setup_pvh(m, k.end, entry, initrd, cmdline);
+    }
+    if let Some(entry) = load_decompressed(m, image, initrd, cmdline)? {
+        return Ok(entry);
     }
     let res = BzImage::load(
         mem,
         Some(GuestAddress(HIMEM_START)),
-        &mut kf,
+        &mut std::io::Cursor::new(image),
         Some(GuestAddress(HIMEM_START)),
     )
     .map_err(|e| {
@@ -232,7 +661,7 @@ pub fn load_linux(
             kernel.display()
         )
     })?;
-    let mut hdr = res.setup_header.ok_or("kernel has no setup header")?;
+    let hdr = res.setup_header.ok_or("kernel has no setup header")?;
     if hdr.version < 0x020c || hdr.xloadflags & 1 == 0 {
         return Err(format!(
             "kernel '{}' does not support the 64-bit boot protocol",
@@ -246,60 +675,7 @@ pub fn load_linux(
             m.mem_size >> 20
         ));
     }
-
-    let max_cmdline = if hdr.version >= 0x0206 {
-        hdr.cmdline_size as usize
-    } else {
-        255
-    };
-    write_cmdline(mem, cmdline, max_cmdline)?;
-
-    hdr.type_of_loader = 0xff;
-    hdr.loadflags |= 0x80; // CAN_USE_HEAP
-    hdr.heap_end_ptr = 0xfe00;
-    hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    hdr.cmdline_size = cmdline.len() as u32;
-    hdr.code32_start = HIMEM_START as u32;
-
-    // Initrd at the top of low memory, below what the kernel accepts.
-    if let Some(p) = initrd {
-        let max = if hdr.version >= 0x0203 {
-            hdr.initrd_addr_max as u64 + 1
-        } else {
-            0x3800_0000
-        };
-        let (addr, size) = load_initrd(m, p, init_end, max)?;
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
-    }
-
-    let mut params = boot_params {
-        hdr,
-        ..Default::default()
-    };
-    let e820 = e820_map(m);
-    for (i, &(addr, size, type_)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: type_,
-        };
-    }
-    params.e820_entries = e820.len() as u8;
-    params.acpi_rsdp_addr = crate::acpi::ACPI_START;
-
-    // SAFETY: boot_params is a plain repr(C) struct; viewing it as bytes is sound.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &params as *const boot_params as *const u8,
-            std::mem::size_of::<boot_params>(),
-        )
-    };
-    mem.write_slice(bytes, GuestAddress(ZERO_PAGE))
-        .map_err(|e| format!("writing zero page: {e}"))?;
-
-    write_firmware_tables(m)?;
-    setup_long_mode_tables(mem)?;
+    setup_zero_page(m, image, initrd, cmdline, init_end)?;
     Ok(BootEntry::Linux64 {
         entry: HIMEM_START + 0x200,
         zero_page: ZERO_PAGE,
@@ -312,4 +688,113 @@ pub fn write_firmware_tables(m: &Machine) -> Result<(), String> {
     m.mem
         .write_slice(&t, GuestAddress(crate::acpi::ACPI_START))
         .map_err(|e| format!("writing ACPI tables: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_mem(size: usize) -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    /// Load through both paths; they must agree.
+    fn load_into(payload: &[u8], mem: &GuestMem) -> Result<LoadedElf, String> {
+        use vm_memory::GuestMemoryBackend;
+        let max = mem.last_addr().0 + 1;
+        let seq = guest_mem(max as usize);
+        let a = load_lz4_sequential(payload, HIMEM_START, max, &seq);
+        let b = load_lz4_parallel(payload, HIMEM_START, max, mem)
+            .map(|k| k.expect("8 MiB blocks: the parallel path must be taken"));
+        assert_eq!(a.is_ok(), b.is_ok(), "{a:?} vs {b:?}");
+        if let (Ok(x), Ok(y)) = (&a, &b) {
+            assert_eq!(x, y);
+            let mut va = vec![0u8; (y.end - y.start) as usize];
+            let mut vb = va.clone();
+            seq.read_slice(&mut va, GuestAddress(y.start)).unwrap();
+            mem.read_slice(&mut vb, GuestAddress(y.start)).unwrap();
+            assert!(va == vb, "parallel and sequential loads differ");
+        }
+        b
+    }
+
+    /// A bzImage-shaped file around `payload` (setup header only, as far as the direct
+    /// boot reads it).
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 2 * 512];
+        img[0x1f1] = 1; // setup_sects
+        img[0x201] = 0x6a;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+        img[0x248..0x24c].copy_from_slice(&0x40u32.to_le_bytes()); // payload_offset
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img.resize(2 * 512 + 0x40, 0);
+        img.extend_from_slice(payload);
+        img.extend_from_slice(&[0u8; 16]);
+        img
+    }
+
+    #[test]
+    fn lz4_bzimage_payload_loads() {
+        // A vmlinux spanning several LZ4 blocks, framed like the kernel build does.
+        let code: Vec<u8> = (0..(lz4::BLOCK_SIZE + 4096) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let vmlinux = elf::build_test_elf(0x100_0000, &code, 0x3000, Some(0x100_0100));
+        let img = fake_bzimage(&lz4::compress_legacy(&vmlinux, true));
+        let h = parse_bzimage_header(&img).unwrap();
+        assert_eq!((h.version, h.xloadflags), (0x020f, 1));
+        let payload = &img[h.payload.clone()];
+        assert!(lz4::is_legacy_frame(payload));
+        let gm = guest_mem(0x300_0000);
+        let k = load_into(payload, &gm).unwrap();
+        let mut mem = vec![0u8; 0x300_0000];
+        gm.read_slice(&mut mem, GuestAddress(0)).unwrap();
+        assert_eq!(k.entry, 0x100_0000);
+        assert_eq!(k.pvh_entry, Some(0x100_0100));
+        assert_eq!(k.end, 0x100_0000 + code.len() as u64 + 0x3000);
+        assert_eq!(&mem[0x100_0000..0x100_0000 + code.len()], &code[..]);
+        assert!(mem[0x100_0000 + code.len()..k.end as usize]
+            .iter()
+            .all(|&b| b == 0));
+        // Too little memory: an error, not a panic.
+        assert!(load_into(payload, &guest_mem(0x180_0000)).is_err());
+        // Not a bzImage.
+        assert!(parse_bzimage_header(&vmlinux).is_none());
+    }
+
+    /// The Debian cloud kernel the VM tests boot: its LZ4 payload decompresses (size trailer
+    /// checked) to a vmlinux that loads at the image's preferred address with a PVH entry.
+    #[test]
+    fn debian_kernel_decompresses() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+        let k = fixtures.join("cache/vmlinuz");
+        if !k.exists() {
+            if std::env::var_os("CI").is_none() {
+                eprintln!("SKIPPED: no fixtures/cache/vmlinuz (run fixtures/fetch-guest.sh)");
+                return;
+            }
+            let st = std::process::Command::new(fixtures.join("fetch-guest.sh"))
+                .status()
+                .expect("running fixtures/fetch-guest.sh");
+            assert!(st.success(), "fixtures/fetch-guest.sh failed");
+        }
+        let img = std::fs::read(&k).unwrap();
+        let h = parse_bzimage_header(&img).expect("a bzImage");
+        let payload = &img[h.payload.clone()];
+        assert!(
+            lz4::is_legacy_frame(payload),
+            "the kernel is not LZ4-compressed"
+        );
+        let pref = u64::from_le_bytes(img[0x258..0x260].try_into().unwrap());
+        let init_size = u32::from_le_bytes(img[0x260..0x264].try_into().unwrap()) as u64;
+        let mem = guest_mem((pref + init_size) as usize);
+        let l = load_into(payload, &mem).unwrap();
+        assert_eq!(l.start, pref);
+        assert_eq!(l.entry, pref, "startup_64 is at the start of the image");
+        assert!(l.end <= pref + init_size);
+        let pvh = l.pvh_entry.expect("Debian's kernel has CONFIG_PVH") as u64;
+        assert!(pvh > l.start && pvh < l.end);
+    }
 }
