@@ -597,3 +597,102 @@ fn v2_discard_keeps_data_over_a_backing_file_and_drops_it_without() {
     check_clean(&top);
     check_clean(&lone);
 }
+
+/// A full disk: writes that need new space fail with ENOSPC and a clear error; what was
+/// flushed before stays intact, the image stays consistent, and once space is back the
+/// same image takes writes and flushes again.
+#[test]
+fn full_disk_fails_cleanly_and_keeps_flushed_data() {
+    use crate::fault_storage::FaultStorage;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fault = FaultStorage::in_memory();
+    let opts = Qcow2CreateOptions {
+        size: 8 << 20,
+        ..Default::default()
+    };
+    super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
+    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let first = pattern(1 << 20, 3);
+    img.write_at(&first, 0).unwrap();
+    img.flush().unwrap();
+    let used = fault.content().unwrap().len() as u64;
+    fault.set_enospc_limit(Some(used + (128 << 10)));
+    let mut failed = None;
+    for i in 1..8u64 {
+        if let Err(e) = img.write_at(&pattern(1 << 20, i as u8), i << 20) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("writes past the limit must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(!err.to_string().contains('\n'), "one-line error: {err}");
+    // Whatever reached the disk is a consistent image with the flushed data in it.
+    let snapshot = dir.path().join("full.qcow2");
+    std::fs::write(&snapshot, fault.content().unwrap()).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", snapshot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(qemu_raw(&snapshot)[..1 << 20] == first[..]);
+    // Space comes back: the open image works again and ends up clean.
+    fault.set_enospc_limit(None);
+    img.write_at(&pattern(4096, 9), 7 << 20).unwrap();
+    img.flush().unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back == first);
+    drop(img);
+    std::fs::write(&snapshot, fault.content().unwrap()).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", snapshot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let raw = qemu_raw(&snapshot);
+    assert!(raw[..1 << 20] == first[..]);
+    assert!(raw[7 << 20..(7 << 20) + 4096] == pattern(4096, 9)[..]);
+}
+
+/// A failing flush (EIO from fdatasync) is reported, keeps the metadata dirty, and the
+/// next flush writes it all: nothing acknowledged is lost and the image ends up clean.
+#[test]
+fn failed_flush_is_reported_and_retried() {
+    use crate::fault_storage::FaultStorage;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fault = FaultStorage::in_memory();
+    let opts = Qcow2CreateOptions {
+        size: 4 << 20,
+        ..Default::default()
+    };
+    super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
+    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let data = pattern(300_000, 5);
+    img.write_at(&data, 100_000).unwrap();
+    fault.fail_flush(1);
+    let err = img
+        .flush()
+        .expect_err("the injected flush failure is reported");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    img.flush().unwrap();
+    drop(img);
+    let path = dir.path().join("flushed.qcow2");
+    std::fs::write(&path, fault.content().unwrap()).unwrap();
+    check_clean(&path);
+    assert!(qemu_raw(&path)[100_000..400_000] == data[..]);
+}
