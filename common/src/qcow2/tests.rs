@@ -598,22 +598,42 @@ fn v2_discard_keeps_data_over_a_backing_file_and_drops_it_without() {
     check_clean(&lone);
 }
 
+/// A new qcow2 image of `size` bytes on in-memory fault-injecting storage, opened.
+fn image_on_fault_storage(size: u64) -> (crate::fault_storage::FaultStorage, Qcow2Image) {
+    use std::sync::Arc;
+    let fault = crate::fault_storage::FaultStorage::in_memory();
+    let opts = Qcow2CreateOptions {
+        size,
+        ..Default::default()
+    };
+    super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
+    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    (fault, img)
+}
+
+/// Write the storage's bytes to `path` and check them with qemu-img: consistent, leaks
+/// allowed (a failed allocating write may leak its cluster).
+fn check_consistent(fault: &crate::fault_storage::FaultStorage, path: &Path) {
+    std::fs::write(path, fault.content().unwrap()).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 /// A full disk: writes that need new space fail with ENOSPC and a clear error; what was
 /// flushed before stays intact, the image stays consistent, and once space is back the
 /// same image takes writes and flushes again.
 #[test]
 fn full_disk_fails_cleanly_and_keeps_flushed_data() {
-    use crate::fault_storage::FaultStorage;
-    use std::sync::Arc;
-
     let dir = tempfile::tempdir().unwrap();
-    let fault = FaultStorage::in_memory();
-    let opts = Qcow2CreateOptions {
-        size: 8 << 20,
-        ..Default::default()
-    };
-    super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
-    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let (fault, img) = image_on_fault_storage(8 << 20);
     let first = pattern(1 << 20, 3);
     img.write_at(&first, 0).unwrap();
     img.flush().unwrap();
@@ -631,17 +651,7 @@ fn full_disk_fails_cleanly_and_keeps_flushed_data() {
     assert!(!err.to_string().contains('\n'), "one-line error: {err}");
     // Whatever reached the disk is a consistent image with the flushed data in it.
     let snapshot = dir.path().join("full.qcow2");
-    std::fs::write(&snapshot, fault.content().unwrap()).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["check", snapshot.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    check_consistent(&fault, &snapshot);
     assert!(qemu_raw(&snapshot)[..1 << 20] == first[..]);
     // Space comes back: the open image works again and ends up clean.
     fault.set_enospc_limit(None);
@@ -651,17 +661,7 @@ fn full_disk_fails_cleanly_and_keeps_flushed_data() {
     img.read_at(&mut back, 0).unwrap();
     assert!(back == first);
     drop(img);
-    std::fs::write(&snapshot, fault.content().unwrap()).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["check", snapshot.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    check_consistent(&fault, &snapshot);
     let raw = qemu_raw(&snapshot);
     assert!(raw[..1 << 20] == first[..]);
     assert!(raw[7 << 20..(7 << 20) + 4096] == pattern(4096, 9)[..]);
@@ -671,17 +671,8 @@ fn full_disk_fails_cleanly_and_keeps_flushed_data() {
 /// next flush writes it all: nothing acknowledged is lost and the image ends up clean.
 #[test]
 fn failed_flush_is_reported_and_retried() {
-    use crate::fault_storage::FaultStorage;
-    use std::sync::Arc;
-
     let dir = tempfile::tempdir().unwrap();
-    let fault = FaultStorage::in_memory();
-    let opts = Qcow2CreateOptions {
-        size: 4 << 20,
-        ..Default::default()
-    };
-    super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
-    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let (fault, img) = image_on_fault_storage(4 << 20);
     let data = pattern(300_000, 5);
     img.write_at(&data, 100_000).unwrap();
     fault.fail_flush(1);
