@@ -4,6 +4,7 @@
 //! [`driver::BlockDriver`] trait. Formats sit on the [`storage::Storage`] trait so that tests
 //! can inject failures below them.
 
+pub mod direct_io;
 pub mod driver;
 pub mod error;
 pub mod fault_storage;

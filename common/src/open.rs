@@ -44,6 +44,8 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Do not open the backing file (qemu-img info does this).
     pub no_backing: bool,
+    /// Bypass the host page cache (O_DIRECT), for the whole chain: QEMU's `cache=none`.
+    pub direct: bool,
 }
 
 /// An open image of any format.
@@ -126,7 +128,7 @@ pub(crate) fn open_in_chain(
     };
     match format {
         Format::Raw => {
-            let mut raw = RawImage::open(path, opts.read_only, opts.force_share)?;
+            let mut raw = RawImage::open_with(path, opts.read_only, opts.force_share, opts.direct)?;
             if opts.format.is_none() {
                 // Like QEMU: a guest must not turn a probed raw image into another format.
                 raw.set_probed();

@@ -41,10 +41,20 @@ impl RawImage {
     /// Open the file at `path` (read-write unless `read_only`) and lock it like QEMU does
     /// (see [`crate::lock::lock_image`]). The size is the file length at open.
     pub fn open(path: &Path, read_only: bool, force_share: bool) -> Result<RawImage> {
+        Self::open_with(path, read_only, force_share, false)
+    }
+
+    /// [`RawImage::open`], with `direct` bypassing the host page cache (O_DIRECT).
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        force_share: bool,
+        direct: bool,
+    ) -> Result<RawImage> {
         // Never blocks on a FIFO; refuses anything but a regular file or a block device.
-        let file = crate::storage::open_image_file(path, read_only)?;
-        lock::lock_image(&file, path, read_only, force_share)?;
-        Self::from_storage(Box::new(FileStorage::new(file)), read_only)
+        let storage = crate::storage::open_image_storage(path, read_only, direct)?;
+        lock::lock_image(storage.file(), path, read_only, force_share)?;
+        Self::from_storage(Box::new(storage), read_only)
     }
 
     /// Wrap an already open storage. No lock is taken.

@@ -37,12 +37,23 @@ pub trait Storage: Send + Sync {
 /// A [`Storage`] on an open file.
 pub struct FileStorage {
     file: File,
+    /// Set when the file was opened with O_DIRECT.
+    direct: Option<crate::direct_io::DirectIo>,
 }
 
 impl FileStorage {
     /// Wrap an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, direct: None }
+    }
+
+    /// Wrap a file opened with O_DIRECT (see [`open_image_file`]).
+    pub fn new_direct(file: File) -> io::Result<Self> {
+        let direct = crate::direct_io::DirectIo::new(&file)?;
+        Ok(FileStorage {
+            file,
+            direct: Some(direct),
+        })
     }
 
     /// The underlying file (for locking).
@@ -61,6 +72,9 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.read_at(&self.file, buf, offset);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -77,7 +91,10 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &self.direct {
+            Some(d) => d.write_at(&self.file, buf, offset),
+            None => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -182,7 +199,33 @@ pub fn open_image_file(path: &std::path::Path, read_only: bool) -> crate::Result
     open_image_file_with(
         std::fs::OpenOptions::new().read(true).write(!read_only),
         path,
+        0,
     )
+}
+
+/// Open an image file as storage; with `direct`, bypassing the host page cache (O_DIRECT).
+pub fn open_image_storage(
+    path: &std::path::Path,
+    read_only: bool,
+    direct: bool,
+) -> crate::Result<FileStorage> {
+    if !direct {
+        return Ok(FileStorage::new(open_image_file(path, read_only)?));
+    }
+    let file = open_image_file_with(
+        std::fs::OpenOptions::new().read(true).write(!read_only),
+        path,
+        libc::O_DIRECT,
+    )?;
+    FileStorage::new_direct(file).map_err(|e| {
+        crate::Error::io(
+            format!(
+                "Could not open '{}' with O_DIRECT (cache=none)",
+                path.display()
+            ),
+            e,
+        )
+    })
 }
 
 /// [`open_image_file`] with the caller's access mode: `opts` gets `O_NONBLOCK` added for
@@ -190,11 +233,12 @@ pub fn open_image_file(path: &std::path::Path, read_only: bool) -> crate::Result
 fn open_image_file_with(
     opts: &mut std::fs::OpenOptions,
     path: &std::path::Path,
+    flags: i32,
 ) -> crate::Result<File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let open_err = |e| crate::Error::io(format!("Could not open '{}'", path.display()), e);
     let file = opts
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | flags)
         .open(path)
         .map_err(open_err)?;
     let ft = file.metadata().map_err(open_err)?.file_type();

@@ -45,6 +45,8 @@ fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>>
     let opts = OpenOptions {
         read_only,
         format: drive_format(cfg),
+        // cache=none: bypass the host page cache, as QEMU does.
+        direct: cfg.cache == CacheMode::None,
         ..Default::default()
     };
     Ok(open_image(&cfg.path, &opts)?.into_driver())
@@ -271,5 +273,41 @@ mod tests {
         drop(d);
         assert_eq!(std::fs::read(&p).unwrap(), vec![0x11u8; 3 * 4096 + 512]);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn cache_none_opens_with_o_direct_and_keeps_unaligned_bytes() {
+        // tmpfs has no O_DIRECT: use the build's target directory, which is on disk.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let p = dir.path().join("direct.raw");
+        std::fs::write(&p, vec![0x11u8; 1 << 16]).unwrap();
+        let d = open_drive(&drive(&p, ",cache=none")).unwrap();
+        d.write_at(&[0x22; 3], 5).unwrap();
+        d.flush().unwrap();
+        let mut b = [0u8; 5];
+        d.read_at(&mut b, 4).unwrap();
+        assert_eq!(b, [0x11, 0x22, 0x22, 0x22, 0x11]);
+        // The descriptor really has O_DIRECT.
+        let canonical = std::fs::canonicalize(&p).unwrap();
+        let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+        let direct = fds.filter_map(|e| e.ok()).any(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t == canonical)
+                && std::fs::read_to_string(format!(
+                    "/proc/self/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .ok()
+                .and_then(|info| {
+                    let flags = info.lines().find(|l| l.starts_with("flags:"))?;
+                    u32::from_str_radix(flags.trim_start_matches("flags:").trim(), 8).ok()
+                })
+                .is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
+        });
+        assert!(direct, "no O_DIRECT descriptor for {}", p.display());
+        drop(d);
+        assert_eq!(
+            &std::fs::read(&p).unwrap()[4..9],
+            &[0x11, 0x22, 0x22, 0x22, 0x11]
+        );
     }
 }

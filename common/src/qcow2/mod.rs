@@ -73,9 +73,9 @@ impl Qcow2Image {
         opts: &OpenOptions,
         seen: &mut Vec<PathBuf>,
     ) -> Result<Qcow2Image> {
-        let file = crate::storage::open_image_file(path, opts.read_only)?;
-        crate::lock::lock_image(&file, path, opts.read_only, opts.force_share)?;
-        Self::open_storage(Arc::new(FileStorage::new(file)), path, opts, seen)
+        let storage = crate::storage::open_image_storage(path, opts.read_only, opts.direct)?;
+        crate::lock::lock_image(storage.file(), path, opts.read_only, opts.force_share)?;
+        Self::open_storage(Arc::new(storage), path, opts, seen)
     }
 
     /// Create a qcow2 image at `path` and open it read-write through the same file
@@ -114,6 +114,7 @@ impl Qcow2Image {
                         .map(Format::from_name)
                         .transpose()?,
                     no_backing: false,
+                    direct: opts.direct,
                 };
                 let img = open_in_chain(&bpath, &bopts, seen)
                     .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
