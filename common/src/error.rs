@@ -62,6 +62,11 @@ impl fmt::Display for Error {
     }
 }
 
+/// Turn an I/O result into an engine result, saying what was being done.
+pub(crate) fn io<T>(what: &str, r: io::Result<T>) -> Result<T> {
+    r.map_err(|e| Error::io(what, e))
+}
+
 /// An I/O error's text the way C's strerror puts it, without Rust's "(os error N)" suffix.
 pub fn os_message(e: &io::Error) -> String {
     let text = e.to_string();

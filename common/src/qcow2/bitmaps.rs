@@ -1,6 +1,6 @@
 //! The persistent dirty bitmaps directory, read for `info` (bitmap contents are not used).
 
-use super::header::{Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
+use super::header::{be32, be64, Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
@@ -20,13 +20,6 @@ pub struct BitmapInfo {
     pub in_use: bool,
     /// The bitmap tracks writes automatically.
     pub auto: bool,
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 /// The bitmaps of an image; empty unless the bitmaps extension is present and consistent

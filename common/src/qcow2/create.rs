@@ -10,7 +10,7 @@ use super::header::{
 };
 use super::meta::Meta;
 use super::refcount;
-use crate::error::{Error, Result};
+use crate::error::{io, Error, Result};
 use crate::storage::{FileStorage, Storage};
 
 pub use crate::prealloc::Preallocation;
@@ -146,10 +146,6 @@ impl Qcow2CreateOptions {
             other_extensions: Vec::new(),
         }
     }
-}
-
-fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::io(what, e))
 }
 
 /// Create (or overwrite) a qcow2 image at `path`.

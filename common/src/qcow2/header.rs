@@ -117,10 +117,12 @@ pub struct Header {
     pub other_extensions: Vec<RawExtension>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// Big-endian u32 at `at` (the caller checked the bounds).
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
 }
-fn be64(b: &[u8], at: usize) -> u64 {
+/// Big-endian u64 at `at` (the caller checked the bounds).
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 

@@ -10,16 +10,12 @@ use super::entry::{CompressedRun, HostOffset, Kind, L2Entry, ALL_ZEROES, ZERO};
 use super::meta::Meta;
 use super::Qcow2Image;
 use crate::driver::{Allocation, BlockStatus};
-use crate::error::{Error, Result};
+use crate::error::{io, Result};
 
 /// A run of guest bytes that map alike.
 struct Run {
     kind: Kind,
     len: u64,
-}
-
-fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::io(what, e))
 }
 
 impl Qcow2Image {

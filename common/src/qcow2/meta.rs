@@ -13,7 +13,7 @@ use super::cache::TableCache;
 use super::entry::{self, HostOffset, L2Entry, COPIED};
 use super::header::{Header, INCOMPAT_DIRTY};
 use super::refcount;
-use crate::error::{Error, Result};
+use crate::error::{io, Error, Result};
 use crate::storage::Storage;
 
 /// Bits 9..63 of a refcount table entry hold the refcount block offset.
@@ -51,10 +51,6 @@ pub(crate) struct Meta {
     /// Guest cluster ranges (start, count) whose allocating write is under way.
     inflight: Vec<(u64, u64)>,
     pub read_only: bool,
-}
-
-fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::io(what, e))
 }
 
 fn be64_at(b: &[u8], i: usize) -> u64 {

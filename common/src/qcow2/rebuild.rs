@@ -12,14 +12,10 @@ use super::header::INCOMPAT_DIRTY;
 use super::meta::Meta;
 use super::refcount;
 use super::snapshot;
-use crate::error::{Error, Result};
+use crate::error::{io, Error, Result};
 
 /// Reference counts by host cluster index.
 pub(crate) type Counts = BTreeMap<u64, u64>;
-
-fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::io(what, e))
-}
 
 impl Meta {
     fn count_range(&self, counts: &mut Counts, offset: u64, bytes: u64, limit: u64) -> Result<()> {

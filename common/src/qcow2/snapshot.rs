@@ -16,7 +16,7 @@
 //! | 40.. | extra data: VM state size (64 bit), disk size, icount, then anything newer |
 //! | | the ID string, the name (not NUL terminated), padding to a multiple of 8 |
 
-use super::header::{Header, MAX_SNAPSHOTS};
+use super::header::{be32, be64, Header, MAX_SNAPSHOTS};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 
@@ -54,12 +54,6 @@ pub struct Snapshot {
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 fn read(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {

@@ -11,14 +11,10 @@ use super::compress;
 use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
 use super::meta::Meta;
 use super::Qcow2Image;
-use crate::error::{Error, Result};
+use crate::error::{io, Result};
 
 /// Largest run of whole clusters one allocating write takes at once.
 const MAX_RUN_BYTES: u64 = 16 << 20;
-
-fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T> {
-    r.map_err(|e| Error::io(what, e))
-}
 
 /// Where the old content of one allocation unit comes from, when it must be copied.
 #[derive(Clone, Copy)]
