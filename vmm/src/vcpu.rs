@@ -138,6 +138,29 @@ fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
     }
 }
 
+/// Load `code` into CS and `data` into every data segment register.
+fn set_flat_segments(sregs: &mut kvm_bindings::kvm_sregs, code: kvm_segment, data: kvm_segment) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+}
+
+/// A busy 32/64-bit TSS descriptor at `selector` (VMX entry needs a usable TR).
+fn task_segment(limit: u32, selector: u16) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit,
+        selector,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        ..Default::default()
+    }
+}
+
 fn setup_regs(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), String> {
     let mut sregs = vcpu.get_sregs().map_err(kerr("KVM_GET_SREGS"))?;
     let mut regs = kvm_regs {
@@ -148,21 +171,8 @@ fn setup_regs(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), String> {
         BootEntry::Linux64 { entry, zero_page } => {
             let code = seg(0x10, 0xb, 1, 0);
             let data = seg(0x18, 0x3, 0, 1);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                base: 0,
-                limit: 0xffff,
-                selector: 0x20,
-                type_: 0xb,
-                present: 1,
-                s: 0,
-                ..Default::default()
-            };
+            set_flat_segments(&mut sregs, code, data);
+            sregs.tr = task_segment(0xffff, 0x20);
             sregs.gdt.base = GDT_ADDR;
             sregs.gdt.limit = (crate::boot::GDT.len() * 8 - 1) as u16;
             sregs.idt.base = IDT_ADDR;
@@ -179,21 +189,8 @@ fn setup_regs(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), String> {
         BootEntry::Pvh { entry, start_info } => {
             let code = seg(0x08, 0xb, 0, 1);
             let data = seg(0x10, 0x3, 0, 1);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.tr = kvm_segment {
-                base: 0,
-                limit: 0x67,
-                selector: 0x18,
-                type_: 0xb,
-                present: 1,
-                s: 0,
-                ..Default::default()
-            };
+            set_flat_segments(&mut sregs, code, data);
+            sregs.tr = task_segment(0x67, 0x18);
             sregs.cr0 = (sregs.cr0 & !0x6000_0000) | 0x11; // PE, ET
             sregs.cr4 = 0;
             sregs.efer = 0;
@@ -203,12 +200,7 @@ fn setup_regs(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), String> {
         BootEntry::Protected32 { entry } => {
             let code = seg(0x08, 0xb, 0, 1);
             let data = seg(0x10, 0x3, 0, 1);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
+            set_flat_segments(&mut sregs, code, data);
             sregs.cr0 |= 1;
             regs.rip = entry as u64;
             regs.rsp = 0x8000;
