@@ -8,6 +8,7 @@ pub mod direct_io;
 pub mod driver;
 pub mod error;
 pub mod fault_storage;
+pub mod iovec;
 pub mod lock;
 pub mod raw;
 pub mod storage;

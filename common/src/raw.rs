@@ -1,6 +1,7 @@
 //! The raw format: guest offset = file offset, sparse-aware.
 
 use std::fs::OpenOptions;
+use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
@@ -92,11 +93,11 @@ impl RawImage {
     /// Only data writes need this: zeroing bytes can never create the qcow2 magic or
     /// raise the version field, so write_zeroes and discard are not checked (nor are they
     /// in QEMU).
-    fn guarded<F>(&self, buf: &[u8], offset: u64, write: F) -> Result<()>
+    fn guarded<F>(&self, bufs: &[IoSlice<'_>], offset: u64, write: F) -> Result<()>
     where
         F: FnOnce() -> Result<()>,
     {
-        let len = buf.len() as u64;
+        let len = crate::iovec::total_len(bufs) as u64;
         if !self.probed || len == 0 || offset >= PROBE_LEN {
             return write();
         }
@@ -107,7 +108,10 @@ impl RawImage {
             .map_err(|e| Error::io("Failed to read", e))?;
         let start = offset as usize;
         let end = (offset + len).min(first.len() as u64) as usize;
-        first[start..end].copy_from_slice(&buf[..end - start]);
+        crate::iovec::gather(
+            &crate::iovec::sub(bufs, 0, end - start),
+            &mut first[start..end],
+        );
         if crate::qcow2::header::probe(&first) {
             return Err(Error::invalid(
                 "Refusing to write a format header to a probed raw image \
@@ -158,17 +162,25 @@ impl BlockDriver for RawImage {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.storage
-            .read_at(buf, offset)
-            .map_err(|e| Error::io("Failed to read", e))
+        self.read_vectored_at(&mut [IoSliceMut::new(buf)], offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_write(offset, buf.len() as u64)?;
-        self.guarded(buf, offset, || {
+        self.write_vectored_at(&[IoSlice::new(buf)], offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        self.storage
+            .read_vectored_at(bufs, offset)
+            .map_err(|e| Error::io("Failed to read", e))
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.check_write(offset, crate::iovec::total_len(bufs) as u64)?;
+        self.guarded(bufs, offset, || {
             self.storage
-                .write_at(buf, offset)
+                .write_vectored_at(bufs, offset)
                 .map_err(|e| Error::io("Failed to write", e))
         })
     }

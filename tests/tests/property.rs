@@ -1,4 +1,5 @@
-//! Property test: random sequences of write / write_zeroes / discard / read / flush through
+//! Property test: random sequences of write / write_zeroes / discard / read / flush (reads and
+//! writes a third of the time as scatter lists through the vectored calls) through
 //! the engine, checked against an in-memory model, on qcow2 images of several cluster sizes
 //! (512, 4K, 64K, 2M), refcount widths (1, 16, 64), with and without extended L2, with and
 //! without a qcow2 backing file full of random data.
@@ -23,10 +24,27 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, fill: u64 },
-    Zero { off: u64, len: u64, unmap: bool },
-    Discard { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    /// `split` != 0: the buffer goes as a scatter list cut at points drawn from that seed.
+    Write {
+        off: u64,
+        len: u64,
+        fill: u64,
+        split: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+        split: u64,
+    },
     Flush,
 }
 
@@ -150,11 +168,17 @@ fn gen_op(rng: &mut Rng, size: u64, cluster: u64) -> Op {
     if align > 1 && len >= align {
         len = len / align * align;
     }
+    let split = if rng.chance(1, 3) {
+        rng.next_u64() | 1
+    } else {
+        0
+    };
     match rng.below(20) {
         0..=6 => Op::Write {
             off,
             len,
             fill: rng.next_u64(),
+            split,
         },
         7..=9 => Op::Zero {
             off,
@@ -162,9 +186,64 @@ fn gen_op(rng: &mut Rng, size: u64, cluster: u64) -> Op {
             unmap: rng.chance(1, 2),
         },
         10..=12 => Op::Discard { off, len },
-        13..=18 => Op::Read { off, len },
+        13..=18 => Op::Read { off, len, split },
         _ => Op::Flush,
     }
+}
+
+/// Lengths of the pieces a buffer of `len` bytes is cut into for a vectored request (one
+/// piece when `split` is 0; otherwise 2..=9 pieces, some possibly empty).
+fn pieces(split: u64, len: u64) -> Vec<usize> {
+    if split == 0 {
+        return vec![len as usize];
+    }
+    let mut r = Rng::new(split);
+    let mut cuts: Vec<u64> = (0..r.range(1, 8)).map(|_| r.below(len + 1)).collect();
+    cuts.push(0);
+    cuts.push(len);
+    cuts.sort_unstable();
+    cuts.windows(2).map(|w| (w[1] - w[0]) as usize).collect()
+}
+
+/// Write `buf` at `off`: with `write_at`, or cut up with `write_vectored_at`.
+fn write_split(
+    d: &dyn common::BlockDriver,
+    buf: &[u8],
+    off: u64,
+    split: u64,
+) -> common::Result<()> {
+    if split == 0 {
+        return d.write_at(buf, off);
+    }
+    let mut rest = buf;
+    let mut bufs = Vec::new();
+    for n in pieces(split, buf.len() as u64) {
+        let (a, b) = rest.split_at(n);
+        bufs.push(std::io::IoSlice::new(a));
+        rest = b;
+    }
+    d.write_vectored_at(&bufs, off)
+}
+
+/// Read into `buf` from `off`: with `read_at`, or cut up with `read_vectored_at`.
+fn read_split(
+    d: &dyn common::BlockDriver,
+    buf: &mut [u8],
+    off: u64,
+    split: u64,
+) -> common::Result<()> {
+    if split == 0 {
+        return d.read_at(buf, off);
+    }
+    let len = buf.len() as u64;
+    let mut rest = buf;
+    let mut bufs = Vec::new();
+    for n in pieces(split, len) {
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(n);
+        bufs.push(std::io::IoSliceMut::new(a));
+        rest = b;
+    }
+    d.read_vectored_at(&mut bufs, off)
 }
 
 fn fill_buf(fill: u64, len: u64) -> Vec<u8> {
@@ -295,9 +374,14 @@ fn run_sequence(
                 let _ = writeln!(oplog, "  #{}: {op:?}", done.len() - 1);
             }
             let res = match op {
-                Op::Write { off, len, fill } => {
+                Op::Write {
+                    off,
+                    len,
+                    fill,
+                    split,
+                } => {
                     let buf = fill_buf(fill, len);
-                    let r = d.write_at(&buf, off);
+                    let r = write_split(d, &buf, off, split);
                     model.apply(&op, &buf, discard_unit);
                     r
                 }
@@ -311,9 +395,9 @@ fn run_sequence(
                     model.apply(&op, &[], discard_unit);
                     r
                 }
-                Op::Read { off, len } => {
+                Op::Read { off, len, split } => {
                     let mut buf = vec![0xa5u8; len as usize];
-                    match d.read_at(&mut buf, off) {
+                    match read_split(d, &mut buf, off, split) {
                         Ok(()) => model
                             .check_read(off, &buf)
                             .map_err(|e| ctx(&done, format!("read mismatch: {e}")))?,
@@ -584,9 +668,9 @@ fn run_concurrent(
                             done.push(op.clone());
                             let e = |e: common::Error| format!("thread {t}: {op:?} (slice base {base:#x}) failed: {e}");
                             match op {
-                                Op::Write { off, len, fill } => {
+                                Op::Write { off, len, fill, split } => {
                                     let buf = fill_buf(fill, len);
-                                    d.write_at(&buf, base + off).map_err(e)?;
+                                    write_split(d, &buf, base + off, split).map_err(e)?;
                                     model.apply(&op, &buf, cfg.cluster);
                                 }
                                 Op::Zero { off, len, unmap } => {
@@ -597,9 +681,9 @@ fn run_concurrent(
                                     d.discard(base + off, len).map_err(e)?;
                                     model.apply(&op, &[], cfg.cluster);
                                 }
-                                Op::Read { off, len } => {
+                                Op::Read { off, len, split } => {
                                     let mut buf = vec![0u8; len as usize];
-                                    d.read_at(&mut buf, base + off).map_err(e)?;
+                                    read_split(d, &mut buf, base + off, split).map_err(e)?;
                                     model
                                         .check_read(off, &buf)
                                         .map_err(|m| format!("thread {t} (slice base {base:#x}): read mismatch (offsets relative to slice): {m}"))?;

@@ -1,6 +1,7 @@
 //! Opening `--drive` images as [`BlockDriver`]s: `snapshot=on` puts a temporary qcow2
 //! overlay on top (QEMU's `-snapshot`), `cache=unsafe` a flush-ignoring layer.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -107,6 +108,12 @@ impl BlockDriver for NoFlush {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.0.write_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.0.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.0.write_vectored_at(bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.0.write_zeroes(offset, len, may_unmap)

@@ -269,7 +269,7 @@ fn requests() {
     d.header(1, 0);
     assert_eq!(d.submit(0), Some((1, 1)));
 
-    // A scattered request (more buffers than the direct path takes): 12 segments of 512
+    // A scattered request (one vectored engine call over 12 host runs): 12 segments of 512
     // bytes, every other 4 KiB page, written and read back.
     let segs = 12u16;
     let scattered: Vec<u8> = (0..512 * segs as usize)

@@ -4,6 +4,7 @@
 //! Reads and writes to clusters that are already allocated and unshared hold the metadata
 //! lock only for the lookup; writes that allocate or change the mapping hold it throughout.
 
+use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use super::entry::{CompressedRun, HostOffset, Kind, L2Entry, ALL_ZEROES, ZERO};
@@ -11,6 +12,7 @@ use super::meta::Meta;
 use super::Qcow2Image;
 use crate::driver::{Allocation, BlockStatus};
 use crate::error::{io, Result};
+use crate::iovec;
 
 /// A run of guest bytes that map alike.
 struct Run {
@@ -80,17 +82,18 @@ impl Qcow2Image {
         })
     }
 
-    pub(super) fn read_backing(&self, buf: &mut [u8], pos: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
+    /// Read guest bytes at `pos` that this layer does not have: from the backing file
+    /// (zeroes past its end), or zeroes without one.
+    pub(super) fn read_backing(&self, bufs: &mut [IoSliceMut<'_>], pos: u64) -> Result<()> {
+        let len = iovec::total_len(bufs);
+        let avail = match &self.backing {
+            Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
+            None => 0,
         };
-        let bsize = b.size();
-        let avail = bsize.saturating_sub(pos).min(buf.len() as u64) as usize;
-        if avail > 0 {
-            b.read_at(&mut buf[..avail], pos)?;
+        if let (Some(b), true) = (&self.backing, avail > 0) {
+            b.read_vectored_at(&mut iovec::sub_mut(bufs, 0, avail), pos)?;
         }
-        buf[avail..].fill(0);
+        iovec::zero(&mut iovec::sub_mut(bufs, avail, len - avail));
         Ok(())
     }
 
@@ -114,28 +117,29 @@ impl Qcow2Image {
         Ok(data)
     }
 
-    pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(super) fn read_impl(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let total = iovec::total_len(bufs);
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < total {
             let pos = offset + done as u64;
-            let want = (buf.len() - done) as u64;
+            let want = (total - done) as u64;
             let (run, cs) = {
                 let mut m = self.meta();
                 (Self::map_run(&mut m, pos, want)?, m.cluster_size())
             };
-            let part = &mut buf[done..done + run.len as usize];
+            let mut part = iovec::sub_mut(bufs, done, run.len as usize);
             match run.kind {
-                Kind::Unallocated => self.read_backing(part, pos)?,
-                Kind::Zero { .. } => part.fill(0),
+                Kind::Unallocated => self.read_backing(&mut part, pos)?,
+                Kind::Zero { .. } => iovec::zero(&mut part),
                 Kind::Data { host } => io(
                     "Could not read image data",
-                    self.storage.read_at(part, host.0),
+                    self.storage.read_vectored_at(&mut part, host.0),
                 )?,
                 Kind::Compressed(c) => {
                     let cluster = self.decompressed(c)?;
                     let at = (pos % cs) as usize;
-                    part.copy_from_slice(&cluster[at..at + part.len()]);
+                    iovec::scatter(&mut part, &cluster[at..at + run.len as usize]);
                 }
             }
             done += run.len as usize;
@@ -172,7 +176,7 @@ impl Qcow2Image {
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64);
-            self.write_impl(&zeros[..n as usize], pos)?;
+            self.write_impl(&[std::io::IoSlice::new(&zeros[..n as usize])], pos)?;
             pos += n;
         }
         Ok(())

@@ -13,6 +13,7 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
+use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
@@ -260,17 +261,25 @@ impl BlockDriver for Qcow2Image {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        crate::driver::check_range(offset, buf.len() as u64, self.size)?;
-        self.check_own_data()?;
-        self.read_impl(buf, offset)
+        self.read_vectored_at(&mut [IoSliceMut::new(buf)], offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_vectored_at(&[IoSlice::new(buf)], offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        self.check_own_data()?;
+        self.read_impl(bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        crate::driver::check_range(offset, buf.len() as u64, self.size)?;
-        self.write_impl(buf, offset)
+        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        self.write_impl(bufs, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

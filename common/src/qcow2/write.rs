@@ -5,6 +5,7 @@
 //! it, then takes the lock again to point the L2 entries at the new clusters. Other
 //! requests for guest clusters in flight wait until the mapping is settled.
 
+use std::io::IoSlice;
 use std::sync::MutexGuard;
 
 use super::compress;
@@ -12,6 +13,7 @@ use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
 use super::meta::Meta;
 use super::Qcow2Image;
 use crate::error::{io, Result};
+use crate::iovec;
 
 /// Largest run of whole clusters one allocating write takes at once.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -54,32 +56,34 @@ impl Qcow2Image {
         self.alloc_done.notify_all();
     }
 
-    pub(super) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(super) fn write_impl(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let total = iovec::total_len(bufs);
         let mut done = 0usize;
-        while done < buf.len() {
+        while done < total {
             let pos = offset + done as u64;
-            let left = (buf.len() - done) as u64;
+            let left = (total - done) as u64;
             let mut m = self.meta_settled(pos >> self.cluster_bits, 1);
             let cs = m.cluster_size();
             let n = (cs - pos % cs).min(left);
             if let Some(host) = Self::overwrite_in_place(&mut m, pos, n)? {
                 let n = Self::extend_in_place(&mut m, pos + n, host + n, left - n)? + n;
                 drop(m);
-                let data = &buf[done..done + n as usize];
+                let data = iovec::sub(bufs, done, n as usize);
                 io(
                     "Could not write image data",
-                    self.storage.write_at(data, host),
+                    self.storage.write_vectored_at(&data, host),
                 )?;
                 done += n as usize;
                 continue;
             }
             if pos.is_multiple_of(cs) && left >= cs {
-                done += self.write_whole_clusters(m, pos, &buf[done..])? as usize;
+                let rest = iovec::sub(bufs, done, total - done);
+                done += self.write_whole_clusters(m, pos, &rest)? as usize;
             } else {
                 let plan = self.plan_cow(&mut m, pos, n)?;
                 drop(m);
-                self.run_cow(plan, &buf[done..done + n as usize], pos)?;
+                self.run_cow(plan, &iovec::sub(bufs, done, n as usize), pos)?;
                 done += n as usize;
             }
         }
@@ -138,13 +142,13 @@ impl Qcow2Image {
         &self,
         mut m: MutexGuard<'_, Meta>,
         pos: u64,
-        buf: &[u8],
+        data: &[IoSlice<'_>],
     ) -> Result<u64> {
         let cb = m.h.cluster_bits;
         let cs = m.cluster_size();
         let gc = pos >> cb;
         let per_l2 = m.h.l2_entries();
-        let max = (buf.len() as u64 / cs)
+        let max = (iovec::total_len(data) as u64 / cs)
             .min(MAX_RUN_BYTES / cs)
             .min(per_l2 - gc % per_l2)
             .max(1);
@@ -165,7 +169,8 @@ impl Qcow2Image {
         let host = first << cb;
         let wrote = io(
             "Could not write image data",
-            self.storage.write_at(&buf[..(k * cs) as usize], host),
+            self.storage
+                .write_vectored_at(&iovec::sub(data, 0, (k * cs) as usize), host),
         );
         let mut m = self.meta();
         let ext = m.h.extended_l2();
@@ -266,7 +271,7 @@ impl Qcow2Image {
     }
 
     /// Carry out a planned copy-on-write without the lock, then commit the mapping.
-    fn run_cow(&self, plan: CowPlan, data: &[u8], pos: u64) -> Result<()> {
+    fn run_cow(&self, plan: CowPlan, data: &[IoSlice<'_>], pos: u64) -> Result<()> {
         let written = self.fill_and_write(&plan, data, pos);
         let mut m = self.meta();
         let mut result = written;
@@ -280,13 +285,15 @@ impl Qcow2Image {
         result
     }
 
-    fn fill_and_write(&self, plan: &CowPlan, data: &[u8], pos: u64) -> Result<()> {
+    fn fill_and_write(&self, plan: &CowPlan, data: &[IoSlice<'_>], pos: u64) -> Result<()> {
         let mut buf = vec![0u8; plan.buf_len];
         let mut decompressed: Option<Vec<u8>> = None;
         for &(at, len, src) in &plan.fills {
             let dst = &mut buf[at..at + len];
             match src {
-                Source::Backing(guest) => self.read_backing(dst, guest)?,
+                Source::Backing(guest) => {
+                    self.read_backing(&mut [std::io::IoSliceMut::new(dst)], guest)?
+                }
                 Source::Zero => dst.fill(0),
                 Source::Host(host) => {
                     io("Could not read image data", self.storage.read_at(dst, host))?
@@ -303,7 +310,7 @@ impl Qcow2Image {
             }
         }
         let at = (pos - plan.guest) as usize;
-        buf[at..at + data.len()].copy_from_slice(data);
+        iovec::gather(data, &mut buf[at..at + iovec::total_len(data)]);
         io(
             "Could not write image data",
             self.storage.write_at(&buf, plan.host),

@@ -1,5 +1,6 @@
 //! virtio-blk: request parsing and execution against a [`BlockDriver`], on an I/O thread.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,12 +33,6 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const SECTOR: u64 = 512;
 const ID_BYTES: usize = 20;
-/// Largest piece moved between the guest and the image at once.
-const CHUNK: usize = 1 << 20;
-/// Requests whose buffers form at most this many host-contiguous runs are served straight
-/// from/into guest memory; more scattered ones go through one bounce buffer (one large
-/// image access is cheaper than many small ones).
-const MAX_DIRECT_RUNS: usize = 8;
 const MAX_DISCARD_SECTORS: u32 = 0x3f_ffff;
 const MAX_SEGS: u32 = 1;
 
@@ -119,7 +114,6 @@ impl VirtioDevice for Block {
             serial: self.serial.clone(),
             queues,
             irq,
-            bounce: std::cell::RefCell::new(Vec::new()),
         };
         let h = std::thread::Builder::new()
             .name("virtio-blk".into())
@@ -153,8 +147,6 @@ pub struct Worker {
     pub serial: Vec<u8>,
     pub queues: Vec<ActiveQueue>,
     pub irq: Arc<dyn VirtioInterrupt>,
-    /// Reused bounce buffer (allocated once, so requests do not fault in fresh pages).
-    bounce: std::cell::RefCell<Vec<u8>>,
 }
 
 /// Why a request could not even be answered with a status.
@@ -297,36 +289,23 @@ impl Worker {
         match ty {
             VIRTIO_BLK_T_IN => {
                 let len = w.remaining();
-                let Some(mut off) = range(len) else {
+                let Some(off) = range(len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                if !w.all_in_memory() {
+                let Some(runs) = w.host_runs() else {
                     return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                if let Some(runs) = w.host_runs(MAX_DIRECT_RUNS) {
-                    for (ptr, n) in runs {
-                        // SAFETY: `host_runs` checked that [ptr, ptr+n) lies inside one
-                        // mapped guest memory region, which outlives this request. The guest
-                        // may touch the bytes concurrently; they are plain data to us.
-                        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
-                        if self.disk.read_at(slice, off).is_err() {
-                            return (VIRTIO_BLK_S_IOERR, 0);
-                        }
-                        off += n as u64;
-                    }
-                    return (VIRTIO_BLK_S_OK, len.min(u32::MAX as u64) as u32);
-                }
-                let mut buf = self.bounce.borrow_mut();
-                buf.resize((len as usize).min(CHUNK), 0);
-                let mut done = 0u64;
-                while done < len {
-                    let n = ((len - done) as usize).min(CHUNK);
-                    if self.disk.read_at(&mut buf[..n], off).is_err() || w.write(&buf[..n]).is_err()
-                    {
-                        return (VIRTIO_BLK_S_IOERR, done as u32);
-                    }
-                    done += n as u64;
-                    off += n as u64;
+                };
+                let mut bufs: Vec<IoSliceMut<'_>> = runs
+                    .iter()
+                    // SAFETY: `host_runs` checked that [ptr, ptr+n) lies inside one mapped
+                    // guest memory region, which outlives this request. The guest may
+                    // touch the bytes concurrently; they are plain data to us.
+                    .map(|&(ptr, n)| {
+                        IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
+                    })
+                    .collect();
+                if self.disk.read_vectored_at(&mut bufs, off).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, len.min(u32::MAX as u64) as u32)
             }
@@ -335,35 +314,19 @@ impl Worker {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let len = r.remaining();
-                let Some(mut off) = range(len) else {
+                let Some(off) = range(len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                if !r.all_in_memory() {
+                let Some(runs) = r.host_runs() else {
                     return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                if let Some(runs) = r.host_runs(MAX_DIRECT_RUNS) {
-                    for (ptr, n) in runs {
-                        // SAFETY: as for reads above; the slice is only read.
-                        let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, n) };
-                        if self.disk.write_at(slice, off).is_err() {
-                            return (VIRTIO_BLK_S_IOERR, 0);
-                        }
-                        off += n as u64;
-                    }
-                } else {
-                    let mut buf = self.bounce.borrow_mut();
-                    buf.resize((len as usize).min(CHUNK), 0);
-                    let mut done = 0u64;
-                    while done < len {
-                        let n = ((len - done) as usize).min(CHUNK);
-                        if r.read(&mut buf[..n]).is_err()
-                            || self.disk.write_at(&buf[..n], off).is_err()
-                        {
-                            return (VIRTIO_BLK_S_IOERR, 0);
-                        }
-                        done += n as u64;
-                        off += n as u64;
-                    }
+                };
+                let bufs: Vec<IoSlice<'_>> = runs
+                    .iter()
+                    // SAFETY: as for reads above; the memory is only read.
+                    .map(|&(ptr, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, n) }))
+                    .collect();
+                if self.disk.write_vectored_at(&bufs, off).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 if self.writethrough && self.disk.flush().is_err() {
                     return (VIRTIO_BLK_S_IOERR, 0);
@@ -455,8 +418,8 @@ impl<'a> Cursor<'a> {
     }
 
     /// The remaining buffers as host-contiguous runs (pointer, length), if every buffer lies
-    /// within one guest memory region and there are at most `max` runs.
-    fn host_runs(&self, max: usize) -> Option<Vec<(*mut u8, usize)>> {
+    /// within one guest memory region.
+    fn host_runs(&self) -> Option<Vec<(*mut u8, usize)>> {
         use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
         let mut runs: Vec<(*mut u8, usize)> = Vec::new();
         for (i, d) in self.descs.iter().enumerate().skip(self.idx) {
@@ -474,21 +437,10 @@ impl<'a> Cursor<'a> {
             let ptr = r.get_host_address(MemoryRegionAddress(off)).ok()?;
             match runs.last_mut() {
                 Some((p, n)) if p.wrapping_add(*n) == ptr => *n += len,
-                _ => {
-                    if runs.len() == max {
-                        return None;
-                    }
-                    runs.push((ptr, len));
-                }
+                _ => runs.push((ptr, len)),
             }
         }
         Some(runs)
-    }
-
-    fn all_in_memory(&self) -> bool {
-        self.descs
-            .iter()
-            .all(|d| range_ok(self.mem, d.addr, d.len as u64))
     }
 
     /// Visit the next `len` bytes as (guest address, length) pieces.
