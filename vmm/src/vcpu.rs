@@ -28,11 +28,17 @@ fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) -> Result<(), String>
     let id = id as u32;
     let n = cpus as u32;
     let shift = 32 - (n.max(1) - 1).leading_zeros();
+    // KVM emulates the TSC-deadline timer with the in-kernel LAPIC but leaves the bit out
+    // of its supported set; without it Linux calibrates the LAPIC timer at boot.
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0xffff) | (id << 24) | ((n.next_power_of_two() & 0xff) << 16);
                 e.ecx |= 1 << 31; // hypervisor
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
                 if n > 1 {
                     e.edx |= 1 << 28; // HTT: more than one logical processor
                 }
