@@ -119,37 +119,61 @@ impl Scratch {
     }
 }
 
-impl Scratch {
-    /// The whole of `f`, mapped privately (no copy: the loader reads the image once, from
-    /// the page cache), or read into an anonymous mapping when it cannot be mapped. A file
-    /// truncated by someone else while it is mapped would fault (SIGBUS); kernel images are
-    /// not rewritten under a starting VM, and the mapping lives only while loading.
-    fn map_file(f: &File) -> Result<Scratch, String> {
+/// A kernel (or other boot) file's bytes, read-only: mapped from the page cache without a
+/// copy, or read into a [`Scratch`] when the file cannot be mapped. A file truncated by
+/// someone else while it is mapped would fault (SIGBUS); kernel images are not rewritten
+/// under a starting VM, and the mapping lives only while loading.
+enum FileImage {
+    Mapped { ptr: *const u8, len: usize },
+    Read(Scratch),
+}
+
+impl FileImage {
+    fn open(f: &File) -> Result<FileImage, String> {
         use std::os::fd::AsRawFd;
         let len = f.metadata().map_err(|e| e.to_string())?.len() as usize;
         if len != 0 {
-            // SAFETY: a fresh private (copy-on-write, so writable through DerefMut without
-            // touching the file) mapping of a file we hold open.
+            // SAFETY: a fresh read-only mapping of a file we hold open.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
                     len,
-                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::PROT_READ,
                     libc::MAP_PRIVATE | libc::MAP_POPULATE,
                     f.as_raw_fd(),
                     0,
                 )
             };
             if p != libc::MAP_FAILED {
-                return Ok(Scratch {
-                    ptr: p as *mut u8,
+                return Ok(FileImage::Mapped {
+                    ptr: p as *const u8,
                     len,
                 });
             }
         }
         let mut s = Scratch::new(len)?;
         std::io::Read::read_exact(&mut &*f, &mut s).map_err(|e| e.to_string())?;
-        Ok(s)
+        Ok(FileImage::Read(s))
+    }
+}
+
+impl std::ops::Deref for FileImage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: `len` readable bytes mapped in `open`, owned by self.
+            FileImage::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+            FileImage::Read(s) => s,
+        }
+    }
+}
+
+impl Drop for FileImage {
+    fn drop(&mut self) {
+        if let FileImage::Mapped { ptr, len } = *self {
+            // SAFETY: unmapping exactly the mapping made in `open`.
+            unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
+        }
     }
 }
 
@@ -310,6 +334,13 @@ fn guest_writer(mem: &GuestMem) -> impl FnMut(u64, &[u8]) -> Result<(), String> 
     }
 }
 
+fn guest_reader(mem: &GuestMem) -> impl FnMut(u64, &mut [u8]) -> Result<(), String> + '_ {
+    move |a, b| {
+        mem.read_slice(b, GuestAddress(a))
+            .map_err(|e| format!("reading kernel note at {a:#x}: {e}"))
+    }
+}
+
 fn guest_zeroer(mem: &GuestMem) -> impl FnMut(u64, u64) -> Result<(), String> + '_ {
     move |a, n| {
         let zeros = vec![0u8; 1 << 16];
@@ -358,7 +389,7 @@ fn load_lz4_sequential(
     while let Some(n) = dec.next_block(&mut buf)? {
         elf.feed(&buf[..n], &mut write)?;
     }
-    elf.finish(&mut guest_zeroer(mem))
+    elf.finish(&mut guest_zeroer(mem), &mut guest_reader(mem))
 }
 
 /// `len` bytes of guest memory at `addr` as a slice, if they are in one region.
@@ -376,7 +407,11 @@ unsafe fn guest_slice(mem: &GuestMem, addr: u64, len: usize) -> Option<&mut [u8]
 }
 
 /// All blocks but the last must be 8 MiB (as `lz4 -l` writes them) so that their file
-/// offsets are known before decompressing; Ok(None) when they are not.
+/// offsets are known before decompressing, and the headers must lie in the first 64 KiB;
+/// Ok(None) when they do not. Blocks whose bytes
+/// can go to guest memory as one piece are decompressed straight into place (the last one
+/// too when the size trailer gives its length); the others through a per-thread buffer,
+/// placed by the same thread. Copies are what a nested, emulated host does slowest.
 fn load_lz4_parallel(
     payload: &[u8],
     min: u64,
@@ -388,45 +423,51 @@ fn load_lz4_parallel(
     let Some(first_block) = blocks.first() else {
         return Err("compressed kernel is empty".into());
     };
-    let mut first = Scratch::new(bs)?;
-    let n0 = lz4::decompress_block(first_block, &mut first)?;
-    let mut elf = ElfStream::new(&first[..n0], min, max)?;
-    if blocks.len() > 1 && n0 != bs {
+    // The headers from the start of the first block, so that every block (the first one
+    // too) can be decompressed in parallel. Headers beyond it: the sequential path.
+    let head = lz4::decompress_prefix(first_block, 64 << 10)?;
+    if elf::headers_len(&head).is_some_and(|n| n > head.len() as u64) {
         return Ok(None);
     }
-    let mut write = guest_writer(mem);
-    elf.feed(&first[..n0], &mut write)?;
-    drop(first);
+    let mut elf = ElfStream::new(&head, min, max)?;
 
-    // (index, compressed block, destination: guest memory, or a buffer when None)
-    enum Dest<'a> {
-        Guest(&'a mut [u8]),
-        Buf(Scratch),
-    }
-    type Item<'a> = (usize, &'a [u8], Dest<'a>);
+    // Expected decompressed length of each block: 8 MiB, and for the last one what the
+    // trailer leaves (unknown without a trailer).
+    let full = (blocks.len() as u64 - 1) * bs as u64;
+    let last_len = trailer
+        .map(|t| u64::from(t).wrapping_sub(full))
+        .filter(|&n| n > 0 && n <= bs as u64);
+    let ranges: Vec<(u64, u64)> = (0..blocks.len())
+        .map(|i| {
+            let len = if i + 1 == blocks.len() {
+                last_len.unwrap_or(0)
+            } else {
+                bs as u64
+            };
+            ((i * bs) as u64, len)
+        })
+        .collect();
+    let targets = elf.direct_targets(&ranges);
+    // (index, compressed block, destination in guest memory, or None: through a buffer)
+    type Item<'a> = (usize, &'a [u8], Option<&'a mut [u8]>);
     let mut items: Vec<std::sync::Mutex<Option<Item>>> = Vec::new();
-    for (i, blk) in blocks.iter().enumerate().skip(1) {
-        let last = i + 1 == blocks.len();
-        let direct = if last {
-            None
-        } else {
-            elf.direct_target((i * bs) as u64, bs as u64)
-                // SAFETY: the vCPUs are not running; PT_LOAD segments do not overlap in
-                // memory (ElfStream checks) and blocks are disjoint file ranges, so the
-                // slices are disjoint; nothing else touches guest memory until they are gone.
-                .and_then(|pa| unsafe { guest_slice(mem, pa, bs) })
-        };
-        let dest = match direct {
-            Some(d) => Dest::Guest(d),
-            None => Dest::Buf(Scratch::new(bs)?),
-        };
-        items.push(std::sync::Mutex::new(Some((i, blk, dest))));
+    for (k, blk) in blocks.iter().enumerate() {
+        let len = ranges[k].1;
+        let direct = targets[k]
+            .filter(|_| len > 0)
+            // SAFETY: the vCPUs are not running; `direct_targets` hands out disjoint guest
+            // ranges, clear of every segment the buffered blocks write, so the slices are
+            // disjoint from each other and from all other writes until they are gone.
+            .and_then(|pa| unsafe { guest_slice(mem, pa, len as usize) });
+        items.push(std::sync::Mutex::new(Some((k, blk, direct))));
     }
+    // Per block: decompressed length, and the buffer when its notes still need `feed`.
     type Done = (usize, Result<(usize, Option<Scratch>), String>);
-    // Workers take the next block until none is left.
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let elf_ref = &elf;
     let work = || -> Vec<Done> {
         let mut out = Vec::new();
+        let mut buf: Option<Scratch> = None;
         loop {
             let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let Some(slot) = items.get(k) else {
@@ -437,8 +478,21 @@ fn load_lz4_parallel(
                 continue;
             };
             let r = match dest {
-                Dest::Guest(dst) => lz4::decompress_block(blk, dst).map(|n| (n, None)),
-                Dest::Buf(mut v) => lz4::decompress_block(blk, &mut v).map(|n| (n, Some(v))),
+                Some(dst) => lz4::decompress_block(blk, dst).map(|n| (n, None)),
+                None => (|| {
+                    let mut b = match buf.take() {
+                        Some(b) => b,
+                        None => Scratch::new(bs)?,
+                    };
+                    let n = lz4::decompress_block(blk, &mut b)?;
+                    let off = (i * bs) as u64;
+                    if elf_ref.needs_feed(off, n as u64) {
+                        return Ok((n, Some(b)));
+                    }
+                    elf_ref.place(off, &b[..n], &mut guest_writer(mem))?;
+                    buf = Some(b);
+                    Ok((n, None))
+                })(),
             };
             out.push((i, r));
         }
@@ -456,7 +510,7 @@ fn load_lz4_parallel(
         all
     });
     done.sort_by_key(|d| d.0);
-    let mut total = n0 as u64;
+    let mut total = 0u64;
     for (i, r) in done {
         let (n, buf) = r?;
         if i + 1 != blocks.len() && n != bs {
@@ -464,7 +518,7 @@ fn load_lz4_parallel(
         }
         total += n as u64;
         match buf {
-            Some(v) => elf.feed(&v[..n], &mut write)?,
+            Some(v) => elf.feed(&v[..n], &mut guest_writer(mem))?,
             None => elf.skip(n as u64),
         }
     }
@@ -475,7 +529,8 @@ fn load_lz4_parallel(
             ));
         }
     }
-    elf.finish(&mut guest_zeroer(mem)).map(Some)
+    elf.finish(&mut guest_zeroer(mem), &mut guest_reader(mem))
+        .map(Some)
 }
 
 /// The setup header fields the direct boot needs, from the start of a bzImage.
@@ -630,14 +685,14 @@ pub fn load_linux(
     let mem = &m.mem;
     let low_end = m.low_mem_end();
     let kf = read_file(kernel, "kernel")?;
-    let image = Scratch::map_file(&kf)
+    let image = FileImage::open(&kf)
         .map_err(|e| format!("cannot read kernel '{}': {e}", kernel.display()))?;
     let image: &[u8] = &image;
     if elf::is_elf(image) {
         let mut s = ElfStream::new(image, HIMEM_START, low_end)
             .map_err(|e| format!("kernel '{}' cannot be loaded: {e}", kernel.display()))?;
         s.feed(image, &mut guest_writer(mem))?;
-        let k = s.finish(&mut guest_zeroer(mem))?;
+        let k = s.finish(&mut guest_zeroer(mem), &mut guest_reader(mem))?;
         let Some(entry) = k.pvh_entry else {
             return Err(format!(
                 "ELF kernel '{}' has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use a bzImage",

@@ -63,6 +63,38 @@ fn serial_output_and_i8042_reset() {
     assert_eq!(&*out.0.lock().unwrap(), b"Hello\n");
 }
 
+/// The guest's CPUID leaf 1 shows the TSC-deadline timer whenever KVM can emulate it (it
+/// is not in KVM's supported set, so vmm has to add it; Linux otherwise calibrates the
+/// LAPIC timer at boot) and the hypervisor bit.
+#[test]
+fn cpuid_shows_tsc_deadline_and_hypervisor() {
+    if !have_kvm() {
+        return;
+    }
+    let (m, out) = machine(vec![]);
+    let mut code = vec![
+        0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x66, 0x31, 0xc9, // xor ecx, ecx
+        0x0f, 0xa2, // cpuid
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    ];
+    for shift in [24u8, 31] {
+        code.extend_from_slice(&[
+            0x66, 0x89, 0xc8, // mov eax, ecx
+            0x66, 0xc1, 0xe8, shift, // shr eax, shift
+            0x24, 0x01, // and al, 1
+            0x04, b'0', // add al, '0'
+            0xee, // out dx, al
+        ]);
+    }
+    code.extend_from_slice(RESET);
+    assert_eq!(run_real(&m, &code), VmExit::Reboot);
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let want = format!("{}1", deadline as u8);
+    assert_eq!(String::from_utf8_lossy(&out.0.lock().unwrap()), want);
+}
+
 #[test]
 fn acpi_poweroff() {
     if !have_kvm() {

@@ -33,10 +33,17 @@ pub struct LoadedElf {
     pub end: u64,
 }
 
+/// Reads bytes at a guest physical address.
+pub type ReadFn<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
+
 /// A vmlinux being loaded: feed it the file from offset 0, in order, then `finish`.
 pub struct ElfStream {
     loads: Vec<Segment>,
+    /// PT_NOTE segments outside every PT_LOAD's file data, collected from fed chunks.
     notes: Vec<(Segment, Vec<u8>)>,
+    /// PT_NOTE segments inside a PT_LOAD's file data: (guest address, length), read back
+    /// from guest memory by `finish`.
+    loaded_notes: Vec<(u64, u64)>,
     entry: u64,
     pos: u64,
 }
@@ -54,6 +61,17 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 /// Whether `data` starts with an ELF magic.
 pub fn is_elf(data: &[u8]) -> bool {
     data.starts_with(b"\x7fELF")
+}
+
+/// How many bytes from the start of an ELF64 file hold its ELF and program headers (at
+/// least 64), judging by the ELF header in `first`; None when `first` is no ELF64 header.
+pub fn headers_len(first: &[u8]) -> Option<u64> {
+    if first.len() < 64 || !is_elf(first) {
+        return None;
+    }
+    let phoff = u64_at(first, 32);
+    let table = u64::from(u16_at(first, 54)) * u64::from(u16_at(first, 56));
+    phoff.checked_add(table).map(|e| e.max(64))
 }
 
 impl ElfStream {
@@ -108,12 +126,23 @@ impl ElfStream {
                     }
                     loads.push(s);
                 }
-                PT_NOTE if s.filesz <= 1 << 20 => notes.push((s, Vec::new())),
+                PT_NOTE if s.filesz <= 1 << 20 => notes.push(s),
                 _ => {}
             }
         }
         if loads.is_empty() {
             return Err("ELF file has no loadable segment".into());
+        }
+        let mut loaded_notes = Vec::new();
+        let mut fed_notes = Vec::new();
+        for n in notes {
+            let inside = loads
+                .iter()
+                .find(|l| n.offset >= l.offset && n.offset + n.filesz <= l.offset + l.filesz);
+            match inside {
+                Some(l) => loaded_notes.push((l.paddr + (n.offset - l.offset), n.filesz)),
+                None => fed_notes.push((n, Vec::new())),
+            }
         }
         for (i, a) in loads.iter().enumerate() {
             for b in &loads[i + 1..] {
@@ -124,28 +153,87 @@ impl ElfStream {
         }
         Ok(ElfStream {
             loads,
-            notes,
+            notes: fed_notes,
+            loaded_notes,
             entry,
             pos: 0,
         })
     }
 
-    /// Where file bytes [`off`, `off + len`) go in guest memory, when they all lie in one
-    /// segment's file data (and in no note): such a chunk may be put in place by the caller
-    /// and then passed over with [`ElfStream::skip`].
-    pub fn direct_target(&self, off: u64, len: u64) -> Option<u64> {
-        let end = off.checked_add(len)?;
-        let in_note = self
-            .notes
+    /// For each file range (offset, length), where it may be put in guest memory as one
+    /// piece, so that a caller can decompress it straight into place and then pass over it
+    /// with [`ElfStream::skip`]; None where it must go through [`ElfStream::feed`].
+    ///
+    /// A range qualifies when every PT_LOAD segment it touches maps file offsets to guest
+    /// addresses with the same displacement, no fed note lies in it, and its guest image
+    /// (file padding between those segments included) stays between the lowest and the
+    /// highest segment, clear of segments placed differently and of the other ranges'
+    /// images. The padding thus lands inside the memory the kernel reserves for itself.
+    pub fn direct_targets(&self, ranges: &[(u64, u64)]) -> Vec<Option<u64>> {
+        let lo = self.loads.iter().map(|s| s.paddr).min().unwrap_or(0);
+        let hi = self
+            .loads
             .iter()
-            .any(|(s, _)| s.offset < end && off < s.offset + s.filesz);
-        if in_note {
-            return None;
+            .map(|s| s.paddr + s.memsz)
+            .max()
+            .unwrap_or(0);
+        let mut taken: Vec<(u64, u64)> = Vec::new();
+        let overlaps = |a: u64, b: u64, c: u64, d: u64| a < d && c < b;
+        ranges
+            .iter()
+            .map(|&(off, len)| {
+                let end = off.checked_add(len)?;
+                let touched: Vec<&Segment> = self
+                    .loads
+                    .iter()
+                    .filter(|s| overlaps(off, end, s.offset, s.offset + s.filesz))
+                    .collect();
+                let first = touched.first()?;
+                let shift = |s: &Segment| s.paddr as i128 - s.offset as i128;
+                if touched.iter().any(|s| shift(s) != shift(first)) {
+                    return None;
+                }
+                let in_note = self
+                    .notes
+                    .iter()
+                    .any(|(s, _)| overlaps(off, end, s.offset, s.offset + s.filesz));
+                let start = u64::try_from(off as i128 + shift(first)).ok()?;
+                let stop = start.checked_add(len)?;
+                let clash = self.loads.iter().any(|s| {
+                    shift(s) != shift(first) && overlaps(start, stop, s.paddr, s.paddr + s.memsz)
+                }) || taken.iter().any(|&(a, b)| overlaps(start, stop, a, b));
+                if in_note || clash || start < lo || stop > hi {
+                    return None;
+                }
+                taken.push((start, stop));
+                Some(start)
+            })
+            .collect()
+    }
+
+    /// Put the segment data of file bytes `chunk` (at file offset `off`) in guest memory
+    /// with `write(paddr, bytes)`; notes are not collected (see [`ElfStream::feed`]).
+    pub fn place(&self, off: u64, chunk: &[u8], write: &mut WriteFn<'_>) -> Result<(), String> {
+        let end = off + chunk.len() as u64;
+        for s in &self.loads {
+            let a = s.offset.max(off);
+            let b = (s.offset + s.filesz).min(end);
+            if a < b {
+                write(
+                    s.paddr + (a - s.offset),
+                    &chunk[(a - off) as usize..(b - off) as usize],
+                )?;
+            }
         }
-        self.loads
+        Ok(())
+    }
+
+    /// Whether file bytes [`off`, `off + len`) hold part of a note that only
+    /// [`ElfStream::feed`] collects.
+    pub fn needs_feed(&self, off: u64, len: u64) -> bool {
+        self.notes
             .iter()
-            .find(|s| off >= s.offset && end <= s.offset + s.filesz)
-            .map(|s| s.paddr + (off - s.offset))
+            .any(|(s, _)| off < s.offset + s.filesz && s.offset < off + len)
     }
 
     /// The next `len` bytes of the file were put in place by the caller.
@@ -156,19 +244,12 @@ impl ElfStream {
     /// The next chunk of the file; `write(paddr, bytes)` puts segment data in guest memory.
     pub fn feed(&mut self, chunk: &[u8], write: &mut WriteFn<'_>) -> Result<(), String> {
         let (start, end) = (self.pos, self.pos + chunk.len() as u64);
-        let overlap = |s: &Segment| {
+        self.place(start, chunk, write)?;
+        for (s, buf) in &mut self.notes {
             let a = s.offset.max(start);
             let b = (s.offset + s.filesz).min(end);
-            (a < b).then(|| ((a - start) as usize..(b - start) as usize, a - s.offset))
-        };
-        for s in &self.loads {
-            if let Some((r, seg_off)) = overlap(s) {
-                write(s.paddr + seg_off, &chunk[r])?;
-            }
-        }
-        for (s, buf) in &mut self.notes {
-            if let Some((r, _)) = overlap(s) {
-                buf.extend_from_slice(&chunk[r]);
+            if a < b {
+                buf.extend_from_slice(&chunk[(a - start) as usize..(b - start) as usize]);
             }
         }
         self.pos = end;
@@ -176,8 +257,9 @@ impl ElfStream {
     }
 
     /// Check that every segment was complete, zero what lies beyond each segment's file
-    /// data (`zero(paddr, len)`), and describe the kernel.
-    pub fn finish(self, zero: &mut ZeroFn<'_>) -> Result<LoadedElf, String> {
+    /// data (`zero(paddr, len)`), and describe the kernel (notes inside loaded segments
+    /// are read back with `read(paddr, buf)`).
+    pub fn finish(self, zero: &mut ZeroFn<'_>, read: &mut ReadFn<'_>) -> Result<LoadedElf, String> {
         for s in self.loads.iter().chain(self.notes.iter().map(|(s, _)| s)) {
             if s.offset + s.filesz > self.pos {
                 return Err(format!(
@@ -211,6 +293,11 @@ impl ElfStream {
         let mut pvh_entry = None;
         for (_, n) in &self.notes {
             pvh_entry = pvh_entry.or(find_pvh_note(n)?);
+        }
+        for &(paddr, len) in &self.loaded_notes {
+            let mut n = vec![0u8; len as usize];
+            read(paddr, &mut n)?;
+            pvh_entry = pvh_entry.or(find_pvh_note(&n)?);
         }
         Ok(LoadedElf {
             entry,
@@ -324,10 +411,17 @@ mod tests {
         for c in elf.chunks(chunk) {
             s.feed(c, &mut write)?;
         }
-        s.finish(&mut |a, n| {
-            mem[a as usize..(a + n) as usize].fill(0);
-            Ok(())
-        })
+        let mem = std::cell::RefCell::new(mem);
+        s.finish(
+            &mut |a, n| {
+                mem.borrow_mut()[a as usize..(a + n) as usize].fill(0);
+                Ok(())
+            },
+            &mut |a, b| {
+                b.copy_from_slice(&mem.borrow()[a as usize..a as usize + b.len()]);
+                Ok(())
+            },
+        )
     }
 
     #[test]
@@ -354,6 +448,101 @@ mod tests {
         let elf = build_test_elf(0x10_0000, &payload, 0, None);
         let mut mem = vec![0u8; 0x20_0000];
         assert_eq!(load(&elf, 0x1000, &mut mem).unwrap().pvh_entry, None);
+    }
+
+    /// An ELF with three PT_LOADs, laid out like vmlinux: two sharing one file-to-memory
+    /// displacement with padding between them, one placed differently, and the PVH note
+    /// inside the first segment's file data.
+    fn three_segment_elf() -> Vec<u8> {
+        // (file offset, paddr, size)
+        let segs = [
+            (0x1000u64, 0x10_0000u64, 0x2000u64),
+            (0x4000, 0x10_3000, 0x1000),
+            (0x5000, 0x20_0000, 0x800),
+        ];
+        let mut f = vec![0u8; 0x5800];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        f[32..40].copy_from_slice(&64u64.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&4u16.to_le_bytes());
+        let note_off = 0x1800u64;
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&0x10_0100u32.to_le_bytes());
+        let mut phs = Vec::new();
+        for &(off, pa, n) in &segs {
+            phs.push((PT_LOAD, off, pa, n));
+        }
+        phs.push((PT_NOTE, note_off, 0x10_0800, note.len() as u64));
+        for (i, &(ty, off, pa, n)) in phs.iter().enumerate() {
+            let p = 64 + i * 56;
+            f[p..p + 4].copy_from_slice(&ty.to_le_bytes());
+            for (j, v) in [off, pa, pa, n, n].iter().enumerate() {
+                f[p + 8 + j * 8..p + 16 + j * 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        for &(off, _, n) in &segs {
+            for (k, b) in f[off as usize..(off + n) as usize].iter_mut().enumerate() {
+                *b = (k % 253) as u8 + 1;
+            }
+        }
+        f[note_off as usize..note_off as usize + note.len()].copy_from_slice(&note);
+        f
+    }
+
+    #[test]
+    fn direct_targets_follow_the_segment_layout() {
+        let elf = three_segment_elf();
+        let s = ElfStream::new(&elf, 0x1000, 0x40_0000).unwrap();
+        let t = s.direct_targets(&[
+            (0x1000, 0x3800), // both same-displacement segments and the padding between
+            (0x4800, 0x1000), // spans two displacements
+            (0x5000, 0x800),  // the third segment alone
+            (0x0, 0x800),     // headers only: no segment
+        ]);
+        assert_eq!(t, vec![Some(0x10_0000), None, Some(0x20_0000), None]);
+        // Overlapping images are handed out once; images stay within the kernel's memory
+        // (headers before the first segment, padding past the last one go through `feed`).
+        assert_eq!(
+            s.direct_targets(&[(0x1000, 0x1000), (0x1800, 0x800)]),
+            vec![Some(0x10_0000), None]
+        );
+        assert_eq!(
+            s.direct_targets(&[(0x5000, 0x1000), (0x800, 0x1000)]),
+            vec![None, None]
+        );
+        // Loading through `place` + `skip` equals feeding, and the note is read back.
+        let mut a = vec![0u8; 0x40_0000];
+        let la = load(&elf, 0x1000, &mut a).unwrap();
+        assert_eq!(la.pvh_entry, Some(0x10_0100));
+        let mut b = vec![0u8; 0x40_0000];
+        let mut s = ElfStream::new(&elf, 0x1000, 0x40_0000).unwrap();
+        s.place(0, &elf, &mut |pa, d| {
+            b[pa as usize..pa as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            !s.needs_feed(0, elf.len() as u64),
+            "the note is inside a PT_LOAD"
+        );
+        s.skip(elf.len() as u64);
+        let b = std::cell::RefCell::new(b);
+        let lb = s
+            .finish(&mut |_, _| Ok(()), &mut |pa, d| {
+                d.copy_from_slice(&b.borrow()[pa as usize..pa as usize + d.len()]);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(la, lb);
+        assert!(a == *b.borrow());
     }
 
     #[test]

@@ -23,6 +23,58 @@ pub fn decompress_block(block: &[u8], out: &mut [u8]) -> Result<usize, String> {
         .map_err(|e| format!("LZ4 stream: corrupt block: {e}"))
 }
 
+/// The first `want` bytes an LZ4 block decompresses to (fewer if it is shorter), without
+/// decompressing the rest: enough to read an ELF file's headers before the blocks are
+/// decompressed in parallel.
+pub fn decompress_prefix(block: &[u8], want: usize) -> Result<Vec<u8>, String> {
+    let bad = || "LZ4 stream: corrupt block".to_string();
+    let mut out: Vec<u8> = Vec::with_capacity(want);
+    let mut i = 0;
+    // A length field: 4 bits, extended by bytes while they are 255.
+    let length = |i: &mut usize, base: usize| -> Result<usize, String> {
+        let mut n = base;
+        if base == 15 {
+            loop {
+                let b = *block.get(*i).ok_or_else(bad)?;
+                *i += 1;
+                n = n.checked_add(b as usize).ok_or_else(bad)?;
+                if b != 255 {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    };
+    while out.len() < want && i < block.len() {
+        let token = block[i];
+        i += 1;
+        let lit = length(&mut i, (token >> 4) as usize)?;
+        let end = i
+            .checked_add(lit)
+            .filter(|&e| e <= block.len())
+            .ok_or_else(bad)?;
+        let take = lit.min(want - out.len());
+        out.extend_from_slice(&block[i..i + take]);
+        i = end;
+        if i == block.len() || out.len() >= want {
+            break; // the last sequence has literals only
+        }
+        let off = block.get(i..i + 2).ok_or_else(bad)?;
+        let off = u16::from_le_bytes([off[0], off[1]]) as usize;
+        i += 2;
+        let len = length(&mut i, (token & 15) as usize)?
+            .checked_add(4)
+            .ok_or_else(bad)?;
+        if off == 0 || off > out.len() {
+            return Err(bad());
+        }
+        for _ in 0..len.min(want - out.len()) {
+            out.push(out[out.len() - off]);
+        }
+    }
+    Ok(out)
+}
+
 /// The compressed blocks of a legacy frame, in order, and the size trailer if there is one
 /// (checked by the caller against the decompressed length).
 pub fn split_blocks(data: &[u8]) -> Result<(Vec<&[u8]>, Option<u32>), String> {
@@ -186,6 +238,30 @@ mod tests {
         let (blocks, trailer) = split_blocks(&plain).unwrap();
         assert_eq!((blocks.len(), trailer), (2, None));
         assert!(split_blocks(&framed[..framed.len() - 2]).is_err());
+    }
+
+    #[test]
+    fn prefix_matches_full_decompression() {
+        let data = sample(200_000);
+        let c = lz4_flex::block::compress(&data);
+        for want in [0, 1, 17, 4096, 65_537, 200_000, 300_000] {
+            let p = decompress_prefix(&c, want).unwrap();
+            assert_eq!(p, &data[..want.min(data.len())]);
+        }
+        // Corrupt input: an error or some bytes, never a panic or more than asked.
+        let mut x = 7u32;
+        for _ in 0..2000 {
+            let mut bad = c[..400].to_vec();
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            bad[(x >> 8) as usize % 400] = (x >> 20) as u8;
+            if let Ok(p) = decompress_prefix(&bad, 4096) {
+                assert!(p.len() <= 4096);
+            }
+        }
+        assert!(
+            decompress_prefix(&[0x0f, 1, 0, 0, 0], 10).is_err(),
+            "offset before the start"
+        );
     }
 
     #[test]
