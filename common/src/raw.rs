@@ -588,6 +588,12 @@ mod tests {
         let mut big = vec![0x55u8; 8192];
         big[..8].copy_from_slice(&qcow2_start()[..8]);
         refused(img.write_at(&big, 0));
+        // The same header assembled from scattered pieces of a vectored write.
+        let h = qcow2_start();
+        let pieces = [&h[..2], &[][..], &h[2..6], &h[6..]];
+        let bufs: Vec<std::io::IoSlice<'_>> =
+            pieces.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        refused(img.write_vectored_at(&bufs, 0));
         // Nothing refused reached the storage.
         let c = f.content().unwrap();
         assert_eq!(&c[..8], b"QFI\xfb\0\0\0\0");

@@ -115,7 +115,7 @@ impl Driver {
             .write_slice(&[0u8; 0x3000], GuestAddress(DESC))
             .unwrap();
         self.w(0x16, &0u16.to_le_bytes());
-        assert_eq!(self.r(0x18, 2), 256);
+        assert_eq!(self.r(0x18, 2), 1024);
         self.w(0x18, &QSIZE.to_le_bytes());
         self.w(0x20, &(DESC as u32).to_le_bytes());
         self.w(0x24, &0u32.to_le_bytes());

@@ -11,8 +11,10 @@ pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
-/// Largest queue we offer.
-pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Largest queue we offer. The block device's seg_max follows from it (a chain may not be
+/// longer than the queue), and 1024 lets a guest send a 1 MiB request of scattered 4 KiB
+/// pages in one piece (QEMU's largest virtio-blk queue-size too).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// Why a queue cannot be processed any more. The device answers with NEEDS_RESET.
 #[derive(Debug, Clone, PartialEq, Eq)]
