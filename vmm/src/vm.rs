@@ -19,6 +19,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::pci::{VirtioPci, BAR_SIZE};
 use crate::irq::GsiRouting;
+use crate::ram::Ram;
 use crate::{GuestMem, VmExit};
 
 /// Guest RAM below 4 GiB ends here at the latest; above is the MMIO hole.
@@ -49,6 +50,8 @@ pub struct Machine {
     pub exit_tx: Sender<VmExit>,
     pub exit_rx: Receiver<VmExit>,
     pub routing: Arc<GsiRouting>,
+    /// The mappings behind `mem`; last, so that it is dropped after everything using them.
+    ram: Ram,
 }
 
 /// RAM ranges for `size` bytes of memory, skipping the MMIO hole below 4 GiB.
@@ -90,7 +93,7 @@ impl Machine {
         }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create VM"))?);
 
-        let mem = GuestMem::from_ranges(&ram_ranges(mem_size)).map_err(|e| {
+        let (mem, ram) = Ram::new(&ram_ranges(mem_size)).map_err(|e| {
             format!(
                 "cannot allocate {} MiB of guest memory: {e}",
                 mem_size >> 20
@@ -107,16 +110,6 @@ impl Machine {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // Back guest RAM with huge pages where the host allows it (fewer faults while
-            // loading the kernel, fewer TLB misses later). Advisory: failure is harmless.
-            // SAFETY: madvise on a mapping we own, with its exact bounds.
-            unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    region.len() as usize,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
             // SAFETY: the region stays mapped for as long as `mem` (kept in Machine) lives,
             // which outlives the VM's use of it.
             unsafe { vm.set_user_memory_region(r) }
@@ -197,11 +190,22 @@ impl Machine {
             exit_tx,
             exit_rx,
             routing,
+            ram,
         })
     }
 
     /// End of RAM below 4 GiB.
     pub fn low_mem_end(&self) -> u64 {
         self.mem_size.min(MMIO_HOLE_START)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // vCPU threads hold the buses, and through them the devices and their I/O threads;
+        // if one of them never stopped, guest memory must stay mapped for it.
+        if Arc::strong_count(&self.io_bus) > 1 || Arc::strong_count(&self.mmio_bus) > 1 {
+            self.ram.keep();
+        }
     }
 }
