@@ -40,6 +40,8 @@ pub struct VmDisk {
 pub struct Machine {
     pub kvm: Kvm,
     pub vm: Arc<VmFd>,
+    /// Guest RAM. The machine unmaps it when dropped: clones must not outlive the machine
+    /// (the devices' do not: they go with the buses).
     pub mem: GuestMem,
     pub mem_size: u64,
     pub cpus: u8,

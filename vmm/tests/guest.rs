@@ -95,6 +95,22 @@ fn cpuid_shows_tsc_deadline_and_hypervisor() {
     assert_eq!(String::from_utf8_lossy(&out.0.lock().unwrap()), want);
 }
 
+/// Guest RAM stays mapped after the machine is gone while something still holds its buses
+/// (as a vCPU thread that could not be stopped does); reading it then must not fault.
+#[test]
+fn ram_stays_mapped_while_the_buses_are_shared() {
+    if !have_kvm() {
+        return;
+    }
+    let (m, _) = machine(vec![]);
+    let bus = m.io_bus.clone();
+    let mem = m.mem.clone();
+    mem.write_obj(7u8, GuestAddress(0x1234)).unwrap();
+    drop(m);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1234)).unwrap(), 7);
+    drop(bus);
+}
+
 #[test]
 fn acpi_poweroff() {
     if !have_kvm() {
