@@ -8,56 +8,101 @@ pub fn total_len<B: std::ops::Deref<Target = [u8]>>(bufs: &[B]) -> usize {
     bufs.iter().map(|b| b.len()).sum()
 }
 
-/// Bytes `start..start + len` of the list, as a new list borrowing the same memory.
-/// The range must lie within the list.
-pub fn sub_mut<'s>(
-    bufs: &'s mut [IoSliceMut<'_>],
-    start: usize,
-    len: usize,
-) -> Vec<IoSliceMut<'s>> {
-    let mut out = Vec::new();
-    let mut skip = start;
-    let mut left = len;
-    for b in bufs.iter_mut() {
-        if left == 0 {
-            break;
-        }
-        let b: &'s mut [u8] = &mut *b;
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let n = (b.len() - skip).min(left);
-        out.push(IoSliceMut::new(&mut b[skip..skip + n]));
-        skip = 0;
-        left -= n;
-    }
-    assert_eq!(left, 0, "range beyond the end of the buffer list");
-    out
+/// Takes consecutive byte ranges off the front of a list of buffers to write from; each
+/// take costs time in proportion to the buffers it spans, never a rescan of the list.
+pub struct Front<'a, 'b> {
+    bufs: &'a [IoSlice<'b>],
+    idx: usize,
+    off: usize,
+    left: usize,
 }
 
-/// Bytes `start..start + len` of the list, as a new list borrowing the same memory.
-/// The range must lie within the list.
-pub fn sub<'s>(bufs: &'s [IoSlice<'_>], start: usize, len: usize) -> Vec<IoSlice<'s>> {
-    let mut out = Vec::new();
-    let mut skip = start;
-    let mut left = len;
-    for b in bufs {
-        if left == 0 {
-            break;
+impl<'a, 'b> Front<'a, 'b> {
+    pub fn new(bufs: &'a [IoSlice<'b>]) -> Self {
+        let left = total_len(bufs);
+        Front {
+            bufs,
+            idx: 0,
+            off: 0,
+            left,
         }
-        let b: &'s [u8] = b;
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let n = (b.len() - skip).min(left);
-        out.push(IoSlice::new(&b[skip..skip + n]));
-        skip = 0;
-        left -= n;
     }
-    assert_eq!(left, 0, "range beyond the end of the buffer list");
-    out
+
+    /// Bytes not taken yet.
+    pub fn remaining(&self) -> usize {
+        self.left
+    }
+
+    /// The next `len` bytes (at most [`Front::remaining`]) as a list over the same memory.
+    pub fn take(&mut self, len: usize) -> Vec<IoSlice<'a>> {
+        assert!(len <= self.left, "range beyond the end of the buffer list");
+        self.left -= len;
+        let mut out = Vec::new();
+        let mut want = len;
+        while want > 0 {
+            let b: &'a [u8] = &self.bufs[self.idx];
+            let n = (b.len() - self.off).min(want);
+            out.push(IoSlice::new(&b[self.off..self.off + n]));
+            want -= n;
+            self.off += n;
+            if self.off == b.len() {
+                self.idx += 1;
+                self.off = 0;
+            }
+        }
+        out
+    }
+}
+
+/// [`Front`] for a list of buffers to read into.
+pub struct FrontMut<'a, 'b> {
+    bufs: &'a mut [IoSliceMut<'b>],
+    idx: usize,
+    off: usize,
+    left: usize,
+}
+
+impl<'a, 'b> FrontMut<'a, 'b> {
+    pub fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
+        let left = total_len(bufs);
+        FrontMut {
+            bufs,
+            idx: 0,
+            off: 0,
+            left,
+        }
+    }
+
+    /// The next `len` bytes (at most what is left) as a list over the same memory.
+    pub fn take(&mut self, len: usize) -> Vec<IoSliceMut<'_>> {
+        assert!(len <= self.left, "range beyond the end of the buffer list");
+        self.left -= len;
+        let (first, first_off) = (self.idx, self.off);
+        // Move the front past the range first, then lend the range out.
+        let mut want = len;
+        while want > 0 {
+            let n = (self.bufs[self.idx].len() - self.off).min(want);
+            want -= n;
+            self.off += n;
+            if self.off == self.bufs[self.idx].len() {
+                self.idx += 1;
+                self.off = 0;
+            }
+        }
+        let mut out = Vec::new();
+        let mut want = len;
+        for (i, b) in self.bufs[first..].iter_mut().enumerate() {
+            if want == 0 {
+                break;
+            }
+            let from = if i == 0 { first_off } else { 0 };
+            let b: &mut [u8] = b;
+            let n = (b.len() - from).min(want);
+            out.push(IoSliceMut::new(&mut b[from..from + n]));
+            want -= n;
+        }
+        out
+    }
 }
 
 /// Set every byte of the list to zero.
@@ -88,30 +133,12 @@ pub fn gather(bufs: &[IoSlice<'_>], dst: &mut [u8]) {
     debug_assert_eq!(at, dst.len());
 }
 
-/// The list as one contiguous slice when it has at most one non-empty buffer, else a
-/// gathered copy.
-pub fn contiguous<'s>(bufs: &'s [IoSlice<'_>]) -> std::borrow::Cow<'s, [u8]> {
-    let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
-    match (nonempty.next(), nonempty.next()) {
-        (None, _) => std::borrow::Cow::Borrowed(&[]),
-        (Some(b), None) => {
-            let b: &'s [u8] = b;
-            std::borrow::Cow::Borrowed(b)
-        }
-        _ => {
-            let mut v = vec![0u8; total_len(bufs)];
-            gather(bufs, &mut v);
-            std::borrow::Cow::Owned(v)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sub_ranges_cross_buffer_boundaries() {
+    fn front_takes_ranges_across_buffer_boundaries() {
         let (mut a, mut b, mut c) = ([1u8, 2, 3], [4u8], [5u8, 6, 7, 8]);
         let mut bufs = [
             IoSliceMut::new(&mut a),
@@ -120,40 +147,42 @@ mod tests {
             IoSliceMut::new(&mut c),
         ];
         assert_eq!(total_len(&bufs), 8);
-        let s = sub_mut(&mut bufs, 2, 4);
-        let got: Vec<Vec<u8>> = s.iter().map(|b| b.to_vec()).collect();
-        assert_eq!(got, vec![vec![3], vec![4], vec![5, 6]]);
-        let mut s = sub_mut(&mut bufs, 1, 6);
-        scatter(&mut s, &[20, 30, 40, 50, 60, 70]);
-        drop(s);
-        assert_eq!((a, b, c), ([1, 20, 30], [40], [50, 60, 70, 8]));
-    }
+        let mut f = FrontMut::new(&mut bufs);
+        let got: Vec<Vec<u8>> = f.take(2).iter().map(|b| b.to_vec()).collect();
+        assert_eq!(got, vec![vec![1, 2]]);
+        let got: Vec<u8> = f.take(4).iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(got, vec![3, 4, 5, 6]);
+        scatter(&mut f.take(2), &[70, 80]);
+        assert!(f.take(0).is_empty());
+        drop(f);
+        assert_eq!(c, [5, 6, 70, 80]);
 
-    #[test]
-    fn gather_zero_and_contiguous() {
         let (x, y) = ([1u8, 2], [3u8, 4, 5]);
         let bufs = [IoSlice::new(&x), IoSlice::new(&[]), IoSlice::new(&y)];
-        let s = sub(&bufs, 1, 3);
+        let mut f = Front::new(&bufs);
+        assert_eq!(f.remaining(), 5);
         let mut out = [0u8; 3];
-        gather(&s, &mut out);
-        assert_eq!(out, [2, 3, 4]);
-        assert!(matches!(
-            contiguous(&sub(&bufs, 2, 2)),
-            std::borrow::Cow::Borrowed(&[3, 4])
-        ));
-        assert_eq!(&*contiguous(&bufs), &[1, 2, 3, 4, 5]);
-        assert!(contiguous(&bufs[1..2]).is_empty());
+        gather(&f.take(3), &mut out);
+        assert_eq!((out, f.remaining()), ([1, 2, 3], 2));
+        let mut out = [0u8; 2];
+        gather(&f.take(2), &mut out);
+        assert_eq!(out, [4, 5]);
         let mut m = [9u8; 4];
         let mut mb = [IoSliceMut::new(&mut m)];
-        zero(&mut sub_mut(&mut mb, 1, 2));
+        let mut f = FrontMut::new(&mut mb);
+        f.take(1);
+        zero(&mut f.take(2));
+        drop(f);
         assert_eq!(m, [9, 0, 0, 9]);
     }
 
     #[test]
     #[should_panic(expected = "beyond the end")]
-    fn sub_past_the_end_panics() {
+    fn taking_past_the_end_panics() {
         let x = [0u8; 4];
         let bufs = [IoSlice::new(&x)];
-        let _ = sub(&bufs, 2, 3);
+        let mut f = Front::new(&bufs);
+        f.take(3);
+        f.take(2);
     }
 }

@@ -109,7 +109,7 @@ impl RawImage {
         let start = offset as usize;
         let end = (offset + len).min(first.len() as u64) as usize;
         crate::iovec::gather(
-            &crate::iovec::sub(bufs, 0, end - start),
+            &crate::iovec::Front::new(bufs).take(end - start),
             &mut first[start..end],
         );
         if crate::qcow2::header::probe(&first) {

@@ -90,10 +90,11 @@ impl Qcow2Image {
             Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
             None => 0,
         };
+        let mut front = iovec::FrontMut::new(bufs);
         if let (Some(b), true) = (&self.backing, avail > 0) {
-            b.read_vectored_at(&mut iovec::sub_mut(bufs, 0, avail), pos)?;
+            b.read_vectored_at(&mut front.take(avail), pos)?;
         }
-        iovec::zero(&mut iovec::sub_mut(bufs, avail, len - avail));
+        iovec::zero(&mut front.take(len - avail));
         Ok(())
     }
 
@@ -120,6 +121,7 @@ impl Qcow2Image {
     pub(super) fn read_impl(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
+        let mut front = iovec::FrontMut::new(bufs);
         let mut done = 0usize;
         while done < total {
             let pos = offset + done as u64;
@@ -128,7 +130,7 @@ impl Qcow2Image {
                 let mut m = self.meta();
                 (Self::map_run(&mut m, pos, want)?, m.cluster_size())
             };
-            let mut part = iovec::sub_mut(bufs, done, run.len as usize);
+            let mut part = front.take(run.len as usize);
             match run.kind {
                 Kind::Unallocated => self.read_backing(&mut part, pos)?,
                 Kind::Zero { .. } => iovec::zero(&mut part),

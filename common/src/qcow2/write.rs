@@ -59,6 +59,7 @@ impl Qcow2Image {
     pub(super) fn write_impl(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
+        let mut front = iovec::Front::new(bufs);
         let mut done = 0usize;
         while done < total {
             let pos = offset + done as u64;
@@ -69,7 +70,7 @@ impl Qcow2Image {
             if let Some(host) = Self::overwrite_in_place(&mut m, pos, n)? {
                 let n = Self::extend_in_place(&mut m, pos + n, host + n, left - n)? + n;
                 drop(m);
-                let data = iovec::sub(bufs, done, n as usize);
+                let data = front.take(n as usize);
                 io(
                     "Could not write image data",
                     self.storage.write_vectored_at(&data, host),
@@ -78,12 +79,11 @@ impl Qcow2Image {
                 continue;
             }
             if pos.is_multiple_of(cs) && left >= cs {
-                let rest = iovec::sub(bufs, done, total - done);
-                done += self.write_whole_clusters(m, pos, &rest)? as usize;
+                done += self.write_whole_clusters(m, pos, &mut front)? as usize;
             } else {
                 let plan = self.plan_cow(&mut m, pos, n)?;
                 drop(m);
-                self.run_cow(plan, &iovec::sub(bufs, done, n as usize), pos)?;
+                self.run_cow(plan, &front.take(n as usize), pos)?;
                 done += n as usize;
             }
         }
@@ -137,18 +137,19 @@ impl Qcow2Image {
     }
 
     /// Write a run of whole clusters that all need new storage into freshly allocated,
-    /// contiguous clusters with one write. Returns the bytes written (at least a cluster).
+    /// contiguous clusters with one write, taking their data off the front of `data`.
+    /// Returns the bytes written (at least a cluster).
     fn write_whole_clusters(
         &self,
         mut m: MutexGuard<'_, Meta>,
         pos: u64,
-        data: &[IoSlice<'_>],
+        data: &mut iovec::Front<'_, '_>,
     ) -> Result<u64> {
         let cb = m.h.cluster_bits;
         let cs = m.cluster_size();
         let gc = pos >> cb;
         let per_l2 = m.h.l2_entries();
-        let max = (iovec::total_len(data) as u64 / cs)
+        let max = (data.remaining() as u64 / cs)
             .min(MAX_RUN_BYTES / cs)
             .min(per_l2 - gc % per_l2)
             .max(1);
@@ -170,7 +171,7 @@ impl Qcow2Image {
         let wrote = io(
             "Could not write image data",
             self.storage
-                .write_vectored_at(&iovec::sub(data, 0, (k * cs) as usize), host),
+                .write_vectored_at(&data.take((k * cs) as usize), host),
         );
         let mut m = self.meta();
         let ext = m.h.extended_l2();
