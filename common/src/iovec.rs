@@ -154,7 +154,6 @@ mod tests {
         assert_eq!(got, vec![3, 4, 5, 6]);
         scatter(&mut f.take(2), &[70, 80]);
         assert!(f.take(0).is_empty());
-        drop(f);
         assert_eq!(c, [5, 6, 70, 80]);
 
         let (x, y) = ([1u8, 2], [3u8, 4, 5]);
@@ -172,7 +171,6 @@ mod tests {
         let mut f = FrontMut::new(&mut mb);
         f.take(1);
         zero(&mut f.take(2));
-        drop(f);
         assert_eq!(m, [9, 0, 0, 9]);
     }
 
