@@ -412,6 +412,23 @@ mod tests {
         }
     }
 
+    /// A failing preadv/pwritev is reported, not retried forever or taken as end of file.
+    #[test]
+    fn vectored_io_errors_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = FileStorage::new(File::open(dir.path()).unwrap());
+        let mut b = [0u8; 8];
+        let e = st
+            .read_vectored_at(&mut [IoSliceMut::new(&mut b)], 0)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "{e}");
+        let p = dir.path().join("ro");
+        std::fs::write(&p, b"data").unwrap();
+        let st = FileStorage::new(File::open(&p).unwrap());
+        let e = st.write_vectored_at(&[IoSlice::new(b"x")], 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    }
+
     fn mkfifo(p: &std::path::Path) {
         use std::os::unix::ffi::OsStrExt;
         let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();

@@ -790,6 +790,30 @@ mod tests {
         img
     }
 
+    /// Program headers beyond the prefix the parallel loader decodes first: it declines,
+    /// and the sequential loader puts the kernel in place.
+    #[test]
+    fn headers_past_the_prefix_load_sequentially() {
+        let code: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let mut vmlinux = elf::build_test_elf(0x100_0000, &code, 0, Some(0x100_0100));
+        let phoff = 0x2_0000usize;
+        let table = vmlinux[64..64 + 2 * 56].to_vec();
+        vmlinux.resize(phoff, 0);
+        vmlinux.extend_from_slice(&table);
+        vmlinux[32..40].copy_from_slice(&(phoff as u64).to_le_bytes());
+        let payload = lz4::compress_legacy(&vmlinux, true);
+        let gm = guest_mem(0x200_0000);
+        let max = 0x200_0000;
+        assert!(load_lz4_parallel(&payload, HIMEM_START, max, &gm)
+            .unwrap()
+            .is_none());
+        let k = load_lz4_vmlinux(&payload, HIMEM_START, max, &gm).unwrap();
+        assert_eq!((k.entry, k.pvh_entry), (0x100_0000, Some(0x100_0100)));
+        let mut got = vec![0u8; code.len()];
+        gm.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(got, code);
+    }
+
     #[test]
     fn lz4_bzimage_payload_loads() {
         // A vmlinux spanning several LZ4 blocks, framed like the kernel build does.

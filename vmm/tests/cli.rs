@@ -260,3 +260,49 @@ fn pvh_elf_kernel() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     std::fs::remove_file(&k).unwrap();
 }
+
+/// Without /dev/kvm, or without permission to open it, vmm says which in one line. Needs
+/// root (to drop to another user, and to hide /dev in a private mount namespace); CI runs
+/// as root, so there a missing privilege fails the test.
+#[test]
+fn no_kvm_or_no_permission() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root || std::env::var_os("CI").is_none(),
+        "CI must run as root"
+    );
+    if !root {
+        eprintln!("SKIPPED: not root");
+        return;
+    }
+    let kernel = tmp("perm-kernel");
+    std::fs::write(&kernel, b"hello").unwrap();
+    let k = kernel.to_str().unwrap();
+    let bin = env!("CARGO_BIN_EXE_vmm");
+    let run = |cmd: &mut Command| cmd.stdin(Stdio::null()).output().unwrap();
+    // As an unprivileged user (/dev/kvm is root-only here, or that user is not in its group).
+    let o = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin,
+            "run",
+        ])
+        .args(["--kernel", k]));
+    let e = one_error_line(&o);
+    assert!(e.contains("no permission to open /dev/kvm"), "{e}");
+    // With an empty /dev.
+    let o = run(Command::new("unshare").args([
+        "-m",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs none /dev && exec "$0" run --kernel "$1""#,
+        bin,
+        k,
+    ]));
+    let e = one_error_line(&o);
+    assert!(e.contains("/dev/kvm not found"), "{e}");
+    std::fs::remove_file(&kernel).unwrap();
+}
