@@ -73,7 +73,12 @@ impl<'a, 'b> FrontMut<'a, 'b> {
         }
     }
 
-    /// The next `len` bytes (at most what is left) as a list over the same memory.
+    /// Bytes not taken yet.
+    pub fn remaining(&self) -> usize {
+        self.left
+    }
+
+    /// The next `len` bytes (at most [`FrontMut::remaining`]) as a list over the same memory.
     pub fn take(&mut self, len: usize) -> Vec<IoSliceMut<'_>> {
         assert!(len <= self.left, "range beyond the end of the buffer list");
         self.left -= len;

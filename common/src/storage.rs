@@ -173,8 +173,9 @@ impl Storage for FileStorage {
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        if self.direct.is_some() {
-            // O_DIRECT needs aligned buffers: one aligned transfer per buffer.
+        if self.direct.is_some() || bufs.len() == 1 {
+            // O_DIRECT needs aligned buffers: one aligned transfer per buffer. A single
+            // buffer needs no copy of the list to advance (the engine's plain writes).
             return write_each(self, bufs, offset);
         }
         // The list is advanced in a private copy: the caller's stays as it was.

@@ -122,10 +122,9 @@ impl Qcow2Image {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
         let mut front = iovec::FrontMut::new(bufs);
-        let mut done = 0usize;
-        while done < total {
-            let pos = offset + done as u64;
-            let want = (total - done) as u64;
+        while front.remaining() > 0 {
+            let want = front.remaining() as u64;
+            let pos = offset + (total as u64 - want);
             let (run, cs) = {
                 let mut m = self.meta();
                 (Self::map_run(&mut m, pos, want)?, m.cluster_size())
@@ -144,7 +143,6 @@ impl Qcow2Image {
                     iovec::scatter(&mut part, &cluster[at..at + run.len as usize]);
                 }
             }
-            done += run.len as usize;
         }
         Ok(())
     }

@@ -60,10 +60,9 @@ impl Qcow2Image {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
         let mut front = iovec::Front::new(bufs);
-        let mut done = 0usize;
-        while done < total {
-            let pos = offset + done as u64;
-            let left = (total - done) as u64;
+        while front.remaining() > 0 {
+            let left = front.remaining() as u64;
+            let pos = offset + (total as u64 - left);
             let mut m = self.meta_settled(pos >> self.cluster_bits, 1);
             let cs = m.cluster_size();
             let n = (cs - pos % cs).min(left);
@@ -75,16 +74,14 @@ impl Qcow2Image {
                     "Could not write image data",
                     self.storage.write_vectored_at(&data, host),
                 )?;
-                done += n as usize;
                 continue;
             }
             if pos.is_multiple_of(cs) && left >= cs {
-                done += self.write_whole_clusters(m, pos, &mut front)? as usize;
+                self.write_whole_clusters(m, pos, &mut front)?;
             } else {
                 let plan = self.plan_cow(&mut m, pos, n)?;
                 drop(m);
                 self.run_cow(plan, &front.take(n as usize), pos)?;
-                done += n as usize;
             }
         }
         Ok(())
@@ -137,14 +134,14 @@ impl Qcow2Image {
     }
 
     /// Write a run of whole clusters that all need new storage into freshly allocated,
-    /// contiguous clusters with one write, taking their data off the front of `data`.
-    /// Returns the bytes written (at least a cluster).
+    /// contiguous clusters with one write, taking their data (at least a cluster) off the
+    /// front of `data`.
     fn write_whole_clusters(
         &self,
         mut m: MutexGuard<'_, Meta>,
         pos: u64,
         data: &mut iovec::Front<'_, '_>,
-    ) -> Result<u64> {
+    ) -> Result<()> {
         let cb = m.h.cluster_bits;
         let cs = m.cluster_size();
         let gc = pos >> cb;
@@ -190,8 +187,7 @@ impl Qcow2Image {
             }
         }
         self.finish_inflight(&mut m, gc);
-        result?;
-        Ok(k * cs)
+        result
     }
 
     /// Plan a write of `len` bytes at `pos` within one cluster whose mapping must change:
