@@ -21,6 +21,15 @@ struct Segment {
     memsz: u64,
 }
 
+impl Segment {
+    /// The part of file bytes [`start`, `end`) that holds this segment's file data.
+    fn file_overlap(&self, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
+        let a = self.offset.max(start);
+        let b = (self.offset + self.filesz).min(end);
+        (a < b).then_some(a..b)
+    }
+}
+
 /// What the loaded kernel looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadedElf {
@@ -186,7 +195,7 @@ impl ElfStream {
                 let touched: Vec<&Segment> = self
                     .loads
                     .iter()
-                    .filter(|s| overlaps(off, end, s.offset, s.offset + s.filesz))
+                    .filter(|s| s.file_overlap(off, end).is_some())
                     .collect();
                 let first = touched.first()?;
                 let shift = |s: &Segment| s.paddr as i128 - s.offset as i128;
@@ -196,7 +205,7 @@ impl ElfStream {
                 let in_note = self
                     .notes
                     .iter()
-                    .any(|(s, _)| overlaps(off, end, s.offset, s.offset + s.filesz));
+                    .any(|(s, _)| s.file_overlap(off, end).is_some());
                 let start = u64::try_from(off as i128 + shift(first)).ok()?;
                 let stop = start.checked_add(len)?;
                 let clash = self.loads.iter().any(|s| {
@@ -216,13 +225,9 @@ impl ElfStream {
     pub fn place(&self, off: u64, chunk: &[u8], write: &mut WriteFn<'_>) -> Result<(), String> {
         let end = off + chunk.len() as u64;
         for s in &self.loads {
-            let a = s.offset.max(off);
-            let b = (s.offset + s.filesz).min(end);
-            if a < b {
-                write(
-                    s.paddr + (a - s.offset),
-                    &chunk[(a - off) as usize..(b - off) as usize],
-                )?;
+            if let Some(r) = s.file_overlap(off, end) {
+                let bytes = &chunk[(r.start - off) as usize..(r.end - off) as usize];
+                write(s.paddr + (r.start - s.offset), bytes)?;
             }
         }
         Ok(())
@@ -233,7 +238,7 @@ impl ElfStream {
     pub fn needs_feed(&self, off: u64, len: u64) -> bool {
         self.notes
             .iter()
-            .any(|(s, _)| off < s.offset + s.filesz && s.offset < off + len)
+            .any(|(s, _)| s.file_overlap(off, off + len).is_some())
     }
 
     /// The next `len` bytes of the file were put in place by the caller.
@@ -246,10 +251,8 @@ impl ElfStream {
         let (start, end) = (self.pos, self.pos + chunk.len() as u64);
         self.place(start, chunk, write)?;
         for (s, buf) in &mut self.notes {
-            let a = s.offset.max(start);
-            let b = (s.offset + s.filesz).min(end);
-            if a < b {
-                buf.extend_from_slice(&chunk[(a - start) as usize..(b - start) as usize]);
+            if let Some(r) = s.file_overlap(start, end) {
+                buf.extend_from_slice(&chunk[(r.start - start) as usize..(r.end - start) as usize]);
             }
         }
         self.pos = end;
