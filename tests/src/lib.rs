@@ -8,7 +8,9 @@
 //! - [`engine`]: thin adapters over `common`'s public API;
 //! - [`Failures`]: run many cases in one test and report every failing one;
 //! - [`qemu_io_hold`]: a qemu-io process holding an image locked;
-//! - [`with_deadline`]: run engine code with a deadline (hangs become failures).
+//! - [`with_deadline`]: run engine code with a deadline (hangs become failures);
+//! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
+//! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed.
 //!
 //! Environment knobs for the cross tests (tests/tests/*.rs):
 //! - `TEST_SEED=<n|0xhex>`: replay a randomized test (the seed is printed by every one);
@@ -27,6 +29,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod engine;
+pub mod fake_kernel;
+pub mod kvm;
+
+/// Whether the tests run in CI (`CI` set to anything but empty, `0` or `false`): there a
+/// missing prerequisite fails a test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
 
 /// Default timeout for one external command.
 pub const TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,20 +1,29 @@
 //! VM end-to-end tests: boot the Debian cloud kernel with a busybox initramfs under `vmm` and
 //! check, from the host, what the guest saw and wrote.
 //!
-//! This machine's (and CI's) `/dev/kvm` is too slow to boot Linux, so `vmm` runs inside a *test
-//! host*: `qemu-system-x86_64 -accel tcg -cpu max` booting the same kernel with an initramfs
-//! (fixtures/initramfs/testhost-init) that loads kvm-amd (nested SVM), runs `/run.sh` (written
-//! here: it invokes a statically linked `/vmm`), and writes `/results` (vmm's console, stderr and
-//! exit code per run, plus the disk images after the run) as a tar archive to a raw results disk.
+//! Where `vmm` runs is decided once per test process by timing a small guest loop on the
+//! host's /dev/kvm (`integration_tests::kvm::probe_kvm`):
+//! - at hardware speed (real VT-x/AMD-V), `vmm` runs directly on this host ([`run_direct`]);
+//! - otherwise, as on this project's machines and CI, whose /dev/kvm emulates guest kernel
+//!   code far too slowly to boot Linux, `vmm` runs inside a *test host*: `qemu-system-x86_64
+//!   -accel tcg -cpu max` booting the same kernel with an initramfs
+//!   (fixtures/initramfs/testhost-init) that loads kvm-amd (nested SVM), runs `/run.sh` (written
+//!   here: it invokes a statically linked `/vmm`), and writes `/results` (vmm's console, stderr
+//!   and exit code per run, plus the disk images after the run) as a tar archive to a raw
+//!   results disk ([`run_in_testhost`]).
+//!
+//! Both produce the same [`Runs`], which the checks read.
 //!
 //! Tests:
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared test-host boot runs three `vmm run`s ("boot": 2 CPUs, 512M, no
-//!   disks; "a": qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and
-//!   snapshot=on disks); each test checks one aspect of the shared results.
+//! - `vmm_*`: one shared batch runs three `vmm run`s ("boot": 2 CPUs, 512M, no disks; "a":
+//!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks);
+//!   each test checks one aspect of the shared results.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
+//! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
+//!   path and the probe, with fake kernels (so on any /dev/kvm).
 //!
 //! Prerequisites (qemu-system-x86_64, cpio, qemu-img/qemu-io, e2fsprogs, network for
 //! `apt-get download`): missing ones make a test FAIL when `CI` is set, and print
@@ -22,7 +31,7 @@
 //!
 //! Environment: `E2E_SEED=<n>` reproduces the random data/offsets, `E2E_KEEP=1` keeps the work
 //! directories (their paths are printed; under target/vm-e2e/), `E2E_VMM=<path>` uses that
-//! (static) vmm binary instead of building one.
+//! (static) vmm binary instead of building one, `E2E_RUNNER=direct|testhost` skips the probe.
 //!
 //! Assumed `vmm` interface (one place: [`vmm_args`]):
 //! `vmm run --kernel K --initrd I --append CMDLINE --cpus N --memory 512M
@@ -39,6 +48,10 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use integration_tests::fake_kernel;
+use integration_tests::in_ci;
+use integration_tests::kvm::{have_kvm, probe_kvm, KvmSpeed};
+
 // ---------------------------------------------------------------------------------------------
 // Basics: prerequisites, commands with timeouts, hashing
 // ---------------------------------------------------------------------------------------------
@@ -50,13 +63,6 @@ const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=k printk.devkms
 const VM_TIMEOUT_S: u64 = 120;
 /// Time a guest booted directly under QEMU TCG may take.
 const QEMU_GUEST_TIMEOUT_S: u64 = 120;
-
-fn in_ci() -> bool {
-    match std::env::var("CI") {
-        Ok(v) => !v.is_empty() && v != "0" && v != "false",
-        Err(_) => false,
-    }
-}
 
 /// A missing prerequisite: FAIL in CI, otherwise print why and skip.
 macro_rules! require {
@@ -681,12 +687,13 @@ fn run_under_qemu(spec: &VmSpec, image_dir: &Path, work: &Path) -> Result<VmOutp
     })
 }
 
-/// What one test-host boot produced.
-struct TestHostOutput {
+/// What one batch of `vmm` runs produced (in the test host, or directly on this host).
+struct Runs {
     /// Per `VmSpec::name`.
     vms: BTreeMap<String, VmOutput>,
-    /// The images as they were after the runs (extracted from the results disk).
+    /// The images as they were after the runs (copies; the input directory is not touched).
     image_dir: PathBuf,
+    /// Whether /dev/kvm was there for the runs.
     kvm: bool,
     log: String,
     seconds: f64,
@@ -694,13 +701,13 @@ struct TestHostOutput {
 
 /// Boot the test host (QEMU TCG, nested SVM) and run each spec under the static `vmm`, one
 /// after the other, on the images of `image_dir` (copied in; modified copies come back in
-/// `TestHostOutput::image_dir`). `vmm` = None boots the test host without running anything.
+/// `Runs::image_dir`). `vmm` = None boots the test host without running anything.
 fn run_in_testhost(
     specs: &[&VmSpec],
     image_dir: &Path,
     vmm: Option<&Path>,
     work: &Path,
-) -> Result<TestHostOutput, String> {
+) -> Result<Runs, String> {
     let f = fixtures()?;
     let extra = work.join("testhost-extra");
     let res_images = extra.join("results/images");
@@ -819,7 +826,7 @@ fn run_in_testhost(
             },
         );
     }
-    Ok(TestHostOutput {
+    Ok(Runs {
         vms,
         image_dir: out_dir.join("images"),
         kvm: rd(&out_dir.join("kvm")).trim() == "yes",
@@ -831,6 +838,100 @@ fn run_in_testhost(
         ),
         seconds: o.elapsed.as_secs_f64(),
     })
+}
+
+/// Run each spec under `vmm` on this host, one after the other, with `kernel`, on copies of
+/// the images in `image_dir` (made in `work/direct-images`). For hosts whose /dev/kvm runs
+/// guests at hardware speed; a run past `timeout` is killed (its `rc` is then None).
+fn run_direct(
+    specs: &[&VmSpec],
+    kernel: &Path,
+    image_dir: &Path,
+    vmm: &Path,
+    work: &Path,
+    timeout: Duration,
+) -> Result<Runs, String> {
+    let t0 = Instant::now();
+    let images = work.join("direct-images");
+    fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+    for e in fs::read_dir(image_dir).map_err(|e| format!("{}: {e}", image_dir.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        fs::copy(e.path(), images.join(e.file_name())).map_err(|e| format!("copy image: {e}"))?;
+    }
+    let utf8 = |p: &Path| p.to_str().map(String::from).ok_or("non-UTF-8 path");
+    let mut vms = BTreeMap::new();
+    let mut log = String::new();
+    for spec in specs {
+        let initrd = guest_initramfs(spec, work)?;
+        let args = vmm_args(spec, &utf8(kernel)?, &utf8(&initrd)?, &utf8(&images)?);
+        let o = run(Command::new(vmm).args(&args).current_dir(&images), timeout);
+        log.push_str(&format!(
+            "vmm run {}: exit {:?}{} after {:.1}s\n",
+            spec.name,
+            o.code,
+            if o.timed_out {
+                " (killed at the timeout)"
+            } else {
+                ""
+            },
+            o.elapsed.as_secs_f64()
+        ));
+        let _ = fs::write(work.join(format!("console-{}.txt", spec.name)), &o.stdout);
+        vms.insert(
+            spec.name.clone(),
+            VmOutput {
+                console: o.stdout(),
+                stderr: o.stderr(),
+                rc: if o.timed_out { None } else { o.code },
+                seconds: o.elapsed.as_secs_f64(),
+            },
+        );
+    }
+    Ok(Runs {
+        vms,
+        image_dir: images,
+        kvm: true,
+        log,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Where the suite's `vmm` runs happen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Runner {
+    /// On this host: its /dev/kvm runs guests at hardware speed.
+    Direct,
+    /// Inside the nested-KVM test host ([`run_in_testhost`]).
+    TestHost,
+}
+
+/// Decided once per test process. `E2E_RUNNER=direct|testhost` forces one; otherwise the
+/// host's /dev/kvm is timed with a small guest loop under `vmm` ([`probe_kvm`]): at hardware
+/// speed the runs happen directly, else (emulated, or no usable /dev/kvm) in the test host.
+fn runner(vmm: &Path) -> Result<Runner, String> {
+    static R: OnceLock<Result<Runner, String>> = OnceLock::new();
+    R.get_or_init(|| {
+        let forced = std::env::var("E2E_RUNNER").unwrap_or_default();
+        let r = match forced.as_str() {
+            "direct" => Runner::Direct,
+            "testhost" => Runner::TestHost,
+            "" => {
+                let work = WorkDir::new("probe");
+                let p = probe_kvm(vmm, work.path());
+                let r = if p.speed == KvmSpeed::Hardware {
+                    Runner::Direct
+                } else {
+                    Runner::TestHost
+                };
+                eprintln!("vm_e2e: /dev/kvm probe: {:?}, {}: {r:?}", p.speed, p.detail);
+                return Ok(r);
+            }
+            other => return Err(format!("E2E_RUNNER={other}: expected direct or testhost")),
+        };
+        eprintln!("vm_e2e: E2E_RUNNER: {r:?}");
+        Ok(r)
+    })
+    .clone()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1467,7 +1568,7 @@ struct Suite {
     boot: VmSpec,
     a: ScenarioA,
     b: ScenarioB,
-    out: TestHostOutput,
+    out: Runs,
     work: WorkDir,
 }
 
@@ -1481,20 +1582,27 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         let a = scenario_a(&dir, work.path(), &mut rng, Some(bins))?;
         let b = scenario_b(&dir, work.path(), &mut rng)?;
         let boot = scenario_boot();
-        let out = run_in_testhost(
-            &[&boot, &a.spec, &b.spec],
-            &dir,
-            Some(&bins.vmm),
-            work.path(),
-        )?;
+        let specs = [&boot, &a.spec, &b.spec];
+        let (out, place) = match runner(&bins.vmm)? {
+            Runner::Direct => {
+                let kernel = &fixtures()?.kernel;
+                let timeout = Duration::from_secs(VM_TIMEOUT_S);
+                let out = run_direct(&specs, kernel, &dir, &bins.vmm, work.path(), timeout)?;
+                (out, "on this host")
+            }
+            Runner::TestHost => {
+                let out = run_in_testhost(&specs, &dir, Some(&bins.vmm), work.path())?;
+                if !out.kvm {
+                    return Err(format!("no /dev/kvm in the test host:\n{}", out.log));
+                }
+                (out, "in the test host")
+            }
+        };
         for (name, vm) in &out.vms {
             eprintln!(
-                "vm_e2e: vmm run '{name}': exit {:?}, {:.1}s in the test host",
+                "vm_e2e: vmm run '{name}': exit {:?}, {:.1}s {place}",
                 vm.rc, vm.seconds
             );
-        }
-        if !out.kvm {
-            return Err(format!("no /dev/kvm in the test host:\n{}", out.log));
         }
         Ok(Suite {
             boot,
@@ -1526,8 +1634,7 @@ fn vm<'a>(s: &'a Suite, name: &str) -> &'a VmOutput {
 #[test]
 fn vmm_boots_with_2_cpus_and_512m() {
     let s = suite!();
-    check_boot(vm(s, &s.boot.name))
-        .unwrap_or_else(|e| panic!("{e}\n--- test host:\n{}", s.out.log));
+    check_boot(vm(s, &s.boot.name)).unwrap_or_else(|e| panic!("{e}\n--- runs:\n{}", s.out.log));
 }
 
 #[test]
@@ -1646,6 +1753,109 @@ fn vmm_rejects_bad_inputs() {
         }
     }
     assert!(errs.is_empty(), "bad inputs:\n{}", errs.join("\n\n"));
+}
+
+/// The direct path (taken where /dev/kvm runs at hardware speed), exercised here with fake
+/// kernels so that it runs on any /dev/kvm: each run's console, stderr and exit code come
+/// back under its name, the images it ran on are copies, and a guest that never stops is
+/// killed at the timeout.
+#[test]
+fn direct_runner_reports_each_run() {
+    require!(fixtures());
+    if !have_kvm() {
+        return;
+    }
+    let bins = static_bins().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new("direct");
+    let images = work.path().join("images");
+    fs::create_dir_all(&images).unwrap();
+    let disk = images.join("disk.qcow2");
+    make_patterned_qcow2(&disk, 4 * MIB, &[(0x5a, 0, MIB)]).unwrap();
+    let before = sha256_file(&disk);
+    let spec = |name: &str| VmSpec {
+        name: name.into(),
+        cpus: 1,
+        memory_mib: 128,
+        drives: vec![Drive {
+            file: "disk.qcow2".into(),
+            readonly: false,
+            snapshot: false,
+        }],
+        test_sh: String::new(),
+        data: vec![],
+    };
+    let kernel = |name: &str, tail: &[u8]| {
+        let p = work.path().join(name);
+        let code = [fake_kernel::PRINT_CMDLINE_BYTE, tail].concat();
+        fs::write(&p, fake_kernel::bzimage(&code)).unwrap();
+        p
+    };
+    let (reset, spin) = (spec("reset"), spec("spin"));
+    let timeout = Duration::from_secs(3);
+    let run_one = |spec: &VmSpec, k: &Path, dir: &str| {
+        let w = work.path().join(dir);
+        fs::create_dir_all(&w).unwrap();
+        run_direct(&[spec], k, &images, &bins.vmm, &w, timeout).unwrap()
+    };
+    let ok = run_one(&reset, &kernel("reset.bz", fake_kernel::RESET), "w1");
+    let hung = run_one(&spin, &kernel("spin.bz", fake_kernel::SPIN), "w2");
+
+    // GUEST_CMDLINE starts with "console=": the fake kernel prints its first byte.
+    let vm = &ok.vms["reset"];
+    assert_eq!(
+        (vm.rc, vm.console.as_str()),
+        (Some(0), "c\n"),
+        "{}",
+        vm.describe()
+    );
+    assert!(vm.stderr.is_empty(), "{}", vm.describe());
+    assert!(ok.kvm && ok.image_dir != images, "{}", ok.log);
+    assert!(ok.image_dir.join("disk.qcow2").is_file(), "{}", ok.log);
+    qemu_img_check(&ok.image_dir.join("disk.qcow2")).unwrap();
+
+    let vm = &hung.vms["spin"];
+    assert_eq!(
+        (vm.rc, vm.console.as_str()),
+        (None, "c\n"),
+        "{}",
+        vm.describe()
+    );
+    assert!(
+        vm.seconds >= timeout.as_secs_f64() && vm.seconds < 30.0,
+        "{}",
+        vm.describe()
+    );
+    assert!(hung.log.contains("killed at the timeout"), "{}", hung.log);
+    assert_eq!(sha256_file(&disk), before, "the input image changed");
+}
+
+/// The /dev/kvm probe's guest loop stops after its count (also when the count is 0) and
+/// powers off, and the probe gives a verdict on this host: any /dev/kvm that passes
+/// `have_kvm` runs the probe guests, fast or slow.
+#[test]
+fn kvm_probe_guest_stops_and_probe_decides() {
+    if !have_kvm() {
+        return;
+    }
+    let bins = static_bins().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new("probe-test");
+    for n in [0u32, 1, 1000] {
+        let k = work.path().join(format!("loop-{n}"));
+        let code = [&fake_kernel::count_down(n)[..], fake_kernel::POWEROFF].concat();
+        fs::write(&k, fake_kernel::bzimage(&code)).unwrap();
+        let o = run(
+            Command::new(&bins.vmm).arg("run").arg("--kernel").arg(&k),
+            Duration::from_secs(30),
+        );
+        assert!(
+            o.ok() && o.stdout.is_empty(),
+            "{n} iterations:\n{}",
+            o.report()
+        );
+    }
+    let p = probe_kvm(&bins.vmm, work.path());
+    eprintln!("vm_e2e: probe: {:?}: {}", p.speed, p.detail);
+    assert_ne!(p.speed, KvmSpeed::Unusable, "{}", p.detail);
 }
 
 /// The harness itself: a command that outlives its timeout is killed with its children, and

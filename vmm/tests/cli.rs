@@ -5,53 +5,20 @@
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-fn have_kvm() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+use integration_tests::fake_kernel::{bzimage, CRASH, POWEROFF, PRINT_CMDLINE_BYTE, RESET, SPIN};
+use integration_tests::kvm::have_kvm;
 
 fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmm-cli-{}-{name}", std::process::id()))
 }
 
-/// A minimal bzImage: one setup sector after the boot sector, then the 64-bit entry at
-/// offset 0x200 of the protected-mode part. `tail` runs after printing the first
-/// command-line byte.
+/// A fake bzImage (see `fake_kernel`) that prints the first command-line byte, then runs
+/// `tail`.
 fn fake_bzimage(name: &str, tail: &[u8]) -> PathBuf {
-    let mut f = vec![0u8; 1024];
-    f[0x1f1] = 1; // setup_sects
-    f[0x1fe] = 0x55;
-    f[0x1ff] = 0xaa;
-    f[0x202..0x206].copy_from_slice(b"HdrS");
-    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    f[0x211] = 1; // LOADED_HIGH
-    f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    f[0x236..0x238].copy_from_slice(&3u16.to_le_bytes()); // XLF_KERNEL_64 | above 4G
-    f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-    f[0x260..0x264].copy_from_slice(&0x10_0000u32.to_le_bytes());
-    let mut k = vec![0x90u8; 0x200];
-    k.extend_from_slice(&[
-        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-        0x8b, 0x86, 0x28, 0x02, 0x00, 0x00, // mov eax, [rsi + 0x228] (cmd_line_ptr)
-        0x8a, 0x00, // mov al, [rax]
-        0xee, // out dx, al
-        0xb0, b'\n', 0xee, // newline
-    ]);
-    k.extend_from_slice(tail);
-    f.extend(k);
     let p = tmp(name);
-    std::fs::write(&p, f).unwrap();
+    std::fs::write(&p, bzimage(&[PRINT_CMDLINE_BYTE, tail].concat())).unwrap();
     p
 }
-
-const POWEROFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
-const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
-// lidt [0x3000] (a zero-limit IDT); int3 -> triple fault.
-const CRASH: &[u8] = &[0x0f, 0x01, 0x1c, 0x25, 0x00, 0x30, 0x00, 0x00, 0xcc, 0xf4];
 
 fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
@@ -149,7 +116,7 @@ fn image_in_use() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let drive = format!("file={},format=raw", disk.display());
     // Hold the image with a guest that never stops, then try a second VM on it.
-    let k = fake_bzimage("spin", &[0xeb, 0xfe]);
+    let k = fake_bzimage("spin", SPIN);
     let mut first = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args([
             "run",
@@ -199,15 +166,15 @@ fn fake_pvh_elf(name: &str) -> PathBuf {
     put(54, &56u16.to_le_bytes()); // e_phentsize
     put(56, &2u16.to_le_bytes()); // e_phnum
     put(58, &64u16.to_le_bytes()); // e_shentsize
-    let code: Vec<u8> = vec![
+    let check_magic: &[u8] = &[
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0x8b, 0x03, // mov eax, [ebx]
         0x3d, 0x78, 0xc5, 0x6e, 0x33, // cmp eax, XEN_HVM_START_MAGIC_VALUE
         0x75, 0x03, // jne +3
         0xb0, b'P', 0xee, // mov al, 'P'; out dx, al
         0xb0, b'\n', 0xee, // newline
-        0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd, // ACPI S5
     ];
+    let code = [check_magic, POWEROFF].concat();
     // PT_LOAD
     let mut ph = Vec::new();
     ph.extend_from_slice(&1u32.to_le_bytes());

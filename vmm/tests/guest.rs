@@ -4,30 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use integration_tests::fake_kernel::RESET;
+use integration_tests::kvm::have_kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::BootEntry;
 use vmm::devices::serial::SharedBuf;
 use vmm::disk::MemDisk;
 use vmm::vm::{Machine, VmDisk};
 use vmm::VmExit;
-
-/// Whether /dev/kvm can be used. Outside CI a test without it is skipped loudly; in CI
-/// (which has /dev/kvm) its absence fails the test.
-fn have_kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        ok || std::env::var_os("CI").is_none(),
-        "/dev/kvm is missing in CI"
-    );
-    if !ok {
-        eprintln!("SKIPPED: no usable /dev/kvm");
-    }
-    ok
-}
 
 fn machine(disks: Vec<VmDisk>) -> (Machine, SharedBuf) {
     let out = SharedBuf::default();
@@ -45,8 +29,6 @@ fn run_real(m: &Machine, code: &[u8]) -> VmExit {
     r.stop();
     why
 }
-
-const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]; // mov al,0xfe; out 0x64,al; hlt; jmp $-1
 
 #[test]
 fn serial_output_and_i8042_reset() {
@@ -198,10 +180,14 @@ fn long_mode_entry_like_linux() {
     // 64-bit code: mov dx,0x3f8; mov al,'L'; out dx,al; mov eax,esi; shr eax,8; out dx,al;
     // then touch memory above 32 MiB through the identity map and reset.
     let code = [
-        0x66, 0xba, 0xf8, 0x03, 0xb0, b'L', 0xee, 0x89, 0xf0, 0xc1, 0xe8, 0x08, 0xee, // print
-        0xc6, 0x04, 0x25, 0x00, 0x00, 0x00, 0x03, 0x2a, // mov byte [0x3000000], 42
-        0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
-    ];
+        &[
+            0x66, 0xba, 0xf8, 0x03, 0xb0, b'L', 0xee, 0x89, 0xf0, 0xc1, 0xe8, 0x08,
+            0xee, // print
+            0xc6, 0x04, 0x25, 0x00, 0x00, 0x00, 0x03, 0x2a, // mov byte [0x3000000], 42
+        ],
+        RESET,
+    ]
+    .concat();
     m.mem.write_slice(&code, GuestAddress(0x10_0200)).unwrap();
     let r = m
         .start(BootEntry::Linux64 {

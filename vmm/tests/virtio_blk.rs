@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::BlockDriver;
+use integration_tests::fake_kernel::RESET;
+use integration_tests::kvm::have_kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::BootEntry;
 use vmm::devices::serial::SharedBuf;
@@ -25,24 +27,6 @@ const STATUS: u64 = 0x30000;
 const F_WRITE: u16 = 2;
 const F_NEXT: u16 = 1;
 const F_INDIRECT: u16 = 4;
-
-/// Whether /dev/kvm can be used. Outside CI a test without it is skipped loudly; in CI
-/// (which has /dev/kvm) its absence fails the test.
-fn have_kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        ok || std::env::var_os("CI").is_none(),
-        "/dev/kvm is missing in CI"
-    );
-    if !ok {
-        eprintln!("SKIPPED: no usable /dev/kvm");
-    }
-    ok
-}
 
 struct Driver {
     m: Machine,
@@ -484,7 +468,7 @@ fn guest_kicks_through_ioeventfd() {
     code.push(1);
     let rel = spin as i32 - (code.len() as i32 + 2);
     code.extend_from_slice(&[0x75, rel as i8 as u8]);
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+    code.extend_from_slice(RESET);
     d.m.mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
     let r = d.m.start(BootEntry::Protected32 { entry: 0x1000 }).unwrap();
     let why = d.m.wait(Some(Duration::from_secs(60)));
