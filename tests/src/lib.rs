@@ -23,6 +23,7 @@
 //! The tests need `qemu-img`/`qemu-io` 10.0.2 and `prlimit` (util-linux) on PATH.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -71,6 +72,15 @@ impl Output {
         self
     }
 
+    /// `Err` with the full report unless the command exited 0.
+    pub fn check(self) -> Result<Output, String> {
+        if self.success() {
+            Ok(self)
+        } else {
+            Err(format!("command failed:\n{}", self.report()))
+        }
+    }
+
     /// A multi-line description for failure messages.
     pub fn report(&self) -> String {
         format!(
@@ -106,7 +116,10 @@ fn quote(s: &str) -> String {
     }
 }
 
-/// Run `cmd` to completion or until `timeout`, capturing everything.
+/// Run `cmd` (stdin from /dev/null, in a process group of its own) to completion or until
+/// `timeout`, capturing everything. At the timeout the whole group is killed, and whatever is
+/// left of it when the command exits is killed too (a leftover child would keep the output
+/// pipes open): this never hangs.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let cmdline = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
         .chain(cmd.get_args().map(|a| quote(&a.to_string_lossy())))
@@ -121,8 +134,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmdline}: {e}"));
+    let kill_group = |pid: u32| {
+        // SAFETY: kill has no memory-safety preconditions; a group that is gone is ESRCH.
+        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+    };
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -141,12 +159,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
             Some(st) => break st,
             None if start.elapsed() > timeout => {
                 timed_out = true;
-                let _ = child.kill();
+                kill_group(child.id());
                 break child.wait().expect("wait after kill");
             }
             None => std::thread::sleep(Duration::from_millis(5)),
         }
     };
+    kill_group(child.id());
     use std::os::unix::process::ExitStatusExt;
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
@@ -320,6 +339,12 @@ impl Rng {
     /// True with probability `num/den`.
     pub fn chance(&mut self, num: u64, den: u64) -> bool {
         self.below(den) < num
+    }
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        self.fill(&mut v);
+        v
     }
     pub fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
@@ -697,5 +722,33 @@ pub fn with_deadline<T: Send + 'static>(
         Err(_) => Err(format!(
             "HUNG: no result after {limit:?} (deadlock or endless loop?)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command that outlives its timeout is killed with its children, and `run` returns
+    /// promptly (a hung guest or tool must fail a test, not hang CI). So does a command that
+    /// exits while a child it left behind still holds the output pipes.
+    #[test]
+    fn run_kills_the_whole_group() {
+        let t0 = Instant::now();
+        let o = run(
+            Command::new("sh").args(["-c", "sleep 100 & sleep 100; echo never"]),
+            Duration::from_millis(500),
+        );
+        assert!(o.timed_out && o.code.is_none(), "{}", o.report());
+        assert!(!o.stdout.contains("never"), "{}", o.report());
+        let o = run(
+            Command::new("sh").args(["-c", "sleep 100 & echo started"]),
+            Duration::from_secs(60),
+        );
+        assert!(o.success() && o.stdout == "started\n", "{}", o.report());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "run() did not return promptly"
+        );
     }
 }

@@ -1,0 +1,100 @@
+//! One guest boot (`VmSpec`), what it produced (`VmOutput`, `Runs`), and the `vmm run`
+//! command line for it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::tools::tail;
+
+/// Guest kernel command line (the same under vmm and QEMU).
+/// `printk.devkmsg=on`: the guest reports through /dev/kmsg without rate limiting.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=k printk.devkmsg=on";
+
+/// Time one `vmm run` (one guest boot + its script) may take, in the test host or directly.
+pub const VM_TIMEOUT_S: u64 = 120;
+
+/// A disk of a guest boot (the guest sees vda, vdb, ... in order).
+#[derive(Clone)]
+pub struct Drive {
+    /// File name inside the scenario's image directory.
+    pub file: String,
+    pub readonly: bool,
+    pub snapshot: bool,
+}
+
+/// One guest boot: machine shape, disks, the script the guest runs, and data files for it.
+pub struct VmSpec {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub drives: Vec<Drive>,
+    /// Embedded as /test.sh in the guest initramfs.
+    pub test_sh: String,
+    /// Embedded as /data/<name> in the guest initramfs.
+    pub data: Vec<(String, Vec<u8>)>,
+}
+
+/// What one guest boot produced.
+#[derive(Default, Debug)]
+pub struct VmOutput {
+    /// Guest console (vmm's stdout, or QEMU's serial).
+    pub console: String,
+    /// vmm's stderr.
+    pub stderr: String,
+    /// vmm's exit code (None: killed / timed out / not run).
+    pub rc: Option<i32>,
+    pub seconds: f64,
+}
+
+impl VmOutput {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?} after {:.1}s\nconsole:\n{}stderr:\n{}",
+            self.rc,
+            self.seconds,
+            tail(&self.console, 40),
+            tail(&self.stderr, 20)
+        )
+    }
+}
+
+/// What one batch of `vmm` runs produced (in the test host, or directly on this host).
+pub struct Runs {
+    /// Per `VmSpec::name`.
+    pub vms: BTreeMap<String, VmOutput>,
+    /// The images as they were after the runs (copies; the input directory is not touched).
+    pub image_dir: PathBuf,
+    /// Whether /dev/kvm was there for the runs.
+    pub kvm: bool,
+    pub log: String,
+    pub seconds: f64,
+}
+
+/// The `vmm run` command line for `spec` (the single place that knows vmm's flags).
+pub fn vmm_args(spec: &VmSpec, kernel: &str, initrd: &str, image_dir: &str) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel.into(),
+        "--initrd".into(),
+        initrd.into(),
+        "--append".into(),
+        GUEST_CMDLINE.into(),
+        "--cpus".into(),
+        spec.cpus.to_string(),
+        "--memory".into(),
+        format!("{}M", spec.memory_mib),
+    ];
+    for d in &spec.drives {
+        let mut v = format!("file={}/{},format=qcow2", image_dir, d.file);
+        if d.readonly {
+            v.push_str(",readonly=on");
+        }
+        if d.snapshot {
+            v.push_str(",snapshot=on");
+        }
+        a.push("--drive".into());
+        a.push(v);
+    }
+    a
+}
