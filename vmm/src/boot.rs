@@ -814,6 +814,79 @@ mod tests {
         assert_eq!(got, code);
     }
 
+    /// Kernels with random damage (ELF and program headers, the PVH note, segment data,
+    /// LZ4 block sizes, data and trailer) load or fail with an error, never a panic, and the
+    /// two loaders agree on which. `TEST_SEED` replays a run, `KERNEL_ROUNDS` sets its length.
+    #[test]
+    fn damaged_kernels_fail_cleanly() {
+        let code: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let vmlinux = elf::build_test_elf(0x100_0000, &code, 0x3000, Some(0x100_0100));
+        let note = 0x1000 + code.len();
+        let seed = integration_tests::seed(0xdead_0e1f);
+        let mut rng = integration_tests::Rng::new(seed);
+        let (max, a, b) = (0x180_0000, guest_mem(0x180_0000), guest_mem(0x180_0000));
+        let junk = |rng: &mut integration_tests::Rng| -> u64 {
+            match rng.below(5) {
+                0 => 0,
+                1 => u64::MAX - rng.below(16),
+                2 => 1 << rng.below(64),
+                3 => rng.below(0x200_0000),
+                _ => rng.next_u64(),
+            }
+        };
+        let (mut loaded, mut failed) = (0, 0);
+        let rounds = std::env::var("KERNEL_ROUNDS").map_or(300, |v| v.parse().unwrap());
+        for round in 0..rounds {
+            let mut elf = vmlinux.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = match rng.below(3) {
+                    0 => rng.below(64 + 2 * 56) as usize,
+                    1 => note + rng.below(48) as usize,
+                    _ => rng.below(elf.len() as u64) as usize,
+                };
+                let n = (*rng.pick(&[1usize, 2, 4, 8])).min(elf.len() - at);
+                elf[at..at + n].copy_from_slice(&junk(&mut rng).to_le_bytes()[..n]);
+            }
+            let mut payload = lz4::compress_legacy(&elf, rng.chance(3, 4));
+            if rng.chance(1, 3) {
+                let len = payload.len();
+                let at = match rng.below(3) {
+                    0 => 4,
+                    1 => len - 4,
+                    _ => rng.below(len as u64) as usize,
+                };
+                let n = 4.min(len - at);
+                payload[at..at + n].copy_from_slice(&junk(&mut rng).to_le_bytes()[..n]);
+            }
+            if rng.chance(1, 10) {
+                payload.truncate(rng.below(payload.len() as u64) as usize);
+            }
+            let run = |load: &dyn Fn() -> Result<LoadedElf, String>| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|_| {
+                    panic!("round {round} (TEST_SEED={seed:#x}): the loader panicked")
+                })
+            };
+            let fast = run(&|| load_lz4_vmlinux(&payload, HIMEM_START, max, &a));
+            let slow = run(&|| load_lz4_sequential(&payload, HIMEM_START, max, &b));
+            assert_eq!(
+                fast.as_ref().ok(),
+                slow.as_ref().ok(),
+                "round {round} (TEST_SEED={seed:#x}): {fast:?} vs {slow:?}"
+            );
+            if fast.is_ok() {
+                loaded += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        eprintln!("damaged kernels: {loaded} loaded, {failed} failed cleanly");
+        // Both outcomes must occur, or the damage is not reaching what it should.
+        assert!(
+            loaded > 10 && failed > 10,
+            "{loaded} loaded, {failed} failed"
+        );
+    }
+
     #[test]
     fn lz4_bzimage_payload_loads() {
         // A vmlinux spanning several LZ4 blocks, framed like the kernel build does.
