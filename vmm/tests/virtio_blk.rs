@@ -478,3 +478,172 @@ fn guest_kicks_through_ioeventfd() {
     assert_eq!(&d.disk.contents()[7 * 512..8 * 512], &[0x5au8; 512][..]);
     let _ = d.disk.flush();
 }
+
+/// A driver that writes junk of every width to every register of the transport (common,
+/// ISR, device and notify areas, the MSI-X table and PBA, PCI configuration space), brings
+/// the device up with random queue sizes, features and rings, and kicks it with junk in the
+/// rings while it keeps writing: vmm must not panic or hang, and after a reset the device
+/// works as before.
+#[test]
+fn transport_survives_register_abuse() {
+    if !have_kvm() {
+        return;
+    }
+    let seed = integration_tests::seed(0x7a11_5eed);
+    let r = integration_tests::with_deadline(Duration::from_secs(120), move || {
+        abuse_transport(&mut integration_tests::Rng::new(seed));
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("TEST_SEED={seed:#x}: {e}");
+    }
+}
+
+/// The transport's registers in BAR 0 (offset, width): common configuration, ISR, the
+/// first words of the device configuration, the queue notification, MSI-X table and PBA.
+const REGISTERS: [(u64, usize); 27] = [
+    (0x00, 4),
+    (0x04, 4),
+    (0x08, 4),
+    (0x0c, 4),
+    (0x10, 2),
+    (0x12, 2),
+    (0x14, 1),
+    (0x15, 1),
+    (0x16, 2),
+    (0x18, 2),
+    (0x1a, 2),
+    (0x1c, 2),
+    (0x1e, 2),
+    (0x20, 4),
+    (0x24, 4),
+    (0x28, 4),
+    (0x2c, 4),
+    (0x30, 4),
+    (0x34, 4),
+    (0x1000, 1),
+    (0x2000, 8),
+    (0x3000, 2),
+    (0x4000, 4),
+    (0x4008, 4),
+    (0x400c, 4),
+    (0x401c, 4),
+    (0x5000, 8),
+];
+
+fn abuse_transport(rng: &mut integration_tests::Rng) {
+    let mut d = Driver::new(false);
+    let areas: [(u64, u64); 6] = [
+        (0x0000, 0x40), // common configuration
+        (0x1000, 0x4),  // ISR
+        (0x2000, 0x40), // device configuration
+        (0x3000, 0x10), // notifications
+        (0x4000, 0x30), // MSI-X table
+        (0x5000, 0x8),  // MSI-X PBA
+    ];
+    let (mut started, mut broken) = (0, 0);
+    for _ in 0..4000 {
+        let width = *rng.pick(&[1usize, 2, 3, 4, 8]);
+        let value = rng.next_u64().to_le_bytes();
+        match rng.below(20) {
+            0..=9 => {
+                // Mostly a real register at its own width; else any offset and width.
+                let (off, w) = if rng.chance(3, 4) {
+                    *rng.pick(&REGISTERS)
+                } else {
+                    let &(base, len) = rng.pick(&areas);
+                    (base + rng.below(len), width)
+                };
+                // Small numbers and status bits are the interesting values; junk too.
+                let v = if rng.chance(1, 2) {
+                    rng.below(16).to_le_bytes()
+                } else {
+                    value
+                };
+                d.m.mmio_bus.write(BAR + off, &v[..w]);
+            }
+            10..=13 => {
+                let (off, w) = if rng.chance(3, 4) {
+                    *rng.pick(&REGISTERS)
+                } else {
+                    let &(base, len) = rng.pick(&areas);
+                    (base + rng.below(len), width)
+                };
+                let mut b = [0u8; 8];
+                d.m.mmio_bus.read(BAR + off, &mut b[..w]);
+            }
+            14 => {
+                // Bring-up with random features, queue size and rings.
+                d.w(0x14, &[0]);
+                d.w(0x14, &[1 | 2]);
+                // A random subset of what is offered (plus VERSION_1), sometimes more.
+                let offered = d.features();
+                let extra = if rng.chance(1, 5) { rng.next_u64() } else { 0 };
+                let want = (offered & rng.next_u64()) | 1 << 32 | extra;
+                for (sel, bits) in [(0u32, want as u32), (1, (want >> 32) as u32)] {
+                    d.w(0x08, &sel.to_le_bytes());
+                    d.w(0x0c, &bits.to_le_bytes());
+                }
+                d.w(0x14, &[1 | 2 | 8]);
+                d.w(0x16, &0u16.to_le_bytes());
+                let size = *rng.pick(&[QSIZE, QSIZE, QSIZE, QSIZE, 1024, 0, 1, 3, 2048]);
+                d.w(0x18, &size.to_le_bytes());
+                for (reg, good) in [(0x20u64, DESC), (0x28, AVAIL), (0x30, USED)] {
+                    let junk = rng.next_u64();
+                    let bad = *rng.pick(&[good + 1, 64 << 20, u64::MAX - 0xf, junk]);
+                    let addr = if rng.chance(5, 6) { good } else { bad };
+                    d.w(reg, &(addr as u32).to_le_bytes());
+                    d.w(reg + 4, &((addr >> 32) as u32).to_le_bytes());
+                }
+                d.w(0x1c, &1u16.to_le_bytes());
+                d.w(0x14, &[1 | 2 | 8 | 4]);
+                started += usize::from(d.status() == 0xf);
+            }
+            15..=17 => {
+                // Junk in the rings (or a few plausible descriptors), then a kick.
+                if rng.chance(1, 2) {
+                    let junk = rng.bytes(0x3000);
+                    d.m.mem.write_slice(&junk, GuestAddress(DESC)).unwrap();
+                } else {
+                    let i = rng.below(QSIZE as u64) as u16;
+                    let (addr, len) = (*rng.pick(&[HDR, DATA, STATUS, 64 << 20]), rng.below(4096));
+                    d.set_desc(
+                        i,
+                        addr,
+                        len as u32,
+                        rng.below(8) as u16,
+                        rng.below(40) as u16,
+                    );
+                    let idx = d.avail_idx.wrapping_add(rng.below(3) as u16);
+                    d.m.mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+                }
+                d.m.mmio_bus.write(BAR + 0x3000, &0u16.to_le_bytes());
+                broken += usize::from(d.status() & 0x40 != 0);
+            }
+            _ => {
+                // PCI configuration space of the device (bus 0, device 1), except the
+                // command register and the BARs, which would move the device away.
+                let reg = loop {
+                    let r = rng.below(0x100) & !3;
+                    if r != 0x04 && !(0x10..0x28).contains(&r) {
+                        break r;
+                    }
+                };
+                let addr = 0x8000_0000u32 | 1 << 11 | reg as u32;
+                d.m.io_bus.write(0xcf8, &addr.to_le_bytes());
+                let at = 0xcfc + rng.below(4);
+                d.m.io_bus.write(at, &value[..width.min(4)]);
+            }
+        }
+    }
+    eprintln!("register abuse: device started {started} times, seen broken {broken} times");
+    assert!(
+        started > 10 && broken > 10,
+        "the abuse missed the running device"
+    );
+    d.init(1 << 28 | 1 << 29);
+    let pattern = [0x3cu8; 1024];
+    d.m.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+    assert_eq!(d.simple(1, 9, 1024, false), Some((1, 0)));
+    assert_eq!(&d.disk.contents()[9 * 512..11 * 512], &pattern[..]);
+}
