@@ -249,3 +249,67 @@ fn memory_above_4g_skips_the_mmio_hole() {
         .write_obj(7u64, GuestAddress((1 << 32) + (2 << 30)))
         .is_err());
 }
+
+/// A guest that pokes junk of every width at every port and at the PCI MMIO window (UART,
+/// i8042, ACPI PM, PCI configuration including BARs and the command register, the virtio
+/// BAR wherever it moved): vmm must not panic or hang, and the buses still answer.
+#[test]
+fn port_and_mmio_junk_is_harmless() {
+    if !have_kvm() {
+        return;
+    }
+    use vmm::devices::legacy::{ACPI_PM_BASE, I8042};
+    use vmm::devices::pci::{PCI_MMIO_SIZE, PCI_MMIO_START};
+    let seed = integration_tests::seed(0x9047_5eed);
+    let mut rng = integration_tests::Rng::new(seed);
+    let disk = Arc::new(MemDisk::new(1 << 20, false));
+    let (m, _) = machine(vec![VmDisk {
+        driver: disk,
+        read_only: false,
+        serial: "junk".into(),
+    }]);
+    let host_bridge_id = |m: &Machine| {
+        m.io_bus.write(0xcf8, &0x8000_0000u32.to_le_bytes());
+        let mut id = [0u8; 4];
+        m.io_bus.read(0xcfc, &mut id);
+        id
+    };
+    let before = host_bridge_id(&m);
+    let ports: [(u64, u64); 7] = [
+        (0x3f8, 8),
+        (0x2f8, 8),
+        (I8042::BASE, I8042::LEN),
+        (ACPI_PM_BASE, 4),
+        (0x80, 1),
+        (0xcf8, 8),
+        (0, 0x10000),
+    ];
+    for _ in 0..20_000 {
+        let width = *rng.pick(&[1usize, 2, 3, 4, 8]);
+        let v = rng.next_u64().to_le_bytes();
+        let write = rng.chance(2, 3);
+        let (bus, addr) = if rng.chance(3, 4) {
+            let &(base, len) = rng.pick(&ports);
+            let addr = if base == 0xcf8 && rng.chance(1, 2) {
+                // A configuration address: enable bit, bus 0, a device, any register.
+                let a = 0x8000_0000u32 | (rng.below(4) as u32) << 11 | rng.below(0x100) as u32;
+                m.io_bus.write(0xcf8, &a.to_le_bytes());
+                0xcfc + rng.below(4)
+            } else {
+                base + rng.below(len)
+            };
+            (&m.io_bus, addr)
+        } else {
+            let near_bar = PCI_MMIO_START + rng.below(0x8000);
+            let anywhere = PCI_MMIO_START + rng.below(PCI_MMIO_SIZE);
+            (&m.mmio_bus, *rng.pick(&[near_bar, anywhere]))
+        };
+        if write {
+            bus.write(addr, &v[..width]);
+        } else {
+            let mut b = [0u8; 8];
+            bus.read(addr, &mut b[..width]);
+        }
+    }
+    assert_eq!(host_bridge_id(&m), before, "TEST_SEED={seed:#x}");
+}
