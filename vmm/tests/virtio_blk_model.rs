@@ -255,172 +255,229 @@ struct Discarded {
     old: Vec<u8>,
 }
 
+/// The body of a request (before its status byte) and its outcome.
+struct Body {
+    bufs: Vec<Buf>,
+    status: u8,
+    /// Bytes the device writes to the driver's buffers on success.
+    written: u32,
+    /// What those bytes must be, buffer by buffer.
+    data: Vec<(Buf, Vec<u8>)>,
+}
+
+impl Body {
+    fn answer(bufs: Vec<Buf>, status: u8) -> Body {
+        Body {
+            bufs,
+            status,
+            written: 0,
+            data: vec![],
+        }
+    }
+}
+
+/// A data length of `sectors` sectors, now and then not a whole number of sectors.
+fn data_len(rng: &mut Rng, sectors: u64) -> u64 {
+    let odd = if rng.chance(1, 20) {
+        1 + rng.below(511)
+    } else {
+        0
+    };
+    sectors * SECTOR + odd
+}
+
+/// IN: the data comes from the model.
+fn read_request(s: &Setup, a: &mut Alloc, rng: &mut Rng) -> Option<Body> {
+    let disk_len = s.model.len() as u64;
+    let sectors = rng.below(17);
+    let sec = sector(rng, disk_len / SECTOR, sectors);
+    let len = data_len(rng, sectors);
+    let mut bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_IN, sec), 2)?;
+    let w = writable(s, a, rng, len, 6)?;
+    let Some(off) = disk_range(sec, len, disk_len) else {
+        bufs.extend(w);
+        return Some(Body::answer(bufs, VIRTIO_BLK_S_IOERR));
+    };
+    let mut at = off as usize;
+    let data = w
+        .iter()
+        .map(|b| {
+            let d = s.model[at..at + b.len as usize].to_vec();
+            at += b.len as usize;
+            (*b, d)
+        })
+        .collect();
+    bufs.extend(w);
+    Some(Body {
+        bufs,
+        status: VIRTIO_BLK_S_OK,
+        written: len as u32,
+        data,
+    })
+}
+
+/// OUT: the header and the data may share buffers; the model takes the data.
+fn write_request(s: &mut Setup, a: &mut Alloc, rng: &mut Rng) -> Option<Body> {
+    let disk_len = s.model.len() as u64;
+    let sectors = rng.below(17);
+    let sec = sector(rng, disk_len / SECTOR, sectors);
+    let len = data_len(rng, sectors);
+    let payload = rng.bytes(len as usize);
+    let mut bytes = header(VIRTIO_BLK_T_OUT, sec);
+    bytes.extend_from_slice(&payload);
+    let bufs = readable(s, a, rng, &bytes, 6)?;
+    let status = match disk_range(sec, len, disk_len) {
+        _ if s.read_only => VIRTIO_BLK_S_IOERR,
+        Some(off) => {
+            s.model[off as usize..(off + len) as usize].copy_from_slice(&payload);
+            VIRTIO_BLK_S_OK
+        }
+        None => VIRTIO_BLK_S_IOERR,
+    };
+    Some(Body::answer(bufs, status))
+}
+
+/// GET_ID into 0 to 32 bytes of buffers: the serial, zero-padded to 20 bytes, cut to fit.
+fn get_id_request(s: &Setup, a: &mut Alloc, rng: &mut Rng) -> Option<Body> {
+    let len = rng.below(33);
+    let mut bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_GET_ID, 0), 2)?;
+    let w = writable(s, a, rng, len, 3)?;
+    let mut id = SERIAL.as_bytes().to_vec();
+    id.resize(20, 0);
+    let n = (len as usize).min(20);
+    let mut at = 0usize;
+    let data = w
+        .iter()
+        .filter_map(|b| {
+            let take = (b.len as usize).min(n - at);
+            let d = id[at..at + take].to_vec();
+            at += take;
+            let b = Buf {
+                len: take as u32,
+                ..*b
+            };
+            (take > 0).then_some((b, d))
+        })
+        .collect();
+    bufs.extend(w);
+    Some(Body {
+        bufs,
+        status: VIRTIO_BLK_S_OK,
+        written: n as u32,
+        data,
+    })
+}
+
+/// DISCARD or WRITE_ZEROES with one segment (the device takes one), sometimes with flags or
+/// a length it must refuse.
+fn zeroing_request(
+    s: &mut Setup,
+    a: &mut Alloc,
+    rng: &mut Rng,
+    discarded: &mut Option<Discarded>,
+) -> Option<Body> {
+    let disk_len = s.model.len() as u64;
+    let discard = rng.chance(1, 2);
+    let (ty, max) = if discard {
+        (VIRTIO_BLK_T_DISCARD, s.limits.max_discard)
+    } else {
+        (VIRTIO_BLK_T_WRITE_ZEROES, s.limits.max_write_zeroes)
+    };
+    let num = if rng.chance(1, 20) {
+        max + 1
+    } else {
+        rng.below(disk_len / SECTOR / 4 + 1) as u32
+    };
+    let sec = sector(rng, disk_len / SECTOR, num as u64);
+    let flags = match rng.below(10) {
+        0 => 1u32 << (1 + rng.below(31)),
+        1..=4 => 1,
+        _ => 0,
+    };
+    let mut bytes = header(ty, 0);
+    bytes.extend_from_slice(&sec.to_le_bytes());
+    bytes.extend_from_slice(&num.to_le_bytes());
+    bytes.extend_from_slice(&flags.to_le_bytes());
+    let bufs = readable(s, a, rng, &bytes, 3)?;
+    let bad_flags = flags & !1 != 0 || (discard && flags & 1 != 0);
+    if s.read_only || bad_flags || num > max {
+        return Some(Body::answer(bufs, VIRTIO_BLK_S_UNSUPP));
+    }
+    let Some(off) = disk_range(sec, num as u64 * SECTOR, disk_len) else {
+        return Some(Body::answer(bufs, VIRTIO_BLK_S_IOERR));
+    };
+    let range = off as usize..off as usize + num as usize * SECTOR as usize;
+    if discard {
+        *discarded = Some(Discarded {
+            off: range.start,
+            old: s.model[range.clone()].to_vec(),
+        });
+    }
+    s.model[range].fill(0);
+    Some(Body::answer(bufs, VIRTIO_BLK_S_OK))
+}
+
 /// Build one well-formed request (and apply it to the model): its buffers in order, and
-/// what it must produce (head and status address are filled in by the caller).
+/// what it must produce (the head is filled in by the caller).
 fn request(
     s: &mut Setup,
     a: &mut Alloc,
     rng: &mut Rng,
     discarded: &mut Option<Discarded>,
 ) -> Option<(Vec<Buf>, Expect)> {
-    let disk_len = s.model.len() as u64;
-    let disk_sectors = disk_len / SECTOR;
-    let max_pieces = 6;
-    let mut bufs: Vec<Buf>;
-    let (status, written, data);
     let kind = rng.below(100);
-    if kind < 35 {
-        // IN
-        let sectors = rng.below(17);
-        let sec = sector(rng, disk_sectors, sectors);
-        let len = sectors * SECTOR
-            + if rng.chance(1, 20) {
-                1 + rng.below(511)
-            } else {
-                0
-            };
-        bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_IN, sec), 2)?;
-        let w = writable(s, a, rng, len, max_pieces)?;
-        match disk_range(sec, len, disk_len) {
-            Some(off) => {
-                let mut at = off as usize;
-                data = w
-                    .iter()
-                    .map(|b| {
-                        let d = s.model[at..at + b.len as usize].to_vec();
-                        at += b.len as usize;
-                        (*b, d)
-                    })
-                    .collect();
-                status = VIRTIO_BLK_S_OK;
-                written = len as u32;
-            }
-            None => {
-                (data, status, written) = (vec![], VIRTIO_BLK_S_IOERR, 0);
-            }
-        }
-        bufs.extend(w);
+    let mut body = if kind < 35 {
+        read_request(s, a, rng)?
     } else if kind < 70 {
-        // OUT; the header and the data may share buffers.
-        let sectors = rng.below(17);
-        let sec = sector(rng, disk_sectors, sectors);
-        let len = sectors * SECTOR
-            + if rng.chance(1, 20) {
-                1 + rng.below(511)
-            } else {
-                0
-            };
-        let payload = rng.bytes(len as usize);
-        let mut bytes = header(VIRTIO_BLK_T_OUT, sec);
-        bytes.extend_from_slice(&payload);
-        bufs = readable(s, a, rng, &bytes, max_pieces)?;
-        status = match disk_range(sec, len, disk_len) {
-            _ if s.read_only => VIRTIO_BLK_S_IOERR,
-            Some(off) => {
-                s.model[off as usize..(off + len) as usize].copy_from_slice(&payload);
-                VIRTIO_BLK_S_OK
-            }
-            None => VIRTIO_BLK_S_IOERR,
-        };
-        (data, written) = (vec![], 0);
+        write_request(s, a, rng)?
     } else if kind < 75 {
-        bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_FLUSH, 0), 2)?;
-        (data, status, written) = (vec![], VIRTIO_BLK_S_OK, 0);
+        let bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_FLUSH, 0), 2)?;
+        Body::answer(bufs, VIRTIO_BLK_S_OK)
     } else if kind < 80 {
-        let len = rng.below(33);
-        bufs = readable(s, a, rng, &header(VIRTIO_BLK_T_GET_ID, 0), 2)?;
-        let w = writable(s, a, rng, len, 3)?;
-        let mut id = SERIAL.as_bytes().to_vec();
-        id.resize(20, 0);
-        let n = (len as usize).min(20);
-        let mut at = 0usize;
-        data = w
-            .iter()
-            .filter_map(|b| {
-                let take = (b.len as usize).min(n - at);
-                let d = id[at..at + take].to_vec();
-                at += take;
-                (take > 0).then_some((
-                    Buf {
-                        len: take as u32,
-                        ..*b
-                    },
-                    d,
-                ))
-            })
-            .collect();
-        bufs.extend(w);
-        (status, written) = (VIRTIO_BLK_S_OK, n as u32);
+        get_id_request(s, a, rng)?
     } else if kind < 95 {
-        // DISCARD or WRITE_ZEROES with one segment (the device takes one).
-        let discard = rng.chance(1, 2);
-        let ty = if discard {
-            VIRTIO_BLK_T_DISCARD
-        } else {
-            VIRTIO_BLK_T_WRITE_ZEROES
-        };
-        let max = if discard {
-            s.limits.max_discard
-        } else {
-            s.limits.max_write_zeroes
-        };
-        let num = if rng.chance(1, 20) {
-            max + 1
-        } else {
-            rng.below(disk_sectors / 4 + 1) as u32
-        };
-        let sec = sector(rng, disk_sectors, num as u64);
-        let flags = match rng.below(10) {
-            0 => 1u32 << (1 + rng.below(31)),
-            1..=4 => 1,
-            _ => 0,
-        };
-        let mut bytes = header(ty, 0);
-        bytes.extend_from_slice(&sec.to_le_bytes());
-        bytes.extend_from_slice(&num.to_le_bytes());
-        bytes.extend_from_slice(&flags.to_le_bytes());
-        bufs = readable(s, a, rng, &bytes, 3)?;
-        let bad_flags = flags & !1 != 0 || (discard && flags & 1 != 0);
-        status = if s.read_only || bad_flags || num > max {
-            VIRTIO_BLK_S_UNSUPP
-        } else {
-            match disk_range(sec, num as u64 * SECTOR, disk_len) {
-                Some(off) => {
-                    let range = off as usize..off as usize + num as usize * SECTOR as usize;
-                    if discard {
-                        *discarded = Some(Discarded {
-                            off: range.start,
-                            old: s.model[range.clone()].to_vec(),
-                        });
-                    }
-                    s.model[range].fill(0);
-                    VIRTIO_BLK_S_OK
-                }
-                None => VIRTIO_BLK_S_IOERR,
-            }
-        };
-        (data, written) = (vec![], 0);
+        zeroing_request(s, a, rng, discarded)?
     } else {
         let ty = *rng.pick(&[2u32, 3, 5, 7, 9, 10, 12, 0xffff_ffff]);
-        bufs = readable(s, a, rng, &header(ty, 0), 2)?;
-        (data, status, written) = (vec![], VIRTIO_BLK_S_UNSUPP, 0);
-    }
-    // The status byte: its own buffer, or the last byte of the last writable buffer.
-    let status_addr = match bufs.last_mut() {
-        Some(b) if b.writable && rng.chance(1, 3) && a.next.contains(&(b.addr + b.len as u64)) => {
-            let r = a
-                .next
-                .iter()
-                .position(|&n| n == b.addr + b.len as u64)
-                .unwrap();
-            if a.next[r] + 1 > DATA[r].1 {
-                return None;
+        let bufs = readable(s, a, rng, &header(ty, 0), 2)?;
+        Body::answer(bufs, VIRTIO_BLK_S_UNSUPP)
+    };
+    let status_addr = status_byte(s, a, rng, &mut body.bufs)?;
+    let written = if body.status == VIRTIO_BLK_S_OK {
+        body.written
+    } else {
+        0
+    };
+    let e = Expect {
+        head: 0,
+        status: body.status,
+        used_len: written + 1,
+        status_addr,
+        data: body.data,
+    };
+    Some((body.bufs, e))
+}
+
+/// Add the status byte: its own buffer, or the last byte of the last writable buffer when
+/// that one ends where its area's free space begins. Returns its address.
+fn status_byte(s: &Setup, a: &mut Alloc, rng: &mut Rng, bufs: &mut Vec<Buf>) -> Option<u64> {
+    let merged = match bufs.last_mut() {
+        Some(b) if b.writable && rng.chance(1, 3) => {
+            let end = b.addr + b.len as u64;
+            match a.next.iter().position(|&n| n == end) {
+                Some(r) if end < DATA[r].1 => {
+                    a.next[r] += 1;
+                    b.len += 1;
+                    Some(end)
+                }
+                _ => None,
             }
-            a.next[r] += 1;
-            b.len += 1;
-            b.addr + b.len as u64 - 1
         }
-        _ => {
+        _ => None,
+    };
+    let addr = match merged {
+        Some(addr) => addr,
+        None => {
             let addr = a.take(rng, 1)?;
             bufs.push(Buf {
                 addr,
@@ -430,22 +487,9 @@ fn request(
             addr
         }
     };
-    s.mem.write_obj(0xeeu8, GuestAddress(status_addr)).unwrap();
-    let used_len = 1 + if status == VIRTIO_BLK_S_OK {
-        written
-    } else {
-        0
-    };
-    Some((
-        bufs,
-        Expect {
-            head: 0,
-            status,
-            used_len,
-            status_addr,
-            data,
-        },
-    ))
+    // Not a status value: the device must overwrite it.
+    s.mem.write_obj(0xeeu8, GuestAddress(addr)).unwrap();
+    Some(addr)
 }
 
 fn write_desc(mem: &GuestMem, table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
