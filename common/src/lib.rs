@@ -16,5 +16,6 @@ pub mod storage;
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};
 pub mod open;
+pub mod option_list;
 pub mod prealloc;
 pub mod qcow2;

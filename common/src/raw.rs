@@ -1,6 +1,5 @@
 //! The raw format: guest offset = file offset, sparse-aware.
 
-use std::fs::OpenOptions;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 
@@ -258,15 +257,7 @@ pub use crate::prealloc::Preallocation;
 /// according to `prealloc`. `Metadata` is refused after the truncation, as QEMU does
 /// ("Unsupported preallocation mode: metadata").
 pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-    lock::lock_image_perms(&file, path, lock::Perms::CREATE)?;
-    let storage = FileStorage::new(file);
+    let storage = FileStorage::new(crate::storage::open_new_image_file(path)?);
     let io = |what: &str, e| Error::io(what.to_string(), e);
     storage
         .set_len(0)
@@ -494,7 +485,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("n.raw");
         crate::lock::retry_while_locked(|| create_raw(&p, 65536, Preallocation::Off)).unwrap();
-        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
         let a = RawImage::from_storage(Box::new(FileStorage::new(f)), false).unwrap();
         let b = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
         a.write_at(b"ab", 0).unwrap();

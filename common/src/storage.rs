@@ -318,6 +318,21 @@ pub fn open_image_file(path: &std::path::Path, read_only: bool) -> crate::Result
     )
 }
 
+/// Open (creating it if needed) and lock the file of an image about to be created, without
+/// truncating it: like QEMU, the lock comes first, so that an image in use by someone else
+/// is not clobbered. The caller truncates it.
+pub fn open_new_image_file(path: &std::path::Path) -> crate::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| crate::Error::io(format!("Could not create '{}'", path.display()), e))?;
+    crate::lock::lock_image_perms(&file, path, crate::lock::Perms::CREATE)?;
+    Ok(file)
+}
+
 /// Open an image file as storage; with `direct`, bypassing the host page cache (O_DIRECT).
 pub fn open_image_storage(
     path: &std::path::Path,

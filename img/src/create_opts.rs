@@ -167,7 +167,7 @@ pub struct CreateOpts {
 
 /// Whether an option list asks for help (`help` or `?` as one of its items).
 pub fn has_help_option(list: &str) -> bool {
-    split_items(list)
+    common::option_list::split(list)
         .iter()
         .any(|item| item == "help" || item == "?")
 }
@@ -180,27 +180,6 @@ pub fn is_valid_option_list(list: &str) -> bool {
     }
     let trailing = list.bytes().rev().take_while(|&c| c == b',').count();
     trailing % 2 == 0
-}
-
-/// Split on single commas, turning `,,` into a literal comma.
-fn split_items(list: &str) -> Vec<String> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = list.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    items
 }
 
 /// Parse one typed value; errors are QEMU's messages (some with hint lines).
@@ -253,7 +232,7 @@ impl CreateOpts {
 
     /// Parse a comma-separated list into the set options.
     pub fn parse_list(&mut self, list: &str) -> Result<(), String> {
-        for item in split_items(list) {
+        for item in common::option_list::split(list) {
             let (name, text) = match item.split_once('=') {
                 Some((n, v)) => (n.to_string(), v.to_string()),
                 None => match item.strip_prefix("no") {

@@ -84,24 +84,7 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
 /// Parse a `--drive` value: `file=PATH[,format=..][,readonly=on][,snapshot=on][,cache=..]`.
 /// A comma inside the path is written `,,` as in QEMU.
 pub fn parse_drive(s: &str) -> Result<DriveConfig, String> {
-    // Split on single commas; ",," is a literal comma.
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-
+    let parts = common::option_list::split(s);
     let mut d = DriveConfig {
         path: PathBuf::new(),
         format: None,

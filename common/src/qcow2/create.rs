@@ -157,15 +157,7 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
 
 /// Open (creating it if needed) and lock a file for a new image, then truncate it.
 pub(crate) fn create_file(path: &Path) -> Result<std::fs::File> {
-    // Lock before truncating, so that an image in use by someone else is not clobbered.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-    crate::lock::lock_image_perms(&file, path, crate::lock::Perms::CREATE)?;
+    let file = crate::storage::open_new_image_file(path)?;
     file.set_len(0)
         .map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
     Ok(file)
