@@ -71,9 +71,10 @@ pub fn help_text_with_file(format: &str) -> &'static str {
     }
 }
 
-const QCOW2_HELP: &str = concat!(
-    "Supported qcow2 options:\n",
-    "  backing_file=<str>     - File name of a base image
+/// qcow2's options from backing_file to extended_l2, as `-o help` lists them.
+macro_rules! qcow2_options_a_to_e {
+    () => {
+        "  backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
@@ -90,49 +91,44 @@ const QCOW2_HELP: &str = concat!(
   encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase
   encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)
   extended_l2=<bool (on/off)> - Extended L2 tables
-",
-    "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
-  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
-  refcount_bits=<num>    - Width of a reference count entry in bits
-  size=<size>            - Virtual disk size
+"
+    };
+}
+
+/// The last lines of qcow2's options, and the notes QEMU adds when no file name is given.
+macro_rules! size_line_and_protocol_note {
+    () => {
+        "  size=<size>            - Virtual disk size
 
 The protocol level may support further options.
 Specify the target filename to include those options.
 "
+    };
+}
+
+const QCOW2_HELP: &str = concat!(
+    "Supported qcow2 options:\n",
+    qcow2_options_a_to_e!(),
+    "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+",
+    size_line_and_protocol_note!(),
 );
 
-const QCOW2_FILE_HELP: &str = "Supported options:
-  backing_file=<str>     - File name of a base image
-  backing_fmt=<str>      - Image format of the base image
-  cluster_size=<size>    - qcow2 cluster size
-  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
-  compression_type=<str> - Compression method used for image cluster compression
-  data_file=<str>        - File name of an external data file
-  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
-  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm
-  encrypt.cipher-mode=<str> - Name of encryption cipher mode
-  encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'
-  encrypt.hash-alg=<str> - Name of encryption hash algorithm
-  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
-  encrypt.ivgen-alg=<str> - Name of IV generator algorithm
-  encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm
-  encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase
-  encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)
-  extended_l2=<bool (on/off)> - Extended L2 tables
-  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+const QCOW2_FILE_HELP: &str = concat!(
+    "Supported options:\n",
+    qcow2_options_a_to_e!(),
+    "  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size
-";
+",
+);
 
-const RAW_HELP: &str = "Supported raw options:
-  size=<size>            - Virtual disk size
-
-The protocol level may support further options.
-Specify the target filename to include those options.
-";
+const RAW_HELP: &str = concat!("Supported raw options:\n", size_line_and_protocol_note!());
 
 const RAW_FILE_HELP: &str = "Supported options:
   extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
