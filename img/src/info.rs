@@ -10,7 +10,7 @@ use common::open::{Format, Image, OpenOptions};
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
 use crate::info_format::{
-    render_human, render_json, BitmapInfo, FormatSpecific, NodeInfo, Qcow2Specific, SnapshotInfo,
+    render_human, render_json, FormatSpecific, NodeInfo, Qcow2Specific, SnapshotInfo,
 };
 use crate::paths::path_combine;
 
@@ -172,17 +172,7 @@ pub fn image_info(
             extended_l2: v3.then(|| h.extended_l2()),
             data_file: h.data_file.clone(),
             data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
-            bitmaps: q
-                .bitmaps()
-                .map_err(|e| open_err(engine_msg(&e)))?
-                .into_iter()
-                .map(|b| BitmapInfo {
-                    name: b.name,
-                    granularity: b.granularity,
-                    in_use: b.in_use,
-                    auto: b.auto,
-                })
-                .collect(),
+            bitmaps: q.bitmaps().map_err(|e| open_err(engine_msg(&e)))?,
         }));
     }
     node.children = vec![("file".to_string(), file)];

@@ -1,6 +1,8 @@
 //! What `img info` reports about an image, and its two renderings: qemu-img's human text
 //! (`bdrv_node_info_dump`) and its JSON (`BlockGraphInfo`).
 
+use common::qcow2::bitmaps::BitmapInfo;
+
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::size_to_str;
 
@@ -40,15 +42,6 @@ pub struct Qcow2Specific {
     pub data_file_raw: Option<bool>,
     /// Persistent bitmaps, listed only when there are any.
     pub bitmaps: Vec<BitmapInfo>,
-}
-
-/// One persistent dirty bitmap (QAPI `Qcow2BitmapInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BitmapInfo {
-    pub name: String,
-    pub granularity: u64,
-    pub in_use: bool,
-    pub auto: bool,
 }
 
 fn bitmap_dict(b: &BitmapInfo) -> QDict {
