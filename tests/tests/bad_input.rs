@@ -31,17 +31,14 @@ impl Patch<'_> {
             .open(self.0)
             .unwrap()
     }
-    fn u32(&self, off: u64, v: u32) -> &Self {
+    fn u32(&self, off: u64, v: u32) {
         self.file().write_all_at(&v.to_be_bytes(), off).unwrap();
-        self
     }
-    fn u64(&self, off: u64, v: u64) -> &Self {
+    fn u64(&self, off: u64, v: u64) {
         self.file().write_all_at(&v.to_be_bytes(), off).unwrap();
-        self
     }
-    fn bytes(&self, off: u64, b: &[u8]) -> &Self {
+    fn bytes(&self, off: u64, b: &[u8]) {
         self.file().write_all_at(b, off).unwrap();
-        self
     }
     fn get_u32(&self, off: u64) -> u32 {
         let mut b = [0u8; 4];
@@ -53,9 +50,8 @@ impl Patch<'_> {
         self.file().read_exact_at(&mut b, off).unwrap();
         u64::from_be_bytes(b)
     }
-    fn truncate(&self, len: u64) -> &Self {
+    fn truncate(&self, len: u64) {
         self.file().set_len(len).unwrap();
-        self
     }
     /// Offset of the first feature-name-table entry, from the header extensions.
     fn feature_table(&self) -> Option<(u64, u32)> {
@@ -91,6 +87,74 @@ const INCOMPAT: u64 = 72;
 const REFCOUNT_ORDER: u64 = 96;
 const HEADER_LEN: u64 = 100;
 
+/// One change to a fresh `qemu-img create -f qcow2 ... 1M` image.
+#[derive(Clone, Copy)]
+enum Edit {
+    U32(u64, u32),
+    U64(u64, u64),
+    Bytes(u64, &'static [u8]),
+    Truncate(u64),
+    /// Set one more incompatible-feature bit.
+    IncompatBit(u32),
+}
+use Edit::*;
+
+impl Patch<'_> {
+    fn apply(&self, e: Edit) {
+        match e {
+            U32(off, v) => self.u32(off, v),
+            U64(off, v) => self.u64(off, v),
+            Bytes(off, b) => self.bytes(off, b),
+            Truncate(len) => self.truncate(len),
+            IncompatBit(bit) => self.u64(INCOMPAT, self.get_u64(INCOMPAT) | 1 << bit),
+        }
+    }
+}
+
+/// Header damage: (name, whether qemu-img rejects the image at open, extra `info`
+/// arguments, the edits). Where qemu-img opens the image (it fails only later, on I/O),
+/// `img info` must behave like it, and the engine may open it but must not panic or hang
+/// when reading it all.
+#[rustfmt::skip]
+const HEADER_CASES: &[(&str, bool, &[&str], &[Edit])] = &[
+    ("truncated header (50 bytes)", true, &[], &[Truncate(50)]),
+    ("truncated header -f qcow2", true, &["-f", "qcow2"], &[Truncate(50)]),
+    ("truncated to 8 bytes -f qcow2", true, &["-f", "qcow2"], &[Truncate(8)]),
+    ("truncated v3 header (90 bytes)", true, &[], &[Truncate(90)]),
+    ("bad magic -f qcow2", true, &["-f", "qcow2"], &[Bytes(0, b"QFIX")]),
+    ("version 1 -f qcow2", true, &["-f", "qcow2"], &[U32(VERSION, 1)]),
+    ("version 4", true, &[], &[U32(VERSION, 4)]),
+    ("version 0xffffffff", true, &[], &[U32(VERSION, u32::MAX)]),
+    ("cluster_bits 8", true, &[], &[U32(CLUSTER_BITS, 8)]),
+    ("cluster_bits 22", true, &[], &[U32(CLUSTER_BITS, 22)]),
+    ("cluster_bits 64", true, &[], &[U32(CLUSTER_BITS, 64)]),
+    ("cluster_bits 0xffffffff", true, &[], &[U32(CLUSTER_BITS, u32::MAX)]),
+    ("huge l1_size 0x7fffffff", true, &[], &[U32(L1_SIZE, 0x7fff_ffff)]),
+    ("huge l1_size 0xffffffff", true, &[], &[U32(L1_SIZE, 0xffff_ffff)]),
+    ("l1_size too small for virtual size", true, &[], &[U64(SIZE, 1 << 40)]),
+    ("virtual size 2^63-1", true, &[], &[U64(SIZE, i64::MAX as u64)]),
+    ("l1_table_offset past EOF", false, &[], &[U64(L1_OFF, 1 << 40)]),
+    ("l1_table_offset unaligned", true, &[], &[U64(L1_OFF, 0x30001)]),
+    ("l1_table_offset 2^63", true, &[], &[U64(L1_OFF, 1 << 63)]),
+    ("refcount table past EOF", false, &[], &[U64(RT_OFF, 1 << 40)]),
+    ("refcount table unaligned", true, &[], &[U64(RT_OFF, 0x10008)]),
+    ("refcount table offset 0", false, &[], &[U64(RT_OFF, 0)]),
+    ("refcount_table_clusters huge", true, &[], &[U32(RT_CLUSTERS, 0xff_ffff)]),
+    ("refcount_table_clusters 0xffffffff", true, &[], &[U32(RT_CLUSTERS, u32::MAX)]),
+    ("refcount_order 7", true, &[], &[U32(REFCOUNT_ORDER, 7)]),
+    ("refcount_order 0xffffffff", true, &[], &[U32(REFCOUNT_ORDER, u32::MAX)]),
+    ("header_length 50 (too small)", true, &[], &[U32(HEADER_LEN, 50)]),
+    ("header_length 0x100000 (past cluster)", true, &[], &[U32(HEADER_LEN, 0x10_0000)]),
+    ("header_length 0xffffffff", true, &[], &[U32(HEADER_LEN, u32::MAX)]),
+    ("header_length unaligned 105", false, &[], &[U32(HEADER_LEN, 105)]),
+    ("snapshots_offset garbage (past EOF)", false, &[], &[U32(NB_SNAPSHOTS, 1), U64(SNAP_OFF, 1 << 50)]),
+    ("snapshots_offset unaligned", true, &[], &[U32(NB_SNAPSHOTS, 1), U64(SNAP_OFF, 0x123)]),
+    ("nb_snapshots 0xffffffff", true, &[], &[U32(NB_SNAPSHOTS, u32::MAX), U64(SNAP_OFF, 0x10000)]),
+    ("backing_file_size huge", true, &[], &[U64(BACKING_OFF, 0x200), U32(BACKING_SIZE, 0xffff_ffff)]),
+    ("backing_file_offset past EOF", true, &[], &[U64(BACKING_OFF, 1 << 40), U32(BACKING_SIZE, 10)]),
+    ("unknown incompatible bit without name", true, &[], &[IncompatBit(21)]),
+];
+
 struct BadCase {
     name: &'static str,
     file: PathBuf,
@@ -102,7 +166,7 @@ struct BadCase {
     engine_fails: bool,
 }
 
-fn mk(dir: &Path, name: &'static str, create: &str, patch: impl FnOnce(&Patch)) -> PathBuf {
+fn mk(dir: &Path, name: &str, create: &str, patch: impl FnOnce(&Patch)) -> PathBuf {
     let file = dir.join(format!("{}.qcow2", name.replace([' ', '/'], "_")));
     let mut args: Vec<&str> = create.split_whitespace().collect();
     args.push(s(&file));
@@ -117,282 +181,27 @@ fn mk(dir: &Path, name: &'static str, create: &str, patch: impl FnOnce(&Patch)) 
 }
 
 fn cases(dir: &Path) -> Vec<BadCase> {
-    let mut v = Vec::new();
-    let mut add = |name: &'static str, args: Vec<&'static str>, file: PathBuf| {
-        v.push(BadCase {
-            name,
-            file,
-            args,
-            must_contain: vec![],
-            engine_fails: true,
-        })
-    };
     let q = "-f qcow2";
-    // Cases QEMU itself opens (it only fails later, on I/O): `img info` must behave like
-    // qemu-img (exit 0 then), and the engine may open them but must not panic or hang
-    // when reading them all.
-    let mut lenient: Vec<BadCase> = Vec::new();
-    let mut add_lenient = |name: &'static str, args: Vec<&'static str>, file: PathBuf| {
-        lenient.push(BadCase {
+    let mut v = Vec::new();
+    // Cases QEMU itself opens come last.
+    let mut lenient = Vec::new();
+    for (i, &(name, rejected, args, edits)) in HEADER_CASES.iter().enumerate() {
+        let file = mk(dir, &format!("header{i:02}"), q, |p| {
+            edits.iter().for_each(|&e| p.apply(e))
+        });
+        let c = BadCase {
             name,
             file,
-            args,
+            args: args.to_vec(),
             must_contain: vec![],
-            engine_fails: false,
-        })
-    };
-    add(
-        "truncated header (50 bytes)",
-        vec![],
-        mk(dir, "trunc50", q, |p| {
-            p.truncate(50);
-        }),
-    );
-    add(
-        "truncated header -f qcow2",
-        vec!["-f", "qcow2"],
-        mk(dir, "trunc50f", q, |p| {
-            p.truncate(50);
-        }),
-    );
-    add(
-        "truncated to 8 bytes -f qcow2",
-        vec!["-f", "qcow2"],
-        mk(dir, "trunc8", q, |p| {
-            p.truncate(8);
-        }),
-    );
-    add(
-        "truncated v3 header (90 bytes)",
-        vec![],
-        mk(dir, "trunc90", q, |p| {
-            p.truncate(90);
-        }),
-    );
-    add(
-        "bad magic -f qcow2",
-        vec!["-f", "qcow2"],
-        mk(dir, "badmagic", q, |p| {
-            p.bytes(0, b"QFIX");
-        }),
-    );
-    add(
-        "version 1 -f qcow2",
-        vec!["-f", "qcow2"],
-        mk(dir, "v1", q, |p| {
-            p.u32(VERSION, 1);
-        }),
-    );
-    add(
-        "version 4",
-        vec![],
-        mk(dir, "v4", q, |p| {
-            p.u32(VERSION, 4);
-        }),
-    );
-    add(
-        "version 0xffffffff",
-        vec![],
-        mk(dir, "vff", q, |p| {
-            p.u32(VERSION, u32::MAX);
-        }),
-    );
-    add(
-        "cluster_bits 8",
-        vec![],
-        mk(dir, "cb8", q, |p| {
-            p.u32(CLUSTER_BITS, 8);
-        }),
-    );
-    add(
-        "cluster_bits 22",
-        vec![],
-        mk(dir, "cb22", q, |p| {
-            p.u32(CLUSTER_BITS, 22);
-        }),
-    );
-    add(
-        "cluster_bits 64",
-        vec![],
-        mk(dir, "cb64", q, |p| {
-            p.u32(CLUSTER_BITS, 64);
-        }),
-    );
-    add(
-        "cluster_bits 0xffffffff",
-        vec![],
-        mk(dir, "cbff", q, |p| {
-            p.u32(CLUSTER_BITS, u32::MAX);
-        }),
-    );
-    add(
-        "huge l1_size 0x7fffffff",
-        vec![],
-        mk(dir, "l1huge", q, |p| {
-            p.u32(L1_SIZE, 0x7fff_ffff);
-        }),
-    );
-    add(
-        "huge l1_size 0xffffffff",
-        vec![],
-        mk(dir, "l1huge2", q, |p| {
-            p.u32(L1_SIZE, 0xffff_ffff);
-        }),
-    );
-    add(
-        "l1_size too small for virtual size",
-        vec![],
-        mk(dir, "l1small", q, |p| {
-            p.u64(SIZE, 1 << 40);
-        }),
-    );
-    add(
-        "virtual size 2^63-1",
-        vec![],
-        mk(dir, "bigsize", q, |p| {
-            p.u64(SIZE, i64::MAX as u64);
-        }),
-    );
-    add_lenient(
-        "l1_table_offset past EOF",
-        vec![],
-        mk(dir, "l1eof", q, |p| {
-            p.u64(L1_OFF, 1 << 40);
-        }),
-    );
-    add(
-        "l1_table_offset unaligned",
-        vec![],
-        mk(dir, "l1unal", q, |p| {
-            p.u64(L1_OFF, 0x30001);
-        }),
-    );
-    add(
-        "l1_table_offset 2^63",
-        vec![],
-        mk(dir, "l1top", q, |p| {
-            p.u64(L1_OFF, 1 << 63);
-        }),
-    );
-    add_lenient(
-        "refcount table past EOF",
-        vec![],
-        mk(dir, "rteof", q, |p| {
-            p.u64(RT_OFF, 1 << 40);
-        }),
-    );
-    add(
-        "refcount table unaligned",
-        vec![],
-        mk(dir, "rtunal", q, |p| {
-            p.u64(RT_OFF, 0x10008);
-        }),
-    );
-    add_lenient(
-        "refcount table offset 0",
-        vec![],
-        mk(dir, "rt0", q, |p| {
-            p.u64(RT_OFF, 0);
-        }),
-    );
-    add(
-        "refcount_table_clusters huge",
-        vec![],
-        mk(dir, "rtc", q, |p| {
-            p.u32(RT_CLUSTERS, 0xff_ffff);
-        }),
-    );
-    add(
-        "refcount_table_clusters 0xffffffff",
-        vec![],
-        mk(dir, "rtcff", q, |p| {
-            p.u32(RT_CLUSTERS, u32::MAX);
-        }),
-    );
-    add(
-        "refcount_order 7",
-        vec![],
-        mk(dir, "ro7", q, |p| {
-            p.u32(REFCOUNT_ORDER, 7);
-        }),
-    );
-    add(
-        "refcount_order 0xffffffff",
-        vec![],
-        mk(dir, "roff", q, |p| {
-            p.u32(REFCOUNT_ORDER, u32::MAX);
-        }),
-    );
-    add(
-        "header_length 50 (too small)",
-        vec![],
-        mk(dir, "hl50", q, |p| {
-            p.u32(HEADER_LEN, 50);
-        }),
-    );
-    add(
-        "header_length 0x100000 (past cluster)",
-        vec![],
-        mk(dir, "hlbig", q, |p| {
-            p.u32(HEADER_LEN, 0x10_0000);
-        }),
-    );
-    add(
-        "header_length 0xffffffff",
-        vec![],
-        mk(dir, "hlff", q, |p| {
-            p.u32(HEADER_LEN, u32::MAX);
-        }),
-    );
-    add_lenient(
-        "header_length unaligned 105",
-        vec![],
-        mk(dir, "hl105", q, |p| {
-            p.u32(HEADER_LEN, 105);
-        }),
-    );
-    add_lenient(
-        "snapshots_offset garbage (past EOF)",
-        vec![],
-        mk(dir, "snapeof", q, |p| {
-            p.u32(NB_SNAPSHOTS, 1).u64(SNAP_OFF, 1 << 50);
-        }),
-    );
-    add(
-        "snapshots_offset unaligned",
-        vec![],
-        mk(dir, "snapunal", q, |p| {
-            p.u32(NB_SNAPSHOTS, 1).u64(SNAP_OFF, 0x123);
-        }),
-    );
-    add(
-        "nb_snapshots 0xffffffff",
-        vec![],
-        mk(dir, "snapmany", q, |p| {
-            p.u32(NB_SNAPSHOTS, u32::MAX).u64(SNAP_OFF, 0x10000);
-        }),
-    );
-    add(
-        "backing_file_size huge",
-        vec![],
-        mk(dir, "bfsize", q, |p| {
-            p.u64(BACKING_OFF, 0x200).u32(BACKING_SIZE, 0xffff_ffff);
-        }),
-    );
-    add(
-        "backing_file_offset past EOF",
-        vec![],
-        mk(dir, "bfeof", q, |p| {
-            p.u64(BACKING_OFF, 1 << 40).u32(BACKING_SIZE, 10);
-        }),
-    );
-    add(
-        "unknown incompatible bit without name",
-        vec![],
-        mk(dir, "incompat21", q, |p| {
-            p.u64(INCOMPAT, p.get_u64(INCOMPAT) | (1 << 21));
-        }),
-    );
+            engine_fails: rejected,
+        };
+        if rejected {
+            v.push(c);
+        } else {
+            lenient.push(c);
+        }
+    }
     v.extend(lenient);
     // Unknown incompatible feature that the feature-name table names: rewrite the last
     // table entry (autoclear "raw external data") as incompatible bit 20 "my-new-feature".
