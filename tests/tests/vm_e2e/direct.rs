@@ -76,7 +76,7 @@ pub fn run_direct(
 pub enum Runner {
     /// On this host: its /dev/kvm runs guests at hardware speed.
     Direct,
-    /// Inside the nested-KVM test host ([`run_in_testhost`]).
+    /// Inside the nested-KVM test host ([`crate::testhost::run_in_testhost`]).
     TestHost,
 }
 
