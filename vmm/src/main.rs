@@ -23,7 +23,7 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kernel image (bzImage).
+    /// Kernel image: a bzImage, or an ELF vmlinux with a PVH entry note.
     #[arg(long)]
     kernel: std::path::PathBuf,
     /// Initial ramdisk.
@@ -70,8 +70,36 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
     })
 }
 
+/// Parse the command line. Help and version print as clap prints them; a usage error is one
+/// line on stderr and exit 1, like every other vmm error (and like QEMU's option errors).
+fn parse_cli() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's first paragraph ("error: ..." and any indented detail lines), joined.
+            let text = e.to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("vmm: {msg} (try --help)");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let Cmd::Run(args) = cli.cmd;
     let code = match build_config(args) {
         Err(e) => {

@@ -107,6 +107,30 @@ fn errors_are_one_line() {
     std::fs::remove_file(&not_kernel).unwrap();
 }
 
+/// Usage errors (unknown flag or subcommand, missing or malformed value) are one line too,
+/// with exit 1, while `--help` and `--version` print normally and exit 0.
+#[test]
+fn usage_errors_are_one_line() {
+    for (args, mention) in [
+        (&["run", "--foo"][..], "--foo"),
+        (&["run"], "--kernel"),
+        (&["run", "--kernel"], "--kernel"),
+        (&["run", "--kernel", "k", "--cpus", "x"], "--cpus"),
+        (&["bogus"], "bogus"),
+    ] {
+        let e = one_error_line(&vmm(args));
+        assert!(e.contains(mention) && e.contains("--help"), "{args:?}: {e}");
+    }
+    for args in [&["--help"][..], &["run", "--help"], &["--version"]] {
+        let o = vmm(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {o:?}");
+        assert!(
+            o.stderr.is_empty() && !o.stdout.is_empty(),
+            "{args:?}: {o:?}"
+        );
+    }
+}
+
 #[test]
 fn image_in_use() {
     if !have_kvm() {
