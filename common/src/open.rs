@@ -227,7 +227,11 @@ mod tests {
                     read_only,
                     ..Default::default()
                 };
-                let e = open_image(&t, &opts).err().expect("a FIFO backing file");
+                // Retried like the create: another test thread's child may briefly hold
+                // a copy of the descriptor the create just closed, and its lock.
+                let e = crate::lock::retry_while_locked(|| open_image(&t, &opts))
+                    .err()
+                    .expect("a FIFO backing file");
                 let s = e.to_string();
                 assert!(s.contains("to be a regular file"), "{s}");
                 assert!(!s.contains('\n'), "{s:?}");
