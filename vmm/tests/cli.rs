@@ -175,6 +175,106 @@ fn image_in_use() {
     std::fs::remove_file(&disk).unwrap();
 }
 
+/// A pseudo-terminal: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: plain libc pty calls; the master descriptor is owned by the File made from it.
+    let (master, name) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(m >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(m));
+        (
+            std::fs::File::from_raw_fd(m),
+            name.to_str().unwrap().to_string(),
+        )
+    };
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(name)
+        .unwrap();
+    (master, slave)
+}
+
+/// The modes of a terminal.
+fn term_modes(f: &std::fs::File) -> [libc::tcflag_t; 4] {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: tcgetattr fills the termios we pass for a valid terminal descriptor.
+    let t = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(f.as_raw_fd(), &mut t), 0);
+        t
+    };
+    [t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag]
+}
+
+/// With a terminal on stdin, vmm runs it in raw mode and gives it back as it found it on
+/// every way out: Ctrl-A x, guest poweroff, guest crash, SIGTERM and SIGQUIT.
+#[test]
+fn terminal_is_raw_while_running_and_restored_on_exit() {
+    if !have_kvm() {
+        return;
+    }
+    use std::io::{Read, Write};
+    // (case, guest code after printing, how the test ends it, expected exit code)
+    let cases: [(&str, &[u8], Option<i32>, i32); 5] = [
+        ("ctrl-a x", SPIN, None, 0),
+        ("poweroff", POWEROFF, None, 0),
+        ("crash", CRASH, None, 1),
+        ("sigterm", SPIN, Some(libc::SIGTERM), 0),
+        ("sigquit", SPIN, Some(libc::SIGQUIT), 128 + libc::SIGQUIT),
+    ];
+    for (name, tail, signal, code) in cases {
+        let (mut master, slave) = pty();
+        let before = term_modes(&slave);
+        let k = fake_bzimage(&format!("tty-{}", name.replace(' ', "-")), tail);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", "--kernel", k.to_str().unwrap(), "--append", "t"])
+            .stdin(slave.try_clone().unwrap())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The guest printed: the terminal was made raw before it started.
+        let mut first = [0u8; 1];
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut first)
+            .unwrap();
+        if tail == SPIN {
+            let during = term_modes(&slave);
+            assert_eq!(during[3] & libc::ICANON, 0, "{name}: not raw while running");
+            match signal {
+                Some(sig) => {
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(child.id() as i32, sig) };
+                }
+                None => master.write_all(b"\x01x").unwrap(),
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name}: vmm did not exit");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code), "{name}");
+        assert_eq!(term_modes(&slave), before, "{name}: terminal not restored");
+        std::fs::remove_file(&k).unwrap();
+    }
+}
+
 /// A minimal ELF64 "vmlinux" with a PVH entry note: 32-bit code checks the start-info
 /// magic in `ebx`, prints `P` if it matches, then powers off.
 fn fake_pvh_elf(name: &str) -> PathBuf {
