@@ -39,7 +39,9 @@ pub fn run_direct(
     for spec in specs {
         let initrd = guest_initramfs(spec, work)?;
         let args = vmm_args(spec, &utf8(kernel)?, &utf8(&initrd)?, &utf8(&images)?);
-        let o = run(Command::new(vmm).args(&args).current_dir(&images), timeout);
+        let mut cmd = Command::new(vmm);
+        cmd.args(&args).envs(spec.env.iter().copied());
+        let o = run(cmd.current_dir(&images), timeout);
         log.push_str(&format!(
             "vmm run {}: exit {:?}{} after {:.1}s\n",
             spec.name,

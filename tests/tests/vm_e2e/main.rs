@@ -22,7 +22,8 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs three `vmm run`s ("boot": 2 CPUs, 512M, no disks; "a":
+//! - `vmm_*`: one shared batch runs four `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks);
 //!   each test checks one aspect of the shared results.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
@@ -71,7 +72,9 @@ use crate::images::{make_patterned_qcow2, qemu_img_check, MIB};
 use crate::qemu::run_under_qemu;
 use crate::scenario_a::{check_ext4, check_overlay, scenario_a, ScenarioA};
 use crate::scenario_b::{check_readonly, check_snapshot, scenario_b, ScenarioB};
-use crate::scenario_boot::{check_boot, check_tty, scenario_boot};
+use crate::scenario_boot::{
+    check_boot, check_tty, loader_type, scenario_boot, scenario_boot_64bit,
+};
 use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
@@ -149,6 +152,7 @@ fn testhost_provides_kvm() {
 /// Results of the one shared test-host boot that runs scenarios A and B under vmm.
 struct Suite {
     boot: VmSpec,
+    boot64: VmSpec,
     a: ScenarioA,
     b: ScenarioB,
     out: Runs,
@@ -165,7 +169,8 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         let a = scenario_a(&dir, work.path(), &mut rng, Some(bins))?;
         let b = scenario_b(&dir, work.path(), &mut rng)?;
         let boot = scenario_boot();
-        let specs = [&boot, &a.spec, &b.spec];
+        let boot64 = scenario_boot_64bit();
+        let specs = [&boot, &boot64, &a.spec, &b.spec];
         let (out, place) = match runner(&bins.vmm)? {
             Runner::Direct => {
                 let kernel = &fixtures()?.kernel;
@@ -189,6 +194,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         }
         Ok(Suite {
             boot,
+            boot64,
             a,
             b,
             out,
@@ -218,6 +224,21 @@ fn vm<'a>(s: &'a Suite, name: &str) -> &'a VmOutput {
 fn vmm_boots_with_2_cpus_and_512m() {
     let s = suite!();
     check_boot(vm(s, &s.boot.name)).unwrap_or_else(|e| panic!("{e}\n--- runs:\n{}", s.out.log));
+}
+
+/// The same boot entered through the 64-bit boot protocol (zero page: E820 map, command
+/// line, initrd) instead of PVH; the kernel's recorded loader type tells the two apart.
+#[test]
+fn vmm_boots_through_the_64bit_boot_protocol() {
+    let s = suite!();
+    let out = vm(s, &s.boot64.name);
+    check_boot(out)
+        .and_then(|_| check_tty(out))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let via_zero_page = loader_type(out).unwrap_or_else(|e| panic!("{e}"));
+    let via_pvh = loader_type(vm(s, &s.boot.name)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(via_zero_page, "ff", "{}", out.describe());
+    assert_ne!(via_pvh, "ff", "the default boot did not go through PVH");
 }
 
 #[test]
@@ -366,6 +387,7 @@ fn direct_runner_reports_each_run() {
         }],
         test_sh: String::new(),
         data: vec![],
+        env: vec![],
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);

@@ -158,6 +158,7 @@ pub fn scenario_a(
             ],
             test_sh: sh,
             data,
+            env: vec![],
         },
         writes,
         base_raw,

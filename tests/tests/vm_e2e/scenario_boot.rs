@@ -9,7 +9,8 @@ pub fn scenario_boot() -> VmSpec {
     sh.push_str(
         "r cpus_online \"$(cat /sys/devices/system/cpu/online)\"\n\
          r nproc \"$(grep -c '^processor' /proc/cpuinfo)\"\n\
-         r memtotal_kb \"$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)\"\n",
+         r memtotal_kb \"$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)\"\n\
+         r loader \"$(od -An -tx1 -j 528 -N 1 /sys/kernel/boot_params/data | tr -d ' ')\"\n",
     );
     VmSpec {
         name: "boot".into(),
@@ -18,7 +19,24 @@ pub fn scenario_boot() -> VmSpec {
         drives: vec![],
         test_sh: sh,
         data: vec![],
+        env: vec![],
     }
+}
+
+/// The same boot entered through the 64-bit boot protocol (zero page with the E820 map,
+/// command line and initrd) instead of PVH: `VMM_BOOT_NO_PVH=1`.
+pub fn scenario_boot_64bit() -> VmSpec {
+    VmSpec {
+        name: "boot64".into(),
+        env: vec![("VMM_BOOT_NO_PVH", "1")],
+        ..scenario_boot()
+    }
+}
+
+/// The boot loader type the kernel recorded (`type_of_loader` in /sys/kernel/boot_params,
+/// in hex): vmm's zero page says ff; through PVH the kernel fills in its own value.
+pub fn loader_type(out: &VmOutput) -> Result<String, String> {
+    Ok(guest_ran(out)?.get("loader")?.to_string())
 }
 
 pub fn check_boot(out: &VmOutput) -> Result<(), String> {

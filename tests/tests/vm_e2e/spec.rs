@@ -32,6 +32,9 @@ pub struct VmSpec {
     pub test_sh: String,
     /// Embedded as /data/<name> in the guest initramfs.
     pub data: Vec<(String, Vec<u8>)>,
+    /// Environment for `vmm` (e.g. `VMM_BOOT_NO_PVH=1`, to boot through the 64-bit boot
+    /// protocol's zero page instead of PVH).
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 /// What one guest boot produced.

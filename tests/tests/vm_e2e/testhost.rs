@@ -45,7 +45,7 @@ pub fn run_in_testhost(
          \x20   mkdir -p /results/vm-$name\n\
          \x20   t0=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   echo \"TESTHOST: vmm run $name\"\n\
-         \x20   timeout -s KILL $VM_TIMEOUT /vmm \"$@\" </dev/null >/results/vm-$name/console 2>/results/vm-$name/stderr\n\
+         \x20   timeout -s KILL $VM_TIMEOUT env $VMM_ENV /vmm \"$@\" </dev/null >/results/vm-$name/console 2>/results/vm-$name/stderr\n\
          \x20   echo $? >/results/vm-$name/rc\n\
          \x20   t1=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   echo \"$t0 $t1\" >/results/vm-$name/time\n\
@@ -66,7 +66,13 @@ pub fn run_in_testhost(
                 "/results/images",
             );
             let q: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
-            script.push_str(&format!("run_vm {} {}\n", spec.name, q.join(" ")));
+            let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            script.push_str(&format!(
+                "VMM_ENV={}\nrun_vm {} {}\n",
+                shell_quote(&env.join(" ")),
+                spec.name,
+                q.join(" ")
+            ));
         }
     }
     fs::write(extra.join("run.sh"), script).unwrap();
