@@ -11,6 +11,7 @@ use super::header::{
 use super::meta::Meta;
 use super::refcount;
 use crate::error::{io, Error, Result};
+use crate::lock;
 use crate::storage::{FileStorage, Storage};
 
 pub use crate::prealloc::Preallocation;
@@ -155,11 +156,19 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
     format_qcow2(Arc::new(FileStorage::new(file)), opts)
 }
 
-/// Open (creating it if needed) and lock a file for a new image, then truncate it.
+/// Open (creating it if needed) and lock a file for a new image, truncate it, and take the
+/// read-write locks of an open image on it. Like qemu-img, which formats a qcow2 image
+/// through a read-write open of the new file: if another process still writes the file,
+/// the create fails and the (already truncated) file is removed.
 pub(crate) fn create_file(path: &Path) -> Result<std::fs::File> {
     let file = crate::storage::open_new_image_file(path)?;
     file.set_len(0)
         .map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
+    if let Err(e) = lock::relock_image(&file, path, lock::Perms::CREATE, lock::Perms::READ_WRITE) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(file)
 }
 

@@ -86,12 +86,6 @@ impl Qcow2Image {
         let file = create::create_file(path)?;
         let storage = Arc::new(FileStorage::new(file));
         create::format_qcow2(storage.clone(), create)?;
-        crate::lock::relock_image(
-            storage.file(),
-            path,
-            crate::lock::Perms::CREATE,
-            crate::lock::Perms::READ_WRITE,
-        )?;
         Self::open_storage(storage, path, &OpenOptions::default(), &mut Vec::new())
     }
 
