@@ -8,47 +8,75 @@ pub fn total_len<B: std::ops::Deref<Target = [u8]>>(bufs: &[B]) -> usize {
     bufs.iter().map(|b| b.len()).sum()
 }
 
-/// Takes consecutive byte ranges off the front of a list of buffers to write from; each
-/// take costs time in proportion to the buffers it spans, never a rescan of the list.
-pub struct Front<'a, 'b> {
-    bufs: &'a [IoSlice<'b>],
+/// The front of a buffer list: the buffer it is in, the offset in that buffer, and the
+/// bytes left after it.
+struct Pos {
     idx: usize,
     off: usize,
     left: usize,
 }
 
-impl<'a, 'b> Front<'a, 'b> {
-    pub fn new(bufs: &'a [IoSlice<'b>]) -> Self {
-        let left = total_len(bufs);
-        Front {
-            bufs,
+impl Pos {
+    fn new(left: usize) -> Pos {
+        Pos {
             idx: 0,
             off: 0,
             left,
         }
     }
 
+    /// Move past `len` bytes of buffers whose lengths `buf_len` gives; returns where they
+    /// start (buffer, offset).
+    fn skip(&mut self, len: usize, buf_len: impl Fn(usize) -> usize) -> (usize, usize) {
+        assert!(len <= self.left, "range beyond the end of the buffer list");
+        let start = (self.idx, self.off);
+        self.left -= len;
+        let mut want = len;
+        while want > 0 {
+            let n = (buf_len(self.idx) - self.off).min(want);
+            want -= n;
+            self.off += n;
+            if self.off == buf_len(self.idx) {
+                self.idx += 1;
+                self.off = 0;
+            }
+        }
+        start
+    }
+}
+
+/// Takes consecutive byte ranges off the front of a list of buffers to write from; each
+/// take costs time in proportion to the buffers it spans, never a rescan of the list.
+pub struct Front<'a, 'b> {
+    bufs: &'a [IoSlice<'b>],
+    pos: Pos,
+}
+
+impl<'a, 'b> Front<'a, 'b> {
+    pub fn new(bufs: &'a [IoSlice<'b>]) -> Self {
+        let pos = Pos::new(total_len(bufs));
+        Front { bufs, pos }
+    }
+
     /// Bytes not taken yet.
     pub fn remaining(&self) -> usize {
-        self.left
+        self.pos.left
     }
 
     /// The next `len` bytes (at most [`Front::remaining`]) as a list over the same memory.
     pub fn take(&mut self, len: usize) -> Vec<IoSlice<'a>> {
-        assert!(len <= self.left, "range beyond the end of the buffer list");
-        self.left -= len;
+        let bufs = self.bufs;
+        let (first, mut from) = self.pos.skip(len, |i| bufs[i].len());
         let mut out = Vec::new();
         let mut want = len;
-        while want > 0 {
-            let b: &'a [u8] = &self.bufs[self.idx];
-            let n = (b.len() - self.off).min(want);
-            out.push(IoSlice::new(&b[self.off..self.off + n]));
-            want -= n;
-            self.off += n;
-            if self.off == b.len() {
-                self.idx += 1;
-                self.off = 0;
+        for b in &bufs[first..] {
+            if want == 0 {
+                break;
             }
+            let b: &'a [u8] = b;
+            let n = (b.len() - from).min(want);
+            out.push(IoSlice::new(&b[from..from + n]));
+            (want, from) = (want - n, 0);
         }
         out
     }
@@ -57,54 +85,34 @@ impl<'a, 'b> Front<'a, 'b> {
 /// [`Front`] for a list of buffers to read into.
 pub struct FrontMut<'a, 'b> {
     bufs: &'a mut [IoSliceMut<'b>],
-    idx: usize,
-    off: usize,
-    left: usize,
+    pos: Pos,
 }
 
 impl<'a, 'b> FrontMut<'a, 'b> {
     pub fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
-        let left = total_len(bufs);
-        FrontMut {
-            bufs,
-            idx: 0,
-            off: 0,
-            left,
-        }
+        let pos = Pos::new(total_len(bufs));
+        FrontMut { bufs, pos }
     }
 
     /// Bytes not taken yet.
     pub fn remaining(&self) -> usize {
-        self.left
+        self.pos.left
     }
 
     /// The next `len` bytes (at most [`FrontMut::remaining`]) as a list over the same memory.
     pub fn take(&mut self, len: usize) -> Vec<IoSliceMut<'_>> {
-        assert!(len <= self.left, "range beyond the end of the buffer list");
-        self.left -= len;
-        let (first, first_off) = (self.idx, self.off);
-        // Move the front past the range first, then lend the range out.
-        let mut want = len;
-        while want > 0 {
-            let n = (self.bufs[self.idx].len() - self.off).min(want);
-            want -= n;
-            self.off += n;
-            if self.off == self.bufs[self.idx].len() {
-                self.idx += 1;
-                self.off = 0;
-            }
-        }
+        let bufs = &*self.bufs;
+        let (first, mut from) = self.pos.skip(len, |i| bufs[i].len());
         let mut out = Vec::new();
         let mut want = len;
-        for (i, b) in self.bufs[first..].iter_mut().enumerate() {
+        for b in self.bufs[first..].iter_mut() {
             if want == 0 {
                 break;
             }
-            let from = if i == 0 { first_off } else { 0 };
             let b: &mut [u8] = b;
             let n = (b.len() - from).min(want);
             out.push(IoSliceMut::new(&mut b[from..from + n]));
-            want -= n;
+            (want, from) = (want - n, 0);
         }
         out
     }
