@@ -95,23 +95,8 @@ impl Scratch {
                 len,
             });
         }
-        // SAFETY: a fresh private anonymous mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot map {len} bytes: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        let p =
+            crate::ram::map_anonymous(len).map_err(|e| format!("cannot map {len} bytes: {e}"))?;
         Ok(Scratch {
             ptr: p as *mut u8,
             len,

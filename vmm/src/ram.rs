@@ -56,20 +56,7 @@ impl Ram {
         let total = len
             .checked_add(2 * HUGE)
             .ok_or("guest memory size overflows")?;
-        // SAFETY: a fresh private anonymous mapping at an address of the kernel's choice.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
+        let p = map_anonymous(total).map_err(|e| e.to_string())?;
         let base = p as usize;
         let start = base.next_multiple_of(HUGE) + phase;
         let end = start + len;
@@ -93,6 +80,26 @@ impl Ram {
     pub fn keep(&mut self) {
         self.keep = true;
     }
+}
+
+/// A fresh private, anonymous, read-write mapping of `len` bytes (no swap reserved), at an
+/// address of the kernel's choice. The caller unmaps it.
+pub(crate) fn map_anonymous(len: usize) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: asks for a new mapping; touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p)
 }
 
 impl Drop for Ram {
