@@ -315,4 +315,6 @@ impl BlockDriver for Qcow2Image {
 }
 
 #[cfg(test)]
+mod concurrency_tests;
+#[cfg(test)]
 mod tests;

@@ -221,14 +221,27 @@ impl Qcow2Image {
             |s: u32| !reuse && matches!(old_kind(s), Kind::Data { .. } | Kind::Compressed(_));
         let span_first = (0..first).find(|&s| keeps(s)).unwrap_or(first);
         let span_last = (last + 1..units).rev().find(|&s| keeps(s)).unwrap_or(last);
-        let span_start = u64::from(span_first) << ub;
+        // In a reused cluster a unit that already holds data is never read and written
+        // back: another writer may be writing it in place. The write starts or ends
+        // inside such a unit instead of filling it.
+        let in_place = |s: u32| reuse && matches!(old_kind(s), Kind::Data { .. });
+        let span_start = if in_place(span_first) {
+            in_cluster
+        } else {
+            u64::from(span_first) << ub
+        };
+        let span_end = if in_place(span_last) {
+            in_cluster + len
+        } else {
+            u64::from(span_last + 1) << ub
+        };
 
         let mut fills = Vec::new();
         for s in span_first..=span_last {
             let u_start = u64::from(s) << ub;
             let covered = u_start >= in_cluster && u_start + us <= in_cluster + len;
             let touched = s >= first && s <= last;
-            if covered || !(touched || keeps(s)) {
+            if covered || in_place(s) || !(touched || keeps(s)) {
                 continue;
             }
             let src = match old_kind(s) {
@@ -263,7 +276,7 @@ impl Qcow2Image {
             host: target + span_start,
             guest: cluster_start + span_start,
             fills,
-            buf_len: ((span_last - span_first + 1) as u64 * us) as usize,
+            buf_len: (span_end - span_start) as usize,
         })
     }
 
