@@ -717,7 +717,7 @@ impl Meta {
         )
     }
 
-    fn sync(&self) -> Result<()> {
+    pub fn sync(&self) -> Result<()> {
         io("Could not flush image file", self.storage.flush())
     }
 

@@ -159,8 +159,10 @@ impl Qcow2Image {
         if meta.h.autoclear_features != 0 && !read_only {
             // Features this engine does not maintain (bitmaps) become stale once it
             // writes: the spec says a writer that does not know them clears their bits.
+            // The cleared bits must be durable before any write they would misdescribe.
             meta.h.autoclear_features = 0;
             meta.write_header()?;
+            meta.sync()?;
         }
         Ok(Qcow2Image {
             storage,
@@ -316,5 +318,7 @@ impl BlockDriver for Qcow2Image {
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod ordering_tests;
 #[cfg(test)]
 mod tests;
