@@ -10,6 +10,7 @@ use super::header::{
 };
 use super::meta::Meta;
 use super::refcount;
+use super::units::{ClusterCount, GuestCluster};
 use crate::error::{io, Error, Result};
 use crate::lock;
 use crate::storage::{FileStorage, Storage};
@@ -212,27 +213,25 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
 
 /// Allocate every L2 table and data cluster; with falloc/full also the file space.
 fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
-    let cb = meta.h.cluster_bits;
-    let cs = meta.cluster_size();
-    let clusters = meta.h.size.div_ceil(cs);
-    let per_l2 = meta.h.l2_entries();
+    let g = meta.geo();
+    let clusters = g.clusters_for(meta.h.size).0;
     let storage = meta.storage().clone();
-    let mut gc = 0;
-    while gc < clusters {
-        let n = (per_l2 - gc % per_l2).min(clusters - gc);
+    let mut gc = GuestCluster(0);
+    while gc.0 < clusters {
+        let n = (g.l2_entries() - g.l2_index(gc) as u64).min(clusters - gc.0);
         // Touch the L2 table first so it precedes its data clusters, as QEMU lays it out.
         meta.set_l2_entry(gc, L2Entry::default())?;
-        let first = meta.alloc_clusters(n)?;
+        let first = meta.alloc_clusters(ClusterCount(n))?;
         for i in 0..n {
             let e = L2Entry {
-                word: ((first + i) << cb) | COPIED,
+                word: g.host_offset(first.plus(i)).0 | COPIED,
                 // With subclusters QEMU leaves every subcluster unallocated: the cluster is
                 // reserved, reads still fall through to the backing file.
                 bitmap: 0,
             };
-            meta.set_l2_entry(gc + i, e)?;
+            meta.set_l2_entry(gc.plus(i), e)?;
         }
-        let (start, len) = (first << cb, n << cb);
+        let (start, len) = (g.host_offset(first).0, n * g.cluster_size());
         match mode {
             Preallocation::Falloc => io("Could not preallocate", storage.allocate(start, len))?,
             Preallocation::Full => {
@@ -254,7 +253,7 @@ fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
                 }
             }
         }
-        gc += n;
+        gc = gc.plus(n);
     }
     Ok(())
 }

@@ -1,10 +1,7 @@
 //! L1 and L2 table entries, standard and extended (with subcluster bitmaps).
 
+pub use super::units::HostOffset;
 use crate::error::{Error, Result};
-
-/// A host (image file) offset. Distinct from guest offsets so the two cannot be mixed up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct HostOffset(pub u64);
 
 /// Bit 63 of L1 and standard L2 entries: refcount is exactly one, writes need no COW.
 pub const COPIED: u64 = 1 << 63;

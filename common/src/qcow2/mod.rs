@@ -1,17 +1,27 @@
 //! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
 
+mod allocator;
 pub mod bitmaps;
 mod cache;
 pub mod compress;
+mod compressed;
+mod counts;
 pub mod create;
 pub mod entry;
 pub mod header;
-mod io;
+mod inflight;
+mod l2;
+mod mapping;
 mod meta;
+mod overlap;
+mod read;
 mod rebuild;
 pub mod refcount;
 pub mod snapshot;
+pub mod units;
+mod walker;
 mod write;
+mod zero;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -36,14 +46,11 @@ pub struct Qcow2Image {
     last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Signalled when an allocating write has settled its mapping.
     alloc_done: Condvar,
-    cluster_bits: u32,
-    compression: header::CompressionType,
     backing: Option<Box<dyn BlockDriver>>,
     /// Guest data lives in an external data file, which this engine does not read.
     external_data: bool,
     path: PathBuf,
     read_only: bool,
-    size: u64,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -149,9 +156,6 @@ impl Qcow2Image {
             ));
         }
         let external_data = header.has_data_file();
-        let size = header.size;
-        let cluster_bits = header.cluster_bits;
-        let compression = header.compression_type;
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
         if meta.h.is_dirty() && !read_only {
             meta.rebuild_refcounts()?;
@@ -170,18 +174,26 @@ impl Qcow2Image {
             gate: RwLock::new(()),
             alloc_done: Condvar::new(),
             last_compressed: Mutex::new(None),
-            cluster_bits,
-            compression,
             backing,
             external_data,
             path: PathBuf::new(),
             read_only,
-            size,
         })
     }
 
     fn meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The image's geometry (read from the header under the metadata lock).
+    fn geo(&self) -> units::Geometry {
+        self.meta().geo()
+    }
+
+    /// The geometry and the virtual size, read together.
+    fn geo_and_size(&self) -> (units::Geometry, u64) {
+        let m = self.meta();
+        (m.geo(), m.h.size)
     }
 
     /// A copy of the current header (with extensions and backing file name).
@@ -249,7 +261,7 @@ impl BlockDriver for Qcow2Image {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.meta().h.size
     }
 
     fn is_read_only(&self) -> bool {
@@ -265,7 +277,7 @@ impl BlockDriver for Qcow2Image {
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
         self.check_own_data()?;
         self.read_impl(bufs, offset)
     }
@@ -274,7 +286,7 @@ impl BlockDriver for Qcow2Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
         self.write_impl(bufs, offset)
     }
 
@@ -282,7 +294,7 @@ impl BlockDriver for Qcow2Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        crate::driver::check_range(offset, len, self.size)?;
+        crate::driver::check_range(offset, len, self.size())?;
         self.zeroes_impl(offset, len, may_unmap)
     }
 
@@ -290,7 +302,7 @@ impl BlockDriver for Qcow2Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        crate::driver::check_range(offset, len, self.size)?;
+        crate::driver::check_range(offset, len, self.size())?;
         self.discard_impl(offset, len)
     }
 
@@ -304,7 +316,7 @@ impl BlockDriver for Qcow2Image {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        crate::driver::check_range(offset, len.max(1), self.size)?;
+        crate::driver::check_range(offset, len.max(1), self.size())?;
         self.check_own_data()?;
         self.status_impl(offset, len)
     }
@@ -322,3 +334,5 @@ mod concurrency_tests;
 mod ordering_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod walker_tests;

@@ -8,9 +8,9 @@
 use std::io::IoSlice;
 use std::sync::MutexGuard;
 
-use super::compress;
 use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
 use super::meta::Meta;
+use super::units::{ClusterCount, GuestCluster, GuestOffset};
 use super::Qcow2Image;
 use crate::error::{io, Result};
 use crate::iovec;
@@ -29,7 +29,7 @@ enum Source {
 
 /// A partial-cluster write planned under the lock, carried out without it.
 struct CowPlan {
-    gc: u64,
+    gc: GuestCluster,
     old: L2Entry,
     new: L2Entry,
     reuse: bool,
@@ -43,16 +43,16 @@ struct CowPlan {
 
 impl Qcow2Image {
     /// Lock the metadata once no allocation is in flight for guest clusters `gc..gc + n`.
-    pub(super) fn meta_settled(&self, gc: u64, n: u64) -> MutexGuard<'_, Meta> {
+    pub(super) fn meta_settled(&self, gc: GuestCluster, n: u64) -> MutexGuard<'_, Meta> {
         let mut m = self.meta();
-        while m.inflight_overlaps(gc, n) {
+        while m.inflight.overlaps(gc, n) {
             m = self.alloc_done.wait(m).unwrap_or_else(|p| p.into_inner());
         }
         m
     }
 
-    fn finish_inflight(&self, m: &mut Meta, gc: u64) {
-        m.inflight_remove(gc);
+    pub(super) fn finish_inflight(&self, m: &mut Meta, gc: GuestCluster) {
+        m.inflight.remove(gc);
         self.alloc_done.notify_all();
     }
 
@@ -63,8 +63,8 @@ impl Qcow2Image {
         while front.remaining() > 0 {
             let left = front.remaining() as u64;
             let pos = offset + (total as u64 - left);
-            let mut m = self.meta_settled(pos >> self.cluster_bits, 1);
-            let cs = m.cluster_size();
+            let mut m = self.meta_settled(self.geo().guest_cluster(GuestOffset(pos)), 1);
+            let cs = m.geo().cluster_size();
             let n = (cs - pos % cs).min(left);
             if let Some(host) = Self::overwrite_in_place(&mut m, pos, n)? {
                 let n = Self::extend_in_place(&mut m, pos + n, host + n, left - n)? + n;
@@ -90,17 +90,17 @@ impl Qcow2Image {
     /// Host offset for writing `len` bytes at `pos` (within one cluster) without any
     /// metadata change: the cluster is allocated, unshared, and every unit touched is data.
     fn overwrite_in_place(m: &mut Meta, pos: u64, len: u64) -> Result<Option<u64>> {
-        let cb = m.h.cluster_bits;
-        let e = m.l2_entry(pos >> cb)?;
+        let g = m.geo();
+        let e = m.l2_entry(g.guest_cluster(GuestOffset(pos)))?;
         if !e.is_copied() || e.is_compressed() {
             return Ok(None);
         }
         let Some(host) = e.host_cluster() else {
             return Ok(None);
         };
-        let in_cluster = pos & ((1 << cb) - 1);
-        if m.h.extended_l2() {
-            let ub = cb - 5;
+        let in_cluster = g.in_cluster(GuestOffset(pos));
+        if g.extended_l2 {
+            let ub = g.unit_bits();
             let first = in_cluster >> ub;
             let last = (in_cluster + len - 1) >> ub;
             let mask = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
@@ -110,7 +110,7 @@ impl Qcow2Image {
         } else if e.word & ZERO != 0 {
             return Ok(None);
         }
-        m.check_data_cluster(host.0 >> cb)?;
+        m.check_data_cluster(g.host_cluster(host))?;
         Ok(Some(host.0 + in_cluster))
     }
 
@@ -118,11 +118,14 @@ impl Qcow2Image {
     /// after an in-place write ending at `host`: following clusters whose host clusters
     /// continue contiguously, at most `max` bytes.
     fn extend_in_place(m: &mut Meta, pos: u64, host: u64, max: u64) -> Result<u64> {
-        let cs = m.cluster_size();
+        let g = m.geo();
+        let cs = g.cluster_size();
         let mut more = 0;
         while more < max.min(MAX_RUN_BYTES) {
             let n = cs.min(max - more);
-            if m.inflight_overlaps((pos + more) / cs, 1) {
+            if m.inflight
+                .overlaps(g.guest_cluster(GuestOffset(pos + more)), 1)
+            {
                 break;
             }
             match Self::overwrite_in_place(m, pos + more, n)? {
@@ -142,44 +145,42 @@ impl Qcow2Image {
         pos: u64,
         data: &mut iovec::Front<'_, '_>,
     ) -> Result<()> {
-        let cb = m.h.cluster_bits;
-        let cs = m.cluster_size();
-        let gc = pos >> cb;
-        let per_l2 = m.h.l2_entries();
+        let g = m.geo();
+        let cs = g.cluster_size();
+        let gc = g.guest_cluster(GuestOffset(pos));
         let max = (data.remaining() as u64 / cs)
             .min(MAX_RUN_BYTES / cs)
-            .min(per_l2 - gc % per_l2)
+            .min(g.l2_entries() - g.l2_index(gc) as u64)
             .max(1);
         let mut olds = vec![m.l2_entry(gc)?];
         while (olds.len() as u64) < max {
-            let next = gc + olds.len() as u64;
-            if m.inflight_overlaps(next, 1)
-                || Self::overwrite_in_place(&mut m, next << cb, cs)?.is_some()
+            let next = gc.plus(olds.len() as u64);
+            if m.inflight.overlaps(next, 1)
+                || Self::overwrite_in_place(&mut m, g.guest_offset(next).0, cs)?.is_some()
             {
                 break;
             }
             olds.push(m.l2_entry(next)?);
         }
         let k = olds.len() as u64;
-        let first = m.alloc_clusters(k)?;
-        m.inflight_add(gc, k);
+        let first = m.alloc_clusters(ClusterCount(k))?;
+        m.inflight.add(gc, k);
         drop(m);
-        let host = first << cb;
+        let host = g.host_offset(first).0;
         let wrote = io(
             "Could not write image data",
             self.storage
                 .write_vectored_at(&data.take((k * cs) as usize), host),
         );
         let mut m = self.meta();
-        let ext = m.h.extended_l2();
         let mut result = wrote;
         if result.is_ok() {
             for (i, old) in olds.iter().enumerate() {
                 let new = L2Entry {
                     word: (host + i as u64 * cs) | COPIED,
-                    bitmap: if ext { ALL_ALLOCATED } else { 0 },
+                    bitmap: if g.extended_l2 { ALL_ALLOCATED } else { 0 },
                 };
-                if let Err(e) = m.set_l2_entry(gc + i as u64, new) {
+                if let Err(e) = m.set_l2_entry(gc.plus(i as u64), new) {
                     result = Err(e);
                     break;
                 }
@@ -193,14 +194,13 @@ impl Qcow2Image {
     /// Plan a write of `len` bytes at `pos` within one cluster whose mapping must change:
     /// which cluster it goes to, and which units to fill from what they showed before.
     fn plan_cow(&self, m: &mut Meta, pos: u64, len: u64) -> Result<CowPlan> {
-        let cb = m.h.cluster_bits;
-        let cs = m.cluster_size();
-        let ext = m.h.extended_l2();
-        let ub = Self::unit_bits(m);
+        let g = m.geo();
+        let (cb, cs, ext) = (g.cluster_bits, g.cluster_size(), g.extended_l2);
+        let ub = g.unit_bits();
         let us = 1u64 << ub;
         let units = (cs >> ub) as u32;
-        let gc = pos >> cb;
-        let cluster_start = gc << cb;
+        let gc = g.guest_cluster(GuestOffset(pos));
+        let cluster_start = g.guest_offset(gc).0;
         let in_cluster = pos - cluster_start;
         let old = m.l2_entry(gc)?;
         let first = (in_cluster >> ub) as u32;
@@ -209,11 +209,11 @@ impl Qcow2Image {
         // Reuse the host cluster if it is ours alone; otherwise take a new one.
         let reuse = old.is_copied() && !old.is_compressed() && old.host_cluster().is_some();
         let target = if reuse {
-            let host = old.host_cluster().expect("checked").0;
-            m.check_data_cluster(host >> cb)?;
-            host
+            let host = old.host_cluster().expect("checked");
+            m.check_data_cluster(g.host_cluster(host))?;
+            host.0
         } else {
-            m.alloc_clusters(1)? << cb
+            g.host_offset(m.alloc_clusters(ClusterCount(1))?).0
         };
         let old_kind = |s: u32| old.kind(cb, ext, s);
         // Units whose old content moves to a new cluster with the written ones.
@@ -267,7 +267,7 @@ impl Qcow2Image {
             }
             new.bitmap = bitmap;
         }
-        m.inflight_add(gc, 1);
+        m.inflight.add(gc, 1);
         Ok(CowPlan {
             gc,
             old,
@@ -296,6 +296,10 @@ impl Qcow2Image {
     }
 
     fn fill_and_write(&self, plan: &CowPlan, data: &[IoSlice<'_>], pos: u64) -> Result<()> {
+        let (g, compression) = {
+            let m = self.meta();
+            (m.geo(), m.h.compression_type)
+        };
         let mut buf = vec![0u8; plan.buf_len];
         let mut decompressed: Option<Vec<u8>> = None;
         for &(at, len, src) in &plan.fills {
@@ -310,8 +314,8 @@ impl Qcow2Image {
                 }
                 Source::Compressed(run, u_start) => {
                     if decompressed.is_none() {
-                        let mut out = vec![0u8; 1 << self.cluster_bits];
-                        self.read_compressed(run, &mut out)?;
+                        let mut out = vec![0u8; g.cluster_size() as usize];
+                        self.read_compressed(run, g, compression, &mut out)?;
                         decompressed = Some(out);
                     }
                     let d = decompressed.as_ref().expect("just set");
@@ -325,16 +329,5 @@ impl Qcow2Image {
             "Could not write image data",
             self.storage.write_at(&buf, plan.host),
         )
-    }
-
-    /// Decompress the compressed cluster `run` into `out` (one cluster long).
-    pub(super) fn read_compressed(&self, run: CompressedRun, out: &mut [u8]) -> Result<()> {
-        let len = run.len.min(2 << self.cluster_bits);
-        let mut input = vec![0u8; len as usize];
-        io(
-            "Could not read compressed cluster",
-            self.storage.read_at(&mut input, run.offset),
-        )?;
-        compress::decompress(self.compression, &input, out)
     }
 }

@@ -1,0 +1,76 @@
+//! Reference counts recounted from the metadata, one compact array per refcount block's
+//! worth of clusters (allocated only where references exist), for rebuild and check.
+
+use std::collections::BTreeMap;
+
+use super::units::HostCluster;
+
+/// Counts by host cluster.
+pub struct ClusterCounts {
+    /// log2 of the clusters one chunk covers.
+    chunk_bits: u32,
+    chunks: BTreeMap<u64, Box<[u32]>>,
+}
+
+impl ClusterCounts {
+    /// Counts kept in chunks of `1 << chunk_bits` clusters.
+    pub fn new(chunk_bits: u32) -> ClusterCounts {
+        ClusterCounts {
+            chunk_bits,
+            chunks: BTreeMap::new(),
+        }
+    }
+
+    /// Add one reference to each of the clusters `clusters` (saturating).
+    pub fn add(&mut self, clusters: std::ops::Range<u64>) {
+        let size = 1usize << self.chunk_bits;
+        for c in clusters {
+            let chunk = self
+                .chunks
+                .entry(c >> self.chunk_bits)
+                .or_insert_with(|| vec![0u32; size].into_boxed_slice());
+            let slot = &mut chunk[(c as usize) & (size - 1)];
+            *slot = slot.saturating_add(1);
+        }
+    }
+
+    /// The count of cluster `c`.
+    pub fn get(&self, c: HostCluster) -> u64 {
+        let size = 1u64 << self.chunk_bits;
+        self.chunks
+            .get(&(c.0 >> self.chunk_bits))
+            .map_or(0, |ch| u64::from(ch[(c.0 & (size - 1)) as usize]))
+    }
+
+    /// The chunks that hold any reference, in order: (chunk index, counts).
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u32])> {
+        self.chunks.iter().map(|(&i, c)| (i, &c[..]))
+    }
+
+    /// One past the highest cluster with a reference (0 when there is none).
+    pub fn end(&self) -> u64 {
+        self.chunks.iter().next_back().map_or(0, |(&i, c)| {
+            let last = c.iter().rposition(|&n| n > 0).map_or(0, |p| p as u64 + 1);
+            (i << self.chunk_bits) + last
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_chunk() {
+        let mut c = ClusterCounts::new(4);
+        assert_eq!(c.end(), 0);
+        c.add(3..5);
+        c.add(4..5);
+        c.add(40..41);
+        assert_eq!((c.get(HostCluster(3)), c.get(HostCluster(4))), (1, 2));
+        assert_eq!((c.get(HostCluster(5)), c.get(HostCluster(100))), (0, 0));
+        assert_eq!(c.end(), 41);
+        let idx: Vec<u64> = c.chunks().map(|(i, _)| i).collect();
+        assert_eq!(idx, vec![0, 2]);
+    }
+}

@@ -1,0 +1,179 @@
+//! The guest read path of a qcow2 image, and block status: both map a run of guest bytes
+//! that behave alike, holding the metadata lock only for the lookup.
+
+use std::io::IoSliceMut;
+use std::sync::Arc;
+
+use super::entry::{CompressedRun, HostOffset, Kind};
+use super::header::CompressionType;
+use super::meta::Meta;
+use super::units::{Geometry, GuestOffset};
+use super::Qcow2Image;
+use crate::driver::{Allocation, BlockStatus};
+use crate::error::{io, Result};
+use crate::iovec;
+
+/// A run of guest bytes that map alike.
+struct Run {
+    kind: Kind,
+    len: u64,
+}
+
+impl Qcow2Image {
+    /// Kind of the unit holding guest offset `pos`, with `host` moved to `pos` itself.
+    fn kind_at(m: &mut Meta, pos: u64) -> Result<(Kind, u64)> {
+        let g = m.geo();
+        let gc = g.guest_cluster(GuestOffset(pos));
+        if m.l2_offset(gc)?.is_none() {
+            // No L2 table: the whole range its L1 entry covers is unallocated.
+            let cover = g.l1_coverage();
+            return Ok((Kind::Unallocated, cover - pos % cover));
+        }
+        let ub = g.unit_bits();
+        let e = m.l2_entry(gc)?;
+        let in_cluster = g.in_cluster(GuestOffset(pos));
+        let sc = (in_cluster >> ub) as u32;
+        let kind = match e.kind(g.cluster_bits, g.extended_l2, sc) {
+            Kind::Data { host } => Kind::Data {
+                host: HostOffset(host.0 + (in_cluster & ((1 << ub) - 1))),
+            },
+            k => k,
+        };
+        let unit_left = (1 << ub) - (pos & ((1 << ub) - 1));
+        Ok((kind, unit_left))
+    }
+
+    /// The longest run starting at `pos` (at most `max` bytes) that maps alike.
+    fn map_run(m: &mut Meta, pos: u64, max: u64) -> Result<Run> {
+        let (kind, mut len) = Self::kind_at(m, pos)?;
+        if matches!(kind, Kind::Compressed(_)) {
+            let g = m.geo();
+            return Ok(Run {
+                kind,
+                len: len
+                    .min(max)
+                    .min(g.cluster_size() - g.in_cluster(GuestOffset(pos))),
+            });
+        }
+        while len < max {
+            let (next, unit) = Self::kind_at(m, pos + len)?;
+            let same = match (kind, next) {
+                (Kind::Unallocated, Kind::Unallocated) => true,
+                (Kind::Zero { .. }, Kind::Zero { .. }) => true,
+                (Kind::Data { host: a }, Kind::Data { host: b }) => b.0 == a.0 + len,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            len += unit;
+        }
+        Ok(Run {
+            kind,
+            len: len.min(max),
+        })
+    }
+
+    /// Read guest bytes at `pos` that this layer does not have: from the backing file
+    /// (zeroes past its end), or zeroes without one.
+    pub(super) fn read_backing(&self, bufs: &mut [IoSliceMut<'_>], pos: u64) -> Result<()> {
+        let len = iovec::total_len(bufs);
+        let avail = match &self.backing {
+            Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
+            None => 0,
+        };
+        let mut front = iovec::FrontMut::new(bufs);
+        if let (Some(b), true) = (&self.backing, avail > 0) {
+            b.read_vectored_at(&mut front.take(avail), pos)?;
+        }
+        iovec::zero(&mut front.take(len - avail));
+        Ok(())
+    }
+
+    /// The decompressed cluster stored at `run`, from a one-entry cache: small sequential
+    /// reads of a compressed cluster decompress it once. The cache is dropped whenever
+    /// freed clusters may become reusable (at flush), so it never outlives the data.
+    fn decompressed(
+        &self,
+        run: CompressedRun,
+        g: Geometry,
+        compression: CompressionType,
+    ) -> Result<Arc<[u8]>> {
+        let mut last = self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((off, data)) = &*last {
+            if *off == run.offset {
+                return Ok(data.clone());
+            }
+        }
+        let mut out = vec![0u8; g.cluster_size() as usize];
+        self.read_compressed(run, g, compression, &mut out)?;
+        let data: Arc<[u8]> = out.into();
+        *last = Some((run.offset, data.clone()));
+        Ok(data)
+    }
+
+    pub(super) fn read_impl(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        let total = iovec::total_len(bufs);
+        let mut front = iovec::FrontMut::new(bufs);
+        while front.remaining() > 0 {
+            let want = front.remaining() as u64;
+            let pos = offset + (total as u64 - want);
+            let (run, g, compression) = {
+                let mut m = self.meta();
+                (
+                    Self::map_run(&mut m, pos, want)?,
+                    m.geo(),
+                    m.h.compression_type,
+                )
+            };
+            let mut part = front.take(run.len as usize);
+            match run.kind {
+                Kind::Unallocated => self.read_backing(&mut part, pos)?,
+                Kind::Zero { .. } => iovec::zero(&mut part),
+                Kind::Data { host } => io(
+                    "Could not read image data",
+                    self.storage.read_vectored_at(&mut part, host.0),
+                )?,
+                Kind::Compressed(c) => {
+                    let cluster = self.decompressed(c, g, compression)?;
+                    let at = g.in_cluster(GuestOffset(pos)) as usize;
+                    iovec::scatter(&mut part, &cluster[at..at + run.len as usize]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn status_impl(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let run = {
+            let mut m = self.meta();
+            Self::map_run(&mut m, offset, len.max(1))?
+        };
+        let status = |allocation, host_offset| BlockStatus {
+            len: run.len,
+            allocation,
+            depth: 0,
+            host_offset,
+        };
+        Ok(match run.kind {
+            Kind::Data { host } => status(Allocation::Data, Some(host.0)),
+            Kind::Compressed(_) => status(Allocation::Data, None),
+            Kind::Zero { host } => status(Allocation::Zero, host.map(|h| h.0)),
+            Kind::Unallocated => match &self.backing {
+                Some(b) if offset < b.size() => {
+                    let mut s = b.block_status(offset, run.len.min(b.size() - offset))?;
+                    s.depth += 1;
+                    if s.allocation == Allocation::Unallocated {
+                        s.depth = 0;
+                    }
+                    s
+                }
+                _ => status(Allocation::Unallocated, None),
+            },
+        })
+    }
+}
