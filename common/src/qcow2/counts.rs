@@ -21,8 +21,9 @@ impl ClusterCounts {
         }
     }
 
-    /// Add one reference to each of the clusters `clusters` (saturating).
-    pub fn add(&mut self, clusters: std::ops::Range<u64>) {
+    /// Add `n` references to each of the clusters `clusters` (saturating).
+    pub fn add(&mut self, clusters: std::ops::Range<u64>, n: u64) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         let size = 1usize << self.chunk_bits;
         for c in clusters {
             let chunk = self
@@ -30,7 +31,7 @@ impl ClusterCounts {
                 .entry(c >> self.chunk_bits)
                 .or_insert_with(|| vec![0u32; size].into_boxed_slice());
             let slot = &mut chunk[(c as usize) & (size - 1)];
-            *slot = slot.saturating_add(1);
+            *slot = slot.saturating_add(n);
         }
     }
 
@@ -64,9 +65,9 @@ mod tests {
     fn counts_by_chunk() {
         let mut c = ClusterCounts::new(4);
         assert_eq!(c.end(), 0);
-        c.add(3..5);
-        c.add(4..5);
-        c.add(40..41);
+        c.add(3..5, 1);
+        c.add(4..5, 1);
+        c.add(40..41, 1);
         assert_eq!((c.get(HostCluster(3)), c.get(HostCluster(4))), (1, 2));
         assert_eq!((c.get(HostCluster(5)), c.get(HostCluster(100))), (0, 0));
         assert_eq!(c.end(), 41);

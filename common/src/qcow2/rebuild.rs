@@ -20,8 +20,8 @@ impl Meta {
         let g = self.geo();
         let mut counts = ClusterCounts::new(g.refblock_bits());
         let mut problem = None;
-        let mut count = |offset: HostOffset, bytes: u64| {
-            counts.add(g.clusters_touched(offset, bytes));
+        let mut count = |offset: HostOffset, bytes: u64, n: u64| {
+            counts.add(g.clusters_touched(offset, bytes), n);
         };
         self.walk(&mut |visit| {
             match visit {
@@ -31,13 +31,13 @@ impl Meta {
                     bytes,
                 } => {
                     if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock) {
-                        count(offset, bytes);
+                        count(offset, bytes, 1);
                     }
                 }
-                Visit::L2Table { offset, .. } => count(offset, g.cluster_size()),
-                Visit::Entry { entry, .. } => {
+                Visit::L2Table { offset, .. } => count(offset, g.cluster_size(), 1),
+                Visit::Entry { entry, uses, .. } => {
                     let (host, len) = entry_extent(entry, g.cluster_bits).expect("visited");
-                    count(host, len);
+                    count(host, len, uses);
                 }
                 Visit::Finding(f) => {
                     problem = Some(f);

@@ -6,6 +6,8 @@
 //! Check, refcount rebuild, snapshots, amend and measure all build on it. It reports each
 //! problem it meets as a [`Finding`] and carries on, unless the visitor says stop.
 
+use std::collections::HashMap;
+
 use super::entry::{self, CompressedRun, L2Entry};
 use super::l2::decode_entry;
 use super::meta::{read_u64_table, Meta};
@@ -48,13 +50,16 @@ pub enum Visit {
         entry: u64,
         offset: HostOffset,
     },
-    /// An L2 entry that references storage: a data cluster or a compressed extent.
+    /// An L2 entry that references storage: a data cluster or a compressed extent. A
+    /// table that several entries of one L1 table point at is walked once, with `uses` the
+    /// number of those L1 entries (each is one reference) and `guest` for the first.
     Entry {
         l1: L1Source,
         guest: GuestCluster,
         table: HostOffset,
         index: usize,
         entry: L2Entry,
+        uses: u64,
     },
     /// A problem, with where it is; the walk goes on past it.
     Finding(Finding),
@@ -212,6 +217,9 @@ impl Meta {
 
     fn walk_l1(&mut self, l1: L1Source, table: &[u64], v: &mut Visitor<'_>) -> Result<Flow> {
         let g = self.geo();
+        // Distinct tables in order of first use, with the number of L1 entries using each.
+        let mut tables: Vec<(usize, HostOffset, u64)> = Vec::new();
+        let mut seen: HashMap<HostOffset, usize> = HashMap::new();
         for (index, &raw) in table.iter().enumerate() {
             let off = match entry::l1_table_offset(raw, g.cluster_size()) {
                 Ok(Some(off)) => off,
@@ -230,44 +238,68 @@ impl Meta {
                     offset: off,
                 }
             );
+            match seen.get(&off) {
+                Some(&k) => tables[k].2 += 1,
+                None => {
+                    seen.insert(off, tables.len());
+                    tables.push((index, off, 1));
+                }
+            }
+        }
+        for (index, off, uses) in tables {
             if let Some(problem) = self.l2_location_problem(off) {
                 visit!(v, finding(off.0, problem));
                 continue;
             }
-            let bytes = self.l2_bytes(off)?;
-            let first = g.first_cluster_of_l1(index);
-            for i in 0..g.l2_entries() as usize {
-                let e = decode_entry(&bytes, i, g.extended_l2);
-                if let Err(err) = e.validate(g.cluster_size(), g.extended_l2) {
-                    visit!(
-                        v,
-                        finding(off.0 + i as u64 * g.l2_entry_size(), err.to_string())
-                    );
-                    continue;
-                }
-                let Some((host, len)) = entry_extent(e, g.cluster_bits) else {
-                    continue;
-                };
-                let end = g.host_offset(self.refs.end);
-                if host.0.saturating_add(len) > end.0 {
-                    let what = format!(
-                        "cluster at offset {:#x} lies beyond the end of the image file",
-                        host.0
-                    );
-                    visit!(v, finding(off.0, what));
-                    continue;
-                }
-                visit!(
-                    v,
-                    Visit::Entry {
-                        l1,
-                        guest: first.plus(i as u64),
-                        table: off,
-                        index: i,
-                        entry: e,
-                    }
-                );
+            if self.walk_l2(l1, index, off, uses, v)? == Flow::Stop {
+                return Ok(Flow::Stop);
             }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The entries of the table at `off`, first used by L1 entry `index`, used `uses` times.
+    fn walk_l2(
+        &mut self,
+        l1: L1Source,
+        index: usize,
+        off: HostOffset,
+        uses: u64,
+        v: &mut Visitor<'_>,
+    ) -> Result<Flow> {
+        let g = self.geo();
+        let bytes = self.l2_bytes(off)?;
+        let first = g.first_cluster_of_l1(index);
+        let end = g.host_offset(self.refs.end);
+        for i in 0..g.l2_entries() as usize {
+            let e = decode_entry(&bytes, i, g.extended_l2);
+            if let Err(err) = e.validate(g.cluster_size(), g.extended_l2) {
+                let at = off.0 + i as u64 * g.l2_entry_size();
+                visit!(v, finding(at, err.to_string()));
+                continue;
+            }
+            let Some((host, len)) = entry_extent(e, g.cluster_bits) else {
+                continue;
+            };
+            if host.0.saturating_add(len) > end.0 {
+                let what = format!(
+                    "cluster at offset {:#x} lies beyond the end of the image file",
+                    host.0
+                );
+                visit!(v, finding(off.0, what));
+                continue;
+            }
+            visit!(
+                v,
+                Visit::Entry {
+                    l1,
+                    guest: first.plus(i as u64),
+                    table: off,
+                    index: i,
+                    entry: e,
+                    uses,
+                }
+            );
         }
         Ok(Flow::Continue)
     }

@@ -77,18 +77,18 @@ fn walker_recount_matches_qemus_refcounts() {
         let mut m = meta_of(qemu_image(dir.path(), opts));
         let g = m.geo();
         let mut counts: HashMap<u64, u64> = HashMap::new();
-        let mut add = |off: HostOffset, bytes: u64| {
+        let mut add = |off: HostOffset, bytes: u64, n: u64| {
             for c in g.clusters_touched(off, bytes) {
-                *counts.entry(c).or_default() += 1;
+                *counts.entry(c).or_default() += n;
             }
         };
         for v in visits(&mut m) {
             match v {
-                Visit::Structure { offset, bytes, .. } => add(offset, bytes),
-                Visit::L2Table { offset, .. } => add(offset, g.cluster_size()),
-                Visit::Entry { entry, .. } => {
+                Visit::Structure { offset, bytes, .. } => add(offset, bytes, 1),
+                Visit::L2Table { offset, .. } => add(offset, g.cluster_size(), 1),
+                Visit::Entry { entry, uses, .. } => {
                     let (h, len) = entry_extent(entry, g.cluster_bits).unwrap();
-                    add(h, len);
+                    add(h, len, uses);
                 }
                 Visit::Finding(f) => panic!("{opts}: finding in a clean image: {f:?}"),
             }
