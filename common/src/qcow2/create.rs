@@ -178,7 +178,7 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
     opts.validate()?;
     let mut h = opts.header();
     let cs = opts.cluster_size;
-    if h.l1_entries_for(opts.size) * 8 > MAX_L1_BYTES {
+    if h.geometry().l1_entries_for(opts.size) * 8 > MAX_L1_BYTES {
         return Err(Error::invalid(
             "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
         ));
@@ -202,7 +202,7 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
         storage.write_at(&block, 2 * cs),
     )?;
     let mut meta = Meta::load(storage.clone(), h.clone(), false)?;
-    meta.grow_l1(h.l1_entries_for(opts.size))?;
+    meta.grow_l1(h.geometry().l1_entries_for(opts.size))?;
     meta.h.size = opts.size;
     meta.write_header()?;
     if opts.preallocation != Preallocation::Off {

@@ -172,30 +172,6 @@ impl Header {
         self.incompatible_features & INCOMPAT_CORRUPT != 0
     }
 
-    /// Bytes per L2 entry (8, or 16 with extended L2).
-    pub fn l2_entry_size(&self) -> u64 {
-        if self.extended_l2() {
-            16
-        } else {
-            8
-        }
-    }
-
-    /// Number of entries in one L2 table.
-    pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / self.l2_entry_size()
-    }
-
-    /// Guest bytes one L1 entry covers.
-    pub fn l1_coverage(&self) -> u64 {
-        self.l2_entries() << self.cluster_bits
-    }
-
-    /// L1 entries needed for a guest size.
-    pub fn l1_entries_for(&self, size: u64) -> u64 {
-        size.div_ceil(self.l1_coverage())
-    }
-
     /// The compat string qemu-img prints (`0.10` or `1.1`).
     pub fn compat_name(&self) -> &'static str {
         if self.version == 2 {
@@ -441,7 +417,7 @@ impl Header {
         if self.l1_size > 0 {
             table("Active L1 table", self.l1_table_offset, l1_bytes)?;
         }
-        if self.size > u64::from(self.l1_size).saturating_mul(self.l1_coverage()) {
+        if self.size > u64::from(self.l1_size).saturating_mul(self.geometry().l1_coverage()) {
             return Err(Error::corrupt(
                 "Image is too big for its L1 table (virtual size exceeds L1 coverage)",
             ));

@@ -138,6 +138,11 @@ impl Geometry {
         self.l2_entries() << self.cluster_bits
     }
 
+    /// L1 entries needed for a guest size.
+    pub fn l1_entries_for(self, size: u64) -> u64 {
+        size.div_ceil(self.l1_coverage())
+    }
+
     /// The L1 index of guest cluster `c`.
     pub fn l1_index(self, c: GuestCluster) -> usize {
         (c.0 / self.l2_entries()) as usize
