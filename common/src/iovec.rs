@@ -156,6 +156,9 @@ impl<'a> From<IoBufMut<'a>> for IoBuf<'a> {
 /// A buffer of a list: [`IoBuf`] or [`IoBufMut`].
 pub trait Segment: Copy {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The `len` bytes at `off` of this buffer (which must hold them).
     fn sub(&self, off: usize, len: usize) -> Self;
 }
