@@ -169,10 +169,10 @@ pub(crate) fn pwritev_all(file: &File, bufs: &[IoBuf<'_>], offset: u64) -> io::R
             )
         }
     })?;
-    match unwritten.is_empty() {
-        true => Ok(()),
-        false => Err(io::ErrorKind::WriteZero.into()),
+    if !unwritten.is_empty() {
+        return Err(io::ErrorKind::WriteZero.into());
     }
+    Ok(())
 }
 
 impl Storage for FileStorage {
