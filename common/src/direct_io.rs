@@ -12,6 +12,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::iovec::{self, IoBuf, IoBufMut};
+use crate::storage::{preadv_all, pwritev_all};
+
 const STRIPES: usize = 64;
 
 /// O_DIRECT I/O helper for one file.
@@ -51,19 +54,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 impl DirectIo {
     /// Learn the alignment the file needs (512 bytes, else 4096).
     pub fn new(file: &File) -> io::Result<DirectIo> {
@@ -82,9 +72,11 @@ impl DirectIo {
         })
     }
 
-    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+    /// Whether a list of buffers at `offset` can go to the file as it is.
+    fn aligned(&self, mut bufs: impl Iterator<Item = (*const u8, usize)>, offset: u64) -> bool {
         let a = self.align;
-        (ptr as usize).is_multiple_of(a) && len.is_multiple_of(a) && offset.is_multiple_of(a as u64)
+        offset.is_multiple_of(a as u64)
+            && bufs.all(|(ptr, len)| (ptr as usize).is_multiple_of(a) && len.is_multiple_of(a))
     }
 
     /// The aligned span [start, end) covering `len` bytes at `offset`.
@@ -114,47 +106,55 @@ impl DirectIo {
             .collect()
     }
 
-    /// Fill `buf` from `offset`; bytes past the end of the file read as zeroes.
-    pub fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self.aligned(buf.as_ptr(), buf.len(), offset) {
-            let n = read_full(file, buf, offset)?;
-            buf[n..].fill(0);
-            return Ok(());
+    /// Fill `bufs` from `offset`; bytes past the end of the file read as zeroes.
+    pub fn read_vectored_at(
+        &self,
+        file: &File,
+        bufs: &[IoBufMut<'_>],
+        offset: u64,
+    ) -> io::Result<()> {
+        let raw = bufs.iter().map(|b| (b.as_mut_ptr() as *const u8, b.len()));
+        if self.aligned(raw, offset) {
+            return preadv_all(file, bufs, offset);
         }
-        let (start, end) = self.span(offset, buf.len());
+        let len = iovec::total_len(bufs);
+        let (start, end) = self.span(offset, len);
         let mut bounce = AlignedBuf::new((end - start) as usize, self.align);
-        let b = bounce.as_mut_slice();
-        let n = read_full(file, &mut b[..(end - start) as usize], start)?;
-        b[n..].fill(0);
+        let b = &mut bounce.as_mut_slice()[..(end - start) as usize];
+        preadv_all(file, &[IoBufMut::from(&mut *b)], start)?;
         let at = (offset - start) as usize;
-        buf.copy_from_slice(&b[at..at + buf.len()]);
+        iovec::scatter(bufs, &b[at..at + len]);
         Ok(())
     }
 
-    /// Write all of `buf` at `offset`.
-    pub fn write_at(&self, file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-        let (start, end) = self.span(offset, buf.len());
+    /// Write all of `bufs` at `offset`.
+    pub fn write_vectored_at(
+        &self,
+        file: &File,
+        bufs: &[IoBuf<'_>],
+        offset: u64,
+    ) -> io::Result<()> {
+        let data_len = iovec::total_len(bufs);
+        let (start, end) = self.span(offset, data_len);
         let _guards = self.lock(start, end);
-        if self.aligned(buf.as_ptr(), buf.len(), offset) {
-            return file.write_all_at(buf, offset);
+        if self.aligned(bufs.iter().map(|b| (b.as_ptr(), b.len())), offset) {
+            return pwritev_all(file, bufs, offset);
         }
         let len = (end - start) as usize;
         let mut bounce = AlignedBuf::new(len, self.align);
-        let b = bounce.as_mut_slice();
+        let b = &mut bounce.as_mut_slice()[..len];
         let a = self.align;
         let at = (offset - start) as usize;
         // Blocks only partly covered keep their other bytes: read them first.
         if at != 0 {
-            let n = read_full(file, &mut b[..a], start)?;
-            b[n..a].fill(0);
+            preadv_all(file, &[IoBufMut::from(&mut b[..a])], start)?;
         }
         let tail = len - a;
-        if !(at + buf.len()).is_multiple_of(a) && (tail != 0 || at == 0) {
-            let n = read_full(file, &mut b[tail..len], start + tail as u64)?;
-            b[tail + n..len].fill(0);
+        if !(at + data_len).is_multiple_of(a) && (tail != 0 || at == 0) {
+            preadv_all(file, &[IoBufMut::from(&mut b[tail..])], start + tail as u64)?;
         }
-        b[at..at + buf.len()].copy_from_slice(buf);
-        file.write_all_at(&b[..len], start)
+        iovec::gather(bufs, &mut b[at..at + data_len]);
+        pwritev_all(file, &[IoBuf::from(&*b)], start)
     }
 }
 
@@ -183,16 +183,20 @@ mod tests {
             (4096, 4096, 3),
             (8000, 9000, 4),
         ] {
-            d.write_at(&file, &vec![v; len], off).unwrap();
+            d.write_vectored_at(&file, &[IoBuf::from(&vec![v; len][..])], off)
+                .unwrap();
             model[off as usize..off as usize + len].fill(v);
         }
         // Extending the file past its end with an unaligned tail.
-        d.write_at(&file, &[9u8; 100], 19950).unwrap();
+        d.write_vectored_at(&file, &[IoBuf::from(&[9u8; 100][..])], 19950)
+            .unwrap();
         model.resize(20050, 0);
         model[19950..20050].fill(9);
         let mut back = vec![0u8; 20050];
-        d.read_at(&file, &mut back[1..], 1).unwrap();
-        d.read_at(&file, &mut back[..1], 0).unwrap();
+        d.read_vectored_at(&file, &[IoBufMut::from(&mut back[1..])], 1)
+            .unwrap();
+        d.read_vectored_at(&file, &[IoBufMut::from(&mut back[..1])], 0)
+            .unwrap();
         assert!(back == model);
         // Concurrent single-byte writers into one block lose nothing.
         std::thread::scope(|s| {
@@ -200,14 +204,19 @@ mod tests {
                 let (d, file) = (&d, &file);
                 s.spawn(move || {
                     for i in 0..32u64 {
-                        d.write_at(file, &[t + 100], 64 + u64::from(t) * 32 + i)
-                            .unwrap();
+                        d.write_vectored_at(
+                            file,
+                            &[IoBuf::from(&[t + 100][..])],
+                            64 + u64::from(t) * 32 + i,
+                        )
+                        .unwrap();
                     }
                 });
             }
         });
         let mut blk = vec![0u8; 256];
-        d.read_at(&file, &mut blk, 64).unwrap();
+        d.read_vectored_at(&file, &[IoBufMut::from(&mut blk[..])], 64)
+            .unwrap();
         for t in 0..8usize {
             assert!(blk[t * 32..t * 32 + 32].iter().all(|&b| b == t as u8 + 100));
         }

@@ -1,8 +1,7 @@
 //! The one trait every open image implements, and the block-status types it reports.
 
-use std::io::{IoSlice, IoSliceMut};
-
 use crate::error::Result;
+use crate::iovec::{IoBuf, IoBufMut};
 
 /// What a range of guest data is, as reported by [`BlockDriver::block_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,34 +42,22 @@ pub trait BlockDriver: Send + Sync {
     fn is_read_only(&self) -> bool;
 
     /// Read `buf.len()` bytes at `offset`. The range must lie within the image.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_vectored_at(&[buf.into()], offset)
+    }
 
     /// Write `buf` at `offset`. The range must lie within the image.
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_vectored_at(&[buf.into()], offset)
+    }
 
     /// Read into `bufs`, in order, from `offset` (a scatter read straight into the caller's
-    /// buffers). The whole range must lie within the image.
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
-        check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
-        let mut pos = offset;
-        for b in bufs {
-            self.read_at(b, pos)?;
-            pos += b.len() as u64;
-        }
-        Ok(())
-    }
+    /// buffers, which may be guest memory). The whole range must lie within the image.
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()>;
 
-    /// Write `bufs`, in order, at `offset` (a gather write from the caller's buffers). The
-    /// whole range must lie within the image.
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
-        check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
-        let mut pos = offset;
-        for b in bufs {
-            self.write_at(b, pos)?;
-            pos += b.len() as u64;
-        }
-        Ok(())
-    }
+    /// Write `bufs`, in order, at `offset` (a gather write from the caller's buffers,
+    /// which may be guest memory). The whole range must lie within the image.
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()>;
 
     /// Make `len` bytes at `offset` read as zeroes. With `may_unmap` the format may
     /// release the storage behind them.

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::iovec::{IoBufMut, Segment};
 use crate::storage::Storage;
 
 /// Allocation granularity of [`MemStorage`] (what `next_data` and `allocated_size` see).
@@ -92,6 +93,22 @@ impl Storage for MemStorage {
             let n = (len - offset).min(buf.len() as u64) as usize;
             let o = offset as usize;
             buf[..n].copy_from_slice(&inner.data[o..o + n]);
+        }
+        Ok(())
+    }
+
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
+        let inner = lock(&self.inner);
+        let mut pos = offset;
+        for b in bufs {
+            let n = (inner.data.len() as u64)
+                .saturating_sub(pos)
+                .min(b.len() as u64) as usize;
+            let o = pos as usize;
+            b.sub(0, n)
+                .copy_from(&inner.data[o.min(inner.data.len())..][..n]);
+            b.sub(n, b.len() - n).zero();
+            pos += b.len() as u64;
         }
         Ok(())
     }
@@ -426,6 +443,10 @@ impl FaultStorage {
 impl Storage for FaultStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
+        self.inner.read_vectored_at(bufs, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

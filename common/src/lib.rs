@@ -15,6 +15,7 @@ pub mod storage;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};
+pub use iovec::{IoBuf, IoBufMut};
 pub mod open;
 pub mod option_list;
 pub mod prealloc;

@@ -1,10 +1,10 @@
 //! The raw format: guest offset = file offset, sparse-aware.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
 
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
+use crate::iovec::{IoBuf, IoBufMut};
 use crate::lock;
 use crate::storage::{FileStorage, Storage};
 
@@ -92,7 +92,7 @@ impl RawImage {
     /// Only data writes need this: zeroing bytes can never create the qcow2 magic or
     /// raise the version field, so write_zeroes and discard are not checked (nor are they
     /// in QEMU).
-    fn guarded<F>(&self, bufs: &[IoSlice<'_>], offset: u64, write: F) -> Result<()>
+    fn guarded<F>(&self, bufs: &[IoBuf<'_>], offset: u64, write: F) -> Result<()>
     where
         F: FnOnce() -> Result<()>,
     {
@@ -160,22 +160,14 @@ impl BlockDriver for RawImage {
         self.read_only
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_vectored_at(&mut [IoSliceMut::new(buf)], offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_vectored_at(&[IoSlice::new(buf)], offset)
-    }
-
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
         self.storage
             .read_vectored_at(bufs, offset)
             .map_err(|e| Error::io("Failed to read", e))
     }
 
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         self.check_write(offset, crate::iovec::total_len(bufs) as u64)?;
         self.guarded(bufs, offset, || {
             self.storage
@@ -586,8 +578,7 @@ mod tests {
         // The same header assembled from scattered pieces of a vectored write.
         let h = qcow2_start();
         let pieces = [&h[..2], &[][..], &h[2..6], &h[6..]];
-        let bufs: Vec<std::io::IoSlice<'_>> =
-            pieces.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let bufs: Vec<crate::IoBuf<'_>> = pieces.iter().map(|&p| p.into()).collect();
         refused(img.write_vectored_at(&bufs, 0));
         // Nothing refused reached the storage.
         let c = f.content().unwrap();

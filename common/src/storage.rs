@@ -3,9 +3,10 @@
 //! Production uses [`FileStorage`]; tests put a fault-injecting or recording storage here.
 
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::os::unix::io::AsRawFd;
+
+use crate::iovec::{self, IoBuf, IoBufMut, Segment};
 
 /// Positional byte storage. All methods take `&self` and are safe to call concurrently.
 pub trait Storage: Send + Sync {
@@ -13,14 +14,31 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write all of `buf` at `offset`, growing the storage if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Fill `bufs`, in order, from `offset` (bytes past the end read as zeroes). The list
-    /// itself may be left advanced; only the memory it points to matters.
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        read_each(self, bufs, offset)
+    /// Fill `bufs`, in order, from `offset` (bytes past the end read as zeroes). By default
+    /// one `read_at` per buffer, through a bounce buffer.
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
+        let mut bounce = Vec::new();
+        let mut pos = offset;
+        for b in bufs {
+            bounce.resize(b.len(), 0);
+            self.read_at(&mut bounce, pos)?;
+            b.copy_from(&bounce);
+            pos += b.len() as u64;
+        }
+        Ok(())
     }
-    /// Write all of `bufs`, in order, at `offset`.
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        write_each(self, bufs, offset)
+    /// Write all of `bufs`, in order, at `offset`. By default one `write_at` per buffer,
+    /// through a bounce buffer.
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        let mut bounce = Vec::new();
+        let mut pos = offset;
+        for b in bufs {
+            bounce.resize(b.len(), 0);
+            b.copy_to(&mut bounce);
+            self.write_at(&bounce, pos)?;
+            pos += b.len() as u64;
+        }
+        Ok(())
     }
     /// Make all completed writes durable.
     fn flush(&self) -> io::Result<()>;
@@ -41,30 +59,6 @@ pub trait Storage: Send + Sync {
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>>;
     /// Bytes actually allocated on the host.
     fn allocated_size(&self) -> io::Result<u64>;
-}
-
-/// A vectored read as one `read_at` per buffer.
-fn read_each<S: Storage + ?Sized>(
-    s: &S,
-    bufs: &mut [IoSliceMut<'_>],
-    offset: u64,
-) -> io::Result<()> {
-    let mut pos = offset;
-    for b in bufs {
-        s.read_at(b, pos)?;
-        pos += b.len() as u64;
-    }
-    Ok(())
-}
-
-/// A vectored write as one `write_at` per buffer.
-fn write_each<S: Storage + ?Sized>(s: &S, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-    let mut pos = offset;
-    for b in bufs {
-        s.write_at(b, pos)?;
-        pos += b.len() as u64;
-    }
-    Ok(())
 }
 
 /// A [`Storage`] on an open file.
@@ -95,9 +89,6 @@ impl FileStorage {
     }
 }
 
-/// Most buffers one preadv/pwritev takes (Linux's UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
-
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -106,110 +97,105 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Most buffers one preadv/pwritev takes (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Call `op` (one preadv or pwritev of a list at an offset, returning the bytes moved)
+/// until all of `bufs` has moved or `op` moves nothing; returns what had not moved then.
+/// Only a partial transfer copies the list (to advance it), so the usual single call
+/// allocates nothing.
+fn transfer<B: Segment>(
+    bufs: &[B],
+    offset: u64,
+    op: impl Fn(&[B], u64) -> libc::ssize_t,
+) -> io::Result<Vec<B>> {
+    let mut left = iovec::total_len(bufs);
+    let mut rest = bufs;
+    let mut advanced: Vec<B>;
+    let mut pos = offset;
+    while left > 0 {
+        let r = op(&rest[..rest.len().min(IOV_MAX)], pos);
+        if r == 0 {
+            return Ok(rest.to_vec());
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = r as usize;
+        (pos, left) = (pos + n as u64, left - n);
+        if left > 0 {
+            let mut f = iovec::Front::new(rest);
+            f.take(n);
+            advanced = f.take(left);
+            rest = &advanced;
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Fill `bufs` from `offset` of `file` with preadv; bytes past the end read as zeroes.
+pub(crate) fn preadv_all(file: &File, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
+    let past_end = transfer(bufs, offset, |l, pos| {
+        // SAFETY: IoBufMut has the layout of iovec, and its contract makes each of the
+        // entries writable memory for the duration of the call.
+        unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                l.as_ptr() as *const libc::iovec,
+                l.len() as libc::c_int,
+                pos as libc::off_t,
+            )
+        }
+    })?;
+    iovec::zero(&past_end);
+    Ok(())
+}
+
+/// Write all of `bufs` at `offset` of `file` with pwritev.
+pub(crate) fn pwritev_all(file: &File, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+    let unwritten = transfer(bufs, offset, |l, pos| {
+        // SAFETY: IoBuf has the layout of iovec, and its contract makes each of the
+        // entries readable memory for the duration of the call.
+        unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                l.as_ptr() as *const libc::iovec,
+                l.len() as libc::c_int,
+                pos as libc::off_t,
+            )
+        }
+    })?;
+    if !unwritten.is_empty() {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    Ok(())
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct {
-            return d.read_at(&self.file, buf, offset);
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        self.read_vectored_at(&[buf.into()], offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_vectored_at(&[buf.into()], offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
         match &self.direct {
-            Some(d) => d.write_at(&self.file, buf, offset),
-            None => self.file.write_all_at(buf, offset),
+            Some(d) => d.read_vectored_at(&self.file, bufs, offset),
+            None => preadv_all(&self.file, bufs, offset),
         }
     }
 
-    fn read_vectored_at(&self, mut bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        if self.direct.is_some() {
-            // O_DIRECT needs aligned buffers: one aligned transfer per buffer.
-            return read_each(self, bufs, offset);
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(d) => d.write_vectored_at(&self.file, bufs, offset),
+            None => pwritev_all(&self.file, bufs, offset),
         }
-        let mut pos = offset;
-        IoSliceMut::advance_slices(&mut bufs, 0);
-        while !bufs.is_empty() {
-            let n = bufs.len().min(IOV_MAX);
-            // SAFETY: IoSliceMut is ABI-compatible with iovec; the n entries are valid
-            // writable buffers for the duration of the call.
-            let r = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    bufs.as_ptr() as *const libc::iovec,
-                    n as libc::c_int,
-                    pos as libc::off_t,
-                )
-            };
-            match r {
-                0 => {
-                    crate::iovec::zero(bufs);
-                    break;
-                }
-                n if n > 0 => {
-                    pos += n as u64;
-                    IoSliceMut::advance_slices(&mut bufs, n as usize);
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
-        if self.direct.is_some() || bufs.len() == 1 {
-            // O_DIRECT needs aligned buffers: one aligned transfer per buffer. A single
-            // buffer needs no copy of the list to advance (the engine's plain writes).
-            return write_each(self, bufs, offset);
-        }
-        // The list is advanced in a private copy: the caller's stays as it was.
-        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
-        let mut rest: &mut [IoSlice<'_>] = &mut owned;
-        IoSlice::advance_slices(&mut rest, 0);
-        let mut pos = offset;
-        while !rest.is_empty() {
-            let n = rest.len().min(IOV_MAX);
-            // SAFETY: IoSlice is ABI-compatible with iovec; the n entries are valid
-            // readable buffers for the duration of the call.
-            let r = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    rest.as_ptr() as *const libc::iovec,
-                    n as libc::c_int,
-                    pos as libc::off_t,
-                )
-            };
-            match r {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n if n > 0 => {
-                    pos += n as u64;
-                    IoSlice::advance_slices(&mut rest, n as usize);
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -412,17 +398,16 @@ mod tests {
             };
             // 1500 pieces of 4 bytes (plus empty ones) at offset 4096: more than IOV_MAX.
             let data: Vec<u8> = (0..6000u32).map(|i| (i * 7 + 3) as u8).collect();
-            let mut bufs: Vec<IoSlice<'_>> = data.chunks(4).map(IoSlice::new).collect();
-            bufs.insert(10, IoSlice::new(&[]));
+            let mut bufs: Vec<IoBuf<'_>> = data.chunks(4).map(IoBuf::from).collect();
+            bufs.insert(10, IoBuf::from(&[][..]));
             st.write_vectored_at(&bufs, 4096).unwrap();
             let mut plain = vec![0u8; 6000];
             st.read_at(&mut plain, 4096).unwrap();
             assert_eq!(plain, data);
             // Read back across the end of the file (4096 + 6000 < 12288): zeroes there.
             let mut back = vec![0xffu8; 8192];
-            let mut parts: Vec<IoSliceMut<'_>> = back.chunks_mut(3).map(IoSliceMut::new).collect();
-            st.read_vectored_at(&mut parts, 4096).unwrap();
-            drop(parts);
+            let parts: Vec<IoBufMut<'_>> = back.chunks_mut(3).map(IoBufMut::from).collect();
+            st.read_vectored_at(&parts, 4096).unwrap();
             assert_eq!(&back[..6000], &data[..]);
             assert!(back[6000..].iter().all(|&b| b == 0));
         }
@@ -435,13 +420,15 @@ mod tests {
         let st = FileStorage::new(File::open(dir.path()).unwrap());
         let mut b = [0u8; 8];
         let e = st
-            .read_vectored_at(&mut [IoSliceMut::new(&mut b)], 0)
+            .read_vectored_at(&[IoBufMut::from(&mut b[..])], 0)
             .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "{e}");
         let p = dir.path().join("ro");
         std::fs::write(&p, b"data").unwrap();
         let st = FileStorage::new(File::open(&p).unwrap());
-        let e = st.write_vectored_at(&[IoSlice::new(b"x")], 0).unwrap_err();
+        let e = st
+            .write_vectored_at(&[IoBuf::from(&b"x"[..])], 0)
+            .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
     }
 

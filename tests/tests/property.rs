@@ -219,7 +219,7 @@ fn write_split(
     let mut bufs = Vec::new();
     for n in pieces(split, buf.len() as u64) {
         let (a, b) = rest.split_at(n);
-        bufs.push(std::io::IoSlice::new(a));
+        bufs.push(common::IoBuf::from(a));
         rest = b;
     }
     d.write_vectored_at(&bufs, off)
@@ -240,10 +240,10 @@ fn read_split(
     let mut bufs = Vec::new();
     for n in pieces(split, len) {
         let (a, b) = std::mem::take(&mut rest).split_at_mut(n);
-        bufs.push(std::io::IoSliceMut::new(a));
+        bufs.push(common::IoBufMut::from(a));
         rest = b;
     }
-    d.read_vectored_at(&mut bufs, off)
+    d.read_vectored_at(&bufs, off)
 }
 
 fn fill_buf(fill: u64, len: u64) -> Vec<u8> {

@@ -1,14 +1,13 @@
 //! Opening `--drive` images as [`BlockDriver`]s: `snapshot=on` puts a temporary qcow2
 //! overlay on top (QEMU's `-snapshot`), `cache=unsafe` a flush-ignoring layer.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use common::open::{open_image, probe_format, Format, OpenOptions};
 use common::qcow2::create::Qcow2CreateOptions;
 use common::qcow2::Qcow2Image;
-use common::{Allocation, BlockDriver, BlockStatus, Error, Result};
+use common::{Allocation, BlockDriver, BlockStatus, Error, IoBuf, IoBufMut, Result};
 
 use crate::config::{CacheMode, DriveConfig, DriveFormat};
 
@@ -103,16 +102,10 @@ impl BlockDriver for NoFlush {
     fn is_read_only(&self) -> bool {
         self.0.is_read_only()
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         self.0.read_vectored_at(bufs, offset)
     }
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         self.0.write_vectored_at(bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -160,19 +153,21 @@ impl BlockDriver for MemDisk {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        common::driver::check_range(offset, buf.len() as u64, self.size())?;
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        let len = common::iovec::total_len(bufs);
+        common::driver::check_range(offset, len as u64, self.size())?;
         let d = self.data.read().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        common::iovec::scatter(bufs, &d[offset as usize..offset as usize + len]);
         Ok(())
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        common::driver::check_range(offset, buf.len() as u64, self.size())?;
+        let len = common::iovec::total_len(bufs);
+        common::driver::check_range(offset, len as u64, self.size())?;
         let mut d = self.data.write().unwrap();
-        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        common::iovec::gather(bufs, &mut d[offset as usize..offset as usize + len]);
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {

@@ -1,8 +1,6 @@
 //! Compressed clusters: reading one back, and writing a whole guest cluster compressed,
 //! packed byte by byte after the previous compressed cluster (see `Meta::alloc_bytes`).
 
-use std::io::IoSlice;
-
 use super::compress;
 use super::entry::{CompressedRun, L2Entry};
 use super::header::CompressionType;
@@ -51,7 +49,7 @@ impl Qcow2Image {
         let mut cluster = data.to_vec();
         cluster.resize(cs as usize, 0);
         let Some(packed) = compress::compress(kind, &cluster)? else {
-            return self.write_impl(&[IoSlice::new(data)], offset);
+            return self.write_impl(&[data.into()], offset);
         };
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let gc = g.guest_cluster(GuestOffset(offset));

@@ -23,12 +23,12 @@ mod walker;
 mod write;
 mod zero;
 
-use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
+use crate::iovec::{IoBuf, IoBufMut};
 use crate::open::{open_in_chain, resolve_backing_path, Format, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 use header::Header;
@@ -268,21 +268,13 @@ impl BlockDriver for Qcow2Image {
         self.read_only
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_vectored_at(&mut [IoSliceMut::new(buf)], offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.write_vectored_at(&[IoSlice::new(buf)], offset)
-    }
-
-    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
         self.check_own_data()?;
         self.read_impl(bufs, offset)
     }
 
-    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }

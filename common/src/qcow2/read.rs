@@ -1,7 +1,6 @@
 //! The guest read path of a qcow2 image, and block status: both map a run of guest bytes
 //! that behave alike, holding the metadata lock only for the lookup.
 
-use std::io::IoSliceMut;
 use std::sync::Arc;
 
 use super::entry::{CompressedRun, HostOffset, Kind};
@@ -11,7 +10,7 @@ use super::units::{Geometry, GuestOffset};
 use super::Qcow2Image;
 use crate::driver::{Allocation, BlockStatus};
 use crate::error::{io, Result};
-use crate::iovec;
+use crate::iovec::{self, IoBufMut};
 
 /// A run of guest bytes that map alike.
 struct Run {
@@ -76,17 +75,17 @@ impl Qcow2Image {
 
     /// Read guest bytes at `pos` that this layer does not have: from the backing file
     /// (zeroes past its end), or zeroes without one.
-    pub(super) fn read_backing(&self, bufs: &mut [IoSliceMut<'_>], pos: u64) -> Result<()> {
+    pub(super) fn read_backing(&self, bufs: &[IoBufMut<'_>], pos: u64) -> Result<()> {
         let len = iovec::total_len(bufs);
         let avail = match &self.backing {
             Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
             None => 0,
         };
-        let mut front = iovec::FrontMut::new(bufs);
+        let mut front = iovec::Front::new(bufs);
         if let (Some(b), true) = (&self.backing, avail > 0) {
-            b.read_vectored_at(&mut front.take(avail), pos)?;
+            b.read_vectored_at(&front.take(avail), pos)?;
         }
-        iovec::zero(&mut front.take(len - avail));
+        iovec::zero(&front.take(len - avail));
         Ok(())
     }
 
@@ -115,10 +114,10 @@ impl Qcow2Image {
         Ok(data)
     }
 
-    pub(super) fn read_impl(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+    pub(super) fn read_impl(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
-        let mut front = iovec::FrontMut::new(bufs);
+        let mut front = iovec::Front::new(bufs);
         while front.remaining() > 0 {
             let want = front.remaining() as u64;
             let pos = offset + (total as u64 - want);
@@ -130,18 +129,18 @@ impl Qcow2Image {
                     m.h.compression_type,
                 )
             };
-            let mut part = front.take(run.len as usize);
+            let part = front.take(run.len as usize);
             match run.kind {
-                Kind::Unallocated => self.read_backing(&mut part, pos)?,
-                Kind::Zero { .. } => iovec::zero(&mut part),
+                Kind::Unallocated => self.read_backing(&part, pos)?,
+                Kind::Zero { .. } => iovec::zero(&part),
                 Kind::Data { host } => io(
                     "Could not read image data",
-                    self.storage.read_vectored_at(&mut part, host.0),
+                    self.storage.read_vectored_at(&part, host.0),
                 )?,
                 Kind::Compressed(c) => {
                     let cluster = self.decompressed(c, g, compression)?;
                     let at = g.in_cluster(GuestOffset(pos)) as usize;
-                    iovec::scatter(&mut part, &cluster[at..at + run.len as usize]);
+                    iovec::scatter(&part, &cluster[at..at + run.len as usize]);
                 }
             }
         }

@@ -5,7 +5,6 @@
 //! it, then takes the lock again to point the L2 entries at the new clusters. Other
 //! requests for guest clusters in flight wait until the mapping is settled.
 
-use std::io::IoSlice;
 use std::sync::MutexGuard;
 
 use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
@@ -13,7 +12,7 @@ use super::meta::Meta;
 use super::units::{ClusterCount, GuestCluster, GuestOffset};
 use super::Qcow2Image;
 use crate::error::{io, Result};
-use crate::iovec;
+use crate::iovec::{self, IoBuf, IoBufMut};
 
 /// Largest run of whole clusters one allocating write takes at once.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -56,7 +55,7 @@ impl Qcow2Image {
         self.alloc_done.notify_all();
     }
 
-    pub(super) fn write_impl(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+    pub(super) fn write_impl(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let total = iovec::total_len(bufs);
         let mut front = iovec::Front::new(bufs);
@@ -143,7 +142,7 @@ impl Qcow2Image {
         &self,
         mut m: MutexGuard<'_, Meta>,
         pos: u64,
-        data: &mut iovec::Front<'_, '_>,
+        data: &mut iovec::Front<'_, IoBuf<'_>>,
     ) -> Result<()> {
         let g = m.geo();
         let cs = g.cluster_size();
@@ -281,7 +280,7 @@ impl Qcow2Image {
     }
 
     /// Carry out a planned copy-on-write without the lock, then commit the mapping.
-    fn run_cow(&self, plan: CowPlan, data: &[IoSlice<'_>], pos: u64) -> Result<()> {
+    fn run_cow(&self, plan: CowPlan, data: &[IoBuf<'_>], pos: u64) -> Result<()> {
         let written = self.fill_and_write(&plan, data, pos);
         let mut m = self.meta();
         let mut result = written;
@@ -295,7 +294,7 @@ impl Qcow2Image {
         result
     }
 
-    fn fill_and_write(&self, plan: &CowPlan, data: &[IoSlice<'_>], pos: u64) -> Result<()> {
+    fn fill_and_write(&self, plan: &CowPlan, data: &[IoBuf<'_>], pos: u64) -> Result<()> {
         let (g, compression) = {
             let m = self.meta();
             (m.geo(), m.h.compression_type)
@@ -305,9 +304,7 @@ impl Qcow2Image {
         for &(at, len, src) in &plan.fills {
             let dst = &mut buf[at..at + len];
             match src {
-                Source::Backing(guest) => {
-                    self.read_backing(&mut [std::io::IoSliceMut::new(dst)], guest)?
-                }
+                Source::Backing(guest) => self.read_backing(&[IoBufMut::from(dst)], guest)?,
                 Source::Zero => dst.fill(0),
                 Source::Host(host) => {
                     io("Could not read image data", self.storage.read_at(dst, host))?

@@ -31,7 +31,7 @@ impl Qcow2Image {
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64);
-            self.write_impl(&[std::io::IoSlice::new(&zeros[..n as usize])], pos)?;
+            self.write_impl(&[zeros[..n as usize].into()], pos)?;
             pos += n;
         }
         Ok(())

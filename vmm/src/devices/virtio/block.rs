@@ -1,11 +1,10 @@
 //! virtio-blk: request parsing and execution against a [`BlockDriver`], on an I/O thread.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use common::BlockDriver;
+use common::{BlockDriver, IoBuf, IoBufMut};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -295,16 +294,7 @@ impl Worker {
                 let Some(runs) = w.host_runs() else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut bufs: Vec<IoSliceMut<'_>> = runs
-                    .iter()
-                    // SAFETY: `host_runs` checked that [ptr, ptr+n) lies inside one mapped
-                    // guest memory region, which outlives this request. The guest may
-                    // touch the bytes concurrently; they are plain data to us.
-                    .map(|&(ptr, n)| {
-                        IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
-                    })
-                    .collect();
-                if self.disk.read_vectored_at(&mut bufs, off).is_err() {
+                if self.disk.read_vectored_at(&runs, off).is_err() {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 (VIRTIO_BLK_S_OK, len.min(u32::MAX as u64) as u32)
@@ -320,11 +310,8 @@ impl Worker {
                 let Some(runs) = r.host_runs() else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                let bufs: Vec<IoSlice<'_>> = runs
-                    .iter()
-                    // SAFETY: as for reads above; the memory is only read.
-                    .map(|&(ptr, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, n) }))
-                    .collect();
+                // Reuses the list's allocation: the two types have one layout.
+                let bufs: Vec<IoBuf<'_>> = runs.into_iter().map(IoBuf::from).collect();
                 if self.disk.write_vectored_at(&bufs, off).is_err() {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
@@ -417,11 +404,12 @@ impl<'a> Cursor<'a> {
         total - self.off as u64
     }
 
-    /// The remaining buffers as host-contiguous runs (pointer, length), if every buffer lies
-    /// within one guest memory region.
-    fn host_runs(&self) -> Option<Vec<(*mut u8, usize)>> {
+    /// The remaining buffers as host-contiguous runs of guest memory, if every buffer lies
+    /// within one guest memory region. No reference to the memory is formed: the guest may
+    /// change it while the engine reads or writes it.
+    fn host_runs(&self) -> Option<Vec<IoBufMut<'a>>> {
         use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-        let mut runs: Vec<(*mut u8, usize)> = Vec::new();
+        let mut runs: Vec<IoBufMut<'a>> = Vec::new();
         for (i, d) in self.descs.iter().enumerate().skip(self.idx) {
             let skip = if i == self.idx { self.off } else { 0 };
             let len = (d.len - skip) as usize;
@@ -435,10 +423,18 @@ impl<'a> Cursor<'a> {
                 return None;
             }
             let ptr = r.get_host_address(MemoryRegionAddress(off)).ok()?;
-            match runs.last_mut() {
-                Some((p, n)) if p.wrapping_add(*n) == ptr => *n += len,
-                _ => runs.push((ptr, len)),
-            }
+            let (start, len) = match runs.last().copied() {
+                Some(l) if l.as_mut_ptr().wrapping_add(l.len()) == ptr => {
+                    runs.pop();
+                    (l.as_mut_ptr(), l.len() + len)
+                }
+                _ => (ptr, len),
+            };
+            // SAFETY: [ptr, ptr + len) was just checked to lie inside a mapped region of
+            // guest memory (a run it extends lies right before it, inside mapped memory
+            // too), and `self.mem` keeps every region mapped for 'a. The guest may access
+            // the bytes concurrently, which IoBufMut's contract allows.
+            runs.push(unsafe { IoBufMut::new(start, len) });
         }
         Some(runs)
     }
