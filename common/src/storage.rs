@@ -114,8 +114,14 @@ fn transfer<B: Segment>(
     let mut advanced: Vec<B>;
     let mut pos = offset;
     while left > 0 {
-        let r = op(&rest[..rest.len().min(IOV_MAX)], pos);
+        let chunk = &rest[..rest.len().min(IOV_MAX)];
+        let r = op(chunk, pos);
         if r == 0 {
+            if iovec::total_len(chunk) == 0 {
+                // A run of empty buffers moves nothing without being the end of the file.
+                rest = &rest[chunk.len()..];
+                continue;
+            }
             return Ok(rest.to_vec());
         }
         if r < 0 {
@@ -411,6 +417,35 @@ mod tests {
             assert_eq!(&back[..6000], &data[..]);
             assert!(back[6000..].iter().all(|&b| b == 0));
         }
+    }
+
+    /// More than IOV_MAX empty buffers before the data: the empty run is not taken for the
+    /// end of the file, in either direction.
+    #[test]
+    fn a_long_run_of_empty_buffers_is_not_end_of_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e");
+        std::fs::write(&p, [7u8; 512]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let st = FileStorage::new(f);
+        let mut got = [0u8; 16];
+        let mut parts: Vec<IoBufMut<'_>> = (0..IOV_MAX + 100)
+            .map(|_| IoBufMut::from(&mut [][..]))
+            .collect();
+        parts.push(IoBufMut::from(&mut got[..]));
+        st.read_vectored_at(&parts, 100).unwrap();
+        assert_eq!(got, [7u8; 16]);
+        let data = [9u8; 16];
+        let mut out: Vec<IoBuf<'_>> = (0..IOV_MAX + 100).map(|_| IoBuf::from(&[][..])).collect();
+        out.push(IoBuf::from(&data[..]));
+        st.write_vectored_at(&out, 200).unwrap();
+        let mut back = [0u8; 16];
+        st.read_at(&mut back, 200).unwrap();
+        assert_eq!(back, data);
     }
 
     /// A failing preadv/pwritev is reported, not retried forever or taken as end of file.
