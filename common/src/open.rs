@@ -151,8 +151,8 @@ impl Chain {
     }
 
     /// Open every layer below `top` (which was opened from `path`) and attach each to the
-    /// one above it. Errors of a lower layer read "Could not open backing file: ..." and
-    /// keep their kind.
+    /// one above it. Errors of a layer at depth N read "Could not open backing file: "
+    /// N times before its own message, as QEMU's do, and keep their kind.
     pub(crate) fn attach_below(
         &mut self,
         top: Image,
@@ -176,7 +176,10 @@ impl Chain {
                     let read_only = opts.writable_backing != Some(depth);
                     self.open_layer(&below, format, read_only, opts)
                 })
-                .map_err(|e| e.context("Could not open backing file"))?;
+                .map_err(|e| {
+                    // Like QEMU, which prepends this once per layer it recursed through.
+                    (0..depth).fold(e, |e, _| e.context("Could not open backing file"))
+                })?;
             layers.push(layer);
             path = below;
         }
