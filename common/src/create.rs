@@ -140,3 +140,108 @@ pub fn create_and_open(path: &Path, opts: &Qcow2CreateOptions) -> Result<Image> 
     let top = Image::Qcow2(Qcow2Image::create_and_open(path, opts)?);
     Chain::starting_at(path)?.attach_below(top, path, &OpenOptions::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// `-o` values as a front end would have typed them.
+    #[derive(Default)]
+    struct Values(HashMap<&'static str, &'static str>);
+
+    impl OptionValues for Values {
+        fn text(&self, name: &str) -> Option<&str> {
+            self.0.get(name).copied()
+        }
+        fn flag(&self, name: &str) -> Option<bool> {
+            self.0.get(name).map(|v| *v == "on")
+        }
+        fn number(&self, name: &str) -> Option<u64> {
+            self.0.get(name).map(|v| v.parse().unwrap())
+        }
+    }
+
+    fn values(pairs: &[(&'static str, &'static str)]) -> Values {
+        Values(pairs.iter().copied().collect())
+    }
+
+    #[test]
+    fn sizes_are_rounded_and_checked_after_the_options() {
+        let Ok(CreateOptions::Qcow2(q)) =
+            CreateOptions::from_values(Format::Qcow2, &values(&[]), 5)
+        else {
+            panic!("qcow2 options expected")
+        };
+        assert_eq!(q.size, 512);
+        let raw = CreateOptions::from_values(Format::Raw, &values(&[]), 513).unwrap();
+        assert!(matches!(raw, CreateOptions::Raw { size: 1024, .. }));
+        // An option error is reported before the size error, as qemu-img does.
+        let v = values(&[("compat", "0.10"), ("lazy_refcounts", "on")]);
+        let e = CreateOptions::from_values(Format::Qcow2, &v, u64::MAX).unwrap_err();
+        assert!(
+            e.to_string().starts_with("Lazy refcounts only supported"),
+            "{e}"
+        );
+        let e = CreateOptions::from_values(Format::Qcow2, &values(&[]), u64::MAX).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Could not resize image: Image size cannot be negative"
+        );
+    }
+
+    #[test]
+    fn option_values_are_refused_with_qemu_messages() {
+        let cases: [(&[(&'static str, &'static str)], &str); 4] = [
+            (
+                &[("preallocation", "bogus")],
+                "Parameter 'preallocation' does not accept value 'bogus'",
+            ),
+            (
+                &[("refcount_bits", "4294967312")],
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ),
+            (
+                &[("data_file", "d")],
+                "External data files are not supported",
+            ),
+            (
+                &[("encryption", "on")],
+                "Parameter 'encrypt.key-secret' is required for cipher",
+            ),
+        ];
+        for (v, want) in cases {
+            let e = CreateOptions::from_values(Format::Qcow2, &values(v), 1 << 20).unwrap_err();
+            assert_eq!(e.to_string(), want);
+        }
+        let e = CreateOptions::from_values(Format::Raw, &values(&[("preallocation", "x")]), 1)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "invalid parameter value: x");
+    }
+
+    #[test]
+    fn create_and_open_attaches_the_backing_chain_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x5au8; 1 << 16]).unwrap();
+        let opts = Qcow2CreateOptions {
+            size: 1 << 16,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        };
+        let top = crate::lock::retry_while_locked(|| {
+            create_and_open(&dir.path().join("top.qcow2"), &opts)
+        })
+        .unwrap();
+        assert!(!top.driver().is_read_only());
+        assert!(top.layer(1).unwrap().is_read_only());
+        let mut b = [0u8; 4];
+        top.driver().read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [0x5a; 4]);
+        top.driver().write_at(&[1; 4], 100).unwrap();
+        top.driver().read_at(&mut b, 98).unwrap();
+        assert_eq!(b, [0x5a, 0x5a, 1, 1]);
+        assert_eq!(std::fs::read(&base).unwrap(), vec![0x5au8; 1 << 16]);
+    }
+}
