@@ -393,7 +393,7 @@ fn main() {
     let o = parse_args();
     let format = match &o.format {
         Some(f) => f.clone(),
-        None => match common::open::probe_format(&o.image) {
+        None => match common::probe::probe_file(&o.image) {
             Ok(f) => f.name().to_string(),
             Err(e) => {
                 eprintln!("bench: {e}");

@@ -75,6 +75,11 @@ pub trait BlockDriver: Send + Sync {
 
     /// Bytes the image occupies on the host (allocated blocks of its file), for `info`.
     fn allocated_file_size(&self) -> Result<u64>;
+
+    /// The opened layer below this one (its backing file), if it has one.
+    fn backing(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
 }
 
 /// Check that `len` bytes at `offset` fit in an image of `size` bytes.

@@ -1,4 +1,5 @@
-//! The engine's error type: one line of text a user can act on.
+//! The engine's error type: a kind callers can match on, and one line of text a user can act
+//! on (QEMU's wording where QEMU has one).
 
 use std::fmt;
 use std::io;
@@ -6,17 +7,40 @@ use std::io;
 /// Result alias used across the engine.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Everything the engine can fail with. `Display` is a single human-readable line.
+/// A kind of on-disk metadata structure, named by corruption errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Structure {
+    /// The image header, its extensions and the backing file name stored with it.
+    Header,
+    L1Table,
+    L2Table,
+    RefcountTable,
+    RefcountBlock,
+    SnapshotTable,
+    CompressedCluster,
+    DataCluster,
+    BitmapDirectory,
+}
+
+/// Everything the engine can fail with. `Display` is the message alone, as qemu-img prints it.
 #[derive(Debug)]
 pub enum Error {
     /// An I/O error from the storage below, with what we were doing.
     Io { context: String, source: io::Error },
     /// The image is malformed or hostile (a field out of range, a table past the end, ...).
-    Corrupt(String),
+    Corrupt {
+        /// The structure found broken, when the site knows it.
+        structure: Option<Structure>,
+        /// Host offset of that structure (or of the bad entry in it), when known.
+        offset: Option<u64>,
+        message: String,
+    },
     /// The image uses something this engine does not implement (an unknown feature, ...).
     Unsupported(String),
-    /// Another process holds a conflicting lock on the image.
+    /// Another process holds a conflicting lock on the image ("image in use").
     Locked(String),
+    /// A backing chain names a file already in it.
+    BackingLoop(String),
     /// A write was attempted on an image opened read-only (or marked corrupt).
     ReadOnly,
     /// A caller passed an argument that cannot be honoured (offset past the end, bad option).
@@ -32,14 +56,54 @@ impl Error {
         }
     }
 
-    /// Shorthand for a `Corrupt` error.
+    /// A `Corrupt` error whose structure is not named.
     pub fn corrupt(msg: impl Into<String>) -> Self {
-        Error::Corrupt(msg.into())
+        Error::Corrupt {
+            structure: None,
+            offset: None,
+            message: msg.into(),
+        }
+    }
+
+    /// A `Corrupt` error in `structure` at host `offset`.
+    pub fn corrupt_at(structure: Structure, offset: u64, msg: impl Into<String>) -> Self {
+        Error::Corrupt {
+            structure: Some(structure),
+            offset: Some(offset),
+            message: msg.into(),
+        }
     }
 
     /// Shorthand for an `InvalidArgument` error.
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
+    }
+
+    /// The same error, its message prefixed with `what` and `": "` (QEMU's
+    /// `error_prepend`). The kind is kept: a lock conflict stays [`Error::Locked`].
+    /// [`Error::ReadOnly`] has a fixed message and comes back unchanged.
+    pub fn context(self, what: &str) -> Self {
+        let pre = |m: String| format!("{what}: {m}");
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: pre(context),
+                source,
+            },
+            Error::Corrupt {
+                structure,
+                offset,
+                message,
+            } => Error::Corrupt {
+                structure,
+                offset,
+                message: pre(message),
+            },
+            Error::Unsupported(m) => Error::Unsupported(pre(m)),
+            Error::Locked(m) => Error::Locked(pre(m)),
+            Error::BackingLoop(m) => Error::BackingLoop(pre(m)),
+            Error::ReadOnly => Error::ReadOnly,
+            Error::InvalidArgument(m) => Error::InvalidArgument(pre(m)),
+        }
     }
 
     /// The underlying OS error number, when there is one (ENOSPC, EACCES, ...).
@@ -55,8 +119,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io { context, source } => write!(f, "{context}: {}", os_message(source)),
-            Error::Corrupt(m) | Error::Unsupported(m) | Error::Locked(m) => f.write_str(m),
-            Error::InvalidArgument(m) => f.write_str(m),
+            Error::Corrupt { message: m, .. }
+            | Error::Unsupported(m)
+            | Error::Locked(m)
+            | Error::BackingLoop(m)
+            | Error::InvalidArgument(m) => f.write_str(m),
             Error::ReadOnly => f.write_str("Image is read-only"),
         }
     }
@@ -82,5 +149,41 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_keeps_the_kind_and_prepends_the_text() {
+        let e = Error::Locked("Failed to get \"write\" lock".into()).context("Could not open x");
+        assert!(matches!(e, Error::Locked(_)));
+        assert_eq!(
+            e.to_string(),
+            "Could not open x: Failed to get \"write\" lock"
+        );
+        let e = Error::io(
+            "Could not open 'b'",
+            io::Error::from_raw_os_error(libc::ENOENT),
+        )
+        .context("Could not open backing file");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            e.to_string(),
+            "Could not open backing file: Could not open 'b': No such file or directory"
+        );
+        let e = Error::corrupt_at(Structure::L2Table, 0x30000, "bad").context("c");
+        assert!(matches!(
+            e,
+            Error::Corrupt {
+                structure: Some(Structure::L2Table),
+                offset: Some(0x30000),
+                ..
+            }
+        ));
+        assert_eq!(e.to_string(), "c: bad");
+        assert!(matches!(Error::ReadOnly.context("c"), Error::ReadOnly));
     }
 }

@@ -1,22 +1,28 @@
 //! The shared disk-image engine of `img` and `vmm`.
 //!
-//! Front ends open an image with [`open::open_image`] and move bytes through the
-//! [`driver::BlockDriver`] trait. Formats sit on the [`storage::Storage`] trait so that tests
-//! can inject failures below them.
+//! Front ends open an image with [`open::open_image`], move bytes through the
+//! [`driver::BlockDriver`] trait, and describe or create images with the format operations in
+//! [`ops`] and [`create`]. Formats sit on the [`storage::Storage`] trait so that tests can
+//! inject failures below them.
 
+pub mod backing;
+pub mod create;
 pub mod direct_io;
 pub mod driver;
 pub mod error;
 pub mod fault_storage;
+pub mod format;
 pub mod iovec;
 pub mod lock;
+pub mod open;
+pub mod ops;
+pub mod option_list;
+pub mod prealloc;
+pub mod probe;
+pub mod qcow2;
 pub mod raw;
 pub mod storage;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};
 pub use iovec::{IoBuf, IoBufMut};
-pub mod open;
-pub mod option_list;
-pub mod prealloc;
-pub mod qcow2;

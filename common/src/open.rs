@@ -1,44 +1,24 @@
-//! Opening an image by name: probe the format, take the lock, follow the backing chain.
+//! Opening an image by name, with its whole backing chain. The chain is built here, not
+//! by the formats: for every layer, open its file and take QEMU's locks, probe its format,
+//! read the backing reference the format stores, resolve it as QEMU does, refuse loops and
+//! decide read-only or read-write; then hand each layer the opened layer below it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::backing::{resolve_backing_path, BackingRef};
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
+pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
-
-/// Image formats the engine knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
-
-impl Format {
-    /// The name qemu-img uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    /// Parse a format name as given to `-f`/`-F`/`format=`.
-    pub fn from_name(name: &str) -> Result<Format> {
-        match name {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
-        }
-    }
-}
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Open without write access.
+    /// Open the image itself (depth 0) without write access.
     pub read_only: bool,
-    /// Take no exclusive lock and tolerate other writers (`-U`).
+    /// Take no exclusive lock and tolerate other writers (`-U`); read-only layers only.
     pub force_share: bool,
     /// The format, or `None` to probe it.
     pub format: Option<Format>,
@@ -46,9 +26,13 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Bypass the host page cache (O_DIRECT), for the whole chain: QEMU's `cache=none`.
     pub direct: bool,
+    /// The depth of one lower layer to open read-write too (1 is the backing file, 2 its
+    /// backing file, ...), as `qemu-img commit` needs for its base. Every other lower layer
+    /// is read-only.
+    pub writable_backing: Option<u32>,
 }
 
-/// An open image of any format.
+/// An open image of any format, with its backing chain attached.
 // One `Image` exists per open file, so the size difference of the variants is irrelevant.
 #[allow(clippy::large_enum_variant)]
 pub enum Image {
@@ -80,76 +64,145 @@ impl Image {
             Image::Qcow2(_) => Format::Qcow2,
         }
     }
-}
 
-/// Guess the format of a file from its first bytes, like QEMU (qcow2 magic, else raw).
-pub fn probe_format(path: &Path) -> Result<Format> {
-    use std::io::Read;
-    let mut f = crate::storage::open_image_file(path, true)?;
-    let mut buf = [0u8; 8];
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => return Err(Error::io(format!("Could not read '{}'", path.display()), e)),
+    /// The layer at `depth` of the chain: 0 is the image itself, 1 its backing file, ...
+    pub fn layer(&self, depth: u32) -> Option<&dyn BlockDriver> {
+        let mut layer = self.driver();
+        for _ in 0..depth {
+            layer = layer.backing()?;
+        }
+        Some(layer)
+    }
+
+    /// The backing file this layer names, as stored.
+    pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
+        match self {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => q.backing_ref(),
         }
     }
-    Ok(if crate::qcow2::header::probe(&buf[..n]) {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+
+    /// Attach the opened layer below. Only formats that name a backing file get one.
+    fn set_backing(&mut self, below: Box<dyn BlockDriver>) {
+        if let Image::Qcow2(q) = self {
+            q.set_backing(below);
+        }
+    }
 }
 
-/// Open an image by path, probing its format unless `opts.format` says it.
+/// Open an image by path, probing its format unless `opts.format` says it, and its backing
+/// chain unless `opts.no_backing`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
-    open_in_chain(path, opts, &mut Vec::new())
+    let mut chain = Chain::default();
+    let top = chain.open_layer(path, opts.format, opts.read_only, opts)?;
+    chain.attach_below(top, path, opts)
 }
 
-/// Open one layer, remembering the files already in the chain to detect loops.
-pub(crate) fn open_in_chain(
-    path: &Path,
-    opts: &OpenOptions,
-    seen: &mut Vec<PathBuf>,
-) -> Result<Image> {
-    let canonical = std::fs::canonicalize(path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
-    if seen.contains(&canonical) {
-        return Err(Error::invalid(format!(
-            "Backing file '{}' refers to itself (loop in the backing chain)",
-            path.display()
-        )));
+/// The canonical paths of the layers opened so far, to detect loops.
+#[derive(Default)]
+pub(crate) struct Chain {
+    seen: Vec<PathBuf>,
+}
+
+impl Chain {
+    /// A chain whose top layer, at `path`, is already open (a new image, say).
+    pub(crate) fn starting_at(path: &Path) -> Result<Chain> {
+        Ok(Chain {
+            seen: vec![canonical(path)?],
+        })
     }
-    seen.push(canonical);
-    let format = match opts.format {
-        Some(f) => f,
-        None => probe_format(path)?,
-    };
-    match format {
-        Format::Raw => {
-            let mut raw = RawImage::open_with(path, opts.read_only, opts.force_share, opts.direct)?;
-            if opts.format.is_none() {
-                // Like QEMU: a guest must not turn a probed raw image into another format.
-                raw.set_probed();
-            }
-            Ok(Image::Raw(raw))
+
+    /// Open one layer: its file, its lock, its format (probed when `format` is `None`).
+    fn open_layer(
+        &mut self,
+        path: &Path,
+        format: Option<Format>,
+        read_only: bool,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let canonical = canonical(path)?;
+        if self.seen.contains(&canonical) {
+            return Err(Error::BackingLoop(format!(
+                "Backing file '{}' refers to itself (loop in the backing chain)",
+                path.display()
+            )));
         }
-        Format::Qcow2 => Ok(Image::Qcow2(Qcow2Image::open_in_chain(path, opts, seen)?)),
+        self.seen.push(canonical);
+        // Never blocks on a FIFO; refuses anything but a regular file or a block device.
+        let storage = crate::storage::open_image_storage(path, read_only, opts.direct)?;
+        crate::lock::lock_image(storage.file(), path, read_only, opts.force_share)?;
+        let probed = format.is_none();
+        let format = match format {
+            Some(f) => f,
+            None => crate::probe::probe_storage(&storage)
+                .map_err(|e| Error::io("Could not read image for determining its format", e))?,
+        };
+        Ok(match format {
+            Format::Raw => {
+                let mut raw = RawImage::from_storage(Box::new(storage), read_only)?;
+                if probed {
+                    // Like QEMU: a guest must not turn a probed raw image into another format.
+                    raw.set_probed();
+                }
+                Image::Raw(raw)
+            }
+            Format::Qcow2 => Image::Qcow2(Qcow2Image::open(Arc::new(storage), read_only)?),
+        })
+    }
+
+    /// Open every layer below `top` (which was opened from `path`) and attach each to the
+    /// one above it. Errors of a layer at depth N read "Could not open backing file: "
+    /// N times before its own message, as QEMU's do, and keep their kind.
+    pub(crate) fn attach_below(
+        &mut self,
+        top: Image,
+        path: &Path,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let mut layers = vec![top];
+        let mut path = path.to_path_buf();
+        while let Some(r) = layers.last().and_then(Image::backing_ref) {
+            if opts.no_backing {
+                break;
+            }
+            let depth = layers.len() as u32;
+            let below = resolve_backing_path(&path, &r.name);
+            let layer = r
+                .format
+                .as_deref()
+                .map(Format::from_name)
+                .transpose()
+                .and_then(|format| {
+                    let read_only = opts.writable_backing != Some(depth);
+                    self.open_layer(&below, format, read_only, opts)
+                })
+                .map_err(|e| {
+                    // Like QEMU, which prepends this once per layer it recursed through.
+                    (0..depth).fold(e, |e, _| e.context("Could not open backing file"))
+                })?;
+            layers.push(layer);
+            path = below;
+        }
+        if let Some(d) = opts.writable_backing {
+            if d == 0 || d as usize >= layers.len() {
+                return Err(Error::invalid(format!(
+                    "The backing chain has no layer at depth {d}"
+                )));
+            }
+        }
+        let mut image = layers.pop().expect("the chain has its top layer");
+        while let Some(mut above) = layers.pop() {
+            above.set_backing(image.into_driver());
+            image = above;
+        }
+        Ok(image)
     }
 }
 
-/// Resolve a backing file name stored in `overlay` the way QEMU does: absolute names stay,
-/// relative names are relative to the overlay's directory.
-pub fn resolve_backing_path(overlay: &Path, backing: &str) -> PathBuf {
-    let b = Path::new(backing);
-    if b.is_absolute() {
-        return b.to_path_buf();
-    }
-    match overlay.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
-        _ => b.to_path_buf(),
-    }
+/// The path with every symbolic link resolved, so that two names of one file compare equal.
+fn canonical(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))
 }
 
 #[cfg(test)]
@@ -177,7 +230,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("x.fifo");
         mkfifo(&f);
-        let e = probe_format(&f).unwrap_err();
+        let e = crate::probe::probe_file(&f).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -256,7 +309,7 @@ mod tests {
         assert!(e.to_string().contains("Operation not permitted"), "{e}");
         img.driver().write_at(&[0xeeu8; 512], 0).unwrap();
         drop(img);
-        assert_eq!(probe_format(&p).unwrap(), Format::Raw);
+        assert_eq!(crate::probe::probe_file(&p).unwrap(), Format::Raw);
 
         // Format given: the guest may write whatever it likes, as in QEMU.
         let opts = OpenOptions {
@@ -270,6 +323,6 @@ mod tests {
         assert!(!raw.is_probed());
         img.driver().write_at(&qcow2_start(), 0).unwrap();
         drop(img);
-        assert_eq!(probe_format(&p).unwrap(), Format::Qcow2);
+        assert_eq!(crate::probe::probe_file(&p).unwrap(), Format::Qcow2);
     }
 }

@@ -4,16 +4,15 @@ use std::path::Path;
 
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
+use crate::format::Format;
 use crate::iovec::{IoBuf, IoBufMut};
-use crate::lock;
 use crate::storage::{FileStorage, Storage};
 
 /// Chunk size used when zeroes have to be written out explicitly.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-/// How much of the start of a probed raw image is guarded against format headers
-/// (QEMU's BLOCK_PROBE_BUF_SIZE).
-const PROBE_LEN: u64 = 512;
+/// How much of the start of a probed raw image is guarded against format headers.
+const PROBE_LEN: u64 = crate::probe::PROBE_LEN as u64;
 
 /// A raw image: the guest sees the bytes of the file as they are.
 pub struct RawImage {
@@ -38,26 +37,8 @@ impl std::fmt::Debug for RawImage {
 }
 
 impl RawImage {
-    /// Open the file at `path` (read-write unless `read_only`) and lock it like QEMU does
-    /// (see [`crate::lock::lock_image`]). The size is the file length at open.
-    pub fn open(path: &Path, read_only: bool, force_share: bool) -> Result<RawImage> {
-        Self::open_with(path, read_only, force_share, false)
-    }
-
-    /// [`RawImage::open`], with `direct` bypassing the host page cache (O_DIRECT).
-    pub fn open_with(
-        path: &Path,
-        read_only: bool,
-        force_share: bool,
-        direct: bool,
-    ) -> Result<RawImage> {
-        // Never blocks on a FIFO; refuses anything but a regular file or a block device.
-        let storage = crate::storage::open_image_storage(path, read_only, direct)?;
-        lock::lock_image(storage.file(), path, read_only, force_share)?;
-        Self::from_storage(Box::new(storage), read_only)
-    }
-
-    /// Wrap an already open storage. No lock is taken.
+    /// Wrap an already open storage (the chain opener opened and locked the file). The size
+    /// is the storage length at open.
     pub fn from_storage(storage: Box<dyn Storage>, read_only: bool) -> Result<RawImage> {
         // Like QEMU, the size is counted in whole 512-byte sectors; the tail past the end
         // of the file reads as zeroes.
@@ -111,7 +92,7 @@ impl RawImage {
             &crate::iovec::Front::new(bufs).take(end - start),
             &mut first[start..end],
         );
-        if crate::qcow2::header::probe(&first) {
+        if crate::probe::probe_bytes(&first) != Format::Raw {
             return Err(Error::invalid(
                 "Refusing to write a format header to a probed raw image \
                  (Operation not permitted)",
@@ -305,6 +286,13 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// Open and lock a file the way the chain opener does for a raw layer.
+    fn open(path: &Path, read_only: bool, force_share: bool) -> Result<RawImage> {
+        let storage = crate::storage::open_image_storage(path, read_only, false)?;
+        crate::lock::lock_image(storage.file(), path, read_only, force_share)?;
+        RawImage::from_storage(Box::new(storage), read_only)
+    }
+
     fn status_runs(img: &RawImage) -> Vec<(u64, u64, Allocation)> {
         let mut v = Vec::new();
         let mut off = 0;
@@ -326,7 +314,7 @@ mod tests {
         let p = dir.path().join("a.raw");
         crate::lock::retry_while_locked(|| create_raw(&p, 4 << 20, Preallocation::Off)).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 << 20);
-        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        let img = crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
         assert_eq!(img.size(), 4 << 20);
         assert_eq!(img.format_name(), "raw");
         assert_eq!(
@@ -357,17 +345,17 @@ mod tests {
         assert!(img.read_at(&mut buf, (4 << 20) - 3).is_err());
         assert!(img.write_zeroes(u64::MAX, 2, false).is_err());
         drop(img);
-        let ro = crate::lock::retry_while_locked(|| RawImage::open(&p, true, false)).unwrap();
+        let ro = crate::lock::retry_while_locked(|| open(&p, true, false)).unwrap();
         assert!(ro.is_read_only());
         assert!(matches!(ro.write_at(b"x", 0), Err(Error::ReadOnly)));
         assert!(matches!(ro.discard(0, 4096), Err(Error::ReadOnly)));
         assert!(matches!(ro.write_zeroes(0, 1, true), Err(Error::ReadOnly)));
         // A second read-only open shares, a read-write one does not.
-        let ro2 = RawImage::open(&p, true, false).unwrap();
-        let e = RawImage::open(&p, false, false).unwrap_err();
+        let ro2 = open(&p, true, false).unwrap();
+        let e = open(&p, false, false).unwrap_err();
         assert!(matches!(e, Error::Locked(_)), "{e}");
         drop((ro, ro2));
-        crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
     }
 
     #[test]
@@ -375,7 +363,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("z.raw");
         std::fs::write(&p, vec![0xabu8; 1 << 20]).unwrap();
-        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        let img = crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
         img.write_zeroes(4096, 8192, false).unwrap();
         img.write_zeroes(65536, 65536, true).unwrap();
         img.discard(262144, 65536).unwrap();
@@ -404,7 +392,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.raw");
         crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Off)).unwrap();
-        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        let img = crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
         img.write_at(&[1u8; 65536], 512 << 10).unwrap();
         let s = img.block_status(0, 8192).unwrap();
         assert_eq!((s.len, s.allocation), (4096, Allocation::Data));
@@ -463,7 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("l.raw");
         crate::lock::retry_while_locked(|| create_raw(&p, 1 << 20, Preallocation::Off)).unwrap();
-        let img = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        let img = crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
         img.write_at(b"keep", 0).unwrap();
         let e = create_raw(&p, 1 << 20, Preallocation::Off).unwrap_err();
         assert!(matches!(e, Error::Locked(_)), "{e}");
@@ -483,7 +471,7 @@ mod tests {
             .open(&p)
             .unwrap();
         let a = RawImage::from_storage(Box::new(FileStorage::new(f)), false).unwrap();
-        let b = crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap();
+        let b = crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap();
         a.write_at(b"ab", 0).unwrap();
         let mut buf = [0u8; 2];
         b.read_at(&mut buf, 0).unwrap();
@@ -595,7 +583,10 @@ mod tests {
         let f = FaultStorage::with_content(vec![0u8; 4096]);
         let img = RawImage::from_storage(f.boxed(), false).unwrap();
         img.write_at(&qcow2_start(), 0).unwrap();
-        assert!(crate::qcow2::header::probe(&f.content().unwrap()));
+        assert_eq!(
+            crate::probe::probe_bytes(&f.content().unwrap()),
+            Format::Qcow2
+        );
     }
 
     #[test]
@@ -620,7 +611,7 @@ mod tests {
             .unwrap()
             .success());
         for ro in [true, false] {
-            let e = RawImage::open(&p, ro, false).unwrap_err();
+            let e = open(&p, ro, false).unwrap_err();
             assert!(e.to_string().contains("to be a regular file"), "{e}");
         }
     }
@@ -631,7 +622,7 @@ mod tests {
         let p = dir.path().join("t.raw");
         crate::lock::retry_while_locked(|| create_raw(&p, 8 << 20, Preallocation::Off)).unwrap();
         let img = std::sync::Arc::new(
-            crate::lock::retry_while_locked(|| RawImage::open(&p, false, false)).unwrap(),
+            crate::lock::retry_while_locked(|| open(&p, false, false)).unwrap(),
         );
         std::thread::scope(|s| {
             for t in 0..8u8 {

@@ -3,9 +3,8 @@
 use std::path::Path;
 
 use clap::Args;
+use common::create::{create, CreateOptions};
 use common::open::{Format, OpenOptions};
-use common::qcow2::create::{create_qcow2, Preallocation, Qcow2CreateOptions};
-use common::qcow2::header::CompressionType;
 
 use crate::create_opts::{
     has_help_option, help_text, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS,
@@ -172,7 +171,7 @@ fn img_create(r: &Request) -> Result<(), String> {
                     force_share: true,
                     format: bfmt,
                     no_backing: true,
-                    direct: false,
+                    ..Default::default()
                 },
             )
             .map_err(|e| e + hint)?;
@@ -204,149 +203,27 @@ fn img_create(r: &Request) -> Result<(), String> {
             opts.print_line()
         );
     }
-    let path = Path::new(r.filename);
-    match format {
-        Format::Raw => create_raw_image(path, &opts, size),
-        Format::Qcow2 => {
-            let q = qcow2_options(&opts, size)?;
-            create_qcow2(path, &q).map_err(|e| engine_msg(&e))
-        }
-    }
-}
-
-/// Sizes are rounded up to whole 512-byte sectors, as QEMU does for both formats.
-fn round_to_sector(size: u64) -> u64 {
-    size.checked_next_multiple_of(512).unwrap_or(size)
-}
-
-fn create_raw_image(path: &Path, opts: &CreateOpts, size: u64) -> Result<(), String> {
-    let prealloc = match opts.get_str("preallocation") {
-        Some(p) => common::raw::Preallocation::from_name(p).map_err(|e| engine_msg(&e))?,
-        None => common::raw::Preallocation::Off,
-    };
-    common::raw::create_raw(path, round_to_sector(size), prealloc).map_err(|e| {
-        if e.raw_os_error() == Some(libc::EFBIG) {
-            "The image size is too large for file format 'raw'".to_string()
-        } else {
-            engine_msg(&e)
-        }
-    })
-}
-
-/// Largest L1 table QEMU creates, in entries.
-const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
-
-/// Turn qcow2 `-o` options into engine options, with qemu-img's checks in its order.
-pub fn qcow2_options(opts: &CreateOpts, size: u64) -> Result<Qcow2CreateOptions, String> {
-    let mut q = Qcow2CreateOptions::default();
-    let not_accepted =
-        |param: &str, v: &str| format!("Parameter '{param}' does not accept value '{v}'");
-    if let Some(v) = opts.get_str("compat") {
-        q.version = match v {
-            "0.10" | "v2" => 2,
-            "1.1" | "v3" => 3,
-            other => return Err(not_accepted("version", other)),
-        };
-    }
-    if let Some(v) = opts.get_str("preallocation") {
-        q.preallocation = match v {
-            "off" => Preallocation::Off,
-            "metadata" => Preallocation::Metadata,
-            "falloc" => Preallocation::Falloc,
-            "full" => Preallocation::Full,
-            other => return Err(not_accepted("preallocation", other)),
-        };
-    }
-    if let Some(v) = opts.get_str("compression_type") {
-        q.compression_type = match v {
-            "zlib" => CompressionType::Zlib,
-            "zstd" => CompressionType::Zstd,
-            other => return Err(not_accepted("compression-type", other)),
-        };
-    }
-    if opts.get_bool("encryption") == Some(true) {
-        return Err("Parameter 'encrypt.key-secret' is required for cipher".into());
-    }
-    if opts.get_str("data_file").is_some() || opts.get_bool("data_file_raw") == Some(true) {
-        return Err("External data files are not supported".into());
-    }
-    let v3 = "compatibility level 1.1 and above (use version=v3 or greater)";
-    if let Some(c) = opts.get_int("cluster_size") {
-        q.cluster_size = c;
-    }
-    q.extended_l2 = opts.get_bool("extended_l2").unwrap_or(false);
-    if q.extended_l2 && q.version < 3 {
-        return Err(format!("Extended L2 entries are only supported with {v3}"));
-    }
-    let cs = q.cluster_size;
-    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err("Cluster size must be a power of two between 512 and 2048k".into());
-    }
-    if q.extended_l2 && cs < 16384 {
-        return Err(
-            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
-                .into(),
-        );
-    }
-    q.backing_file = opts.get_str("backing_file").map(str::to_string);
-    q.backing_format = opts.get_str("backing_fmt").map(str::to_string);
-    if q.backing_file.is_some() && q.preallocation != Preallocation::Off && !q.extended_l2 {
-        return Err(
-            "Backing file and preallocation can only be used at the same time if \
-                    extended_l2 is on"
-                .into(),
-        );
-    }
-    if q.backing_format.is_some() && q.backing_file.is_none() {
-        return Err("Backing format cannot be used without backing file".into());
-    }
-    q.lazy_refcounts = opts.get_bool("lazy_refcounts").unwrap_or(false);
-    if q.version < 3 && q.lazy_refcounts {
-        return Err(format!("Lazy refcounts only supported with {v3}"));
-    }
-    let bits = opts.get_int("refcount_bits").unwrap_or(16) as i64;
-    if !(1..=64).contains(&bits) || !(bits as u64).is_power_of_two() {
-        return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
-    }
-    if q.version < 3 && bits != 16 {
-        return Err(
-            "Different refcount widths than 16 bits require compatibility level 1.1 \
-                    or above (use version=v3 or greater)"
-                .into(),
-        );
-    }
-    q.refcount_bits = bits as u32;
-    if q.version < 3 && q.compression_type != CompressionType::Zlib {
-        return Err(format!(
-            "Non-zlib compression type is only supported with {v3}"
-        ));
-    }
-    if size > i64::MAX as u64 {
-        return Err("Could not resize image: Image size cannot be negative".into());
-    }
-    let size = round_to_sector(size);
-    let l2_entry = if q.extended_l2 { 16 } else { 8 };
-    let l1_coverage = (cs / l2_entry) * cs;
-    if size.div_ceil(l1_coverage) > MAX_L1_ENTRIES {
-        return Err(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                .into(),
-        );
-    }
-    q.size = size;
-    Ok(q)
+    let create_opts =
+        CreateOptions::from_values(format, &opts, size).map_err(|e| engine_msg(&e))?;
+    create(Path::new(r.filename), &create_opts).map_err(|e| engine_msg(&e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use common::create::{CompressionType, Preallocation, Qcow2CreateOptions};
+
     fn check(list: &str, size: u64) -> Result<Qcow2CreateOptions, String> {
         let mut o = CreateOpts::new(QCOW2_OPTS);
         if !list.is_empty() {
             o.parse_list(list).unwrap();
         }
-        qcow2_options(&o, size)
+        match CreateOptions::from_values(Format::Qcow2, &o, size) {
+            Ok(CreateOptions::Qcow2(q)) => Ok(q),
+            Ok(other) => panic!("qcow2 options expected, got {other:?}"),
+            Err(e) => Err(engine_msg(&e)),
+        }
     }
 
     #[test]

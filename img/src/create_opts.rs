@@ -322,6 +322,18 @@ impl CreateOpts {
     }
 }
 
+impl common::create::OptionValues for CreateOpts {
+    fn text(&self, name: &str) -> Option<&str> {
+        self.get_str(name)
+    }
+    fn flag(&self, name: &str) -> Option<bool> {
+        self.get_bool(name)
+    }
+    fn number(&self, name: &str) -> Option<u64> {
+        self.get_int(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

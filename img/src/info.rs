@@ -5,13 +5,12 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use clap::Args;
-use common::open::{Format, Image, OpenOptions};
+use common::open::{Format, OpenOptions};
+use common::ops::FormatSpecific as EngineSpecific;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
-use crate::info_format::{
-    render_human, render_json, FormatSpecific, NodeInfo, Qcow2Specific, SnapshotInfo,
-};
+use crate::info_format::{render_human, render_json, FormatSpecific, NodeInfo};
 use crate::paths::path_combine;
 
 /// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
@@ -120,7 +119,7 @@ pub fn image_info(
             force_share,
             format,
             no_backing: true,
-            direct: false,
+            ..Default::default()
         },
     )
     .map_err(open_err)?;
@@ -139,41 +138,18 @@ pub fn image_info(
     let virtual_size = driver.size().next_multiple_of(512);
     let mut node = NodeInfo::new(filename, driver.format_name(), virtual_size);
     node.actual_size = actual_size;
-    if let Image::Qcow2(q) = &image {
-        let h = q.header();
-        node.cluster_size = Some(h.cluster_size());
-        node.dirty_flag = h.is_dirty();
-        if let Some(b) = &h.backing_file {
-            node.backing_filename = Some(b.clone());
-            node.full_backing_filename = Some(path_combine(filename, b));
-            node.backing_filename_format = h.backing_format.clone();
-        }
-        node.snapshots = q
-            .snapshots()
-            .map_err(|e| open_err(engine_msg(&e)))?
-            .into_iter()
-            .map(|s| SnapshotInfo {
-                id: s.id,
-                name: s.name,
-                vm_state_size: s.vm_state_size,
-                date_sec: i64::from(s.date_sec),
-                date_nsec: i64::from(s.date_nsec),
-                vm_clock_nsec: s.vm_clock_nsec,
-                icount: s.icount,
-            })
-            .collect();
-        let v3 = h.version >= 3;
-        node.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
-            compat: h.compat_name().to_string(),
-            compression_type: h.compression_type.name().to_string(),
-            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
-            refcount_bits: h.refcount_bits(),
-            corrupt: v3.then(|| h.is_corrupt()),
-            extended_l2: v3.then(|| h.extended_l2()),
-            data_file: h.data_file.clone(),
-            data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
-            bitmaps: q.bitmaps().map_err(|e| open_err(engine_msg(&e)))?,
-        }));
+    // Snapshots first: with both broken, qemu-img names the snapshot table.
+    node.snapshots = image.snapshots().map_err(|e| open_err(engine_msg(&e)))?;
+    let info = image.info().map_err(|e| open_err(engine_msg(&e)))?;
+    node.cluster_size = info.cluster_size;
+    node.dirty_flag = info.dirty;
+    if let Some(b) = info.backing {
+        node.full_backing_filename = Some(path_combine(filename, &b.name));
+        node.backing_filename = Some(b.name);
+        node.backing_filename_format = b.format;
+    }
+    if let Some(EngineSpecific::Qcow2(q)) = info.specific {
+        node.format_specific = Some(FormatSpecific::Qcow2(q));
     }
     node.children = vec![("file".to_string(), file)];
     Ok(node)

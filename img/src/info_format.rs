@@ -1,47 +1,17 @@
 //! What `img info` reports about an image, and its two renderings: qemu-img's human text
 //! (`bdrv_node_info_dump`) and its JSON (`BlockGraphInfo`).
 
-use common::qcow2::bitmaps::BitmapInfo;
+use common::ops::{BitmapInfo, Qcow2Info, SnapshotInfo};
 
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::size_to_str;
 
-/// One internal snapshot (QAPI `SnapshotInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub id: String,
-    pub name: String,
-    pub vm_state_size: u64,
-    pub date_sec: i64,
-    pub date_nsec: i64,
-    /// Guest clock in nanoseconds.
-    pub vm_clock_nsec: u64,
-    pub icount: Option<u64>,
-}
-
 /// Format-specific information (QAPI `ImageInfoSpecific`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatSpecific {
-    Qcow2(Qcow2Specific),
+    Qcow2(Qcow2Info),
     /// The `file` protocol node (no data on ordinary filesystems).
     File,
-}
-
-/// qcow2's format-specific fields; the optional ones only exist for compat 1.1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Qcow2Specific {
-    pub compat: String,
-    pub compression_type: String,
-    pub lazy_refcounts: Option<bool>,
-    pub refcount_bits: u32,
-    pub corrupt: Option<bool>,
-    pub extended_l2: Option<bool>,
-    /// External data file name, when the image names one.
-    pub data_file: Option<String>,
-    /// Whether the external data file is raw, when the image has one.
-    pub data_file_raw: Option<bool>,
-    /// Persistent bitmaps, listed only when there are any.
-    pub bitmaps: Vec<BitmapInfo>,
 }
 
 fn bitmap_dict(b: &BitmapInfo) -> QDict {
@@ -107,8 +77,8 @@ fn snapshot_dict(s: &SnapshotInfo) -> QDict {
     d.put_str("id", &s.id);
     d.put_str("name", &s.name);
     d.put_int("vm-state-size", s.vm_state_size as i64);
-    d.put_int("date-sec", s.date_sec);
-    d.put_int("date-nsec", s.date_nsec);
+    d.put_int("date-sec", i64::from(s.date_sec));
+    d.put_int("date-nsec", i64::from(s.date_nsec));
     d.put_int("vm-clock-sec", (s.vm_clock_nsec / 1_000_000_000) as i64);
     d.put_int("vm-clock-nsec", (s.vm_clock_nsec % 1_000_000_000) as i64);
     if let Some(ic) = s.icount {
@@ -121,7 +91,7 @@ fn snapshot_dict(s: &SnapshotInfo) -> QDict {
 fn format_specific_data(f: &FormatSpecific) -> QDict {
     let mut d = QDict::new();
     if let FormatSpecific::Qcow2(q) = f {
-        d.put_str("compat", &q.compat);
+        d.put_str("compat", q.compat);
         if let Some(f) = &q.data_file {
             d.put_str("data-file", f);
         }
@@ -146,7 +116,7 @@ fn format_specific_data(f: &FormatSpecific) -> QDict {
                 .collect();
             d.put("bitmaps", QValue::List(list));
         }
-        d.put_str("compression-type", &q.compression_type);
+        d.put_str("compression-type", q.compression_type);
     }
     d
 }
@@ -367,7 +337,10 @@ fn node_human(
         out.push_str(&format!("{ind}Snapshot list:\n"));
         out.push_str(&format!("{ind}{}\n", snapshot_header()));
         for s in &n.snapshots {
-            out.push_str(&format!("{ind}{}\n", snapshot_row(s, &date(s.date_sec))));
+            out.push_str(&format!(
+                "{ind}{}\n",
+                snapshot_row(s, &date(i64::from(s.date_sec)))
+            ));
         }
     }
     if let Some(f) = &n.format_specific {
@@ -452,9 +425,9 @@ mod tests {
                 icount: Some(0),
             },
         ];
-        n.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
-            compat: "1.1".into(),
-            compression_type: "zlib".into(),
+        n.format_specific = Some(FormatSpecific::Qcow2(Qcow2Info {
+            compat: "1.1",
+            compression_type: "zlib",
             lazy_refcounts: Some(false),
             refcount_bits: 16,
             corrupt: Some(false),
@@ -577,9 +550,9 @@ Child node '/file':
         n.snapshots.clear();
         n.backing_filename = Some("v2.qcow2".into());
         n.full_backing_filename = Some("sub/v2.qcow2".into());
-        n.format_specific = Some(FormatSpecific::Qcow2(Qcow2Specific {
-            compat: "0.10".into(),
-            compression_type: "zlib".into(),
+        n.format_specific = Some(FormatSpecific::Qcow2(Qcow2Info {
+            compat: "0.10",
+            compression_type: "zlib",
             lazy_refcounts: None,
             refcount_bits: 16,
             corrupt: None,

@@ -2621,7 +2621,7 @@ fn r_probed_raw(dir: &Path) -> Result<(), String> {
     );
     drop(img);
     tstep("probe again");
-    match common::open::probe_format(&path) {
+    match common::probe::probe_file(&path) {
         Ok(common::open::Format::Qcow2) => Err(
             "a guest write to sector 0 of a probed raw image turned it into a qcow2 image \
              whose backing file is secret.txt: the next probing open exposes a host file \

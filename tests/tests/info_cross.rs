@@ -289,6 +289,32 @@ fn info_on_locked_image() {
     f.finish();
 }
 
+/// While another process writes the backing file: plain `info` of the overlay works (it does
+/// not open the backing file), `--backing-chain` fails on the backing file with the lock
+/// message, `-U` works; all like qemu-img.
+#[test]
+fn info_on_overlay_with_locked_backing_file() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qimg(dir, "create -q -f qcow2 base.qcow2 1M");
+    qimg(dir, "create -q -f qcow2 -b base.qcow2 -F qcow2 ov.qcow2");
+    let holder = qemu_io_hold(&dir.join("base.qcow2"));
+    let mut f = Failures::new();
+    for args in [
+        &["ov.qcow2"][..],
+        &["--backing-chain", "ov.qcow2"],
+        &["--backing-chain", "--output=json", "ov.qcow2"],
+        &["-U", "--backing-chain", "ov.qcow2"],
+    ] {
+        f.record(
+            &format!("info {} (backing locked)", args.join(" ")),
+            compare_info(dir, args),
+        );
+    }
+    drop(holder);
+    f.finish();
+}
+
 /// Less common qcow2 features qemu-img create/bitmap can produce: persistent dirty bitmaps
 /// (autoclear feature, listed under "bitmaps:") and external data files.
 #[test]

@@ -4,28 +4,36 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use common::open::{open_image, probe_format, Format, OpenOptions};
-use common::qcow2::create::Qcow2CreateOptions;
-use common::qcow2::Qcow2Image;
+use common::create::{create_and_open, Qcow2CreateOptions};
+use common::open::{open_image, Format, OpenOptions};
 use common::{Allocation, BlockDriver, BlockStatus, Error, IoBuf, IoBufMut, Result};
 
 use crate::config::{CacheMode, DriveConfig, DriveFormat};
 
+/// A drive that could not be opened: which one, and the engine's error (whose kind callers
+/// match on, e.g. [`Error::Locked`] for an image in use).
+#[derive(Debug)]
+pub struct DriveError {
+    pub path: PathBuf,
+    pub error: Error,
+}
+
+impl std::fmt::Display for DriveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "drive '{}': {}", self.path.display(), self.error)
+    }
+}
+
 /// Open one drive as the guest will see it.
-pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>, String> {
-    let path = cfg.path.display();
+pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>, DriveError> {
     let opened = if cfg.snapshot && !cfg.read_only {
         open_snapshot(cfg)
     } else {
         open_base(cfg, cfg.read_only)
     };
-    let base = opened.map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains(&path.to_string()) {
-            msg
-        } else {
-            format!("drive '{path}': {msg}")
-        }
+    let base = opened.map_err(|error| DriveError {
+        path: cfg.path.clone(),
+        error,
     })?;
     let mut drv: Arc<dyn BlockDriver> = Arc::from(base);
     if cfg.cache == CacheMode::Unsafe {
@@ -42,6 +50,10 @@ fn drive_format(cfg: &DriveConfig) -> Option<Format> {
 }
 
 fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>> {
+    Ok(open_image_of(cfg, read_only)?.into_driver())
+}
+
+fn open_image_of(cfg: &DriveConfig, read_only: bool) -> Result<common::open::Image> {
     let opts = OpenOptions {
         read_only,
         format: drive_format(cfg),
@@ -49,7 +61,7 @@ fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>>
         direct: cfg.cache == CacheMode::None,
         ..Default::default()
     };
-    Ok(open_image(&cfg.path, &opts)?.into_driver())
+    open_image(&cfg.path, &opts)
 }
 
 /// `snapshot=on`: a qcow2 overlay in the temporary directory whose backing file is the
@@ -58,11 +70,10 @@ fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>>
 fn open_snapshot(cfg: &DriveConfig) -> Result<Box<dyn BlockDriver>> {
     let base = std::fs::canonicalize(&cfg.path)
         .map_err(|e| Error::io(format!("Could not open '{}'", cfg.path.display()), e))?;
-    let format = match drive_format(cfg) {
-        Some(f) => f,
-        None => probe_format(&base)?,
+    let (format, size) = {
+        let image = open_image_of(cfg, true)?;
+        (image.format(), image.driver().size())
     };
-    let size = open_base(cfg, true)?.size();
     let overlay = temp_overlay_path();
     let opts = Qcow2CreateOptions {
         size,
@@ -70,9 +81,9 @@ fn open_snapshot(cfg: &DriveConfig) -> Result<Box<dyn BlockDriver>> {
         backing_format: Some(format.name().to_string()),
         ..Default::default()
     };
-    let opened = Qcow2Image::create_and_open(&overlay, &opts);
+    let opened = create_and_open(&overlay, &opts);
     let _ = std::fs::remove_file(&overlay);
-    Ok(Box::new(opened?))
+    Ok(opened?.into_driver())
 }
 
 fn temp_overlay_path() -> PathBuf {
@@ -233,14 +244,18 @@ mod tests {
         assert!(ro.is_read_only());
         assert!(ro.write_at(&[1], 0).is_err());
         // As in QEMU, a reader blocks writers (it wants a consistent image).
-        assert!(open_drive(&drive(&p, "")).is_err());
+        let err = open_drive(&drive(&p, "")).err().expect("writer refused");
+        assert!(matches!(err.error, Error::Locked(_)), "{err}");
         drop(ro);
         // Retried for a moment: another test thread's child process can hold a copy of the
         // descriptor just closed (and its lock) until it execs.
         let start = std::time::Instant::now();
         let rw = loop {
             match open_drive(&drive(&p, "")) {
-                Err(e) if e.contains("lock") && start.elapsed().as_secs() < 2 => {
+                Err(DriveError {
+                    error: Error::Locked(_),
+                    ..
+                }) if start.elapsed().as_secs() < 2 => {
                     std::thread::sleep(std::time::Duration::from_millis(10))
                 }
                 r => break r.unwrap(),
@@ -250,7 +265,7 @@ mod tests {
         let err = open_drive(&drive(&p, ""))
             .err()
             .expect("second writer refused");
-        assert!(err.to_lowercase().contains("lock"), "{err}");
+        assert!(matches!(err.error, Error::Locked(_)), "{err}");
         drop(rw);
         std::fs::remove_file(&p).unwrap();
     }

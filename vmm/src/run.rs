@@ -249,7 +249,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
     }
     let mut disks = Vec::new();
     for (i, d) in cfg.drives.iter().enumerate() {
-        let driver = crate::disk::open_drive(d)?;
+        let driver = crate::disk::open_drive(d).map_err(|e| e.to_string())?;
         disks.push(VmDisk {
             driver,
             read_only: d.read_only,

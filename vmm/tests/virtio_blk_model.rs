@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::qcow2::create::Qcow2CreateOptions;
-use common::qcow2::Qcow2Image;
+use common::create::{create_and_open, Qcow2CreateOptions};
 use common::BlockDriver;
 use integration_tests::{seed, with_deadline, Rng};
 use vm_memory::{Bytes, GuestAddress};
@@ -899,9 +898,9 @@ fn qcow2_disk() {
             cluster_size: *rng.pick(&[512u64, 4096, 65536]),
             ..Default::default()
         };
-        let img = Qcow2Image::create_and_open(&dir.path().join("model.qcow2"), &opts).unwrap();
+        let img = create_and_open(&dir.path().join("model.qcow2"), &opts).unwrap();
         // The open image keeps its file; the directory may go.
         drop(dir);
-        (Arc::new(img), false)
+        (Arc::from(img.into_driver()), false)
     });
 }

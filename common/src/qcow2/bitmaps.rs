@@ -1,7 +1,7 @@
 //! The persistent dirty bitmaps directory, read for `info` (bitmap contents are not used).
 
 use super::header::{be32, be64, Header, AUTOCLEAR_BITMAPS, EXT_BITMAPS};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Structure};
 use crate::storage::Storage;
 
 /// Bitmaps QEMU allows in one image, and the largest directory it reads.
@@ -32,7 +32,11 @@ pub fn read_bitmaps(storage: &dyn Storage, h: &Header) -> Result<Vec<BitmapInfo>
         return Ok(Vec::new());
     };
     if ext.data.len() < 24 {
-        return Err(Error::corrupt("bitmaps extension too short"));
+        return Err(Error::corrupt_at(
+            Structure::Header,
+            0,
+            "bitmaps extension too short",
+        ));
     }
     let count = be32(&ext.data, 0);
     let dir_size = be64(&ext.data, 8);
@@ -46,7 +50,11 @@ pub fn read_bitmaps(storage: &dyn Storage, h: &Header) -> Result<Vec<BitmapInfo>
             .checked_add(dir_size)
             .is_none_or(|end| end > file_len)
     {
-        return Err(Error::corrupt("bitmap directory is invalid"));
+        return Err(Error::corrupt_at(
+            Structure::BitmapDirectory,
+            dir_offset,
+            "bitmap directory is invalid",
+        ));
     }
     let mut dir = vec![0u8; dir_size as usize];
     storage
@@ -56,7 +64,11 @@ pub fn read_bitmaps(storage: &dyn Storage, h: &Header) -> Result<Vec<BitmapInfo>
     let mut at = 0usize;
     for _ in 0..count {
         if at + 24 > dir.len() {
-            return Err(Error::corrupt("bitmap directory truncated"));
+            return Err(Error::corrupt_at(
+                Structure::BitmapDirectory,
+                dir_offset + at as u64,
+                "bitmap directory truncated",
+            ));
         }
         let flags = be32(&dir, at + 12);
         let granularity_bits = u32::from(dir[at + 17]);
@@ -65,7 +77,11 @@ pub fn read_bitmaps(storage: &dyn Storage, h: &Header) -> Result<Vec<BitmapInfo>
         let name_at = at + 24 + extra;
         let end = name_at.checked_add(name_size).filter(|&e| e <= dir.len());
         let Some(end) = end.filter(|_| (9..=31).contains(&granularity_bits)) else {
-            return Err(Error::corrupt("bitmap directory entry is invalid"));
+            return Err(Error::corrupt_at(
+                Structure::BitmapDirectory,
+                dir_offset + at as u64,
+                "bitmap directory entry is invalid",
+            ));
         };
         out.push(BitmapInfo {
             name: String::from_utf8_lossy(&dir[name_at..end]).into_owned(),

@@ -32,7 +32,7 @@ fn overlapping_writers(extended_l2: bool, clusters: u64) -> Vec<String> {
         .open(&path)
         .unwrap();
     let storage = Arc::new(SlowWrites(FileStorage::new(file)));
-    let img = Arc::new(Qcow2Image::from_storage_with_backing(storage, false, None).unwrap());
+    let img = Arc::new(Qcow2Image::open(storage, false).unwrap());
     let base = vec![0x11u8; SUBCLUSTER as usize];
     for c in 0..clusters {
         img.write_at(&base, c * CLUSTER).unwrap();

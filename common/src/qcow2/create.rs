@@ -20,7 +20,7 @@ pub use crate::prealloc::Preallocation;
 /// Options of `qemu-img create -f qcow2`, with qemu-img's defaults.
 #[derive(Debug, Clone)]
 pub struct Qcow2CreateOptions {
-    /// Virtual size in bytes.
+    /// Virtual size in bytes (a multiple of 512, as qemu-img rounds it).
     pub size: u64,
     /// 2 for compat=0.10, 3 for compat=1.1.
     pub version: u32,
@@ -54,42 +54,27 @@ impl Default for Qcow2CreateOptions {
 }
 
 impl Qcow2CreateOptions {
-    /// Check the options the way qemu-img does, with its messages.
+    /// Check the options the way qemu-img does, in its order and with its messages.
     pub fn validate(&self) -> Result<()> {
-        let cs = self.cluster_size;
-        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return Err(Error::invalid(
-                "Cluster size must be a power of two between 512 and 2048k",
-            ));
-        }
         if self.version != 2 && self.version != 3 {
             return Err(Error::invalid(format!(
                 "Invalid compat version {}",
                 self.version
             )));
         }
+        let v2 = self.version == 2;
         let v3_only = |what: &str| {
             Err(Error::invalid(format!(
                 "{what} only supported with compatibility level 1.1 and above (use version=v3 or greater)"
             )))
         };
-        if self.version == 2 {
-            if self.lazy_refcounts {
-                return v3_only("Lazy refcounts");
-            }
-            if self.refcount_bits != 16 {
-                return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
-            }
-            if self.extended_l2 {
-                return v3_only("Extended L2 entries are");
-            }
-            if self.compression_type != CompressionType::Zlib {
-                return v3_only("Non-zlib compression type is");
-            }
+        if self.extended_l2 && v2 {
+            return v3_only("Extended L2 entries are");
         }
-        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
             return Err(Error::invalid(
-                "Refcount width must be a power of two and may not exceed 64 bits",
+                "Cluster size must be a power of two between 512 and 2048k",
             ));
         }
         if self.extended_l2 && cs < 16384 {
@@ -97,9 +82,43 @@ impl Qcow2CreateOptions {
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
+            return Err(Error::invalid(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            ));
+        }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid(
                 "Backing format cannot be used without backing file",
+            ));
+        }
+        if self.lazy_refcounts && v2 {
+            return v3_only("Lazy refcounts");
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(Error::invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if v2 && self.refcount_bits != 16 {
+            return Err(Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
+        }
+        if v2 && self.compression_type != CompressionType::Zlib {
+            return v3_only("Non-zlib compression type is");
+        }
+        if self.size > i64::MAX as u64 {
+            return Err(Error::invalid(
+                "Could not resize image: Image size cannot be negative",
+            ));
+        }
+        // The size as it will be created: in whole 512-byte sectors.
+        let size = self.size.next_multiple_of(512);
+        if self.header().geometry().l1_entries_for(size) * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid(
+                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
             ));
         }
         Ok(())
@@ -178,11 +197,6 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
     opts.validate()?;
     let mut h = opts.header();
     let cs = opts.cluster_size;
-    if h.geometry().l1_entries_for(opts.size) * 8 > MAX_L1_BYTES {
-        return Err(Error::invalid(
-            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-        ));
-    }
     // Minimal layout: header, refcount table, one refcount block for clusters 0..2.
     let mut first = h.encode()?;
     first.resize(cs as usize, 0);

@@ -1,9 +1,9 @@
 //! The qcow2 header and its extensions: a validating parse and an encode that round-trips.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Structure};
 
 /// `QFI\xfb`.
-pub const MAGIC: u32 = 0x5146_49fb;
+pub const MAGIC: u32 = u32::from_be_bytes(crate::probe::QCOW2_MAGIC);
 /// Smallest and largest cluster_bits QEMU accepts.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
@@ -126,11 +126,6 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// Whether the first bytes of a file look like qcow2.
-pub fn probe(first_bytes: &[u8]) -> bool {
-    first_bytes.len() >= 8 && be32(first_bytes, 0) == MAGIC && be32(first_bytes, 4) >= 2
-}
-
 impl Header {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -188,12 +183,18 @@ impl Header {
     pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         let b = first_cluster;
         if b.len() < V2_HEADER_LEN as usize {
-            return Err(Error::corrupt(
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
                 "Image is not in qcow2 format (header truncated)",
             ));
         }
         if be32(b, 0) != MAGIC {
-            return Err(Error::corrupt("Image is not in qcow2 format"));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                "Image is not in qcow2 format",
+            ));
         }
         let version = be32(b, 4);
         if version != 2 && version != 3 {
@@ -203,9 +204,11 @@ impl Header {
         }
         let cluster_bits = be32(b, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::corrupt(format!(
-                "Unsupported cluster size: 2^{cluster_bits}"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                format!("Unsupported cluster size: 2^{cluster_bits}"),
+            ));
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
@@ -235,7 +238,11 @@ impl Header {
         };
         if version == 3 {
             if b.len() < V3_MIN_HEADER_LEN as usize {
-                return Err(Error::corrupt("qcow2 header truncated"));
+                return Err(Error::corrupt_at(
+                    Structure::Header,
+                    0,
+                    "qcow2 header truncated",
+                ));
             }
             h.incompatible_features = be64(b, 72);
             h.compatible_features = be64(b, 80);
@@ -243,10 +250,18 @@ impl Header {
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
             if h.header_length < V3_MIN_HEADER_LEN {
-                return Err(Error::corrupt("qcow2 header too short"));
+                return Err(Error::corrupt_at(
+                    Structure::Header,
+                    0,
+                    "qcow2 header too short",
+                ));
             }
             if u64::from(h.header_length) > cluster_size || h.header_length as usize > b.len() {
-                return Err(Error::corrupt("qcow2 header exceeds cluster size"));
+                return Err(Error::corrupt_at(
+                    Structure::Header,
+                    0,
+                    "qcow2 header exceeds cluster size",
+                ));
             }
             if h.header_length > V3_MIN_HEADER_LEN {
                 h.compression_type = match b[104] {
@@ -270,13 +285,19 @@ impl Header {
     /// cluster_bits from the fixed header, validated; lets the caller size the first read.
     pub fn cluster_bits_of(start: &[u8]) -> Result<u32> {
         if start.len() < V2_HEADER_LEN as usize || be32(start, 0) != MAGIC {
-            return Err(Error::corrupt("Image is not in qcow2 format"));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                "Image is not in qcow2 format",
+            ));
         }
         let bits = be32(start, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
-            return Err(Error::corrupt(format!(
-                "Unsupported cluster size: 2^{bits}"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                format!("Unsupported cluster size: 2^{bits}"),
+            ));
         }
         Ok(bits)
     }
@@ -286,7 +307,11 @@ impl Header {
         let mut at = self.header_length as usize;
         loop {
             if at + 8 > end {
-                return Err(Error::corrupt("qcow2 header extension truncated"));
+                return Err(Error::corrupt_at(
+                    Structure::Header,
+                    0,
+                    "qcow2 header extension truncated",
+                ));
             }
             let kind = be32(b, at);
             let len = be32(b, at + 4) as usize;
@@ -295,7 +320,11 @@ impl Header {
                 return Ok(());
             }
             if len > end - at {
-                return Err(Error::corrupt("qcow2 header extension too large"));
+                return Err(Error::corrupt_at(
+                    Structure::Header,
+                    0,
+                    "qcow2 header extension too large",
+                ));
             }
             let data = &b[at..at + len];
             match kind {
@@ -363,10 +392,14 @@ impl Header {
         }
         let zstd_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (self.compression_type, zstd_bit) {
-            (CompressionType::Zlib, true) => Err(Error::corrupt(
+            (CompressionType::Zlib, true) => Err(Error::corrupt_at(
+                Structure::Header,
+                0,
                 "Compression type incompatible feature bit must not be set for zlib",
             )),
-            (CompressionType::Zstd, false) => Err(Error::corrupt(
+            (CompressionType::Zstd, false) => Err(Error::corrupt_at(
+                Structure::Header,
+                0,
                 "Compression type incompatible feature bit must be set for zstd",
             )),
             _ => Ok(()),
@@ -376,57 +409,98 @@ impl Header {
     fn validate(&self, file_len: u64) -> Result<()> {
         let cs = self.cluster_size();
         if self.refcount_order > 6 {
-            return Err(Error::corrupt(format!(
-                "Reference count entry width too large; may not exceed 64 bits (order {})",
-                self.refcount_order
-            )));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                format!(
+                    "Reference count entry width too large; may not exceed 64 bits (order {})",
+                    self.refcount_order
+                ),
+            ));
         }
         if self.extended_l2() && self.cluster_bits < 14 {
-            return Err(Error::corrupt(
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
                 "Extended L2 entries need a cluster size of at least 16384 bytes",
             ));
         }
         // Tables must be cluster aligned and lie inside the file.
-        let table = |what: &str, offset: u64, bytes: u64| -> Result<()> {
+        let table = |structure: Structure, what: &str, offset: u64, bytes: u64| -> Result<()> {
             if !offset.is_multiple_of(cs) {
-                return Err(Error::corrupt(format!("Invalid {what} offset {offset:#x}")));
+                return Err(Error::corrupt_at(
+                    structure,
+                    offset,
+                    format!("Invalid {what} offset {offset:#x}"),
+                ));
             }
             match offset.checked_add(bytes) {
                 Some(end) if end <= file_len.next_multiple_of(cs) => Ok(()),
-                _ => Err(Error::corrupt(format!(
-                    "{what} at offset {offset:#x} extends past the end of the image file"
-                ))),
+                _ => Err(Error::corrupt_at(
+                    structure,
+                    offset,
+                    format!("{what} at offset {offset:#x} extends past the end of the image file"),
+                )),
             }
         };
         if self.refcount_table_clusters == 0 {
-            return Err(Error::corrupt("Image has no refcount table"));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                "Image has no refcount table",
+            ));
         }
         let reftable_bytes = u64::from(self.refcount_table_clusters) * cs;
         if reftable_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::corrupt("Reference count table too large"));
+            return Err(Error::corrupt_at(
+                Structure::RefcountTable,
+                self.refcount_table_offset,
+                "Reference count table too large",
+            ));
         }
         table(
+            Structure::RefcountTable,
             "Reference count table",
             self.refcount_table_offset,
             reftable_bytes,
         )?;
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::corrupt("Active L1 table too large"));
+            return Err(Error::corrupt_at(
+                Structure::L1Table,
+                self.l1_table_offset,
+                "Active L1 table too large",
+            ));
         }
         if self.l1_size > 0 {
-            table("Active L1 table", self.l1_table_offset, l1_bytes)?;
+            table(
+                Structure::L1Table,
+                "Active L1 table",
+                self.l1_table_offset,
+                l1_bytes,
+            )?;
         }
         if self.size > u64::from(self.l1_size).saturating_mul(self.geometry().l1_coverage()) {
-            return Err(Error::corrupt(
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
                 "Image is too big for its L1 table (virtual size exceeds L1 coverage)",
             ));
         }
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::corrupt("Too many snapshots"));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                "Too many snapshots",
+            ));
         }
         if self.nb_snapshots > 0 {
-            table("Snapshot table", self.snapshots_offset, 0)?;
+            table(
+                Structure::SnapshotTable,
+                "Snapshot table",
+                self.snapshots_offset,
+                0,
+            )?;
         }
         Ok(())
     }
@@ -441,7 +515,11 @@ impl Header {
             || off.saturating_add(len) > self.cluster_size()
             || off.saturating_add(len) > b.len() as u64
         {
-            return Err(Error::corrupt("Backing file name too long or out of range"));
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                0,
+                "Backing file name too long or out of range",
+            ));
         }
         let raw = &b[off as usize..(off + len) as usize];
         self.backing_file = Some(String::from_utf8_lossy(raw).into_owned());

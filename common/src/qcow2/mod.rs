@@ -23,13 +23,13 @@ mod walker;
 mod write;
 mod zero;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+use crate::backing::BackingRef;
 use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
 use crate::iovec::{IoBuf, IoBufMut};
-use crate::open::{open_in_chain, resolve_backing_path, Format, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 use header::Header;
 use meta::Meta;
@@ -49,7 +49,6 @@ pub struct Qcow2Image {
     backing: Option<Box<dyn BlockDriver>>,
     /// Guest data lives in an external data file, which this engine does not read.
     external_data: bool,
-    path: PathBuf,
     read_only: bool,
 }
 
@@ -71,82 +70,49 @@ pub fn read_header(storage: &dyn Storage) -> Result<Header> {
 }
 
 impl Qcow2Image {
-    /// Open the qcow2 image at `path`.
-    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Qcow2Image> {
-        Self::open_in_chain(path, opts, &mut Vec::new())
-    }
-
-    pub(crate) fn open_in_chain(
-        path: &Path,
-        opts: &OpenOptions,
-        seen: &mut Vec<PathBuf>,
-    ) -> Result<Qcow2Image> {
-        let storage = crate::storage::open_image_storage(path, opts.read_only, opts.direct)?;
-        crate::lock::lock_image(storage.file(), path, opts.read_only, opts.force_share)?;
-        Self::open_storage(Arc::new(storage), path, opts, seen)
+    /// Open a qcow2 image on storage the caller opened (and, for a file, locked), without
+    /// its backing file: the chain opener ([`crate::open`]) attaches that with
+    /// [`Qcow2Image::set_backing`].
+    pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Qcow2Image> {
+        let header = read_header(&*storage)?;
+        Self::from_storage(storage, header, read_only)
     }
 
     /// Create a qcow2 image at `path` and open it read-write through the same file
-    /// descriptor, so that nobody can take the image between the two.
+    /// descriptor, so that nobody can take the image between the two. No backing file is
+    /// attached.
     pub fn create_and_open(path: &Path, create: &create::Qcow2CreateOptions) -> Result<Qcow2Image> {
         create.validate()?;
         let file = create::create_file(path)?;
         let storage = Arc::new(FileStorage::new(file));
         create::format_qcow2(storage.clone(), create)?;
-        Self::open_storage(storage, path, &OpenOptions::default(), &mut Vec::new())
+        Self::open(storage, false)
     }
 
-    /// Read the header of an opened, locked file, open its backing chain, build the image.
-    fn open_storage(
-        storage: Arc<dyn Storage>,
-        path: &Path,
-        opts: &OpenOptions,
-        seen: &mut Vec<PathBuf>,
-    ) -> Result<Qcow2Image> {
-        let header = read_header(&*storage)?;
-        let backing = match (&header.backing_file, opts.no_backing) {
-            (Some(name), false) => {
-                let bpath = resolve_backing_path(path, name);
-                let bopts = OpenOptions {
-                    read_only: true,
-                    force_share: opts.force_share,
-                    format: header
-                        .backing_format
-                        .as_deref()
-                        .map(Format::from_name)
-                        .transpose()?,
-                    no_backing: false,
-                    direct: opts.direct,
-                };
-                let img = open_in_chain(&bpath, &bopts, seen)
-                    .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
-                Some(img.into_driver())
-            }
-            _ => None,
-        };
-        let mut img = Self::from_storage(storage, header, opts.read_only, backing)?;
-        img.path = path.to_path_buf();
-        Ok(img)
+    /// The backing file the header names (name and format as stored).
+    pub fn backing_ref(&self) -> Option<BackingRef> {
+        let h = &self.meta().h;
+        h.backing_file.as_ref().map(|name| BackingRef {
+            name: name.clone(),
+            format: h.backing_format.clone(),
+        })
     }
 
-    /// Open a qcow2 image on any storage (no lock, no path), with an optional backing image.
-    pub fn from_storage_with_backing(
-        storage: Arc<dyn Storage>,
-        read_only: bool,
-        backing: Option<Box<dyn BlockDriver>>,
-    ) -> Result<Qcow2Image> {
-        let header = read_header(&*storage)?;
-        Self::from_storage(storage, header, read_only, backing)
+    /// Attach the opened backing file. Called by the chain opener before the image is
+    /// shared; reads of clusters this image lacks go there from then on.
+    pub fn set_backing(&mut self, backing: Box<dyn BlockDriver>) {
+        self.backing = Some(backing);
     }
 
     fn from_storage(
         storage: Arc<dyn Storage>,
         header: Header,
         read_only: bool,
-        backing: Option<Box<dyn BlockDriver>>,
     ) -> Result<Qcow2Image> {
         if header.is_corrupt() && !read_only {
-            return Err(Error::corrupt(
+            return Err(Error::corrupt_at(
+                crate::error::Structure::Header,
+                0,
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
@@ -174,9 +140,8 @@ impl Qcow2Image {
             gate: RwLock::new(()),
             alloc_done: Condvar::new(),
             last_compressed: Mutex::new(None),
-            backing,
+            backing: None,
             external_data,
-            path: PathBuf::new(),
             read_only,
         })
     }
@@ -199,11 +164,6 @@ impl Qcow2Image {
     /// A copy of the current header (with extensions and backing file name).
     pub fn header(&self) -> Header {
         self.meta().h.clone()
-    }
-
-    /// The path the image was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The storage the image lives on.
@@ -317,6 +277,10 @@ impl BlockDriver for Qcow2Image {
         self.storage
             .allocated_size()
             .map_err(|e| Error::io("Could not get allocated size", e))
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDriver> {
+        self.backing.as_deref()
     }
 }
 

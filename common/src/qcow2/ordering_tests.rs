@@ -22,7 +22,7 @@ fn cleared_autoclear_bits_are_durable_before_the_first_data_write() {
         assert!(out.status.success(), "{out:?}");
     }
     let fault = FaultStorage::with_content(std::fs::read(&path).unwrap());
-    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
     img.write_at(&[7u8; 4096], 1 << 20).unwrap();
     let log = fault.log();
     let header = log

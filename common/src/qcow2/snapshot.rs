@@ -17,7 +17,7 @@
 //! | | the ID string, the name (not NUL terminated), padding to a multiple of 8 |
 
 use super::header::{be32, be64, Header, MAX_SNAPSHOTS};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Structure};
 use crate::storage::Storage;
 
 /// Fixed part of a snapshot table entry.
@@ -74,7 +74,11 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         return Ok(Vec::new());
     }
     if count > MAX_SNAPSHOTS {
-        return Err(Error::corrupt("Too many snapshots"));
+        return Err(Error::corrupt_at(
+            Structure::Header,
+            0,
+            "Too many snapshots",
+        ));
     }
     let cluster_size = header.cluster_size();
     let file_len = storage
@@ -84,7 +88,11 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
     let file_end = file_len.next_multiple_of(cluster_size);
     let table_offset = header.snapshots_offset;
     if !table_offset.is_multiple_of(cluster_size) || table_offset >= file_end {
-        return Err(Error::corrupt("Snapshot table offset invalid"));
+        return Err(Error::corrupt_at(
+            Structure::SnapshotTable,
+            table_offset,
+            "Snapshot table offset invalid",
+        ));
     }
     let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
     let mut offset = table_offset;
@@ -105,9 +113,11 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         let vm_state_size_small = be32(&fixed, 32);
         let extra_len = be32(&fixed, 36) as usize;
         if extra_len > MAX_EXTRA_DATA {
-            return Err(Error::corrupt(format!(
-                "Too much extra metadata in snapshot table entry {i}"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::SnapshotTable,
+                entry_start,
+                format!("Too much extra metadata in snapshot table entry {i}"),
+            ));
         }
         let var_len = extra_len + id_len + name_len;
         check_within(offset, var_len as u64, table_offset, file_end)?;
@@ -136,22 +146,30 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         let name = String::from_utf8_lossy(&var[extra_len + id_len..]).into_owned();
 
         if !l1_table_offset.is_multiple_of(cluster_size) {
-            return Err(Error::corrupt(format!(
-                "Snapshot {i} L1 table offset invalid"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::L1Table,
+                l1_table_offset,
+                format!("Snapshot {i} L1 table offset invalid"),
+            ));
         }
         let l1_bytes = u64::from(l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!("Snapshot {i} L1 table too large")));
+            return Err(Error::corrupt_at(
+                Structure::L1Table,
+                l1_table_offset,
+                format!("Snapshot {i} L1 table too large"),
+            ));
         }
         if l1_size > 0
             && l1_table_offset
                 .checked_add(l1_bytes)
                 .is_none_or(|end| end > file_end)
         {
-            return Err(Error::corrupt(format!(
-                "Snapshot {i} L1 table extends past the end of the image file"
-            )));
+            return Err(Error::corrupt_at(
+                Structure::L1Table,
+                l1_table_offset,
+                format!("Snapshot {i} L1 table extends past the end of the image file"),
+            ));
         }
 
         snapshots.push(Snapshot {
@@ -169,7 +187,11 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         });
         offset = offset.next_multiple_of(8);
         if offset - table_offset > MAX_TABLE_BYTES {
-            return Err(Error::corrupt("Snapshot table too large"));
+            return Err(Error::corrupt_at(
+                Structure::SnapshotTable,
+                table_offset,
+                "Snapshot table too large",
+            ));
         }
     }
     Ok(snapshots)
@@ -178,14 +200,15 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
 /// Check that `len` bytes at `at` are part of a table that starts at `table_offset`,
 /// stays within [`MAX_TABLE_BYTES`] and within the file.
 fn check_within(at: u64, len: u64, table_offset: u64, file_end: u64) -> Result<()> {
+    let corrupt = |msg| Error::corrupt_at(Structure::SnapshotTable, table_offset, msg);
     let end = at
         .checked_add(len)
-        .ok_or_else(|| Error::corrupt("Snapshot table too large"))?;
+        .ok_or_else(|| corrupt("Snapshot table too large"))?;
     if end - table_offset > MAX_TABLE_BYTES {
-        return Err(Error::corrupt("Snapshot table too large"));
+        return Err(corrupt("Snapshot table too large"));
     }
     if end > file_end {
-        return Err(Error::corrupt(
+        return Err(corrupt(
             "Snapshot table extends past the end of the image file",
         ));
     }

@@ -32,7 +32,15 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
 
 /// Open read-write, retrying a lock conflict for a moment (see `qemu_img`).
 fn open_rw(path: &Path) -> crate::Result<Qcow2Image> {
-    crate::lock::retry_while_locked(|| Qcow2Image::open(path, &rw()))
+    crate::lock::retry_while_locked(|| open_qcow2(path, &rw()))
+}
+
+/// Open through the chain opener and take the qcow2 image out.
+pub(super) fn open_qcow2(path: &Path, opts: &OpenOptions) -> crate::Result<Qcow2Image> {
+    match crate::open::open_image(path, opts)? {
+        crate::open::Image::Qcow2(q) => Ok(q),
+        crate::open::Image::Raw(_) => panic!("{} is not qcow2", path.display()),
+    }
 }
 
 fn check_clean(path: &Path) {
@@ -398,8 +406,7 @@ fn crash_at_any_point_leaves_a_consistent_image() {
         let mut flushed: Vec<(usize, Vec<u8>)> = Vec::new(); // (log len at flush, model)
         let mut touched_since: Vec<Vec<(u64, u64)>> = Vec::new();
         {
-            let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None)
-                .unwrap();
+            let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
             let steps: Vec<(u64, u64, u8)> = vec![
                 (0, 100_000, 1),
                 (300_000, 5000, 2),
@@ -551,7 +558,7 @@ fn external_data_file_images_open_for_metadata_only() {
         read_only: true,
         ..Default::default()
     };
-    let img = crate::lock::retry_while_locked(|| Qcow2Image::open(&path, &ro)).unwrap();
+    let img = crate::lock::retry_while_locked(|| open_qcow2(&path, &ro)).unwrap();
     assert_eq!(
         img.header().data_file.as_deref(),
         Some(data.to_str().unwrap())
@@ -607,7 +614,7 @@ fn image_on_fault_storage(size: u64) -> (crate::fault_storage::FaultStorage, Qco
         ..Default::default()
     };
     super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
-    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
     (fault, img)
 }
 

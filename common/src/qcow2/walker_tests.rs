@@ -210,7 +210,7 @@ fn fresh(size: u64) -> (FaultStorage, Qcow2Image) {
         ..Default::default()
     };
     super::create::format_qcow2(Arc::new(fault.clone()), &opts).unwrap();
-    let img = Qcow2Image::from_storage_with_backing(Arc::new(fault.clone()), false, None).unwrap();
+    let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
     (fault, img)
 }
 
@@ -291,7 +291,7 @@ fn compressed_writes_read_back_in_qemu() {
         let mut model = vec![0u8; 1000 << 10];
         {
             let img = crate::lock::retry_while_locked(|| {
-                Qcow2Image::open(&path, &crate::open::OpenOptions::default())
+                super::tests::open_qcow2(&path, &crate::open::OpenOptions::default())
             })
             .unwrap();
             for (i, chunk) in model.chunks_mut(65536).enumerate() {

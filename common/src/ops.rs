@@ -1,0 +1,116 @@
+//! Format operations beside [`crate::BlockDriver`]: what describes an image's structure
+//! rather than moving guest bytes, for every format behind one API.
+//! Check/repair, snapshot create/apply/delete, resize, amend, measure and compressed writes
+//! join this API as they are implemented.
+
+use crate::backing::BackingRef;
+use crate::error::Result;
+use crate::open::Image;
+
+pub use crate::qcow2::bitmaps::BitmapInfo;
+
+/// What the format says about an image, for `info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatInfo {
+    /// Cluster size, for formats that have clusters.
+    pub cluster_size: Option<u64>,
+    /// The image was not closed cleanly (qcow2's dirty bit).
+    pub dirty: bool,
+    /// The backing file the image names.
+    pub backing: Option<BackingRef>,
+    /// The format's own fields (QAPI `ImageInfoSpecific`), for formats that have any.
+    pub specific: Option<FormatSpecific>,
+}
+
+/// Format-specific information.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatSpecific {
+    Qcow2(Qcow2Info),
+}
+
+/// qcow2's fields (QAPI `ImageInfoSpecificQCow2`); the optional ones only exist for
+/// compat 1.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// `0.10` or `1.1`.
+    pub compat: &'static str,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    pub lazy_refcounts: Option<bool>,
+    pub refcount_bits: u32,
+    pub corrupt: Option<bool>,
+    pub extended_l2: Option<bool>,
+    /// External data file name, when the image names one.
+    pub data_file: Option<String>,
+    /// Whether the external data file is raw, when the image has one.
+    pub data_file_raw: Option<bool>,
+    /// Persistent dirty bitmaps (empty when there are none).
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// One internal snapshot, as `info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    /// When it was taken: seconds and nanoseconds since the epoch.
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    /// Guest clock in nanoseconds.
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
+}
+
+impl Image {
+    /// What the format says about the image.
+    pub fn info(&self) -> Result<FormatInfo> {
+        match self {
+            Image::Raw(_) => Ok(FormatInfo {
+                cluster_size: None,
+                dirty: false,
+                backing: None,
+                specific: None,
+            }),
+            Image::Qcow2(q) => {
+                let h = q.header();
+                let v3 = h.version >= 3;
+                Ok(FormatInfo {
+                    cluster_size: Some(h.cluster_size()),
+                    dirty: h.is_dirty(),
+                    backing: q.backing_ref(),
+                    specific: Some(FormatSpecific::Qcow2(Qcow2Info {
+                        compat: h.compat_name(),
+                        compression_type: h.compression_type.name(),
+                        lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+                        refcount_bits: h.refcount_bits(),
+                        corrupt: v3.then(|| h.is_corrupt()),
+                        extended_l2: v3.then(|| h.extended_l2()),
+                        data_file: h.data_file.clone(),
+                        data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
+                        bitmaps: q.bitmaps()?,
+                    })),
+                })
+            }
+        }
+    }
+
+    /// The internal snapshots, in table order (none for formats without snapshots).
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let Image::Qcow2(q) = self else {
+            return Ok(Vec::new());
+        };
+        Ok(q.snapshots()?
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                name: s.name,
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                icount: s.icount,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,56 @@
+//! Format probing: which format the first bytes of a file are, for every format the engine
+//! knows. The formats and the chain opener use this; no format probes for another.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::format::Format;
+
+/// How much of the start of a file probing looks at (QEMU's `BLOCK_PROBE_BUF_SIZE`).
+pub const PROBE_LEN: usize = 512;
+
+/// qcow2's magic, `QFI\xfb`.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
+/// and a version of at least 2, as QEMU's `qcow2_probe`, else raw.
+pub fn probe_bytes(first: &[u8]) -> Format {
+    let qcow2 = first.len() >= 8
+        && first[..4] == QCOW2_MAGIC
+        && u32::from_be_bytes([first[4], first[5], first[6], first[7]]) >= 2;
+    if qcow2 {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
+/// Probe the format of the file at `path` (opened read-only, without blocking on a FIFO).
+pub fn probe_file(path: &Path) -> Result<Format> {
+    let storage = crate::storage::FileStorage::new(crate::storage::open_image_file(path, true)?);
+    probe_storage(&storage)
+        .map_err(|e| Error::io(format!("Could not read '{}'", path.display()), e))
+}
+
+/// Probe the format of an opened file from its first bytes.
+pub fn probe_storage(storage: &dyn crate::storage::Storage) -> std::io::Result<Format> {
+    let mut first = vec![0u8; (PROBE_LEN as u64).min(storage.len()?) as usize];
+    storage.read_at(&mut first, 0)?;
+    Ok(probe_bytes(&first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qcow2_needs_magic_and_version() {
+        let mut h = [0u8; 16];
+        assert_eq!(probe_bytes(&h), Format::Raw);
+        h[..4].copy_from_slice(&QCOW2_MAGIC);
+        assert_eq!(probe_bytes(&h), Format::Raw, "version 0");
+        h[7] = 2;
+        assert_eq!(probe_bytes(&h), Format::Qcow2);
+        assert_eq!(probe_bytes(&h[..7]), Format::Raw, "too short");
+    }
+}
