@@ -79,6 +79,19 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 
+    /// A `Corrupt` error that does not say where yet gets `structure` at host `offset`;
+    /// any other error comes back unchanged.
+    pub fn located(self, structure: Structure, offset: u64) -> Self {
+        match self {
+            Error::Corrupt {
+                structure: None,
+                message,
+                ..
+            } => Error::corrupt_at(structure, offset, message),
+            e => e,
+        }
+    }
+
     /// The same error, its message prefixed with `what` and `": "` (QEMU's
     /// `error_prepend`). The kind is kept: a lock conflict stays [`Error::Locked`].
     /// [`Error::ReadOnly`] has a fixed message and comes back unchanged.

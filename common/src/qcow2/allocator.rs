@@ -13,7 +13,7 @@ use super::meta::Meta;
 use super::overlap::{Metadata, REFTABLE_OFFSET_MASK};
 use super::refcount;
 use super::units::{ClusterCount, HostCluster, HostOffset};
-use crate::error::{io, Error, Result};
+use crate::error::{io, Error, Result, Structure};
 
 /// When a refcount update takes effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,10 +89,11 @@ impl Meta {
             Some(&e) => {
                 let off = HostOffset(e & REFTABLE_OFFSET_MASK);
                 if off.0 == 0 || !self.geo().is_cluster_aligned(off) {
-                    return Err(Error::corrupt(format!(
-                        "refcount block offset {:#x} is invalid",
-                        off.0
-                    )));
+                    return Err(Error::corrupt_at(
+                        Structure::RefcountTable,
+                        self.h.refcount_table_offset + rt as u64 * 8,
+                        format!("refcount block offset {:#x} is invalid", off.0),
+                    ));
                 }
                 Ok(Some(off))
             }
@@ -407,12 +408,17 @@ impl Meta {
     fn add_to_refcount(&mut self, c: HostCluster, addend: i64) -> Result<()> {
         if addend < 0 {
             if let Some(kind) = self.overlap.kind_of(&self.h, c) {
-                return Err(self.overlap_error("Freeing a cluster", c, kind));
+                return Err(self.overlap_error("Freeing a cluster", c, kind.structure(), kind));
             }
         }
         let v = self.refcount(c)?;
         let new = v.checked_add_signed(addend).ok_or_else(|| {
-            Error::corrupt(format!("refcount of cluster {} would drop below zero", c.0))
+            let block = self.refs.table.get(self.geo().reftable_index(c)).copied();
+            Error::corrupt_at(
+                Structure::RefcountBlock,
+                block.unwrap_or(0) & REFTABLE_OFFSET_MASK,
+                format!("refcount of cluster {} would drop below zero", c.0),
+            )
         })?;
         self.set_refcount(c, new)?;
         if new == 0 {
@@ -449,7 +455,7 @@ impl Meta {
             .run(n)
             .find_map(|c| Some((c, self.overlap.kind_of(&self.h, c)?)));
         match hit {
-            Some((c, kind)) => Err(self.overlap_error("Allocation", c, kind)),
+            Some((c, kind)) => Err(self.overlap_error("Allocation", c, kind.structure(), kind)),
             None => Ok(()),
         }
     }
@@ -458,10 +464,15 @@ impl Meta {
     /// hold metadata and must be allocated (refcount above 0).
     pub fn check_data_cluster(&mut self, c: HostCluster) -> Result<()> {
         if let Some(kind) = self.overlap.kind_of(&self.h, c) {
-            return Err(self.overlap_error("Data write", c, kind));
+            return Err(self.overlap_error("Data write", c, kind.structure(), kind));
         }
         if c >= self.refs.end || self.refcount(c)? == 0 {
-            return Err(self.overlap_error("Data write", c, "a cluster with refcount 0"));
+            return Err(self.overlap_error(
+                "Data write",
+                c,
+                Structure::DataCluster,
+                "a cluster with refcount 0",
+            ));
         }
         Ok(())
     }

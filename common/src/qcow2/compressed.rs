@@ -6,7 +6,7 @@ use super::entry::{CompressedRun, L2Entry};
 use super::header::CompressionType;
 use super::units::{Geometry, GuestOffset, HostOffset};
 use super::Qcow2Image;
-use crate::error::{io, Error, Result};
+use crate::error::{io, Error, Result, Structure};
 
 impl Qcow2Image {
     /// Decompress the compressed cluster `run` into `out` (one cluster long).
@@ -24,6 +24,7 @@ impl Qcow2Image {
             self.storage.read_at(&mut input, run.offset),
         )?;
         compress::decompress(compression, &input, out)
+            .map_err(|e| e.located(Structure::CompressedCluster, run.offset))
     }
 
     /// Write one guest cluster compressed, as `qemu-img convert -c` does: `offset` is

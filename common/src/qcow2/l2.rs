@@ -6,7 +6,7 @@
 use super::entry::L2Entry;
 use super::meta::Meta;
 use super::units::HostOffset;
-use crate::error::{io, Error, Result};
+use crate::error::{io, Error, Result, Structure};
 
 fn be64_at(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -58,7 +58,7 @@ impl Meta {
             return Ok(());
         }
         if let Some(problem) = self.l2_location_problem(off) {
-            return Err(Error::corrupt(problem));
+            return Err(Error::corrupt_at(Structure::L2Table, off.0, problem));
         }
         self.make_room_l2()?;
         let mut buf = vec![0u8; self.geo().cluster_size() as usize];

@@ -5,7 +5,7 @@ use super::entry::{self, CompressedRun, L2Entry, COPIED};
 use super::meta::Meta;
 use super::overlap::Metadata;
 use super::units::{ClusterCount, GuestCluster, HostCluster, HostOffset};
-use crate::error::{io, Error, Result};
+use crate::error::{io, Error, Result, Structure};
 
 /// The active L1 table as in memory; written back when dirty.
 pub(crate) struct ActiveL1 {
@@ -30,9 +30,12 @@ impl Meta {
     /// The L2 table of guest cluster `gc`, if it has one.
     pub fn l2_offset(&self, gc: GuestCluster) -> Result<Option<HostOffset>> {
         let g = self.geo();
-        match self.l1.entries.get(g.l1_index(gc)) {
+        let i = g.l1_index(gc);
+        match self.l1.entries.get(i) {
             None => Ok(None),
-            Some(&e) => entry::l1_table_offset(e, g.cluster_size()),
+            Some(&e) => entry::l1_table_offset(e, g.cluster_size()).map_err(|err| {
+                err.located(Structure::L1Table, self.h.l1_table_offset + i as u64 * 8)
+            }),
         }
     }
 
@@ -49,7 +52,7 @@ impl Meta {
             .filter(|&k| k != Metadata::ActiveL2)
         {
             if self.l2_location_problem(off).is_none() {
-                return Err(self.overlap_error("L2 table", c, kind));
+                return Err(self.overlap_error("L2 table", c, kind.structure(), kind));
             }
         }
         self.load_l2(off)
@@ -62,8 +65,10 @@ impl Meta {
         };
         self.load_active_l2(off)?;
         let g = self.geo();
-        let e = self.l2_get(off, g.l2_index(gc))?;
-        e.validate(g.cluster_size(), g.extended_l2)?;
+        let i = g.l2_index(gc);
+        let e = self.l2_get(off, i)?;
+        e.validate(g.cluster_size(), g.extended_l2)
+            .map_err(|err| err.located(Structure::L2Table, off.0 + i as u64 * g.l2_entry_size()))?;
         Ok(e)
     }
 

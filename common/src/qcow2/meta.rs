@@ -17,7 +17,7 @@ use super::inflight::Inflight;
 use super::mapping::ActiveL1;
 use super::overlap::OverlapSet;
 use super::units::{Geometry, HostCluster};
-use crate::error::{io, Error, Result};
+use crate::error::{io, Error, Result, Structure};
 use crate::storage::Storage;
 
 /// Default guest bytes covered by cached L2 tables (QEMU: 32 GiB with 64 KiB clusters).
@@ -120,23 +120,29 @@ impl Meta {
     }
 
     /// Metadata points where it must not: like QEMU, mark the image corrupt (when it is
-    /// writable) and stop writing to it.
+    /// writable) and stop writing to it. `what` was about to touch host cluster `c`, which
+    /// holds `kind` (`described` as QEMU names it).
     pub(super) fn overlap_error(
         &mut self,
         what: &str,
         c: HostCluster,
-        kind: impl std::fmt::Display,
+        kind: Structure,
+        described: impl std::fmt::Display,
     ) -> Error {
         if !self.read_only {
             self.h.incompatible_features |= INCOMPAT_CORRUPT;
             let _ = self.write_header().and_then(|_| self.sync());
             self.read_only = true;
         }
-        Error::corrupt(format!(
-            "{what} at offset {:#x}: preventing invalid write on metadata (overlaps with \
-             {kind}); image marked as corrupt",
-            self.geo().host_offset(c).0
-        ))
+        let offset = self.geo().host_offset(c).0;
+        Error::corrupt_at(
+            kind,
+            offset,
+            format!(
+                "{what} at offset {offset:#x}: preventing invalid write on metadata (overlaps \
+                 with {described}); image marked as corrupt"
+            ),
+        )
     }
 
     /// Write everything back in dependency order and make it durable.

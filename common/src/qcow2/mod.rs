@@ -287,6 +287,8 @@ impl BlockDriver for Qcow2Image {
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
+mod error_tests;
+#[cfg(test)]
 mod ordering_tests;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use std::fmt;
 use super::entry::OFFSET_MASK;
 use super::header::Header;
 use super::units::{Geometry, HostCluster, HostOffset};
+use crate::error::Structure;
 
 /// Bits 9..63 of a refcount table entry hold the refcount block offset.
 pub const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
@@ -21,6 +22,20 @@ pub enum Metadata {
     SnapshotTable,
     RefcountBlock,
     ActiveL2,
+}
+
+impl Metadata {
+    /// The structure, as corruption errors name it.
+    pub fn structure(self) -> Structure {
+        match self {
+            Metadata::Header => Structure::Header,
+            Metadata::ActiveL1 => Structure::L1Table,
+            Metadata::RefcountTable => Structure::RefcountTable,
+            Metadata::SnapshotTable => Structure::SnapshotTable,
+            Metadata::RefcountBlock => Structure::RefcountBlock,
+            Metadata::ActiveL2 => Structure::L2Table,
+        }
+    }
 }
 
 impl fmt::Display for Metadata {

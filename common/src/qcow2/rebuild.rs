@@ -11,7 +11,7 @@ use super::meta::Meta;
 use super::refcount;
 use super::units::HostOffset;
 use super::walker::{entry_extent, Flow, Structure, Visit};
-use crate::error::{io, Error, Result};
+use crate::error::{self, io, Error, Result};
 
 impl Meta {
     /// Count every reference in the image except those of the refcount structures. The
@@ -85,7 +85,11 @@ impl Meta {
             table_clusters = need_table.max(1);
         }
         if table_clusters * cs > super::header::MAX_REFTABLE_BYTES {
-            return Err(Error::corrupt("rebuilt refcount table would be too large"));
+            return Err(Error::corrupt_at(
+                error::Structure::RefcountTable,
+                self.h.refcount_table_offset,
+                "rebuilt refcount table would be too large",
+            ));
         }
         let table_start = start + blocks;
         let end = table_start + table_clusters;
@@ -104,9 +108,11 @@ impl Meta {
                     continue;
                 }
                 if n > max {
-                    return Err(Error::corrupt(format!(
-                        "cluster {c} has too many references"
-                    )));
+                    return Err(Error::corrupt_at(
+                        error::Structure::DataCluster,
+                        c * cs,
+                        format!("cluster {c} has too many references"),
+                    ));
                 }
                 refcount::set(&mut block, g.refcount_order, slot as usize, n);
             }
