@@ -7,6 +7,7 @@
 pub mod direct_io;
 pub mod driver;
 pub mod error;
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault_storage;
 pub mod iovec;
 pub mod lock;
