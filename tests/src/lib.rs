@@ -10,7 +10,8 @@
 //! - [`qemu_io_hold`]: a qemu-io process holding an image locked;
 //! - [`with_deadline`]: run engine code with a deadline (hangs become failures);
 //! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
-//! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed.
+//! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed;
+//! - [`mem_disk`]: an in-memory [`common::BlockDriver`] for device tests.
 //!
 //! Environment knobs for the cross tests (tests/tests/*.rs):
 //! - `TEST_SEED=<n|0xhex>`: replay a randomized test (the seed is printed by every one);
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 pub mod engine;
 pub mod fake_kernel;
 pub mod kvm;
+pub mod mem_disk;
 
 /// Whether the tests run in CI (`CI` set to anything but empty, `0` or `false`): there a
 /// missing prerequisite fails a test instead of skipping it.

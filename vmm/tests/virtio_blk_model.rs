@@ -19,6 +19,7 @@ use std::time::Duration;
 use common::qcow2::create::Qcow2CreateOptions;
 use common::qcow2::Qcow2Image;
 use common::BlockDriver;
+use integration_tests::mem_disk::MemDisk;
 use integration_tests::{seed, with_deadline, Rng};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::{
@@ -28,7 +29,6 @@ use vmm::devices::virtio::block::{
 };
 use vmm::devices::virtio::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use vmm::devices::virtio::{ActiveQueue, Queue, QueueConfig, VirtioDevice, VirtioInterrupt};
-use vmm::disk::MemDisk;
 use vmm::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
