@@ -688,20 +688,18 @@ fn qemu_sees_engine_lock() {
 fn create_over_an_image_in_use_like_qemu() {
     let tmp = tempdir();
     for fmt in ["qcow2", "raw"] {
-        let outcome = |tool: &str, prog: &Path| {
-            let p = tmp.path().join(format!("in-use-{fmt}-{tool}.img"));
+        let outcome = |name: &str, tool: Tool| {
+            let p = tmp.path().join(format!("in-use-{fmt}-{name}.img"));
             std::fs::write(&p, vec![0x5a; 64 << 10]).unwrap();
             let holder = qemu_io_hold(&p);
-            let mut cmd = Command::new(prog);
-            cmd.args(["create", "-f", fmt, s(&p), "1M"]);
-            let o = run(&mut cmd, TIMEOUT);
+            let o = tool.run_once(None, &["create", "-f", fmt, s(&p), "1M"]);
             drop(holder);
             let name = s(&p).to_string();
             let text = |t: &str| qemu_to_img_prefix(t).replace(&name, "IMAGE");
             (o.code, text(&o.stdout), text(&o.stderr), p.exists())
         };
-        let want = outcome("qemu", Path::new("qemu-img"));
-        let got = outcome("img", &img_bin());
+        let want = outcome("qemu", Tool::qemu_img());
+        let got = outcome("img", Tool::img());
         assert_eq!(got, want, "-f {fmt}: img (left) vs qemu-img (right)");
         let (code, left) = if fmt == "qcow2" {
             (1, false)
