@@ -6,6 +6,7 @@
 //! - [`tools`]: the one wrapper for `qemu-img`, `qemu-io` and `img` ([`Tool`], [`qemu_img`],
 //!   [`qemu_io`], [`img`], [`img_bin`]) and the qemu-side checks ([`qemu_check`],
 //!   [`qemu_read_all`], [`qemu_io_cmds`], [`qemu_io_hold`]: an image held locked);
+//! - [`sandbox`]: run a child on hostile input with a memory and a time limit;
 //! - [`engine`]: thin adapters over `common`'s public API;
 //! - [`mem_disk`]: an in-memory [`common::BlockDriver`] for device tests;
 //! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
@@ -23,7 +24,7 @@
 //!   `qemu-img: ` prefix to `img: `, to check the tests themselves against the reference);
 //! - `CI=true`: a missing prerequisite (qemu-img, /dev/kvm, root) fails instead of skipping.
 //!
-//! The tests need `qemu-img`/`qemu-io` 10.0.2 and `prlimit` (util-linux) on PATH.
+//! The tests need `qemu-img`/`qemu-io` 10.0.2 on PATH.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub mod fake_kernel;
 pub mod kvm;
 pub mod mem_disk;
 pub mod process;
+pub mod sandbox;
 pub mod tools;
 
 pub use process::{run, Output, TIMEOUT};

@@ -2,23 +2,21 @@
 //! with `img: `, exit code 1 like qemu-img), never panic, hang or allocate without bound;
 //! the engine's `open_image` must return `Err`.
 
+use integration_tests::sandbox::Sandbox;
 use integration_tests::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Address-space limit for `img` runs: a hostile size must not make it allocate gigabytes.
-const AS_LIMIT: &str = "2147483648";
+/// Limits for `img info` on a hostile image: a hostile size must not make it allocate
+/// gigabytes, nor loop.
+const IMG_LIMITS: Sandbox = Sandbox::new(2 << 30, Duration::from_secs(20));
+/// Limits for the child that opens a hostile image through the engine.
+const ENGINE_LIMITS: Sandbox = Sandbox::new(2 << 30, Duration::from_secs(30));
 
 fn img_limited(dir: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new("prlimit");
-    c.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(img_bin())
-        .args(args);
-    c.current_dir(dir).env("LC_ALL", "C");
-    run(&mut c, Duration::from_secs(20))
+    IMG_LIMITS.run(&mut Tool::img().command(Some(dir), args))
 }
 
 /// Big-endian field patches on a qcow2 file.
@@ -430,7 +428,8 @@ fn engine_open_rejects_corrupt_images() {
             ))
         } else if !out.success() || out.stderr.contains("panicked") {
             Err(format!(
-                "child crashed (panic, abort or allocation failure under --as={AS_LIMIT}):\n{}",
+                "child crashed (panic, abort or allocation failure under a {} MiB address space):\n{}",
+                ENGINE_LIMITS.memory >> 20,
                 out.report()
             ))
         } else if !out.stdout.contains("1 passed") {
@@ -460,21 +459,18 @@ fn engine_open_rejects_corrupt_images() {
 
 fn engine_open_in_child(file: &Path, fmt: Option<&str>, read_all: bool) -> Output {
     let exe = std::env::current_exe().unwrap();
-    let mut c = Command::new("prlimit");
-    c.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(exe)
-        .args([
-            "--ignored",
-            "--exact",
-            "engine_open_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("BAD_INPUT_FILE", file)
-        .env("BAD_INPUT_FORMAT", fmt.unwrap_or(""))
-        .env("BAD_INPUT_READ_ALL", if read_all { "1" } else { "" });
-    run(&mut c, Duration::from_secs(30))
+    let mut c = Command::new(exe);
+    c.args([
+        "--ignored",
+        "--exact",
+        "engine_open_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("BAD_INPUT_FILE", file)
+    .env("BAD_INPUT_FORMAT", fmt.unwrap_or(""))
+    .env("BAD_INPUT_READ_ALL", if read_all { "1" } else { "" });
+    ENGINE_LIMITS.run(&mut c)
 }
 
 /// Helper run by `engine_open_rejects_corrupt_images` in a child process (not a test on its

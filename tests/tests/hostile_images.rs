@@ -11,10 +11,11 @@
 //! - targeted cases (`target_*`) for hostile structures random mutation rarely builds.
 //!
 //! Every case runs in a child process (this test binary, re-executed with `HOSTILE_MODE`
-//! set) under `prlimit --as` (1 GiB address space) with a deadline: a hang is killed and
-//! reported with the operation that hung, an allocation failure or abort is reported with
-//! the child's stderr, a panic with its message and location. The child also resets and
-//! reads its peak RSS (`/proc/self/clear_refs`, `VmHWM`) around every case.
+//! set) in the tests library's sandbox (`integration_tests::sandbox`: a 1 GiB address
+//! space) with a deadline per case: a hang is killed and reported with the operation that
+//! hung, an allocation failure or abort is reported with the child's stderr, a panic with
+//! its message and location. The child also resets and reads its peak RSS
+//! (`/proc/self/clear_refs`, `VmHWM`) around every case.
 //!
 //! Replay: the seed is printed; `TEST_SEED=<seed> HOSTILE_CASE=<n> cargo test -p
 //! integration-tests --test hostile_images <fuzz test name> -- --nocapture` reruns one case,
@@ -22,15 +23,14 @@
 
 use common::open::{open_image, Image, OpenOptions};
 use common::qcow2::header::Header;
+use integration_tests::sandbox::{Event, Running, Sandbox};
 use integration_tests::{qemu_img, qemu_io_cmds, Rng};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,10 +43,9 @@ const TAG: &[u8; 8] = b"HOSTILE!";
 const CASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A targeted case must finish within this time.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for a child process to start and report its first case.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Address-space limit of the child processes.
-const AS_LIMIT: u64 = 1 << 30;
+/// The child processes: a 1 GiB address space, and this time to start and report their
+/// first case (each case then gets its own deadline).
+const CHILD_LIMITS: Sandbox = Sandbox::new(1 << 30, Duration::from_secs(30));
 /// Peak RSS one case may reach.
 const HWM_LIMIT_KIB: u64 = 384 << 10;
 /// How much a read-write session may grow the file (it writes well under 2 MiB).
@@ -1460,44 +1459,19 @@ fn zz_child_process_entry() {
 // ------------------------------------------------------------------------------------------
 // The parent: spawning children, deadlines, collecting failures
 
-struct Child {
-    proc: std::process::Child,
-    rx: Receiver<String>,
-    stderr: PathBuf,
-}
-
-fn spawn_child(dir: &Path, envs: &[(&str, String)], n: u32) -> Child {
+/// A child process running cases `HOSTILE_FROM..HOSTILE_TO` (and whatever `envs` add)
+/// in `dir`, under [`CHILD_LIMITS`].
+fn spawn_child(dir: &Path, envs: &[(&str, String)]) -> Running {
     // Through /proc: it still works if a concurrent build replaces the test binary.
     let exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
-    let stderr = dir.join(format!("child-{n}.stderr"));
-    let mut cmd = Command::new("prlimit");
-    cmd.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(exe)
-        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+    let mut cmd = Command::new(exe);
+    cmd.args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
         .env("HOSTILE_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&stderr).unwrap());
+        .env("RUST_BACKTRACE", "0");
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut proc = cmd.spawn().expect("spawn child (prlimit)");
-    let out = proc.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print "test name ... " before the first line on the same line.
-            if let Some(i) = line.find("@@") {
-                if tx.send(line[i + 2..].to_string()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    Child { proc, rx, stderr }
+    CHILD_LIMITS.spawn(&mut cmd)
 }
 
 #[derive(Debug, Clone)]
@@ -1525,90 +1499,37 @@ fn run_children(
     let mut failures = Vec::new();
     let mut stats = RunStats::default();
     let mut next = from;
-    let mut spawns = 0;
     while next < to {
-        spawns += 1;
         let mut e: Vec<(&str, String)> = envs.to_vec();
         e.push(("HOSTILE_FROM", next.to_string()));
         e.push(("HOSTILE_TO", to.to_string()));
-        let mut child = spawn_child(dir, &e, spawns);
+        let mut child = spawn_child(dir, &e);
         let mut current: Option<u64> = None;
         let mut step = String::from("(start)");
-        let mut deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut last_msg = Instant::now();
-        let mut cpu = (cpu_ticks(child.proc.id()), Instant::now());
+        let mut cpu = (child.cpu_ticks(), Instant::now());
         loop {
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(250));
-            let got = child.rx.recv_timeout(wait);
-            if got.is_ok() {
-                last_msg = Instant::now();
-            }
-            // A child that has sent nothing for a second, used no CPU meanwhile and has
-            // no runnable thread (so it is not merely starved on a loaded machine) is
-            // blocked: deadlocked, or stuck in a blocking open. No need to wait longer.
-            let mut deadlocked = false;
-            if let Err(RecvTimeoutError::Timeout) = got {
-                let now_ticks = cpu_ticks(child.proc.id());
-                if now_ticks != cpu.0 || any_runnable(child.proc.id()) {
-                    cpu = (now_ticks, Instant::now());
-                } else if current.is_some()
-                    && last_msg.elapsed() > Duration::from_secs(1)
-                    && cpu.1.elapsed() > Duration::from_secs(1)
-                {
-                    deadlocked = true;
-                }
-                if !deadlocked && Instant::now() < deadline {
-                    continue;
-                }
-            }
-            match got {
-                Ok(line) => {
-                    let mut it = line.splitn(3, ' ');
-                    let (kind, num, rest) = (
-                        it.next().unwrap_or(""),
-                        it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
-                        it.next().unwrap_or("").to_string(),
-                    );
-                    match kind {
-                        "CASE" => {
-                            current = Some(num);
-                            step = "(start)".into();
-                            deadline = Instant::now() + timeout;
-                        }
-                        "STEP" => step = rest,
-                        "FAIL" => {
-                            let (st, what) = match rest.split_once('\t') {
-                                Some((s, w)) => (s.to_string(), w.to_string()),
-                                None => (step.clone(), rest),
-                            };
-                            failures.push(Failure {
-                                case: num,
-                                step: st,
-                                what,
-                            })
-                        }
-                        "DONE" => {
-                            current = None;
-                            next = num + 1;
-                            stats.done += 1;
-                            let mut p = rest.splitn(2, ' ');
-                            let ms: u64 = p.next().and_then(|m| m.parse().ok()).unwrap_or(0);
-                            if ms > stats.slowest.1 {
-                                stats.slowest = (num, ms);
-                            }
-                            *stats
-                                .summaries
-                                .entry(p.next().unwrap_or("").to_string())
-                                .or_default() += 1;
-                        }
-                        _ => {}
+            let line = match child.next_line(Duration::from_millis(250)) {
+                Event::Line(l) => l,
+                ev @ (Event::Quiet | Event::Expired) => {
+                    // A child that has sent nothing for a second, used no CPU meanwhile and
+                    // has no runnable thread (so it is not merely starved on a loaded
+                    // machine) is blocked: deadlocked, or stuck in a blocking open. No need
+                    // to wait longer.
+                    let now_ticks = child.cpu_ticks();
+                    let mut deadlocked = false;
+                    if now_ticks != cpu.0 || child.any_runnable() {
+                        cpu = (now_ticks, Instant::now());
+                    } else if current.is_some()
+                        && last_msg.elapsed() > Duration::from_secs(1)
+                        && cpu.1.elapsed() > Duration::from_secs(1)
+                    {
+                        deadlocked = true;
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.proc.kill();
-                    let _ = child.proc.wait();
+                    if matches!(ev, Event::Quiet) && !deadlocked {
+                        continue;
+                    }
+                    let (_, stderr) = child.finish();
                     match current {
                         Some(c) => {
                             failures.push(Failure {
@@ -1628,16 +1549,15 @@ fn run_children(
                             next = c + 1;
                         }
                         None => panic!(
-                            "child process did not start in {STARTUP_TIMEOUT:?}: {}",
-                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                            "child process did not start in {:?}: {stderr}",
+                            CHILD_LIMITS.timeout
                         ),
                     }
                     break;
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = child.proc.wait().unwrap();
+                Event::Closed => {
+                    let (status, err) = child.finish();
                     if let Some(c) = current {
-                        let err = fs::read_to_string(&child.stderr).unwrap_or_default();
                         let tail: Vec<&str> = err
                             .lines()
                             .filter(|l| !l.trim().is_empty())
@@ -1656,43 +1576,58 @@ fn run_children(
                         next = c + 1;
                     } else if next < to {
                         panic!(
-                            "child exited ({status}) before finishing cases {next}..{to}: {}",
-                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                            "child exited ({status}) before finishing cases {next}..{to}: {err}"
                         );
                     }
                     break;
                 }
+            };
+            // libtest may print "test name ... " before the first line on the same line.
+            let Some(i) = line.find("@@") else { continue };
+            last_msg = Instant::now();
+            let mut it = line[i + 2..].splitn(3, ' ');
+            let (kind, num, rest) = (
+                it.next().unwrap_or(""),
+                it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
+                it.next().unwrap_or("").to_string(),
+            );
+            match kind {
+                "CASE" => {
+                    current = Some(num);
+                    step = "(start)".into();
+                    child.extend_deadline(timeout);
+                }
+                "STEP" => step = rest,
+                "FAIL" => {
+                    let (st, what) = match rest.split_once('\t') {
+                        Some((s, w)) => (s.to_string(), w.to_string()),
+                        None => (step.clone(), rest),
+                    };
+                    failures.push(Failure {
+                        case: num,
+                        step: st,
+                        what,
+                    })
+                }
+                "DONE" => {
+                    current = None;
+                    next = num + 1;
+                    stats.done += 1;
+                    let mut p = rest.splitn(2, ' ');
+                    let ms: u64 = p.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                    if ms > stats.slowest.1 {
+                        stats.slowest = (num, ms);
+                    }
+                    *stats
+                        .summaries
+                        .entry(p.next().unwrap_or("").to_string())
+                        .or_default() += 1;
+                }
+                _ => {}
             }
         }
     }
     (failures, stats)
-}
-
-/// Whether any thread of a process is running or runnable.
-fn any_runnable(pid: u32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|st| {
-                st.rsplit_once(')')
-                    .and_then(|x| x.1.split_whitespace().next().map(|c| c == "R"))
-            })
-            .unwrap_or(false)
-    })
-}
-
-/// User + system CPU ticks of a process.
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let after = stat.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn work_dir(tag: &str) -> tempfile::TempDir {
