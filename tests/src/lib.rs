@@ -6,6 +6,8 @@
 //! - [`tools`]: the one wrapper for `qemu-img`, `qemu-io` and `img` ([`Tool`], [`qemu_img`],
 //!   [`qemu_io`], [`img`], [`img_bin`]) and the qemu-side checks ([`qemu_check`],
 //!   [`qemu_read_all`], [`qemu_io_cmds`], [`qemu_io_hold`]: an image held locked);
+//! - [`qcow2_layout`]: where a qcow2 file keeps its metadata, and patching named fields, for
+//!   hostile-image tests;
 //! - [`sandbox`]: run a child on hostile input with a memory and a time limit;
 //! - [`engine`]: thin adapters over `common`'s public API;
 //! - [`mem_disk`]: an in-memory [`common::BlockDriver`] for device tests;
@@ -34,6 +36,7 @@ pub mod fake_kernel;
 pub mod kvm;
 pub mod mem_disk;
 pub mod process;
+pub mod qcow2_layout;
 pub mod sandbox;
 pub mod tools;
 

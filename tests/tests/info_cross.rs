@@ -4,6 +4,7 @@
 //! stderr (prefix mapped) and exit code must be identical, except the values of
 //! `disk size:` (human) and `"actual-size"` (JSON), which depend on the host filesystem.
 
+use integration_tests::qcow2_layout::{Patch, INCOMPAT_CORRUPT};
 use integration_tests::*;
 use std::path::Path;
 
@@ -92,20 +93,6 @@ fn qio(dir: &Path, file: &str, fmt: &str, cmds: &[&str]) {
         fmt,
         &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
     );
-}
-
-/// Flip bits in the qcow2 header's incompatible features (offset 72, big-endian u64).
-fn set_incompat_bits(path: &Path, bits: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, 72).unwrap();
-    let v = u64::from_be_bytes(b) | bits;
-    f.write_all_at(&v.to_be_bytes(), 72).unwrap();
 }
 
 /// Build the images (name, format) in `dir`.
@@ -214,7 +201,7 @@ fn make_images(dir: &Path) -> Vec<(String, &'static str)> {
     add("snaptop.qcow2", "qcow2");
     // Corrupt bit set (info still works and says corrupt: true).
     qimg(dir, "create -q -f qcow2 corrupt.qcow2 1M");
-    set_incompat_bits(&dir.join("corrupt.qcow2"), 2);
+    Patch(&dir.join("corrupt.qcow2")).set_incompatible(INCOMPAT_CORRUPT);
     add("corrupt.qcow2", "qcow2");
     v
 }
