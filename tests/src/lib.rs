@@ -6,6 +6,8 @@
 //! - [`tools`]: the one wrapper for `qemu-img`, `qemu-io` and `img` ([`Tool`], [`qemu_img`],
 //!   [`qemu_io`], [`img`], [`img_bin`]) and the qemu-side checks ([`qemu_check`],
 //!   [`qemu_read_all`], [`qemu_io_cmds`], [`qemu_io_hold`]: an image held locked);
+//! - [`twin`]: run `img` and `qemu-img` on the same arguments in twin directories and compare
+//!   exit codes, stdout, stderr and the resulting images;
 //! - [`qcow2_layout`]: where a qcow2 file keeps its metadata, and patching named fields, for
 //!   hostile-image tests;
 //! - [`sandbox`]: run a child on hostile input with a memory and a time limit;
@@ -39,6 +41,7 @@ pub mod process;
 pub mod qcow2_layout;
 pub mod sandbox;
 pub mod tools;
+pub mod twin;
 
 pub use process::{run, Output, TIMEOUT};
 pub use tempfile::TempDir;

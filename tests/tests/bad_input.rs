@@ -4,6 +4,7 @@
 
 use integration_tests::qcow2_layout::{self as q, Field, Patch};
 use integration_tests::sandbox::Sandbox;
+use integration_tests::twin::{verbatim, Names, Twin};
 use integration_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -434,7 +435,7 @@ fn engine_open_child() {
 /// `img create` with sizes qemu-img rejects: same message (prefix mapped) and exit code.
 #[test]
 fn create_rejects_bad_sizes_like_qemu() {
-    let tmp = tempdir();
+    let twin = Twin::new(|_| {});
     let mut f = Failures::new();
     for size in [
         "99E",
@@ -451,46 +452,13 @@ fn create_rejects_bad_sizes_like_qemu() {
         " 1M",
         "1.5",
     ] {
-        let qd = tmp.path().join("q");
-        let id = tmp.path().join("i");
-        std::fs::create_dir_all(&qd).unwrap();
-        std::fs::create_dir_all(&id).unwrap();
-        let args = ["create", "-f", "qcow2", "--", "x.qcow2", size];
-        let q = qemu_img_in(&qd, &args);
-        let i = img_in(&id, &args);
-        let r = (|| {
-            ensure(
-                !i.timed_out && i.signal.is_none() && !i.stderr.contains("panicked"),
-                || format!("img crashed:\n{}", i.report()),
-            )?;
-            ensure(q.code == i.code, || {
-                format!(
-                    "exit: qemu-img {:?}, img {:?}\n{}",
-                    q.code,
-                    i.code,
-                    i.report()
-                )
-            })?;
-            ensure(q.stdout == i.stdout, || {
-                text_diff("qemu-img stdout", &q.stdout, "img stdout", &i.stdout).unwrap()
-            })?;
-            let qe = qemu_to_img_prefix(&q.stderr);
-            ensure(qe == i.stderr, || {
-                text_diff(
-                    "qemu-img stderr (prefix mapped)",
-                    &qe,
-                    "img stderr",
-                    &i.stderr,
-                )
-                .unwrap()
-            })
-        })();
+        let pair = twin.run(&["create", "-f", "qcow2", "--", "x.qcow2", size]);
         f.record(
             &format!(
                 "create -f qcow2 x.qcow2 {size:?} (qemu-img exit {:?})",
-                q.code
+                pair.qemu.code
             ),
-            r,
+            pair.compare(Names::Prefix, verbatim),
         );
     }
     f.finish();
