@@ -10,6 +10,7 @@ pub mod create;
 pub mod direct_io;
 pub mod driver;
 pub mod error;
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault_storage;
 pub mod format;
 pub mod iovec;

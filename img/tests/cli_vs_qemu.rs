@@ -1,75 +1,28 @@
 //! `img create` / `img info` side by side with `qemu-img` (skipped when qemu-img is not
-//! installed): same stdout, same stderr once `qemu-img` reads `img`, same exit code.
+//! installed, outside CI): same stdout, same stderr once `qemu-img` reads `img`, same exit
+//! code. Each command runs in its own pair of twin directories holding copies of the same
+//! fixtures (`integration_tests::twin`).
 
 use std::path::Path;
-use std::process::Command;
 
-const IMG: &str = env!("CARGO_BIN_EXE_img");
-
-/// Whether qemu-img is installed. Outside CI a test without it is skipped loudly; in CI its
-/// absence fails the test.
-fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
-    assert!(
-        ok || std::env::var_os("CI").is_none(),
-        "qemu-img is missing in CI"
-    );
-    if !ok {
-        eprintln!("SKIPPED: qemu-img not installed");
-    }
-    ok
-}
-
-struct Run {
-    out: String,
-    err: String,
-    code: i32,
-}
-
-fn run(prog: &str, dir: &Path, args: &[&str]) -> Run {
-    let o = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .env("TZ", "UTC")
-        .output()
-        .expect("run");
-    Run {
-        out: String::from_utf8_lossy(&o.stdout).replace("qemu-img", "img"),
-        err: String::from_utf8_lossy(&o.stderr).replace("qemu-img", "img"),
-        code: o.status.code().unwrap_or(-1),
-    }
-}
+use integration_tests::twin::{verbatim, Names, Twin};
+use integration_tests::{have_qemu_img, qemu_img_in, tempdir, Failures, TempDir, Tool};
 
 /// Run `args` with both tools, each in its own copy of the fixtures, and compare.
-fn same(fixtures: &Path, args: &[&str]) {
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
-    for d in [a.path(), b.path()] {
+fn same(fixtures: &Path, args: &[&str]) -> Result<(), String> {
+    let twin = Twin::with_img(Tool::at(env!("CARGO_BIN_EXE_img")), |d| {
         for e in std::fs::read_dir(fixtures).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
         }
-    }
-    let q = run("qemu-img", a.path(), args);
-    let i = run(IMG, b.path(), args);
-    assert_eq!(i.out, q.out, "stdout of {args:?}");
-    assert_eq!(i.err, q.err, "stderr of {args:?}");
-    assert_eq!(i.code, q.code, "exit code of {args:?}");
+    });
+    twin.run(args).compare(Names::Everywhere, verbatim)
 }
 
-fn fixtures() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
+fn fixtures() -> TempDir {
+    let d = tempdir();
     let q = |args: &[&str]| {
-        let s = Command::new("qemu-img")
-            .args(args)
-            .current_dir(d.path())
-            .output()
-            .unwrap();
-        assert!(
-            s.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&s.stderr)
-        );
+        qemu_img_in(d.path(), args).ok();
     };
     q(&["create", "-q", "-f", "qcow2", "base.qcow2", "1G"]);
     q(&["create", "-q", "-f", "raw", "base.raw", "10M"]);
@@ -128,7 +81,9 @@ fn info_matches_qemu_img() {
         return;
     }
     let fx = fixtures();
-    for f in [
+    let mut f = Failures::new();
+    let mut case = |args: &[&str]| f.record(&args.join(" "), same(fx.path(), args));
+    for file in [
         "base.qcow2",
         "base.raw",
         "ov.qcow2",
@@ -136,13 +91,10 @@ fn info_matches_qemu_img() {
         "e.qcow2",
         "m.qcow2",
     ] {
-        same(fx.path(), &["info", f]);
-        same(fx.path(), &["info", "--output=json", f]);
-        same(fx.path(), &["info", "--backing-chain", f]);
-        same(
-            fx.path(),
-            &["info", "--backing-chain", "--output", "json", f],
-        );
+        case(&["info", file]);
+        case(&["info", "--output=json", file]);
+        case(&["info", "--backing-chain", file]);
+        case(&["info", "--backing-chain", "--output", "json", file]);
     }
     for args in [
         &["info", "nonexistent"][..],
@@ -154,8 +106,9 @@ fn info_matches_qemu_img() {
         &["info", "-x", "base.raw"],
         &["info", "-f"],
     ] {
-        same(fx.path(), args);
+        case(args);
     }
+    f.finish();
 }
 
 #[test]
@@ -197,8 +150,10 @@ fn create_messages_match_qemu_img() {
         "create -x x 1M",
         "create",
     ];
+    let mut f = Failures::new();
     for line in cases {
         let args: Vec<&str> = line.split_whitespace().collect();
-        same(fx.path(), &args);
+        f.record(line, same(fx.path(), &args));
     }
+    f.finish();
 }

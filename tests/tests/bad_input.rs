@@ -2,96 +2,28 @@
 //! with `img: `, exit code 1 like qemu-img), never panic, hang or allocate without bound;
 //! the engine's `open_image` must return `Err`.
 
+use integration_tests::qcow2_layout::{self as q, Field, Patch};
+use integration_tests::sandbox::Sandbox;
+use integration_tests::twin::{verbatim, Names, Twin};
 use integration_tests::*;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Address-space limit for `img` runs: a hostile size must not make it allocate gigabytes.
-const AS_LIMIT: &str = "2147483648";
+/// Limits for `img info` on a hostile image: a hostile size must not make it allocate
+/// gigabytes, nor loop.
+const IMG_LIMITS: Sandbox = Sandbox::new(2 << 30, Duration::from_secs(20));
+/// Limits for the child that opens a hostile image through the engine.
+const ENGINE_LIMITS: Sandbox = Sandbox::new(2 << 30, Duration::from_secs(30));
 
 fn img_limited(dir: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new("prlimit");
-    c.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(img_bin())
-        .args(args);
-    c.current_dir(dir).env("LC_ALL", "C");
-    run(&mut c, Duration::from_secs(20))
+    IMG_LIMITS.run(&mut Tool::img().command(Some(dir), args))
 }
-
-/// Big-endian field patches on a qcow2 file.
-struct Patch<'a>(&'a Path);
-impl Patch<'_> {
-    fn file(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.0)
-            .unwrap()
-    }
-    fn u32(&self, off: u64, v: u32) {
-        self.file().write_all_at(&v.to_be_bytes(), off).unwrap();
-    }
-    fn u64(&self, off: u64, v: u64) {
-        self.file().write_all_at(&v.to_be_bytes(), off).unwrap();
-    }
-    fn bytes(&self, off: u64, b: &[u8]) {
-        self.file().write_all_at(b, off).unwrap();
-    }
-    fn get_u32(&self, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.file().read_exact_at(&mut b, off).unwrap();
-        u32::from_be_bytes(b)
-    }
-    fn get_u64(&self, off: u64) -> u64 {
-        let mut b = [0u8; 8];
-        self.file().read_exact_at(&mut b, off).unwrap();
-        u64::from_be_bytes(b)
-    }
-    fn truncate(&self, len: u64) {
-        self.file().set_len(len).unwrap();
-    }
-    /// Offset of the first feature-name-table entry, from the header extensions.
-    fn feature_table(&self) -> Option<(u64, u32)> {
-        let mut off = self.get_u32(100) as u64;
-        for _ in 0..64 {
-            let t = self.get_u32(off);
-            let l = self.get_u32(off + 4);
-            if t == 0 {
-                return None;
-            }
-            if t == 0x6803_f857 {
-                return Some((off + 8, l / 48));
-            }
-            off += 8 + ((l as u64 + 7) & !7);
-        }
-        None
-    }
-}
-
-// Header offsets (qcow2 spec).
-const VERSION: u64 = 4;
-const BACKING_OFF: u64 = 8;
-const BACKING_SIZE: u64 = 16;
-const CLUSTER_BITS: u64 = 20;
-const SIZE: u64 = 24;
-const L1_SIZE: u64 = 36;
-const L1_OFF: u64 = 40;
-const RT_OFF: u64 = 48;
-const RT_CLUSTERS: u64 = 56;
-const NB_SNAPSHOTS: u64 = 60;
-const SNAP_OFF: u64 = 64;
-const INCOMPAT: u64 = 72;
-const REFCOUNT_ORDER: u64 = 96;
-const HEADER_LEN: u64 = 100;
 
 /// One change to a fresh `qemu-img create -f qcow2 ... 1M` image.
 #[derive(Clone, Copy)]
 enum Edit {
-    U32(u64, u32),
-    U64(u64, u64),
+    Set(Field, u64),
     Bytes(u64, &'static [u8]),
     Truncate(u64),
     /// Set one more incompatible-feature bit.
@@ -99,15 +31,12 @@ enum Edit {
 }
 use Edit::*;
 
-impl Patch<'_> {
-    fn apply(&self, e: Edit) {
-        match e {
-            U32(off, v) => self.u32(off, v),
-            U64(off, v) => self.u64(off, v),
-            Bytes(off, b) => self.bytes(off, b),
-            Truncate(len) => self.truncate(len),
-            IncompatBit(bit) => self.u64(INCOMPAT, self.get_u64(INCOMPAT) | 1 << bit),
-        }
+fn apply(p: &Patch, e: Edit) {
+    match e {
+        Set(f, v) => p.set(f, v),
+        Bytes(off, b) => p.put_bytes(off, b),
+        Truncate(len) => p.truncate(len),
+        IncompatBit(bit) => p.set_incompatible(1 << bit),
     }
 }
 
@@ -122,36 +51,36 @@ const HEADER_CASES: &[(&str, bool, &[&str], &[Edit])] = &[
     ("truncated to 8 bytes -f qcow2", true, &["-f", "qcow2"], &[Truncate(8)]),
     ("truncated v3 header (90 bytes)", true, &[], &[Truncate(90)]),
     ("bad magic -f qcow2", true, &["-f", "qcow2"], &[Bytes(0, b"QFIX")]),
-    ("version 1 -f qcow2", true, &["-f", "qcow2"], &[U32(VERSION, 1)]),
-    ("version 4", true, &[], &[U32(VERSION, 4)]),
-    ("version 0xffffffff", true, &[], &[U32(VERSION, u32::MAX)]),
-    ("cluster_bits 8", true, &[], &[U32(CLUSTER_BITS, 8)]),
-    ("cluster_bits 22", true, &[], &[U32(CLUSTER_BITS, 22)]),
-    ("cluster_bits 64", true, &[], &[U32(CLUSTER_BITS, 64)]),
-    ("cluster_bits 0xffffffff", true, &[], &[U32(CLUSTER_BITS, u32::MAX)]),
-    ("huge l1_size 0x7fffffff", true, &[], &[U32(L1_SIZE, 0x7fff_ffff)]),
-    ("huge l1_size 0xffffffff", true, &[], &[U32(L1_SIZE, 0xffff_ffff)]),
-    ("l1_size too small for virtual size", true, &[], &[U64(SIZE, 1 << 40)]),
-    ("virtual size 2^63-1", true, &[], &[U64(SIZE, i64::MAX as u64)]),
-    ("l1_table_offset past EOF", false, &[], &[U64(L1_OFF, 1 << 40)]),
-    ("l1_table_offset unaligned", true, &[], &[U64(L1_OFF, 0x30001)]),
-    ("l1_table_offset 2^63", true, &[], &[U64(L1_OFF, 1 << 63)]),
-    ("refcount table past EOF", false, &[], &[U64(RT_OFF, 1 << 40)]),
-    ("refcount table unaligned", true, &[], &[U64(RT_OFF, 0x10008)]),
-    ("refcount table offset 0", false, &[], &[U64(RT_OFF, 0)]),
-    ("refcount_table_clusters huge", true, &[], &[U32(RT_CLUSTERS, 0xff_ffff)]),
-    ("refcount_table_clusters 0xffffffff", true, &[], &[U32(RT_CLUSTERS, u32::MAX)]),
-    ("refcount_order 7", true, &[], &[U32(REFCOUNT_ORDER, 7)]),
-    ("refcount_order 0xffffffff", true, &[], &[U32(REFCOUNT_ORDER, u32::MAX)]),
-    ("header_length 50 (too small)", true, &[], &[U32(HEADER_LEN, 50)]),
-    ("header_length 0x100000 (past cluster)", true, &[], &[U32(HEADER_LEN, 0x10_0000)]),
-    ("header_length 0xffffffff", true, &[], &[U32(HEADER_LEN, u32::MAX)]),
-    ("header_length unaligned 105", false, &[], &[U32(HEADER_LEN, 105)]),
-    ("snapshots_offset garbage (past EOF)", false, &[], &[U32(NB_SNAPSHOTS, 1), U64(SNAP_OFF, 1 << 50)]),
-    ("snapshots_offset unaligned", true, &[], &[U32(NB_SNAPSHOTS, 1), U64(SNAP_OFF, 0x123)]),
-    ("nb_snapshots 0xffffffff", true, &[], &[U32(NB_SNAPSHOTS, u32::MAX), U64(SNAP_OFF, 0x10000)]),
-    ("backing_file_size huge", true, &[], &[U64(BACKING_OFF, 0x200), U32(BACKING_SIZE, 0xffff_ffff)]),
-    ("backing_file_offset past EOF", true, &[], &[U64(BACKING_OFF, 1 << 40), U32(BACKING_SIZE, 10)]),
+    ("version 1 -f qcow2", true, &["-f", "qcow2"], &[Set(q::VERSION, 1)]),
+    ("version 4", true, &[], &[Set(q::VERSION, 4)]),
+    ("version 0xffffffff", true, &[], &[Set(q::VERSION, u32::MAX as u64)]),
+    ("cluster_bits 8", true, &[], &[Set(q::CLUSTER_BITS, 8)]),
+    ("cluster_bits 22", true, &[], &[Set(q::CLUSTER_BITS, 22)]),
+    ("cluster_bits 64", true, &[], &[Set(q::CLUSTER_BITS, 64)]),
+    ("cluster_bits 0xffffffff", true, &[], &[Set(q::CLUSTER_BITS, u32::MAX as u64)]),
+    ("huge l1_size 0x7fffffff", true, &[], &[Set(q::L1_SIZE, 0x7fff_ffff)]),
+    ("huge l1_size 0xffffffff", true, &[], &[Set(q::L1_SIZE, 0xffff_ffff)]),
+    ("l1_size too small for virtual size", true, &[], &[Set(q::SIZE, 1 << 40)]),
+    ("virtual size 2^63-1", true, &[], &[Set(q::SIZE, i64::MAX as u64)]),
+    ("l1_table_offset past EOF", false, &[], &[Set(q::L1_TABLE_OFFSET, 1 << 40)]),
+    ("l1_table_offset unaligned", true, &[], &[Set(q::L1_TABLE_OFFSET, 0x30001)]),
+    ("l1_table_offset 2^63", true, &[], &[Set(q::L1_TABLE_OFFSET, 1 << 63)]),
+    ("refcount table past EOF", false, &[], &[Set(q::REFCOUNT_TABLE_OFFSET, 1 << 40)]),
+    ("refcount table unaligned", true, &[], &[Set(q::REFCOUNT_TABLE_OFFSET, 0x10008)]),
+    ("refcount table offset 0", false, &[], &[Set(q::REFCOUNT_TABLE_OFFSET, 0)]),
+    ("refcount_table_clusters huge", true, &[], &[Set(q::REFCOUNT_TABLE_CLUSTERS, 0xff_ffff)]),
+    ("refcount_table_clusters 0xffffffff", true, &[], &[Set(q::REFCOUNT_TABLE_CLUSTERS, u32::MAX as u64)]),
+    ("refcount_order 7", true, &[], &[Set(q::REFCOUNT_ORDER, 7)]),
+    ("refcount_order 0xffffffff", true, &[], &[Set(q::REFCOUNT_ORDER, u32::MAX as u64)]),
+    ("header_length 50 (too small)", true, &[], &[Set(q::HEADER_LENGTH, 50)]),
+    ("header_length 0x100000 (past cluster)", true, &[], &[Set(q::HEADER_LENGTH, 0x10_0000)]),
+    ("header_length 0xffffffff", true, &[], &[Set(q::HEADER_LENGTH, u32::MAX as u64)]),
+    ("header_length unaligned 105", false, &[], &[Set(q::HEADER_LENGTH, 105)]),
+    ("snapshots_offset garbage (past EOF)", false, &[], &[Set(q::NB_SNAPSHOTS, 1), Set(q::SNAPSHOTS_OFFSET, 1 << 50)]),
+    ("snapshots_offset unaligned", true, &[], &[Set(q::NB_SNAPSHOTS, 1), Set(q::SNAPSHOTS_OFFSET, 0x123)]),
+    ("nb_snapshots 0xffffffff", true, &[], &[Set(q::NB_SNAPSHOTS, u32::MAX as u64), Set(q::SNAPSHOTS_OFFSET, 0x10000)]),
+    ("backing_file_size huge", true, &[], &[Set(q::BACKING_FILE_OFFSET, 0x200), Set(q::BACKING_FILE_SIZE, 0xffff_ffff)]),
+    ("backing_file_offset past EOF", true, &[], &[Set(q::BACKING_FILE_OFFSET, 1 << 40), Set(q::BACKING_FILE_SIZE, 10)]),
     ("unknown incompatible bit without name", true, &[], &[IncompatBit(21)]),
 ];
 
@@ -187,7 +116,7 @@ fn cases(dir: &Path) -> Vec<BadCase> {
     let mut lenient = Vec::new();
     for (i, &(name, rejected, args, edits)) in HEADER_CASES.iter().enumerate() {
         let file = mk(dir, &format!("header{i:02}"), q, |p| {
-            edits.iter().for_each(|&e| p.apply(e))
+            edits.iter().for_each(|&e| apply(p, e))
         });
         let c = BadCase {
             name,
@@ -207,14 +136,15 @@ fn cases(dir: &Path) -> Vec<BadCase> {
     // table entry (autoclear "raw external data") as incompatible bit 20 "my-new-feature".
     let named = mk(dir, "incompat20named", q, |p| {
         let (first, n) = p
-            .feature_table()
+            .layout()
+            .feature_names
             .expect("qemu-img writes a feature name table");
-        let mut entry = [0u8; 48];
+        let mut entry = [0u8; q::FEATURE_NAME_ENTRY as usize];
         entry[0] = 0; // incompatible
         entry[1] = 20;
         entry[2..2 + 14].copy_from_slice(b"my-new-feature");
-        p.bytes(first + 48 * (n as u64 - 1), &entry);
-        p.u64(INCOMPAT, p.get_u64(INCOMPAT) | (1 << 20));
+        p.put_bytes(first + q::FEATURE_NAME_ENTRY * (n - 1), &entry);
+        p.set_incompatible(1 << 20);
     });
     v.push(BadCase {
         name: "unknown incompatible bit named in feature table",
@@ -430,7 +360,8 @@ fn engine_open_rejects_corrupt_images() {
             ))
         } else if !out.success() || out.stderr.contains("panicked") {
             Err(format!(
-                "child crashed (panic, abort or allocation failure under --as={AS_LIMIT}):\n{}",
+                "child crashed (panic, abort or allocation failure under a {} MiB address space):\n{}",
+                ENGINE_LIMITS.memory >> 20,
                 out.report()
             ))
         } else if !out.stdout.contains("1 passed") {
@@ -460,21 +391,18 @@ fn engine_open_rejects_corrupt_images() {
 
 fn engine_open_in_child(file: &Path, fmt: Option<&str>, read_all: bool) -> Output {
     let exe = std::env::current_exe().unwrap();
-    let mut c = Command::new("prlimit");
-    c.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(exe)
-        .args([
-            "--ignored",
-            "--exact",
-            "engine_open_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("BAD_INPUT_FILE", file)
-        .env("BAD_INPUT_FORMAT", fmt.unwrap_or(""))
-        .env("BAD_INPUT_READ_ALL", if read_all { "1" } else { "" });
-    run(&mut c, Duration::from_secs(30))
+    let mut c = Command::new(exe);
+    c.args([
+        "--ignored",
+        "--exact",
+        "engine_open_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("BAD_INPUT_FILE", file)
+    .env("BAD_INPUT_FORMAT", fmt.unwrap_or(""))
+    .env("BAD_INPUT_READ_ALL", if read_all { "1" } else { "" });
+    ENGINE_LIMITS.run(&mut c)
 }
 
 /// Helper run by `engine_open_rejects_corrupt_images` in a child process (not a test on its
@@ -507,7 +435,7 @@ fn engine_open_child() {
 /// `img create` with sizes qemu-img rejects: same message (prefix mapped) and exit code.
 #[test]
 fn create_rejects_bad_sizes_like_qemu() {
-    let tmp = tempdir();
+    let twin = Twin::new(|_| {});
     let mut f = Failures::new();
     for size in [
         "99E",
@@ -524,46 +452,13 @@ fn create_rejects_bad_sizes_like_qemu() {
         " 1M",
         "1.5",
     ] {
-        let qd = tmp.path().join("q");
-        let id = tmp.path().join("i");
-        std::fs::create_dir_all(&qd).unwrap();
-        std::fs::create_dir_all(&id).unwrap();
-        let args = ["create", "-f", "qcow2", "--", "x.qcow2", size];
-        let q = qemu_img_in(&qd, &args);
-        let i = img_in(&id, &args);
-        let r = (|| {
-            ensure(
-                !i.timed_out && i.signal.is_none() && !i.stderr.contains("panicked"),
-                || format!("img crashed:\n{}", i.report()),
-            )?;
-            ensure(q.code == i.code, || {
-                format!(
-                    "exit: qemu-img {:?}, img {:?}\n{}",
-                    q.code,
-                    i.code,
-                    i.report()
-                )
-            })?;
-            ensure(q.stdout == i.stdout, || {
-                text_diff("qemu-img stdout", &q.stdout, "img stdout", &i.stdout).unwrap()
-            })?;
-            let qe = qemu_to_img_prefix(&q.stderr);
-            ensure(qe == i.stderr, || {
-                text_diff(
-                    "qemu-img stderr (prefix mapped)",
-                    &qe,
-                    "img stderr",
-                    &i.stderr,
-                )
-                .unwrap()
-            })
-        })();
+        let pair = twin.run(&["create", "-f", "qcow2", "--", "x.qcow2", size]);
         f.record(
             &format!(
                 "create -f qcow2 x.qcow2 {size:?} (qemu-img exit {:?})",
-                q.code
+                pair.qemu.code
             ),
-            r,
+            pair.compare(Names::Prefix, verbatim),
         );
     }
     f.finish();
@@ -576,7 +471,7 @@ fn write_to_corrupt_image_fails() {
     let tmp = tempdir();
     let p = tmp.path().join("corrupt.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "1M"]).ok();
-    Patch(&p).u64(INCOMPAT, 2);
+    Patch(&p).set(q::INCOMPATIBLE_FEATURES, q::INCOMPAT_CORRUPT);
     // QEMU refuses it read-write:
     let q = qemu_io(&["-c", "write 0 512", s(&p)]);
     assert!(
@@ -688,20 +583,18 @@ fn qemu_sees_engine_lock() {
 fn create_over_an_image_in_use_like_qemu() {
     let tmp = tempdir();
     for fmt in ["qcow2", "raw"] {
-        let outcome = |tool: &str, prog: &Path| {
-            let p = tmp.path().join(format!("in-use-{fmt}-{tool}.img"));
+        let outcome = |name: &str, tool: Tool| {
+            let p = tmp.path().join(format!("in-use-{fmt}-{name}.img"));
             std::fs::write(&p, vec![0x5a; 64 << 10]).unwrap();
             let holder = qemu_io_hold(&p);
-            let mut cmd = Command::new(prog);
-            cmd.args(["create", "-f", fmt, s(&p), "1M"]);
-            let o = run(&mut cmd, TIMEOUT);
+            let o = tool.run_once(None, &["create", "-f", fmt, s(&p), "1M"]);
             drop(holder);
             let name = s(&p).to_string();
             let text = |t: &str| qemu_to_img_prefix(t).replace(&name, "IMAGE");
             (o.code, text(&o.stdout), text(&o.stderr), p.exists())
         };
-        let want = outcome("qemu", Path::new("qemu-img"));
-        let got = outcome("img", &img_bin());
+        let want = outcome("qemu", Tool::qemu_img());
+        let got = outcome("img", Tool::img());
         assert_eq!(got, want, "-f {fmt}: img (left) vs qemu-img (right)");
         let (code, left) = if fmt == "qcow2" {
             (1, false)

@@ -1,7 +1,8 @@
 //! `img create` against `qemu-img create`.
 //!
 //! Every case runs the same argument list through both tools, each in its own directory with
-//! identical contents (same relative file names), and then checks:
+//! identical contents (same relative file names: the twin harness,
+//! `integration_tests::twin`), and then checks:
 //! - exit code, stdout ("Formatting '...', fmt=qcow2 ...") and stderr (with `qemu-img: `
 //!   mapped to `img: `) are identical;
 //! - on success, the image we made passes `qemu-img check`, `qemu-img info --output=json`
@@ -10,21 +11,12 @@
 //!   contents identical;
 //! - with preallocation, the file length and `qemu-img map` (offsets aside) match too.
 
+use integration_tests::twin::{info_json, verbatim, Images, Names, Twin};
 use integration_tests::*;
-use std::path::Path;
 
-struct Env {
-    _tmp: tempfile::TempDir,
-    qdir: std::path::PathBuf,
-    idir: std::path::PathBuf,
-}
-
-/// Two directories with the same backing files, made by qemu-img.
-fn env() -> Env {
-    let tmp = tempdir();
-    let qdir = tmp.path().join("q");
-    let idir = tmp.path().join("i");
-    for d in [&qdir, &idir] {
+/// Twin directories with the same backing files, made by qemu-img.
+fn env() -> Twin {
+    Twin::new(|d| {
         std::fs::create_dir_all(d.join("sub")).unwrap();
         std::fs::create_dir_all(d.join("deep/er")).unwrap();
         qemu_img_in(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "3M"]).ok();
@@ -56,12 +48,7 @@ fn env() -> Env {
             "raw",
             &["write -P 0xa5 1000 3000".into()],
         );
-    }
-    Env {
-        _tmp: tmp,
-        qdir,
-        idir,
-    }
+    })
 }
 
 #[derive(Clone)]
@@ -115,185 +102,22 @@ fn with_create(c: &Case) -> Vec<String> {
         .collect()
 }
 
-fn run_case(env: &Env, c: &Case) -> Result<(), String> {
-    let args = with_create(c);
-    for d in [&env.qdir, &env.idir] {
-        let _ = std::fs::remove_file(d.join(&c.file));
+fn run_case(twin: &Twin, c: &Case) -> Result<(), String> {
+    twin.remove(&c.file);
+    let pair = twin.run(&with_create(c));
+    let mut errs = pair.differences(Names::Prefix, verbatim);
+    if pair.both_succeeded() {
+        let preallocated = c
+            .args
+            .iter()
+            .any(|a| a.contains("preallocation=") && !a.contains("preallocation=off"));
+        let what = Images {
+            preallocated,
+            contents: c.compare,
+        };
+        errs.extend(twin.compare_images(&c.file, what).err());
     }
-    let q = qemu_img_in(&env.qdir, &args);
-    let i = img_in(&env.idir, &args);
-    let mut errs = Vec::new();
-    if i.timed_out || i.signal.is_some() {
-        return Err(format!("img did not exit normally:\n{}", i.report()));
-    }
-    if i.stderr.contains("panicked") {
-        errs.push("img panicked".to_string());
-    }
-    if q.code != i.code {
-        errs.push(format!(
-            "exit code: qemu-img {:?}, img {:?}",
-            q.code, i.code
-        ));
-    }
-    if let Some(d) = text_diff("qemu-img stdout", &q.stdout, "img stdout", &i.stdout) {
-        errs.push(format!("stdout differs:\n{d}"));
-    }
-    let q_err = qemu_to_img_prefix(&q.stderr);
-    if let Some(d) = text_diff(
-        "qemu-img stderr (prefix mapped)",
-        &q_err,
-        "img stderr",
-        &i.stderr,
-    ) {
-        errs.push(format!("stderr differs:\n{d}"));
-    }
-    if q.success() && i.success() {
-        if let Err(e) = compare_images(env, c) {
-            errs.push(e);
-        }
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}\n--- qemu-img run:\n{}\n--- img run:\n{}",
-            errs.join("\n"),
-            q.report(),
-            i.report()
-        ))
-    }
-}
-
-fn info_json(dir: &Path, file: &str, keep_file_len: bool) -> Result<serde_json::Value, String> {
-    let out = qemu_img_in(dir, &["info", "-U", "--output=json", file]);
-    if !out.success() {
-        return Err(format!("qemu-img info failed on {file}:\n{}", out.report()));
-    }
-    let mut v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
-    json_remove_key(&mut v, "actual-size");
-    if !keep_file_len {
-        if let Some(children) = v.get_mut("children").and_then(|c| c.as_array_mut()) {
-            for ch in children {
-                if let Some(info) = ch.get_mut("info").and_then(|i| i.as_object_mut()) {
-                    info.remove("virtual-size");
-                }
-            }
-        }
-    }
-    Ok(v)
-}
-
-fn map_json(dir: &Path, file: &str) -> Result<serde_json::Value, String> {
-    let out = qemu_img_in(dir, &["map", "-U", "--output=json", file]);
-    if !out.success() {
-        return Err(format!("qemu-img map failed on {file}:\n{}", out.report()));
-    }
-    let mut v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
-    // Host offsets are layout, not contract: drop them, then merge neighbours that only
-    // qemu-img kept apart because their host offsets were not contiguous.
-    json_remove_key(&mut v, "offset");
-    let mut merged: Vec<serde_json::Value> = Vec::new();
-    for e in v.as_array().cloned().unwrap_or_default() {
-        if let Some(last) = merged.last_mut() {
-            let same = ["depth", "present", "zero", "data", "compressed"]
-                .iter()
-                .all(|k| last[k] == e[k]);
-            let adjacent = last["start"].as_u64().unwrap() + last["length"].as_u64().unwrap()
-                == e["start"].as_u64().unwrap();
-            if same && adjacent {
-                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
-                last["length"] = len.into();
-                continue;
-            }
-        }
-        merged.push(e);
-    }
-    Ok(serde_json::Value::Array(merged))
-}
-
-fn compare_images(env: &Env, c: &Case) -> Result<(), String> {
-    let qf = env.qdir.join(&c.file);
-    let inf = env.idir.join(&c.file);
-    if !inf.exists() {
-        return Err(format!("img did not create {}", inf.display()));
-    }
-    let fmt = qemu_info_json(&qf, &["-U"])["format"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let prealloc = c
-        .args
-        .iter()
-        .any(|a| a.contains("preallocation=") && !a.contains("preallocation=off"));
-    let mut errs = Vec::new();
-    if fmt == "qcow2" {
-        // Without the backing file (it may not exist with -u), check the image alone.
-        let spec = format!(
-            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
-            c.file
-        );
-        let out = qemu_img_in(&env.idir, &["check", "-U", &spec]);
-        if !out.success() {
-            errs.push(format!(
-                "qemu-img check of img's image failed:\n{}",
-                out.report()
-            ));
-        }
-    }
-    let keep_len = prealloc || fmt == "raw";
-    match (
-        info_json(&env.qdir, &c.file, keep_len),
-        info_json(&env.idir, &c.file, keep_len),
-    ) {
-        (Ok(q), Ok(i)) => {
-            if let Some(d) = text_diff(
-                "qemu-img info of qemu-img's image",
-                &json_pretty(&q),
-                "qemu-img info of img's image",
-                &json_pretty(&i),
-            ) {
-                errs.push(format!("info --output=json differs:\n{d}"));
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => errs.push(e),
-    }
-    if keep_len {
-        let ql = std::fs::metadata(&qf).unwrap().len();
-        let il = std::fs::metadata(&inf).unwrap().len();
-        if ql != il {
-            errs.push(format!("file length: qemu-img {ql}, img {il}"));
-        }
-    }
-    if prealloc {
-        match (map_json(&env.qdir, &c.file), map_json(&env.idir, &c.file)) {
-            (Ok(q), Ok(i)) => {
-                if let Some(d) = text_diff(
-                    "qemu-img map (qemu's image)",
-                    &json_pretty(&q),
-                    "qemu-img map (img's image)",
-                    &json_pretty(&i),
-                ) {
-                    errs.push(format!("map differs:\n{d}"));
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => errs.push(e),
-        }
-    }
-    if c.compare {
-        // Guest contents (through the backing chain, if any) must be the same.
-        let out = qemu_img(&["compare", "-U", s(&qf), s(&inf)]);
-        if out.code != Some(0) {
-            errs.push(format!(
-                "qemu-img compare says contents differ:\n{}",
-                out.report()
-            ));
-        }
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n"))
-    }
+    pair.verdict(errs)
 }
 
 fn run_all(cases: Vec<Case>) {
@@ -406,7 +230,7 @@ fn create_qcow2_backing() {
     cases.push(case("-f qcow2 -u -b base.qcow2 -F qcow2 a.qcow2"));
     // Absolute backing path.
     let env = env();
-    let abs = env.qdir.join("base.qcow2");
+    let abs = env.qemu_dir().join("base.qcow2");
     // Absolute paths differ between the two directories, so run it separately below.
     let mut f = Failures::new();
     for c in &cases {
@@ -414,7 +238,7 @@ fn create_qcow2_backing() {
     }
     // Absolute backing path: each tool gets its own directory's base; compare by substitution.
     let q = qemu_img_in(
-        &env.qdir,
+        env.qemu_dir(),
         &[
             "create",
             "-f",
@@ -426,9 +250,9 @@ fn create_qcow2_backing() {
             "abs.qcow2",
         ],
     );
-    let iabs = env.idir.join("base.qcow2");
+    let iabs = env.img_dir().join("base.qcow2");
     let i = img_in(
-        &env.idir,
+        env.img_dir(),
         &[
             "create",
             "-f",
@@ -440,7 +264,7 @@ fn create_qcow2_backing() {
             "abs.qcow2",
         ],
     );
-    let expected = q.stdout.replace(s(&env.qdir), s(&env.idir));
+    let expected = q.stdout.replace(s(env.qemu_dir()), s(env.img_dir()));
     f.record(
         "-f qcow2 -b /abs/base.qcow2 -F qcow2 abs.qcow2",
         ensure(q.success() && i.success() && expected == i.stdout, || {
@@ -453,9 +277,9 @@ fn create_qcow2_backing() {
             )
         })
         .and_then(|_| {
-            let qj = info_json(&env.qdir, "abs.qcow2", false)?;
-            let ij = info_json(&env.idir, "abs.qcow2", false)?;
-            let qt = json_pretty(&qj).replace(s(&env.qdir), s(&env.idir));
+            let qj = info_json(env.qemu_dir(), "abs.qcow2", false)?;
+            let ij = info_json(env.img_dir(), "abs.qcow2", false)?;
+            let qt = json_pretty(&qj).replace(s(env.qemu_dir()), s(env.img_dir()));
             let it = json_pretty(&ij);
             ensure(qt == it, || {
                 text_diff("qemu-img info (qemu's)", &qt, "qemu-img info (img's)", &it).unwrap()

@@ -10,11 +10,15 @@
 //!   read-write, reads, walks block_status, writes, zeroes, discards, flushes and drops it;
 //! - targeted cases (`target_*`) for hostile structures random mutation rarely builds.
 //!
+//! Where an image's metadata lives, and the patching, come from
+//! `integration_tests::qcow2_layout`.
+//!
 //! Every case runs in a child process (this test binary, re-executed with `HOSTILE_MODE`
-//! set) under `prlimit --as` (1 GiB address space) with a deadline: a hang is killed and
-//! reported with the operation that hung, an allocation failure or abort is reported with
-//! the child's stderr, a panic with its message and location. The child also resets and
-//! reads its peak RSS (`/proc/self/clear_refs`, `VmHWM`) around every case.
+//! set) in the tests library's sandbox (`integration_tests::sandbox`: a 1 GiB address
+//! space) with a deadline per case: a hang is killed and reported with the operation that
+//! hung, an allocation failure or abort is reported with the child's stderr, a panic with
+//! its message and location. The child also resets and reads its peak RSS
+//! (`/proc/self/clear_refs`, `VmHWM`) around every case.
 //!
 //! Replay: the seed is printed; `TEST_SEED=<seed> HOSTILE_CASE=<n> cargo test -p
 //! integration-tests --test hostile_images <fuzz test name> -- --nocapture` reruns one case,
@@ -22,31 +26,33 @@
 
 use common::open::{open_image, Image, OpenOptions};
 use common::qcow2::header::Header;
+use integration_tests::qcow2_layout::{
+    be32, be64, get_be, put_be, put_refcount, round_up, Field, Layout, Patch, BACKING_FILE_OFFSET,
+    BACKING_FILE_SIZE, CLUSTER_BITS, COMPRESSED, COPIED, EXT_BACKING_FORMAT, EXT_BITMAPS,
+    EXT_DATA_FILE, EXT_END, EXT_FEATURE_NAMES, EXT_FULL_DISK_ENCRYPTION, HEADER_FIELDS,
+    INCOMPATIBLE_FEATURES, INCOMPAT_DIRTY, NB_SNAPSHOTS, OFFSET_MASK, SNAPSHOT_FIELDS,
+    SNAPSHOT_L1_SIZE, ZERO,
+};
+use integration_tests::sandbox::{Event, Running, Sandbox};
 use integration_tests::{qemu_img, qemu_io_cmds, Rng};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Guest data written by the tests: found anywhere in metadata, it is a clobber.
 const TAG: &[u8; 8] = b"HOSTILE!";
 /// A fuzz case (all its operations) must finish within this time.
 const CASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A targeted case must finish within this time.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for a child process to start and report its first case.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Address-space limit of the child processes.
-const AS_LIMIT: u64 = 1 << 30;
+/// The child processes: a 1 GiB address space, and this time to start and report their
+/// first case (each case then gets its own deadline).
+const CHILD_LIMITS: Sandbox = Sandbox::new(1 << 30, Duration::from_secs(30));
 /// Peak RSS one case may reach.
 const HWM_LIMIT_KIB: u64 = 384 << 10;
 /// How much a read-write session may grow the file (it writes well under 2 MiB).
@@ -54,207 +60,11 @@ const GROWTH_LIMIT: u64 = 256 << 20;
 /// The test that the child processes run.
 const CHILD_TEST: &str = "zz_child_process_entry";
 
-// ------------------------------------------------------------------------------------------
-// Small byte helpers
-
-fn be16(b: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    b.get(at..at + 2)
-        .map_or(0, |s| u16::from_be_bytes(s.try_into().unwrap()) as u64)
-}
-fn be32(b: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    b.get(at..at + 4)
-        .map_or(0, |s| u32::from_be_bytes(s.try_into().unwrap()) as u64)
-}
-fn be64(b: &[u8], at: u64) -> u64 {
-    let at = at as usize;
-    b.get(at..at + 8)
-        .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap()))
-}
-fn get_be(b: &[u8], at: u64, width: u64) -> u64 {
-    match width {
-        1 => b.get(at as usize).map_or(0, |&x| x as u64),
-        2 => be16(b, at),
-        4 => be32(b, at),
-        _ => be64(b, at),
-    }
-}
-/// Store `v` big-endian in `width` bytes at `at`, if it fits in the buffer.
-fn put_be(b: &mut [u8], at: u64, width: u64, v: u64) -> bool {
-    let at = at as usize;
-    let w = width as usize;
-    if at + w > b.len() {
-        return false;
-    }
-    b[at..at + w].copy_from_slice(&v.to_be_bytes()[8 - w..]);
-    true
-}
-fn round_up(v: u64, to: u64) -> u64 {
-    v.div_ceil(to) * to
-}
 fn has_tag(b: &[u8]) -> bool {
     b.windows(8).any(|w| w == TAG)
 }
 fn tag_buf(len: usize) -> Vec<u8> {
     TAG.iter().copied().cycle().take(len).collect()
-}
-
-// ------------------------------------------------------------------------------------------
-// The layout of a (valid, qemu-made) image: where its metadata lives
-
-#[derive(Clone, Debug, Default)]
-struct Layout {
-    cb: u32,
-    cs: u64,
-    version: u64,
-    ext_l2: bool,
-    refcount_order: u64,
-    file_len: u64,
-    header_len: u64,
-    /// Offsets of the extension headers (type, length), and the end of the extensions.
-    ext_headers: Vec<u64>,
-    ext_end: u64,
-    backing: Option<(u64, u64)>,
-    l1: (u64, u64),
-    l2s: Vec<u64>,
-    rt: (u64, u64),
-    rbs: Vec<u64>,
-    snap_table: Option<(u64, u64)>,
-    snap_entries: Vec<u64>,
-    snap_l1s: Vec<(u64, u64)>,
-}
-
-impl Layout {
-    fn parse(b: &[u8]) -> Layout {
-        let cb = be32(b, 20) as u32;
-        let cs = 1u64 << cb;
-        let version = be32(b, 4);
-        let mut l = Layout {
-            cb,
-            cs,
-            version,
-            file_len: b.len() as u64,
-            ..Default::default()
-        };
-        if version >= 3 {
-            l.ext_l2 = be64(b, 72) & (1 << 4) != 0;
-            l.refcount_order = be32(b, 96);
-            l.header_len = be32(b, 100);
-        } else {
-            l.refcount_order = 4;
-            l.header_len = 72;
-        }
-        let mut at = l.header_len;
-        for _ in 0..64 {
-            if at + 8 > cs {
-                break;
-            }
-            l.ext_headers.push(at);
-            let kind = be32(b, at);
-            let len = be32(b, at + 4);
-            at += 8;
-            if kind == 0 {
-                break;
-            }
-            at += round_up(len, 8);
-        }
-        l.ext_end = at;
-        let bo = be64(b, 8);
-        if bo != 0 {
-            l.backing = Some((bo, be32(b, 16)));
-        }
-        let l1_off = be64(b, 40);
-        let l1_size = be32(b, 36);
-        l.l1 = (l1_off, l1_size * 8);
-        l.rt = (be64(b, 48), be32(b, 56) * cs);
-        let mut l2s = Vec::new();
-        let add_l1 = |off: u64, bytes: u64, l2s: &mut Vec<u64>| {
-            for i in 0..bytes / 8 {
-                let e = be64(b, off + 8 * i) & OFFSET_MASK;
-                if e != 0 && !l2s.contains(&e) {
-                    l2s.push(e);
-                }
-            }
-        };
-        add_l1(l1_off, l1_size * 8, &mut l2s);
-        for i in 0..l.rt.1 / 8 {
-            let e = be64(b, l.rt.0 + 8 * i) & !0x1ff;
-            if e != 0 {
-                l.rbs.push(e);
-            }
-        }
-        let nb = be32(b, 60);
-        if nb > 0 {
-            let start = be64(b, 64);
-            let mut at = start;
-            for _ in 0..nb {
-                l.snap_entries.push(at);
-                let sl1 = be64(b, at);
-                let sl1_size = be32(b, at + 8);
-                l.snap_l1s.push((sl1, sl1_size * 8));
-                add_l1(sl1, sl1_size * 8, &mut l2s);
-                let var = be16(b, at + 12) + be16(b, at + 14) + be32(b, at + 36);
-                at = round_up(at + 40 + var, 8);
-            }
-            l.snap_table = Some((start, at - start));
-        }
-        l.l2s = l2s;
-        l
-    }
-
-    /// Metadata offsets a hostile pointer may aim at, with names for the mutation log.
-    fn targets(&self) -> Vec<(u64, String)> {
-        let mut v = vec![
-            (0, "header".to_string()),
-            (self.cs, "cluster 1".to_string()),
-            (self.l1.0, "L1".to_string()),
-            (self.rt.0, "reftable".to_string()),
-            (
-                round_up(self.file_len, self.cs),
-                "EOF (aligned)".to_string(),
-            ),
-        ];
-        v.extend(
-            self.rbs
-                .iter()
-                .take(2)
-                .map(|&o| (o, "refblock".to_string())),
-        );
-        v.extend(self.l2s.iter().take(3).map(|&o| (o, "L2".to_string())));
-        if let Some((o, _)) = self.snap_table {
-            v.push((o, "snapshot table".to_string()));
-        }
-        v.extend(
-            self.snap_l1s
-                .iter()
-                .take(2)
-                .map(|&(o, _)| (o, "snapshot L1".to_string())),
-        );
-        v
-    }
-
-    /// Host clusters holding metadata (header, tables), for clobber checks.
-    fn metadata_ranges(&self) -> Vec<(u64, u64, String)> {
-        // Whole clusters: a table owns the clusters it starts in, to their end.
-        let cl = |bytes: u64| round_up(bytes.max(1), self.cs);
-        let mut v = vec![(0, self.cs, "header cluster".to_string())];
-        v.push((self.l1.0, cl(self.l1.1), "L1 table".into()));
-        v.push((self.rt.0, self.rt.1, "refcount table".into()));
-        for &o in &self.rbs {
-            v.push((o, self.cs, format!("refcount block {o:#x}")));
-        }
-        for &o in &self.l2s {
-            v.push((o, self.cs, format!("L2 table {o:#x}")));
-        }
-        if let Some((o, n)) = self.snap_table {
-            v.push((o, cl(n), "snapshot table".into()));
-        }
-        for &(o, n) in &self.snap_l1s {
-            v.push((o, cl(n), format!("snapshot L1 table {o:#x}")));
-        }
-        v
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -528,27 +338,6 @@ struct Mutator<'a> {
     truncate_to: Option<u64>,
 }
 
-const HEADER_FIELDS: &[(u64, u64, &str)] = &[
-    (4, 4, "version"),
-    (8, 8, "backing_file_offset"),
-    (16, 4, "backing_file_size"),
-    (20, 4, "cluster_bits"),
-    (24, 8, "size"),
-    (32, 4, "crypt_method"),
-    (36, 4, "l1_size"),
-    (40, 8, "l1_table_offset"),
-    (48, 8, "refcount_table_offset"),
-    (56, 4, "refcount_table_clusters"),
-    (60, 4, "nb_snapshots"),
-    (64, 8, "snapshots_offset"),
-    (72, 8, "incompatible_features"),
-    (80, 8, "compatible_features"),
-    (88, 8, "autoclear_features"),
-    (96, 4, "refcount_order"),
-    (100, 4, "header_length"),
-    (104, 1, "compression_type"),
-];
-
 impl Mutator<'_> {
     fn mask(width: u64) -> u64 {
         if width >= 8 {
@@ -566,7 +355,7 @@ impl Mutator<'_> {
 
     /// An interesting value for a field of `width` bytes that held `old`.
     fn value(&mut self, width: u64, old: u64) -> (u64, String) {
-        let cs = self.lay.cs;
+        let cs = self.lay.cluster_size;
         let bits = 8 * width;
         let (v, why) = match self.rng.below(21) {
             0 => (0, "0".to_string()),
@@ -606,9 +395,9 @@ impl Mutator<'_> {
         (v & Self::mask(width), why)
     }
 
-    fn field_special(&mut self, name: &str) -> Option<(u64, String)> {
+    fn field_special(&mut self, f: Field) -> Option<(u64, String)> {
         let pick = |rng: &mut Rng, vals: &[u64]| *rng.pick(vals);
-        let v = match name {
+        let v = match f.name {
             "version" => pick(&mut self.rng, &[0, 1, 2, 3, 4, u32::MAX as u64]),
             "cluster_bits" => pick(&mut self.rng, &[0, 8, 9, 12, 16, 21, 22, 31, 32, 63, 64]),
             "refcount_order" => pick(&mut self.rng, &[0, 1, 3, 5, 6, 7, 8, 32, u32::MAX as u64]),
@@ -621,9 +410,9 @@ impl Mutator<'_> {
                     104,
                     105,
                     112,
-                    self.lay.cs - 1,
-                    self.lay.cs,
-                    self.lay.cs + 8,
+                    self.lay.cluster_size - 1,
+                    self.lay.cluster_size,
+                    self.lay.cluster_size + 8,
                 ],
             ),
             "nb_snapshots" => pick(
@@ -662,12 +451,7 @@ impl Mutator<'_> {
                 &[0, 1, 2, 128, 129, 0x10000, u32::MAX as u64],
             ),
             "incompatible_features" | "compatible_features" | "autoclear_features" => {
-                let at = match name {
-                    "incompatible_features" => 72,
-                    "compatible_features" => 80,
-                    _ => 88,
-                };
-                let old = be64(&self.bytes, at);
+                let old = be64(&self.bytes, f.offset);
                 let b = *self.rng.pick(&[0u64, 1, 2, 3, 4, 5, 6, 40, 63]);
                 old | (1 << b)
             }
@@ -681,12 +465,17 @@ impl Mutator<'_> {
     fn mutate_header(&mut self) {
         let fields: Vec<_> = HEADER_FIELDS
             .iter()
-            .filter(|f| self.lay.version >= 3 || f.0 < 72)
+            .filter(|f| self.lay.version >= 3 || f.offset < INCOMPATIBLE_FEATURES.offset)
             .collect();
-        let &&(off, width, name) = self.rng.pick(&fields);
+        let &&f = self.rng.pick(&fields);
+        let Field {
+            offset: off,
+            width,
+            name,
+        } = f;
         let old = get_be(&self.bytes, off, width);
         let (v, why) = if self.rng.chance(1, 2) {
-            self.field_special(name)
+            self.field_special(f)
                 .unwrap_or_else(|| self.value(width, old))
         } else {
             self.value(width, old)
@@ -712,12 +501,12 @@ impl Mutator<'_> {
         if self.rng.chance(1, 2) {
             let old = be32(&self.bytes, at);
             let v = *self.rng.pick(&[
-                0u64,
-                0xe279_2aca,
-                0x6803_f857,
-                0x2385_2875,
-                0x0537_be77,
-                0x4441_5441,
+                EXT_END,
+                EXT_BACKING_FORMAT,
+                EXT_FEATURE_NAMES,
+                EXT_BITMAPS,
+                EXT_FULL_DISK_ENCRYPTION,
+                EXT_DATA_FILE,
                 0x1234_5678,
             ]);
             put_be(&mut self.bytes, at, 4, v);
@@ -725,7 +514,7 @@ impl Mutator<'_> {
                 .push(format!("extension type @{at:#x}: {old:#x} -> {v:#x}"));
         } else {
             let old = be32(&self.bytes, at + 4);
-            let cs = self.lay.cs;
+            let cs = self.lay.cluster_size;
             let v = *self.rng.pick(&[
                 0,
                 1,
@@ -747,8 +536,8 @@ impl Mutator<'_> {
 
     /// An interesting value for a table entry (L1, L2, refcount table) that held `old`.
     fn entry_value(&mut self, old: u64, bitmap: bool) -> (u64, String) {
-        let cs = self.lay.cs;
-        let cb = self.lay.cb as u64;
+        let cs = self.lay.cluster_size;
+        let cb = self.lay.cluster_bits as u64;
         if bitmap {
             let flip = 1u64 << self.rng.below(64);
             let random = self.rng.next_u64();
@@ -807,11 +596,11 @@ impl Mutator<'_> {
                 COMPRESSED | sector_mask | (old & ((1 << sector_shift) - 1)),
                 "compressed, max sector count".into(),
             ),
-            16 => (old | 1, "|ZERO".into()),
+            16 => (old | ZERO, "|ZERO".into()),
             17 => (old ^ COPIED, "^COPIED".into()),
             18 => {
                 let (o, n) = self.target();
-                (o | COPIED | 1, format!("-> {n} |COPIED|ZERO"))
+                (o | COPIED | ZERO, format!("-> {n} |COPIED|ZERO"))
             }
             _ => (0x7fff_ffff_ffff_ffff, "i64 max".into()),
         }
@@ -849,7 +638,7 @@ impl Mutator<'_> {
     }
 
     fn mutate_refblock(&mut self, off: u64) {
-        let cs = self.lay.cs;
+        let cs = self.lay.cluster_size;
         let order = self.lay.refcount_order.min(6);
         let bits = 1u64 << order;
         match self.rng.below(5) {
@@ -871,13 +660,13 @@ impl Mutator<'_> {
                 // The refcount of one metadata cluster (the first block covers them all in
                 // these small images).
                 let (t, name) = self.target();
-                let c = t >> self.lay.cb;
+                let c = t >> self.lay.cluster_bits;
                 if c * bits / 8 >= cs {
                     return;
                 }
                 let v = *self.rng.pick(&[0u64, 2, u64::MAX]);
                 let v = if bits == 64 { v } else { v & ((1 << bits) - 1) };
-                set_refcount(&mut self.bytes, off, order, c, v);
+                put_refcount(&mut self.bytes, off, order, c, v);
                 self.log
                     .push(format!("refcount of cluster {c} ({name}) := {v:#x}"));
             }
@@ -902,17 +691,11 @@ impl Mutator<'_> {
 
     fn mutate_snapshot_table(&mut self) {
         let entry = *self.rng.pick(&self.lay.snap_entries);
-        const FIELDS: &[(u64, u64, &str)] = &[
-            (0, 8, "l1_table_offset"),
-            (8, 4, "l1_size"),
-            (12, 2, "id_len"),
-            (14, 2, "name_len"),
-            (32, 4, "vm_state_size"),
-            (36, 4, "extra_data_size"),
-            (40, 8, "vm_state_size_large"),
-            (48, 8, "disk_size"),
-        ];
-        let &(fo, w, name) = self.rng.pick(FIELDS);
+        let &Field {
+            offset: fo,
+            width: w,
+            name,
+        } = self.rng.pick(SNAPSHOT_FIELDS);
         let old = get_be(&self.bytes, entry + fo, w);
         let (v, why) = if name == "l1_size" && self.rng.chance(1, 2) {
             let v = *self
@@ -929,7 +712,7 @@ impl Mutator<'_> {
     }
 
     fn mutate_backing_name(&mut self) {
-        let cs = self.lay.cs;
+        let cs = self.lay.cluster_size;
         let name: &[u8] = match self.rng.below(4) {
             0 | 1 => b"case.qcow2",
             2 => b"no-such-file.qcow2",
@@ -977,7 +760,7 @@ impl Mutator<'_> {
             2 => self.mutate_table("L1", lay.l1.0, lay.l1.1, false),
             3 if !lay.l2s.is_empty() => {
                 let o = *self.rng.pick(&lay.l2s);
-                self.mutate_table("L2", o, lay.cs, lay.ext_l2)
+                self.mutate_table("L2", o, lay.cluster_size, lay.extended_l2)
             }
             4 => {
                 let used = lay.rt.1.min(64 * 8);
@@ -994,35 +777,22 @@ impl Mutator<'_> {
             }
             8 => self.mutate_backing_name(),
             9 if lay.version >= 3 => {
-                let old = be64(&self.bytes, 72);
-                put_be(&mut self.bytes, 72, 8, old | 1);
+                let at = INCOMPATIBLE_FEATURES.offset;
+                let old = be64(&self.bytes, at);
+                put_be(&mut self.bytes, at, 8, old | INCOMPAT_DIRTY);
                 self.log.push("incompatible_features |= DIRTY".into());
             }
             10 => {
                 let len = self.bytes.len() as u64;
                 let to = if self.rng.chance(1, 2) {
-                    round_up(self.rng.range(1, len - 1), lay.cs).min(len - 1)
+                    round_up(self.rng.range(1, len - 1), lay.cluster_size).min(len - 1)
                 } else {
-                    self.rng.range(lay.cs.min(len - 1), len - 1)
+                    self.rng.range(lay.cluster_size.min(len - 1), len - 1)
                 };
                 self.truncate_to = Some(self.truncate_to.map_or(to, |t: u64| t.min(to)));
                 self.log.push(format!("truncate file to {to:#x}"));
             }
             _ => self.mutate_header(),
-        }
-    }
-}
-
-fn set_refcount(b: &mut [u8], block: u64, order: u64, idx: u64, v: u64) {
-    let bits = 1u64 << order;
-    if bits >= 8 {
-        put_be(b, block + idx * bits / 8, bits / 8, v);
-    } else {
-        let at = (block + idx * bits / 8) as usize;
-        let shift = (idx * bits) % 8;
-        let m = (((1u16 << bits) - 1) as u8) << shift;
-        if let Some(x) = b.get_mut(at) {
-            *x = (*x & !m) | (((v as u8) << shift) & m);
         }
     }
 }
@@ -1287,7 +1057,7 @@ fn rw_session(cx: &mut Ctx, img: &Image, rng: &mut Rng, cs: u64) {
 fn check_after_rw(path: &Path, before: &[u8]) -> Result<(), String> {
     let f = fs::File::open(path).map_err(|e| format!("reopen: {e}"))?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
-    let cb = be32(before, 20);
+    let cb = be32(before, CLUSTER_BITS.offset);
     let cs = if (9..=21).contains(&cb) {
         1u64 << cb
     } else {
@@ -1400,7 +1170,7 @@ fn child_fuzz(dir: &Path) {
         };
         reset_hwm();
         let start = Instant::now();
-        let cs = bases[bi].lay.cs;
+        let cs = bases[bi].lay.cluster_size;
         let r = catch_unwind(AssertUnwindSafe(|| {
             exercise(&mut cx, dir, &bytes, cs, seed)
         }));
@@ -1460,44 +1230,19 @@ fn zz_child_process_entry() {
 // ------------------------------------------------------------------------------------------
 // The parent: spawning children, deadlines, collecting failures
 
-struct Child {
-    proc: std::process::Child,
-    rx: Receiver<String>,
-    stderr: PathBuf,
-}
-
-fn spawn_child(dir: &Path, envs: &[(&str, String)], n: u32) -> Child {
+/// A child process running cases `HOSTILE_FROM..HOSTILE_TO` (and whatever `envs` add)
+/// in `dir`, under [`CHILD_LIMITS`].
+fn spawn_child(dir: &Path, envs: &[(&str, String)]) -> Running {
     // Through /proc: it still works if a concurrent build replaces the test binary.
     let exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
-    let stderr = dir.join(format!("child-{n}.stderr"));
-    let mut cmd = Command::new("prlimit");
-    cmd.arg(format!("--as={AS_LIMIT}"))
-        .arg("--")
-        .arg(exe)
-        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+    let mut cmd = Command::new(exe);
+    cmd.args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
         .env("HOSTILE_DIR", dir)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&stderr).unwrap());
+        .env("RUST_BACKTRACE", "0");
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut proc = cmd.spawn().expect("spawn child (prlimit)");
-    let out = proc.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print "test name ... " before the first line on the same line.
-            if let Some(i) = line.find("@@") {
-                if tx.send(line[i + 2..].to_string()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    Child { proc, rx, stderr }
+    CHILD_LIMITS.spawn(&mut cmd)
 }
 
 #[derive(Debug, Clone)]
@@ -1525,90 +1270,37 @@ fn run_children(
     let mut failures = Vec::new();
     let mut stats = RunStats::default();
     let mut next = from;
-    let mut spawns = 0;
     while next < to {
-        spawns += 1;
         let mut e: Vec<(&str, String)> = envs.to_vec();
         e.push(("HOSTILE_FROM", next.to_string()));
         e.push(("HOSTILE_TO", to.to_string()));
-        let mut child = spawn_child(dir, &e, spawns);
+        let mut child = spawn_child(dir, &e);
         let mut current: Option<u64> = None;
         let mut step = String::from("(start)");
-        let mut deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut last_msg = Instant::now();
-        let mut cpu = (cpu_ticks(child.proc.id()), Instant::now());
+        let mut cpu = (child.cpu_ticks(), Instant::now());
         loop {
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(250));
-            let got = child.rx.recv_timeout(wait);
-            if got.is_ok() {
-                last_msg = Instant::now();
-            }
-            // A child that has sent nothing for a second, used no CPU meanwhile and has
-            // no runnable thread (so it is not merely starved on a loaded machine) is
-            // blocked: deadlocked, or stuck in a blocking open. No need to wait longer.
-            let mut deadlocked = false;
-            if let Err(RecvTimeoutError::Timeout) = got {
-                let now_ticks = cpu_ticks(child.proc.id());
-                if now_ticks != cpu.0 || any_runnable(child.proc.id()) {
-                    cpu = (now_ticks, Instant::now());
-                } else if current.is_some()
-                    && last_msg.elapsed() > Duration::from_secs(1)
-                    && cpu.1.elapsed() > Duration::from_secs(1)
-                {
-                    deadlocked = true;
-                }
-                if !deadlocked && Instant::now() < deadline {
-                    continue;
-                }
-            }
-            match got {
-                Ok(line) => {
-                    let mut it = line.splitn(3, ' ');
-                    let (kind, num, rest) = (
-                        it.next().unwrap_or(""),
-                        it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
-                        it.next().unwrap_or("").to_string(),
-                    );
-                    match kind {
-                        "CASE" => {
-                            current = Some(num);
-                            step = "(start)".into();
-                            deadline = Instant::now() + timeout;
-                        }
-                        "STEP" => step = rest,
-                        "FAIL" => {
-                            let (st, what) = match rest.split_once('\t') {
-                                Some((s, w)) => (s.to_string(), w.to_string()),
-                                None => (step.clone(), rest),
-                            };
-                            failures.push(Failure {
-                                case: num,
-                                step: st,
-                                what,
-                            })
-                        }
-                        "DONE" => {
-                            current = None;
-                            next = num + 1;
-                            stats.done += 1;
-                            let mut p = rest.splitn(2, ' ');
-                            let ms: u64 = p.next().and_then(|m| m.parse().ok()).unwrap_or(0);
-                            if ms > stats.slowest.1 {
-                                stats.slowest = (num, ms);
-                            }
-                            *stats
-                                .summaries
-                                .entry(p.next().unwrap_or("").to_string())
-                                .or_default() += 1;
-                        }
-                        _ => {}
+            let line = match child.next_line(Duration::from_millis(250)) {
+                Event::Line(l) => l,
+                ev @ (Event::Quiet | Event::Expired) => {
+                    // A child that has sent nothing for a second, used no CPU meanwhile and
+                    // has no runnable thread (so it is not merely starved on a loaded
+                    // machine) is blocked: deadlocked, or stuck in a blocking open. No need
+                    // to wait longer.
+                    let now_ticks = child.cpu_ticks();
+                    let mut deadlocked = false;
+                    if now_ticks != cpu.0 || child.any_runnable() {
+                        cpu = (now_ticks, Instant::now());
+                    } else if current.is_some()
+                        && last_msg.elapsed() > Duration::from_secs(1)
+                        && cpu.1.elapsed() > Duration::from_secs(1)
+                    {
+                        deadlocked = true;
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.proc.kill();
-                    let _ = child.proc.wait();
+                    if matches!(ev, Event::Quiet) && !deadlocked {
+                        continue;
+                    }
+                    let (_, stderr) = child.finish();
                     match current {
                         Some(c) => {
                             failures.push(Failure {
@@ -1628,16 +1320,15 @@ fn run_children(
                             next = c + 1;
                         }
                         None => panic!(
-                            "child process did not start in {STARTUP_TIMEOUT:?}: {}",
-                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                            "child process did not start in {:?}: {stderr}",
+                            CHILD_LIMITS.timeout
                         ),
                     }
                     break;
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = child.proc.wait().unwrap();
+                Event::Closed => {
+                    let (status, err) = child.finish();
                     if let Some(c) = current {
-                        let err = fs::read_to_string(&child.stderr).unwrap_or_default();
                         let tail: Vec<&str> = err
                             .lines()
                             .filter(|l| !l.trim().is_empty())
@@ -1656,43 +1347,58 @@ fn run_children(
                         next = c + 1;
                     } else if next < to {
                         panic!(
-                            "child exited ({status}) before finishing cases {next}..{to}: {}",
-                            fs::read_to_string(&child.stderr).unwrap_or_default()
+                            "child exited ({status}) before finishing cases {next}..{to}: {err}"
                         );
                     }
                     break;
                 }
+            };
+            // libtest may print "test name ... " before the first line on the same line.
+            let Some(i) = line.find("@@") else { continue };
+            last_msg = Instant::now();
+            let mut it = line[i + 2..].splitn(3, ' ');
+            let (kind, num, rest) = (
+                it.next().unwrap_or(""),
+                it.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
+                it.next().unwrap_or("").to_string(),
+            );
+            match kind {
+                "CASE" => {
+                    current = Some(num);
+                    step = "(start)".into();
+                    child.extend_deadline(timeout);
+                }
+                "STEP" => step = rest,
+                "FAIL" => {
+                    let (st, what) = match rest.split_once('\t') {
+                        Some((s, w)) => (s.to_string(), w.to_string()),
+                        None => (step.clone(), rest),
+                    };
+                    failures.push(Failure {
+                        case: num,
+                        step: st,
+                        what,
+                    })
+                }
+                "DONE" => {
+                    current = None;
+                    next = num + 1;
+                    stats.done += 1;
+                    let mut p = rest.splitn(2, ' ');
+                    let ms: u64 = p.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                    if ms > stats.slowest.1 {
+                        stats.slowest = (num, ms);
+                    }
+                    *stats
+                        .summaries
+                        .entry(p.next().unwrap_or("").to_string())
+                        .or_default() += 1;
+                }
+                _ => {}
             }
         }
     }
     (failures, stats)
-}
-
-/// Whether any thread of a process is running or runnable.
-fn any_runnable(pid: u32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|st| {
-                st.rsplit_once(')')
-                    .and_then(|x| x.1.split_whitespace().next().map(|c| c == "R"))
-            })
-            .unwrap_or(false)
-    })
-}
-
-/// User + system CPU ticks of a process.
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    let after = stat.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn work_dir(tag: &str) -> tempfile::TempDir {
@@ -1898,31 +1604,12 @@ fn p(dir: &Path, f: &str) -> PathBuf {
     dir.join(f)
 }
 
-fn patch64(path: &Path, off: u64, v: u64) {
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&v.to_be_bytes(), off).unwrap();
-}
-fn patch32(path: &Path, off: u64, v: u32) {
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&v.to_be_bytes(), off).unwrap();
-}
-fn patch_bytes(path: &Path, off: u64, b: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(b, off).unwrap();
-}
-fn layout_of(path: &Path) -> Layout {
-    Layout::parse(&fs::read(path).unwrap())
-}
-fn l2_entry_at(lay: &Layout, l2_index: usize, entry: u64) -> u64 {
-    lay.l2s[l2_index] + entry * if lay.ext_l2 { 16 } else { 8 }
-}
-
 /// The standard 64 KiB-cluster image of the targets: data at 0..64k, 200k, a zero cluster
 /// at 1M, a compressed cluster at 2M, data at the end.
 fn std_image(dir: &Path, file: &str, opts: &str) -> Layout {
     create(dir, file, opts, "4M", None);
     io(dir, file, "qcow2", W64);
-    layout_of(&p(dir, file))
+    Layout::of(&p(dir, file))
 }
 
 /// Save what an image reads as (through qemu-img) so the child can compare later.
@@ -2071,19 +1758,19 @@ const WRITE_FIRST: &[(&str, u64, u64)] = &[
 
 fn s_l1_offset0(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.l1.0, COPIED);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l1.0, COPIED);
 }
 fn s_l1_reftable(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.rt.0 | COPIED);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l1.0, lay.rt.0 | COPIED);
 }
 fn s_l1_self(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.l1.0 | COPIED);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l1.0, lay.l1.0 | COPIED);
 }
 fn s_l1_refblock(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.l1.0, lay.rbs[0] | COPIED);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l1.0, lay.rbs[0] | COPIED);
 }
 fn r_write_first(dir: &Path) -> Result<(), String> {
     run_clobber(dir, WRITE_FIRST)
@@ -2110,7 +1797,7 @@ fn r_l1_alias(dir: &Path) -> Result<(), String> {
     for i in 0..hdr_now.l1.1 / 8 {
         let e = be64(&now, hdr_now.l1.0 + 8 * i) & OFFSET_MASK;
         if e != 0 && (e as usize) < now.len() {
-            let c = &now[e as usize..(e as usize + lay.cs as usize).min(now.len())];
+            let c = &now[e as usize..(e as usize + lay.cluster_size as usize).min(now.len())];
             if has_tag(c) {
                 return Err(format!(
                     "L1[{i}] on disk now points at {e:#x}, a cluster holding guest data: an L2 \
@@ -2136,40 +1823,24 @@ fn r_l1_alias(dir: &Path) -> Result<(), String> {
 fn s_l2_offset0(dir: &Path) {
     let lay = setup_std(dir, "");
     let t = p(dir, "t.qcow2");
-    patch64(&t, l2_entry_at(&lay, 0, 0), COPIED);
-    patch64(&t, l2_entry_at(&lay, 0, 1), COPIED | 1);
+    Patch(&t).put_u64(lay.l2_entry(0, 0), COPIED);
+    Patch(&t).put_u64(lay.l2_entry(0, 1), COPIED | ZERO);
 }
 fn s_l2_to_l1(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 0),
-        lay.l1.0 | COPIED,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 0), lay.l1.0 | COPIED);
 }
 fn s_l2_to_reftable(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 0),
-        lay.rt.0 | COPIED,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 0), lay.rt.0 | COPIED);
 }
 fn s_l2_to_refblock(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 0),
-        lay.rbs[0] | COPIED,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 0), lay.rbs[0] | COPIED);
 }
 fn s_l2_to_itself(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 0),
-        lay.l2s[0] | COPIED,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 0), lay.l2s[0] | COPIED);
 }
 fn r_write_cluster0(dir: &Path) -> Result<(), String> {
     run_clobber(dir, &[("w", 0, 4096), ("w", 8192, 100), ("f", 0, 0)])
@@ -2180,11 +1851,7 @@ fn r_write_cluster0(dir: &Path) -> Result<(), String> {
 fn s_compressed_in_header(dir: &Path) {
     let lay = setup_std(dir, "");
     // Guest cluster 1 (64k..128k) is unallocated in the standard image.
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 1),
-        COMPRESSED | 0x100,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 1), COMPRESSED | 0x100);
 }
 fn r_compressed_in_header_discard(dir: &Path) -> Result<(), String> {
     run_clobber(dir, &[("r", 65536, 4096), ("d", 65536, 65536), ("f", 0, 0)])
@@ -2199,14 +1866,14 @@ fn r_compressed_in_header_zero(dir: &Path) -> Result<(), String> {
 fn s_compressed_huge_sectors(dir: &Path) {
     let lay = setup_std(dir, "");
     let t = p(dir, "t.qcow2");
-    let at = l2_entry_at(&lay, 0, 32); // guest 2M: the compressed cluster
+    let at = lay.l2_entry(0, 32); // guest 2M: the compressed cluster
     let old = be64(&file_bytes(dir, "t.qcow2"), at);
     assert!(
         old & COMPRESSED != 0,
         "guest 2M is not compressed: {old:#x}"
     );
     let shift = 62 - (16 - 8);
-    patch64(&t, at, old | (0xff << shift));
+    Patch(&t).put_u64(at, old | (0xff << shift));
 }
 fn r_compressed_huge_sectors(dir: &Path) -> Result<(), String> {
     let path = p(dir, "t.qcow2");
@@ -2234,9 +1901,10 @@ fn r_compressed_huge_sectors(dir: &Path) -> Result<(), String> {
 
 fn s_extl2_both_bits(dir: &Path) {
     let lay = setup_std(dir, "extended_l2=on");
-    let at = l2_entry_at(&lay, 0, 0) + 8;
+    // The subcluster bitmap of guest cluster 0: every zero bit, and allocated subcluster 0.
+    let at = lay.l2_entry(0, 0) + 8;
     let old = be64(&file_bytes(dir, "t.qcow2"), at);
-    patch64(&p(dir, "t.qcow2"), at, old | 0xffff_ffff_0000_0000 | 1);
+    Patch(&p(dir, "t.qcow2")).put_u64(at, old | 0xffff_ffff_0000_0000 | 1);
 }
 fn r_extl2_both_bits(dir: &Path) -> Result<(), String> {
     let path = p(dir, "t.qcow2");
@@ -2275,7 +1943,7 @@ fn r_extl2_both_bits(dir: &Path) -> Result<(), String> {
 
 fn s_refblock_all_free(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch_bytes(&p(dir, "t.qcow2"), lay.rbs[0], &vec![0u8; lay.cs as usize]);
+    Patch(&p(dir, "t.qcow2")).put_bytes(lay.rbs[0], &vec![0u8; lay.cluster_size as usize]);
 }
 fn r_refblock_all_free(dir: &Path) -> Result<(), String> {
     // Allocating writes (guest 3M is unallocated; guest 64k too), a new L2 table (none
@@ -2306,19 +1974,19 @@ fn r_refblock_all_free(dir: &Path) -> Result<(), String> {
 
 fn s_reftable_zero(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.rt.0, 0);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.rt.0, 0);
 }
 fn s_reftable_to_l1(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.l1.0);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.rt.0, lay.l1.0);
 }
 fn s_reftable_to_self(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.rt.0);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.rt.0, lay.rt.0);
 }
 fn s_reftable_to_l2(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(&p(dir, "t.qcow2"), lay.rt.0, lay.l2s[0]);
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.rt.0, lay.l2s[0]);
 }
 fn r_reftable_alias(dir: &Path) -> Result<(), String> {
     let orig = file_bytes(dir, "t.qcow2.orig");
@@ -2362,7 +2030,7 @@ fn r_reftable_alias(dir: &Path) -> Result<(), String> {
 fn s_refblocks_all_used(dir: &Path) {
     let lay = setup_std(dir, "");
     let t = p(dir, "t.qcow2");
-    patch_bytes(&t, lay.rbs[0], &vec![0xffu8; lay.cs as usize]);
+    Patch(&t).put_bytes(lay.rbs[0], &vec![0xffu8; lay.cluster_size as usize]);
     // Every refcount table entry points at that block: every cluster the table can
     // describe looks in use.
     let n = lay.rt.1 / 8;
@@ -2370,7 +2038,7 @@ fn s_refblocks_all_used(dir: &Path) {
     for _ in 0..n {
         table.extend_from_slice(&lay.rbs[0].to_be_bytes());
     }
-    patch_bytes(&t, lay.rt.0, &table);
+    Patch(&t).put_bytes(lay.rt.0, &table);
 }
 fn r_alloc_scan(dir: &Path) -> Result<(), String> {
     run_clobber(dir, &[("w", 3 << 20, 65536), ("f", 0, 0)])
@@ -2384,33 +2052,33 @@ fn s_snap_base(dir: &Path) -> Layout {
     snapshot(dir, "t.qcow2", "s1");
     io(dir, "t.qcow2", "qcow2", &["write -P 0x55 0 4k"]);
     fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
-    layout_of(&p(dir, "t.qcow2"))
+    Layout::of(&p(dir, "t.qcow2"))
 }
 fn s_snap_huge_l1(dir: &Path) {
     let lay = s_snap_base(dir);
-    patch32(&p(dir, "t.qcow2"), lay.snap_entries[0] + 8, u32::MAX);
+    Patch(&p(dir, "t.qcow2")).put_u32(lay.snapshot_field(0, SNAPSHOT_L1_SIZE), u32::MAX);
 }
 fn s_snap_l1_past_eof(dir: &Path) {
     let lay = s_snap_base(dir);
-    patch32(&p(dir, "t.qcow2"), lay.snap_entries[0] + 8, 4 << 20);
+    Patch(&p(dir, "t.qcow2")).put_u32(lay.snapshot_field(0, SNAPSHOT_L1_SIZE), 4 << 20);
 }
 fn s_snap_huge_l1_dirty(dir: &Path) {
     create(dir, "t.qcow2", "lazy_refcounts=on", "4M", None);
     io(dir, "t.qcow2", "qcow2", &W64[..2]);
     snapshot(dir, "t.qcow2", "s1");
     fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
-    let lay = layout_of(&p(dir, "t.qcow2"));
+    let lay = Layout::of(&p(dir, "t.qcow2"));
     let t = p(dir, "t.qcow2");
-    patch32(&t, lay.snap_entries[0] + 8, 4 << 20);
-    patch64(&t, 72, be64(&file_bytes(dir, "t.qcow2"), 72) | 1);
+    Patch(&t).put_u32(lay.snapshot_field(0, SNAPSHOT_L1_SIZE), 4 << 20);
+    Patch(&t).set_incompatible(INCOMPAT_DIRTY);
 }
 fn s_nb_snapshots_max(dir: &Path) {
     s_snap_base(dir);
-    patch32(&p(dir, "t.qcow2"), 60, u32::MAX);
+    Patch(&p(dir, "t.qcow2")).set(NB_SNAPSHOTS, u32::MAX.into());
 }
 fn s_nb_snapshots_65536(dir: &Path) {
     s_snap_base(dir);
-    patch32(&p(dir, "t.qcow2"), 60, 65536);
+    Patch(&p(dir, "t.qcow2")).set(NB_SNAPSHOTS, 65536);
 }
 fn r_snapshots(dir: &Path) -> Result<(), String> {
     let path = p(dir, "t.qcow2");
@@ -2443,28 +2111,28 @@ fn r_snapshots(dir: &Path) -> Result<(), String> {
 // --- Backing file name and chains
 
 fn set_backing_name(path: &Path, name: &str) {
-    let b = fs::read(path).unwrap();
-    let off = be64(&b, 8);
+    let f = Patch(path);
+    let off = f.get(BACKING_FILE_OFFSET);
     assert!(off != 0);
-    patch_bytes(path, off, name.as_bytes());
-    patch32(path, 16, name.len() as u32);
+    f.put_bytes(off, name.as_bytes());
+    f.set(BACKING_FILE_SIZE, name.len() as u64);
 }
 fn s_backing_past_cluster(dir: &Path) {
     create(dir, "b.qcow2", "", "4M", None);
     create(dir, "t.qcow2", "", "4M", Some(("b.qcow2", "qcow2")));
     fs::copy(p(dir, "t.qcow2"), p(dir, "t.qcow2.orig")).unwrap();
-    patch64(&p(dir, "t.qcow2"), 8, 65536 + 16);
+    Patch(&p(dir, "t.qcow2")).set(BACKING_FILE_OFFSET, 65536 + 16);
 }
 fn s_backing_straddles_cluster(dir: &Path) {
     s_backing_past_cluster(dir);
-    patch64(&p(dir, "t.qcow2"), 8, 65536 - 4);
-    patch32(&p(dir, "t.qcow2"), 16, 64);
+    Patch(&p(dir, "t.qcow2")).set(BACKING_FILE_OFFSET, 65536 - 4);
+    Patch(&p(dir, "t.qcow2")).set(BACKING_FILE_SIZE, 64);
 }
 fn s_backing_size_huge(dir: &Path) {
     s_backing_past_cluster(dir);
     let orig = file_bytes(dir, "t.qcow2.orig");
-    patch64(&p(dir, "t.qcow2"), 8, be64(&orig, 8));
-    patch32(&p(dir, "t.qcow2"), 16, u32::MAX);
+    Patch(&p(dir, "t.qcow2")).set(BACKING_FILE_OFFSET, be64(&orig, BACKING_FILE_OFFSET.offset));
+    Patch(&p(dir, "t.qcow2")).set(BACKING_FILE_SIZE, u32::MAX.into());
 }
 fn s_loop_self(dir: &Path) {
     create(dir, "b.qcow2", "", "4M", None);
@@ -2570,8 +2238,8 @@ fn s_dirty_repeated_l2(dir: &Path) {
         table.extend_from_slice(&(e & !COPIED).to_be_bytes());
     }
     let t = p(dir, "t.qcow2");
-    patch_bytes(&t, lay.l1.0, &table);
-    patch64(&t, 72, be64(&b, 72) | 1);
+    Patch(&t).put_bytes(lay.l1.0, &table);
+    Patch(&t).set_incompatible(INCOMPAT_DIRTY);
 }
 fn r_open_rw_bounded(dir: &Path) -> Result<(), String> {
     let t = Instant::now();
@@ -2585,11 +2253,7 @@ fn r_open_rw_bounded(dir: &Path) -> Result<(), String> {
 
 fn s_l2_far_past_eof(dir: &Path) {
     let lay = setup_std(dir, "");
-    patch64(
-        &p(dir, "t.qcow2"),
-        l2_entry_at(&lay, 0, 0),
-        (1 << 40) | COPIED,
-    );
+    Patch(&p(dir, "t.qcow2")).put_u64(lay.l2_entry(0, 0), (1 << 40) | COPIED);
 }
 
 // --- A version field the probe does not accept makes a qcow2 file "raw"; a probed raw

@@ -1,9 +1,12 @@
 //! `img info` against `qemu-img info` on images made by qemu-img / qemu-io.
 //!
-//! Both tools run in the same directory on the same file with the same arguments; stdout,
+//! Both tools run in the same directory on the same file with the same arguments (`info`
+//! writes nothing; `integration_tests::twin::Pair`); stdout,
 //! stderr (prefix mapped) and exit code must be identical, except the values of
 //! `disk size:` (human) and `"actual-size"` (JSON), which depend on the host filesystem.
 
+use integration_tests::qcow2_layout::{Patch, INCOMPAT_CORRUPT};
+use integration_tests::twin::{Names, Pair};
 use integration_tests::*;
 use std::path::Path;
 
@@ -30,39 +33,7 @@ fn normalize(out: &str) -> String {
 fn compare_info(dir: &Path, args: &[&str]) -> Result<(), String> {
     let mut full = vec!["info"];
     full.extend_from_slice(args);
-    let q = qemu_img_in(dir, &full);
-    let i = img_in(dir, &full);
-    let mut errs = Vec::new();
-    if i.timed_out || i.signal.is_some() || i.stderr.contains("panicked") {
-        errs.push("img did not exit normally (timeout/signal/panic)".to_string());
-    }
-    if q.code != i.code {
-        errs.push(format!(
-            "exit code: qemu-img {:?}, img {:?}",
-            q.code, i.code
-        ));
-    }
-    if let Some(d) = text_diff(
-        "qemu-img",
-        &normalize(&q.stdout),
-        "img",
-        &normalize(&i.stdout),
-    ) {
-        errs.push(format!("stdout differs:\n{d}"));
-    }
-    if let Some(d) = text_diff(
-        "qemu-img stderr (prefix mapped)",
-        &qemu_to_img_prefix(&q.stderr),
-        "img stderr",
-        &i.stderr,
-    ) {
-        errs.push(format!("stderr differs:\n{d}"));
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{}\n--- img run:\n{}", errs.join("\n"), i.report()))
-    }
+    Pair::run(dir, dir, &Tool::img(), &full).compare(Names::Prefix, normalize)
 }
 
 /// Every flavour of `info` invocation for one image.
@@ -92,20 +63,6 @@ fn qio(dir: &Path, file: &str, fmt: &str, cmds: &[&str]) {
         fmt,
         &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
     );
-}
-
-/// Flip bits in the qcow2 header's incompatible features (offset 72, big-endian u64).
-fn set_incompat_bits(path: &Path, bits: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, 72).unwrap();
-    let v = u64::from_be_bytes(b) | bits;
-    f.write_all_at(&v.to_be_bytes(), 72).unwrap();
 }
 
 /// Build the images (name, format) in `dir`.
@@ -214,7 +171,7 @@ fn make_images(dir: &Path) -> Vec<(String, &'static str)> {
     add("snaptop.qcow2", "qcow2");
     // Corrupt bit set (info still works and says corrupt: true).
     qimg(dir, "create -q -f qcow2 corrupt.qcow2 1M");
-    set_incompat_bits(&dir.join("corrupt.qcow2"), 2);
+    Patch(&dir.join("corrupt.qcow2")).set_incompatible(INCOMPAT_CORRUPT);
     add("corrupt.qcow2", "qcow2");
     v
 }

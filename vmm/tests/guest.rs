@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use integration_tests::fake_kernel::RESET;
 use integration_tests::kvm::have_kvm;
+use integration_tests::mem_disk::MemDisk;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::BootEntry;
 use vmm::devices::serial::SharedBuf;
-use vmm::disk::MemDisk;
 use vmm::vm::{Machine, VmDisk};
 use vmm::VmExit;
 

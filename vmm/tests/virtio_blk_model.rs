@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use common::create::{create_and_open, Qcow2CreateOptions};
 use common::BlockDriver;
+use integration_tests::mem_disk::MemDisk;
 use integration_tests::{seed, with_deadline, Rng};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::{
@@ -27,7 +28,6 @@ use vmm::devices::virtio::block::{
 };
 use vmm::devices::virtio::queue::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use vmm::devices::virtio::{ActiveQueue, Queue, QueueConfig, VirtioDevice, VirtioInterrupt};
-use vmm::disk::MemDisk;
 use vmm::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 

@@ -1,25 +1,14 @@
-//! Disk images: making them with qemu-img/qemu-io, checking and reading them back.
+//! Disk images for the VM tests, made with qemu-img/qemu-io (through the tests library's
+//! tool wrapper, which also checks and reads them back: `qemu_check`, `qemu_convert_raw`).
 
-use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{run, Output};
-
-use crate::tools::t;
+use integration_tests::{qemu_check, qemu_img_in, run, Tool};
 
 pub const MIB: u64 = 1 << 20;
 
 pub const KIB: u64 = 1 << 10;
-
-pub fn qemu_img(args: &[&str], dir: &Path) -> Result<Output, String> {
-    run(
-        Command::new(t("qemu-img")).current_dir(dir).args(args),
-        Duration::from_secs(120),
-    )
-    .check()
-}
 
 /// Create a qcow2 and fill regions with byte patterns through qemu-io.
 pub fn make_patterned_qcow2(
@@ -29,17 +18,18 @@ pub fn make_patterned_qcow2(
 ) -> Result<(), String> {
     let dir = path.parent().unwrap();
     let name = path.file_name().unwrap().to_str().unwrap();
-    qemu_img(
-        &["create", "-q", "-f", "qcow2", name, &size.to_string()],
+    qemu_img_in(
         dir,
-    )?;
-    let mut cmd = Command::new(t("qemu-io"));
-    cmd.current_dir(dir).args(["-f", "qcow2"]);
+        &["create", "-q", "-f", "qcow2", name, &size.to_string()],
+    )
+    .check()?;
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
     for (p, off, len) in patterns {
-        cmd.arg("-c").arg(format!("write -P {p} {off} {len}"));
+        args.push("-c".into());
+        args.push(format!("write -P {p} {off} {len}"));
     }
-    cmd.arg(name);
-    run(&mut cmd, Duration::from_secs(120)).check()?;
+    args.push(name.into());
+    Tool::qemu_io().run(Some(dir), &args).check()?;
     Ok(())
 }
 
@@ -56,44 +46,16 @@ pub fn make_overlay(
         "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay,
     ];
     let Some(img) = img else {
-        return qemu_img(&args, dir).map(|_| ());
+        return qemu_img_in(dir, &args).check().map(|_| ());
     };
     let o = run(
-        Command::new(img).current_dir(dir).args(args),
+        &mut Tool::at(img).command(Some(dir), &args),
         Duration::from_secs(60),
     );
     if !o.success() {
         return Err(format!("img create of the overlay failed:\n{}", o.report()));
     }
-    qemu_img_check(&dir.join(overlay))
-}
-
-pub fn to_raw(image: &Path, out: &Path) -> Result<Vec<u8>, String> {
-    run(
-        Command::new(t("qemu-img"))
-            .args(["convert", "-O", "raw"])
-            .arg(image)
-            .arg(out),
-        Duration::from_secs(120),
-    )
-    .check()?;
-    fs::read(out).map_err(|e| e.to_string())
-}
-
-pub fn qemu_img_check(image: &Path) -> Result<(), String> {
-    let o = run(
-        Command::new(t("qemu-img")).arg("check").arg(image),
-        Duration::from_secs(120),
-    );
-    if o.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img check {} is not clean:\n{}",
-            image.display(),
-            o.report()
-        ))
-    }
+    qemu_check(&dir.join(overlay))
 }
 
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {

@@ -64,11 +64,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use integration_tests::kvm::{have_kvm, probe_kvm, KvmSpeed};
-use integration_tests::{fake_kernel, in_ci, run, Rng};
+use integration_tests::{fake_kernel, in_ci, qemu_check, run, Rng};
 
 use crate::direct::{run_direct, runner, Runner};
 use crate::fixtures::{fixtures, static_bins};
-use crate::images::{make_patterned_qcow2, qemu_img_check, MIB};
+use crate::images::{make_patterned_qcow2, MIB};
 use crate::qemu::run_under_qemu;
 use crate::scenario_a::{check_ext4, check_overlay, scenario_a, ScenarioA};
 use crate::scenario_b::{check_readonly, check_snapshot, scenario_b, ScenarioB};
@@ -416,7 +416,7 @@ fn direct_runner_reports_each_run() {
     assert!(vm.stderr.is_empty(), "{}", vm.describe());
     assert!(ok.kvm && ok.image_dir != images, "{}", ok.log);
     assert!(ok.image_dir.join("disk.qcow2").is_file(), "{}", ok.log);
-    qemu_img_check(&ok.image_dir.join("disk.qcow2")).unwrap();
+    qemu_check(&ok.image_dir.join("disk.qcow2")).unwrap();
 
     let vm = &hung.vms["spin"];
     assert_eq!(

@@ -5,13 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{run, Rng};
+use integration_tests::{qemu_check, qemu_convert_raw, qemu_img_in, run, Rng};
 
 use crate::fixtures::Bins;
-use crate::images::{
-    first_difference, make_overlay, make_patterned_qcow2, qemu_img, qemu_img_check, to_raw, KIB,
-    MIB,
-};
+use crate::images::{first_difference, make_overlay, make_patterned_qcow2, KIB, MIB};
 use crate::report::{expect_kv, finish, guest_ran, GUEST_SH_PRELUDE};
 use crate::spec::{Drive, VmOutput, VmSpec};
 use crate::tools::{sha256, sha256_file, t};
@@ -54,7 +51,7 @@ pub fn scenario_a(
         "overlay.qcow2",
         bins.map(|b| b.img.as_path()),
     )?;
-    let base_raw = to_raw(&dir.join("base.qcow2"), &work.join("base-a.raw"))?;
+    let base_raw = qemu_convert_raw(&dir.join("base.qcow2"), None, &work.join("base-a.raw"))?;
     let base_sha_before = sha256_file(&dir.join("base.qcow2"));
 
     // vdb: ext4 built on the host, converted to qcow2.
@@ -74,7 +71,8 @@ pub fn scenario_a(
         Duration::from_secs(60),
     )
     .check()?;
-    qemu_img(
+    qemu_img_in(
+        dir,
         &[
             "convert",
             "-O",
@@ -82,8 +80,8 @@ pub fn scenario_a(
             raw.to_str().unwrap(),
             dir.join("data.qcow2").to_str().unwrap(),
         ],
-        dir,
-    )?;
+    )
+    .check()?;
 
     // The guest's writes: fixed interesting places (partial clusters over backing data,
     // crossing a pattern edge, crossing a cluster boundary, unallocated space, the last block)
@@ -197,7 +195,7 @@ pub fn check_overlay(
         expect_kv(&rep, &format!("readback.{i}"), &sha, &mut errs);
     }
     for f in ["overlay.qcow2", "base.qcow2"] {
-        if let Err(e) = qemu_img_check(&images.join(f)) {
+        if let Err(e) = qemu_check(&images.join(f)) {
             errs.push(e);
         }
     }
@@ -210,8 +208,9 @@ pub fn check_overlay(
     for (off, data) in &a.writes {
         expected[*off as usize..*off as usize + data.len()].copy_from_slice(data);
     }
-    match to_raw(
+    match qemu_convert_raw(
         &images.join("overlay.qcow2"),
+        None,
         &work.join("overlay-after.raw"),
     ) {
         Ok(got) => {
@@ -238,11 +237,11 @@ pub fn check_ext4(a: &ScenarioA, out: &VmOutput, images: &Path, work: &Path) -> 
         expect_kv(&rep, k, "rc=0", &mut errs);
     }
     let img = images.join("data.qcow2");
-    if let Err(e) = qemu_img_check(&img) {
+    if let Err(e) = qemu_check(&img) {
         errs.push(e);
     }
     let raw = work.join("data-after.raw");
-    if let Err(e) = to_raw(&img, &raw) {
+    if let Err(e) = qemu_convert_raw(&img, None, &raw) {
         errs.push(e);
         return finish("ext4 disk (vdb)", errs, out);
     }

@@ -3,9 +3,9 @@
 use std::fs;
 use std::path::Path;
 
-use integration_tests::Rng;
+use integration_tests::{qemu_check, qemu_convert_raw, Rng};
 
-use crate::images::{make_patterned_qcow2, qemu_img_check, to_raw, KIB, MIB};
+use crate::images::{make_patterned_qcow2, KIB, MIB};
 use crate::report::{expect_kv, finish, guest_ran, GUEST_SH_PRELUDE};
 use crate::spec::{Drive, VmOutput, VmSpec};
 use crate::tools::{sha256, sha256_file};
@@ -35,8 +35,8 @@ pub fn scenario_b(dir: &Path, work: &Path, rng: &mut Rng) -> Result<ScenarioB, S
         RS_SIZE,
         &[(0x99, 0, MIB), (0x9a, 8 * MIB, MIB)],
     )?;
-    let ro_raw = to_raw(&dir.join("ro.qcow2"), &work.join("ro.raw"))?;
-    let snap_raw = to_raw(&dir.join("snap.qcow2"), &work.join("snap.raw"))?;
+    let ro_raw = qemu_convert_raw(&dir.join("ro.qcow2"), None, &work.join("ro.raw"))?;
+    let snap_raw = qemu_convert_raw(&dir.join("snap.qcow2"), None, &work.join("snap.raw"))?;
     let w = rng.bytes(64 * KIB as usize);
     let snap_off = 8 * MIB - 32 * KIB; // crosses into the 0x9a region
     let mut sh = String::from(GUEST_SH_PRELUDE);
@@ -98,7 +98,7 @@ pub fn check_readonly(b: &ScenarioB, out: &VmOutput, images: &Path) -> Result<()
         }
     }
     let img = images.join("ro.qcow2");
-    if let Err(e) = qemu_img_check(&img) {
+    if let Err(e) = qemu_check(&img) {
         errs.push(e);
     }
     if sha256_file(&img) != b.ro_sha {
@@ -116,7 +116,7 @@ pub fn check_snapshot(b: &ScenarioB, out: &VmOutput, images: &Path) -> Result<()
     expect_kv(&rep, "snap_write", "rc=0", &mut errs);
     expect_kv(&rep, "snap_readback", &sha256(&b.snap_write.1), &mut errs);
     let img = images.join("snap.qcow2");
-    if let Err(e) = qemu_img_check(&img) {
+    if let Err(e) = qemu_check(&img) {
         errs.push(e);
     }
     if sha256_file(&img) != b.snap_sha {
