@@ -4,6 +4,7 @@
 //! [`driver::BlockDriver`] trait. Formats sit on the [`storage::Storage`] trait so that tests
 //! can inject failures below them.
 
+pub mod check;
 pub mod direct_io;
 pub mod driver;
 pub mod error;

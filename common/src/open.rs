@@ -46,6 +46,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Bypass the host page cache (O_DIRECT), for the whole chain: QEMU's `cache=none`.
     pub direct: bool,
+    /// Open for `check` (QEMU's BDRV_O_CHECK): a dirty image is not repaired on open,
+    /// and a corrupt one may be opened read-write to be repaired.
+    pub check: bool,
 }
 
 /// An open image of any format.
@@ -70,6 +73,14 @@ impl Image {
         match self {
             Image::Raw(r) => Box::new(r),
             Image::Qcow2(q) => Box::new(q),
+        }
+    }
+
+    /// Check the image's consistency, repairing what `fix` allows.
+    pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
+        match self {
+            Image::Raw(_) => Err(Error::Unsupported("checks".into())),
+            Image::Qcow2(q) => Ok(q.check(fix)),
         }
     }
 

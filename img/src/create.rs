@@ -172,7 +172,7 @@ fn img_create(r: &Request) -> Result<(), String> {
                     force_share: true,
                     format: bfmt,
                     no_backing: true,
-                    direct: false,
+                    ..Default::default()
                 },
             )
             .map_err(|e| e + hint)?;

@@ -120,7 +120,7 @@ pub fn image_info(
             force_share,
             format,
             no_backing: true,
-            direct: false,
+            ..Default::default()
         },
     )
     .map_err(open_err)?;

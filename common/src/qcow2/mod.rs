@@ -3,6 +3,8 @@
 mod allocator;
 pub mod bitmaps;
 mod cache;
+mod check;
+mod check_rebuild;
 pub mod compress;
 mod compressed;
 mod counts;
@@ -117,6 +119,7 @@ impl Qcow2Image {
                         .transpose()?,
                     no_backing: false,
                     direct: opts.direct,
+                    check: false,
                 };
                 let img = open_in_chain(&bpath, &bopts, seen)
                     .map_err(|e| Error::invalid(format!("Could not open backing file: {e}")))?;
@@ -124,7 +127,7 @@ impl Qcow2Image {
             }
             _ => None,
         };
-        let mut img = Self::from_storage(storage, header, opts.read_only, backing)?;
+        let mut img = Self::from_storage(storage, header, opts.read_only, opts.check, backing)?;
         img.path = path.to_path_buf();
         Ok(img)
     }
@@ -136,16 +139,17 @@ impl Qcow2Image {
         backing: Option<Box<dyn BlockDriver>>,
     ) -> Result<Qcow2Image> {
         let header = read_header(&*storage)?;
-        Self::from_storage(storage, header, read_only, backing)
+        Self::from_storage(storage, header, read_only, false, backing)
     }
 
     fn from_storage(
         storage: Arc<dyn Storage>,
         header: Header,
         read_only: bool,
+        check: bool,
         backing: Option<Box<dyn BlockDriver>>,
     ) -> Result<Qcow2Image> {
-        if header.is_corrupt() && !read_only {
+        if header.is_corrupt() && !read_only && !check {
             return Err(Error::corrupt(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
@@ -157,7 +161,7 @@ impl Qcow2Image {
         }
         let external_data = header.has_data_file();
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
-        if meta.h.is_dirty() && !read_only {
+        if meta.h.is_dirty() && !read_only && !check {
             meta.rebuild_refcounts()?;
         }
         if meta.h.autoclear_features != 0 && !read_only {
@@ -237,6 +241,13 @@ impl Qcow2Image {
     /// The persistent dirty bitmaps the image declares (for `info`).
     pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
         bitmaps::read_bitmaps(&*self.storage, &self.header())
+    }
+
+    /// Check the image's consistency, repairing what `fix` allows.
+    pub fn check(&self, fix: crate::check::Fix) -> crate::check::CheckReport {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.forget_decompressed();
+        self.meta().check(fix)
     }
 
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).

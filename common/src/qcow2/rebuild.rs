@@ -10,7 +10,7 @@ use super::header::INCOMPAT_DIRTY;
 use super::meta::Meta;
 use super::refcount;
 use super::units::HostOffset;
-use super::walker::{entry_extent, Flow, Structure, Visit};
+use super::walker::{Flow, Structure, Visit};
 use crate::error::{io, Error, Result};
 
 impl Meta {
@@ -20,8 +20,8 @@ impl Meta {
         let g = self.geo();
         let mut counts = ClusterCounts::new(g.refblock_bits());
         let mut problem = None;
-        let mut count = |offset: HostOffset, bytes: u64, n: u64| {
-            counts.add(g.clusters_touched(offset, bytes), n);
+        let mut count = |offset: HostOffset, bytes: u64| {
+            counts.add(g.clusters_touched(offset, bytes), 1);
         };
         self.walk(&mut |visit| {
             match visit {
@@ -30,14 +30,14 @@ impl Meta {
                     offset,
                     bytes,
                 } => {
-                    if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock) {
-                        count(offset, bytes, 1);
+                    if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock(_)) {
+                        count(offset, bytes);
                     }
                 }
-                Visit::L2Table { offset, .. } => count(offset, g.cluster_size(), 1),
-                Visit::Entry { entry, uses, .. } => {
-                    let (host, len) = entry_extent(entry, g.cluster_bits).expect("visited");
-                    count(host, len, uses);
+                Visit::L2Table { offset, .. } => count(offset, g.cluster_size()),
+                Visit::Entry { extent, .. } => {
+                    let (host, len) = extent.expect("no finding, so inside the file");
+                    count(host, len);
                 }
                 Visit::Finding(f) => {
                     problem = Some(f);
@@ -47,7 +47,7 @@ impl Meta {
             Flow::Continue
         })?;
         match problem {
-            Some(f) => Err(Error::corrupt(f.message)),
+            Some(f) => Err(Error::corrupt(f.to_string())),
             None => Ok(counts),
         }
     }
