@@ -98,9 +98,14 @@ fn compare(dir: &Path, what: &str, bytes: &[u8], args: &[&str]) -> Result<(), St
         let after_q = qemu_img(&["check", s(&qd.join("t.qcow2"))]);
         let after_i = qemu_img(&["check", s(&id.join("t.qcow2"))]);
         if after_q.code == Some(0) && after_i.code != Some(0) {
-            return Err(format!("{what} {args:?}: not clean after repair\n{}", after_i.report()));
+            return Err(format!(
+                "{what} {args:?}: not clean after repair\n{}",
+                after_i.report()
+            ));
         }
-        if after_q.code == Some(0) && raw_of(dir, &qd.join("t.qcow2")) != raw_of(dir, &id.join("t.qcow2")) {
+        if after_q.code == Some(0)
+            && raw_of(dir, &qd.join("t.qcow2")) != raw_of(dir, &id.join("t.qcow2"))
+        {
             return Err(format!("{what} {args:?}: guest data differs after repair"));
         }
     }
@@ -156,7 +161,12 @@ fn clean_images_match_qemu() {
         let b = make(dir.path(), "src.qcow2", opts, "8M", &writes);
         failures.extend(compare_all(dir.path(), opts, &b));
         let mut io = writes.clone();
-        io.extend(["snapshot s1", "write -P 5 0 64k", "snapshot s2", "write -P 6 5M 8k"]);
+        io.extend([
+            "snapshot s1",
+            "write -P 5 0 64k",
+            "snapshot s2",
+            "write -P 6 5M 8k",
+        ]);
         if !opts.contains("refcount_bits=1") {
             let b = make(dir.path(), "src.qcow2", opts, "8M", &io);
             failures.extend(compare_all(dir.path(), &format!("{opts} +snapshots"), &b));

@@ -332,6 +332,8 @@ impl BlockDriver for Qcow2Image {
 }
 
 #[cfg(test)]
+mod check_tests;
+#[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]
 mod ordering_tests;
