@@ -20,10 +20,10 @@ impl Meta {
         let g = self.geo();
         let mut counts = ClusterCounts::new(g.refblock_bits());
         let mut problem = None;
-        let mut count = |offset: HostOffset, bytes: u64| {
-            counts.add(g.clusters_touched(offset, bytes), 1);
+        let mut count = |offset: HostOffset, bytes: u64, n: u64| {
+            counts.add(g.clusters_touched(offset, bytes), n);
         };
-        self.walk(&mut |visit| {
+        self.walk_shared_once(&mut |visit| {
             match visit {
                 Visit::Structure {
                     kind,
@@ -31,13 +31,13 @@ impl Meta {
                     bytes,
                 } => {
                     if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock(_)) {
-                        count(offset, bytes);
+                        count(offset, bytes, 1);
                     }
                 }
-                Visit::L2Table { offset, .. } => count(offset, g.cluster_size()),
-                Visit::Entry { extent, .. } => {
+                Visit::L2Table { offset, .. } => count(offset, g.cluster_size(), 1),
+                Visit::Entry { extent, uses, .. } => {
                     let (host, len) = extent.expect("no finding, so inside the file");
-                    count(host, len);
+                    count(host, len, uses);
                 }
                 Visit::Finding(f) => {
                     problem = Some(f);

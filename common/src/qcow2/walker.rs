@@ -9,6 +9,7 @@
 //! problem it meets as a [`Finding`] (in the order QEMU prints them) and carries on, unless
 //! the visitor says stop.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use super::entry::{CompressedRun, L2Entry, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
@@ -73,6 +74,9 @@ pub enum Visit {
         index: usize,
         entry: L2Entry,
         extent: Option<(HostOffset, u64)>,
+        /// References the entry stands for: 1, or with [`Meta::walk_shared_once`] the
+        /// number of L1 entries pointing at its table.
+        uses: u64,
     },
     /// A problem; the walk goes on past it.
     Finding(Finding),
@@ -247,6 +251,17 @@ impl Meta {
 
     /// Walk every reference of the image. Returns `Flow::Stop` if the visitor stopped it.
     pub(crate) fn walk(&mut self, v: &mut Visitor<'_>) -> Result<Flow> {
+        self.walk_with(false, v)
+    }
+
+    /// Like [`Meta::walk`], but the entries of a table that several entries of one L1
+    /// table point at are visited once, with `uses` the number of those L1 entries (so a
+    /// hostile L1 repeating one table costs one table walk, not one per entry).
+    pub(crate) fn walk_shared_once(&mut self, v: &mut Visitor<'_>) -> Result<Flow> {
+        self.walk_with(true, v)
+    }
+
+    fn walk_with(&mut self, shared_once: bool, v: &mut Visitor<'_>) -> Result<Flow> {
         let cs = self.geo().cluster_size();
         let file_len = self.file_len()?;
         if self.visit_structure(v, Structure::Header, 0, cs, file_len) == Flow::Stop {
@@ -254,10 +269,11 @@ impl Meta {
         }
         let active = self.l1.entries.clone();
         let (l1_off, l1_bytes) = (self.h.l1_table_offset, active.len() as u64 * 8);
-        if self.walk_l1(L1Source::Active, l1_off, l1_bytes, &active, file_len, v)? == Flow::Stop {
+        let src = L1Source::Active;
+        if self.walk_l1(src, l1_off, l1_bytes, &active, (file_len, shared_once), v)? == Flow::Stop {
             return Ok(Flow::Stop);
         }
-        if self.walk_snapshots(file_len, v)? == Flow::Stop {
+        if self.walk_snapshots((file_len, shared_once), v)? == Flow::Stop {
             return Ok(Flow::Stop);
         }
         let rt_bytes = u64::from(self.h.refcount_table_clusters) * cs;
@@ -286,7 +302,8 @@ impl Meta {
         Ok(Flow::Continue)
     }
 
-    fn walk_snapshots(&mut self, file_len: u64, v: &mut Visitor<'_>) -> Result<Flow> {
+    fn walk_snapshots(&mut self, mode: (u64, bool), v: &mut Visitor<'_>) -> Result<Flow> {
+        let file_len = mode.0;
         if self.h.nb_snapshots == 0 {
             return Ok(Flow::Continue);
         }
@@ -306,7 +323,7 @@ impl Meta {
             )?;
             let (off, bytes) = (s.l1_table_offset, u64::from(s.l1_size) * 8);
             let src = L1Source::Snapshot(i);
-            if self.walk_l1(src, off, bytes, &l1, file_len, v)? == Flow::Stop {
+            if self.walk_l1(src, off, bytes, &l1, mode, v)? == Flow::Stop {
                 return Ok(Flow::Stop);
             }
         }
@@ -315,16 +332,21 @@ impl Meta {
         Ok(self.visit_structure(v, kind, off, bytes, file_len))
     }
 
-    /// An L1 table of `bytes` bytes at `off` with entries `table`, and everything below.
+    /// An L1 table of `bytes` bytes at `off` with entries `table`, and everything below;
+    /// `mode` is the file length and whether shared tables are walked once.
     fn walk_l1(
         &mut self,
         l1: L1Source,
         off: u64,
         bytes: u64,
         table: &[u64],
-        file_len: u64,
+        mode: (u64, bool),
         v: &mut Visitor<'_>,
     ) -> Result<Flow> {
+        let (file_len, shared_once) = mode;
+        // With `shared_once`: distinct tables in order of first use, with their uses.
+        let mut pending: Vec<(usize, u64, u64)> = Vec::new();
+        let mut seen: HashMap<u64, usize> = HashMap::new();
         if table.is_empty() {
             return Ok(Flow::Continue);
         }
@@ -355,7 +377,20 @@ impl Meta {
             if !l2.is_multiple_of(cs) {
                 visit!(v, Visit::Finding(Finding::L2Unaligned { offset: l2 }));
             }
-            if self.walk_l2(l1, index, HostOffset(l2), file_len, v)? == Flow::Stop {
+            if shared_once {
+                match seen.get(&l2) {
+                    Some(&k) => pending[k].2 += 1,
+                    None => {
+                        seen.insert(l2, pending.len());
+                        pending.push((index, l2, 1));
+                    }
+                }
+            } else if self.walk_l2(l1, index, HostOffset(l2), (file_len, 1), v)? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+        }
+        for (index, l2, uses) in pending {
+            if self.walk_l2(l1, index, HostOffset(l2), (file_len, uses), v)? == Flow::Stop {
                 return Ok(Flow::Stop);
             }
         }
@@ -376,15 +411,17 @@ impl Meta {
         Ok(buf)
     }
 
-    /// The entries of the table at `off`, which L1 entry `index` points at.
+    /// The entries of the table at `off`, which L1 entry `index` points at; `mode` is
+    /// the file length and the number of references each entry stands for.
     fn walk_l2(
         &mut self,
         l1: L1Source,
         index: usize,
         off: HostOffset,
-        file_len: u64,
+        mode: (u64, u64),
         v: &mut Visitor<'_>,
     ) -> Result<Flow> {
+        let (file_len, uses) = mode;
         let g = self.geo();
         let bytes = self.l2_table_bytes(off)?;
         let first = g.first_cluster_of_l1(index);
@@ -462,6 +499,7 @@ impl Meta {
                     index: i,
                     entry: e,
                     extent,
+                    uses,
                 }
             );
         }
