@@ -6,6 +6,7 @@
 //! inject failures below them.
 
 pub mod backing;
+pub mod check;
 pub mod create;
 pub mod direct_io;
 pub mod driver;

@@ -30,6 +30,9 @@ pub struct OpenOptions {
     /// backing file, ...), as `qemu-img commit` needs for its base. Every other lower layer
     /// is read-only.
     pub writable_backing: Option<u32>,
+    /// Open for `check` (QEMU's BDRV_O_CHECK): a dirty image is not repaired on open,
+    /// and a corrupt one may be opened read-write to be repaired.
+    pub check: bool,
 }
 
 /// An open image of any format, with its backing chain attached.
@@ -54,6 +57,14 @@ impl Image {
         match self {
             Image::Raw(r) => Box::new(r),
             Image::Qcow2(q) => Box::new(q),
+        }
+    }
+
+    /// Check the image's consistency, repairing what `fix` allows.
+    pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
+        match self {
+            Image::Raw(_) => Err(Error::Unsupported("checks".into())),
+            Image::Qcow2(q) => Ok(q.check(fix)),
         }
     }
 
@@ -94,7 +105,7 @@ impl Image {
 /// chain unless `opts.no_backing`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     let mut chain = Chain::default();
-    let top = chain.open_layer(path, opts.format, opts.read_only, opts)?;
+    let top = chain.open_layer(path, opts.format, opts.read_only, opts.check, opts)?;
     chain.attach_below(top, path, opts)
 }
 
@@ -118,6 +129,7 @@ impl Chain {
         path: &Path,
         format: Option<Format>,
         read_only: bool,
+        check: bool,
         opts: &OpenOptions,
     ) -> Result<Image> {
         let canonical = canonical(path)?;
@@ -146,7 +158,9 @@ impl Chain {
                 }
                 Image::Raw(raw)
             }
-            Format::Qcow2 => Image::Qcow2(Qcow2Image::open(Arc::new(storage), read_only)?),
+            Format::Qcow2 => {
+                Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
+            }
         })
     }
 
@@ -174,7 +188,7 @@ impl Chain {
                 .transpose()
                 .and_then(|format| {
                     let read_only = opts.writable_backing != Some(depth);
-                    self.open_layer(&below, format, read_only, opts)
+                    self.open_layer(&below, format, read_only, false, opts)
                 })
                 .map_err(|e| {
                     // Like QEMU, which prepends this once per layer it recursed through.

@@ -3,6 +3,8 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod check;
+mod check_format;
 mod create;
 mod create_opts;
 mod errors;
@@ -36,6 +38,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Check an image for consistency, and repair it
+    #[command(args_override_self = true)]
+    Check(check::CheckArgs),
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
@@ -45,7 +50,7 @@ enum Command {
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["create", "info"];
+const COMMANDS: &[&str] = &["check", "create", "info"];
 
 fn version_text() -> String {
     format!(
@@ -174,6 +179,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Check(a) => check::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
     }

@@ -159,7 +159,7 @@ impl Meta {
         Ok(refcount::get(block, g.refcount_order, g.refblock_slot(c)))
     }
 
-    fn set_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
+    pub(super) fn set_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
         let g = self.geo();
         if value > refcount::max_value(g.refcount_order) {
             return Err(Error::invalid(format!(
@@ -431,6 +431,21 @@ impl Meta {
             if self.refs.next_byte.map(|o| self.geo().host_cluster(o)) == Some(c) {
                 self.refs.next_byte = None;
             }
+        }
+        Ok(())
+    }
+
+    /// Set the refcount of `c` to `value` now, whatever it was (check's repair); a cluster
+    /// that becomes free is discarded, as by [`Meta::update_refcount`].
+    pub(super) fn set_cluster_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
+        self.set_refcount(c, value)?;
+        if value == 0 {
+            let cs = self.geo().cluster_size();
+            io(
+                "Could not discard cluster",
+                self.storage().punch_hole(c.0 * cs, cs),
+            )?;
+            self.refs.free_hint = self.refs.free_hint.min(c);
         }
         Ok(())
     }

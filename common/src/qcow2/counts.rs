@@ -35,6 +35,23 @@ impl ClusterCounts {
         }
     }
 
+    /// Add one reference to cluster `c` unless its count is `max` already; says whether
+    /// it did.
+    pub fn inc(&mut self, c: u64, max: u64) -> bool {
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        let size = 1usize << self.chunk_bits;
+        let chunk = self
+            .chunks
+            .entry(c >> self.chunk_bits)
+            .or_insert_with(|| vec![0u32; size].into_boxed_slice());
+        let slot = &mut chunk[(c as usize) & (size - 1)];
+        if *slot >= max {
+            return false;
+        }
+        *slot += 1;
+        true
+    }
+
     /// The count of cluster `c`.
     pub fn get(&self, c: HostCluster) -> u64 {
         let size = 1u64 << self.chunk_bits;
@@ -71,6 +88,8 @@ mod tests {
         assert_eq!((c.get(HostCluster(3)), c.get(HostCluster(4))), (1, 2));
         assert_eq!((c.get(HostCluster(5)), c.get(HostCluster(100))), (0, 0));
         assert_eq!(c.end(), 41);
+        assert!(c.inc(40, 2) && !c.inc(40, 2));
+        assert_eq!(c.get(HostCluster(40)), 2);
         let idx: Vec<u64> = c.chunks().map(|(i, _)| i).collect();
         assert_eq!(idx, vec![0, 2]);
     }

@@ -3,6 +3,8 @@
 mod allocator;
 pub mod bitmaps;
 mod cache;
+mod check;
+mod check_rebuild;
 pub mod compress;
 mod compressed;
 mod counts;
@@ -74,8 +76,18 @@ impl Qcow2Image {
     /// its backing file: the chain opener ([`crate::open`]) attaches that with
     /// [`Qcow2Image::set_backing`].
     pub fn open(storage: Arc<dyn Storage>, read_only: bool) -> Result<Qcow2Image> {
+        Self::open_for(storage, read_only, false)
+    }
+
+    /// [`Qcow2Image::open`], or with `check` for `check` (QEMU's BDRV_O_CHECK): a dirty
+    /// image is not repaired on open, and a corrupt one may be opened read-write to repair it.
+    pub(crate) fn open_for(
+        storage: Arc<dyn Storage>,
+        read_only: bool,
+        check: bool,
+    ) -> Result<Qcow2Image> {
         let header = read_header(&*storage)?;
-        Self::from_storage(storage, header, read_only)
+        Self::from_storage(storage, header, read_only, check)
     }
 
     /// Create a qcow2 image at `path` and open it read-write through the same file
@@ -108,8 +120,9 @@ impl Qcow2Image {
         storage: Arc<dyn Storage>,
         header: Header,
         read_only: bool,
+        check: bool,
     ) -> Result<Qcow2Image> {
-        if header.is_corrupt() && !read_only {
+        if header.is_corrupt() && !read_only && !check {
             return Err(Error::corrupt_at(
                 crate::error::Structure::Header,
                 0,
@@ -123,7 +136,7 @@ impl Qcow2Image {
         }
         let external_data = header.has_data_file();
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
-        if meta.h.is_dirty() && !read_only {
+        if meta.h.is_dirty() && !read_only && !check {
             meta.rebuild_refcounts()?;
         }
         if meta.h.autoclear_features != 0 && !read_only {
@@ -197,6 +210,13 @@ impl Qcow2Image {
     /// The persistent dirty bitmaps the image declares (for `info`).
     pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
         bitmaps::read_bitmaps(&*self.storage, &self.header())
+    }
+
+    /// Check the image's consistency, repairing what `fix` allows.
+    pub fn check(&self, fix: crate::check::Fix) -> crate::check::CheckReport {
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.forget_decompressed();
+        self.meta().check(fix)
     }
 
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
@@ -284,6 +304,8 @@ impl BlockDriver for Qcow2Image {
     }
 }
 
+#[cfg(test)]
+mod check_tests;
 #[cfg(test)]
 mod concurrency_tests;
 #[cfg(test)]

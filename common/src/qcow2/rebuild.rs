@@ -10,7 +10,7 @@ use super::header::INCOMPAT_DIRTY;
 use super::meta::Meta;
 use super::refcount;
 use super::units::HostOffset;
-use super::walker::{entry_extent, Flow, Structure, Visit};
+use super::walker::{Flow, Structure, Visit};
 use crate::error::{self, io, Error, Result};
 
 impl Meta {
@@ -23,20 +23,20 @@ impl Meta {
         let mut count = |offset: HostOffset, bytes: u64, n: u64| {
             counts.add(g.clusters_touched(offset, bytes), n);
         };
-        self.walk(&mut |visit| {
+        self.walk_shared_once(&mut |visit| {
             match visit {
                 Visit::Structure {
                     kind,
                     offset,
                     bytes,
                 } => {
-                    if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock) {
+                    if !matches!(kind, Structure::RefcountTable | Structure::RefcountBlock(_)) {
                         count(offset, bytes, 1);
                     }
                 }
                 Visit::L2Table { offset, .. } => count(offset, g.cluster_size(), 1),
-                Visit::Entry { entry, uses, .. } => {
-                    let (host, len) = entry_extent(entry, g.cluster_bits).expect("visited");
+                Visit::Entry { extent, uses, .. } => {
+                    let (host, len) = extent.expect("no finding, so inside the file");
                     count(host, len, uses);
                 }
                 Visit::Finding(f) => {
@@ -47,7 +47,7 @@ impl Meta {
             Flow::Continue
         })?;
         match problem {
-            Some(f) => Err(Error::corrupt(f.message)),
+            Some(f) => Err(Error::corrupt(f.to_string())),
             None => Ok(counts),
         }
     }
