@@ -420,23 +420,11 @@ impl Meta {
                 format!("refcount of cluster {} would drop below zero", c.0),
             )
         })?;
-        self.set_refcount(c, new)?;
-        if new == 0 {
-            let cs = self.geo().cluster_size();
-            io(
-                "Could not discard cluster",
-                self.storage().punch_hole(c.0 * cs, cs),
-            )?;
-            self.refs.free_hint = self.refs.free_hint.min(c);
-            if self.refs.next_byte.map(|o| self.geo().host_cluster(o)) == Some(c) {
-                self.refs.next_byte = None;
-            }
-        }
-        Ok(())
+        self.set_cluster_refcount(c, new)
     }
 
-    /// Set the refcount of `c` to `value` now, whatever it was (check's repair); a cluster
-    /// that becomes free is discarded, as by [`Meta::update_refcount`].
+    /// Set the refcount of `c` to `value` now, whatever it was (check's repair). A cluster
+    /// that becomes free is deallocated in the file and may be allocated again.
     pub(super) fn set_cluster_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
         self.set_refcount(c, value)?;
         if value == 0 {
@@ -446,6 +434,9 @@ impl Meta {
                 self.storage().punch_hole(c.0 * cs, cs),
             )?;
             self.refs.free_hint = self.refs.free_hint.min(c);
+            if self.refs.next_byte.map(|o| self.geo().host_cluster(o)) == Some(c) {
+                self.refs.next_byte = None;
+            }
         }
         Ok(())
     }
