@@ -24,6 +24,8 @@ pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+#[cfg(test)]
+mod test_tools;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus};
 pub use error::{Error, Result};

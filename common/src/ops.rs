@@ -137,11 +137,10 @@ mod tests {
         let data = vec![0x61u8; 65536];
         for (fmt, ok) in [("qcow2", true), ("raw", false)] {
             let p = dir.path().join(format!("c.{fmt}"));
-            let out = std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", fmt, p.to_str().unwrap(), "1M"])
-                .status()
-                .unwrap();
-            assert!(out.success());
+            crate::test_tools::qemu_ok(
+                "qemu-img",
+                &["create", "-q", "-f", fmt, p.to_str().unwrap(), "1M"],
+            );
             let img = crate::lock::retry_while_locked(|| open_image(&p, &OpenOptions::default()))
                 .unwrap();
             match img.write_compressed(65536, &data) {

@@ -1,7 +1,7 @@
 //! Repairs interrupted at every write: what survives is repaired by a second check, and
 //! qemu-img then finds the image clean.
 
-use std::process::Command;
+use crate::test_tools::{qemu, qemu_ok};
 use std::sync::Arc;
 
 use super::Qcow2Image;
@@ -22,9 +22,11 @@ fn be64(b: &[u8], at: usize) -> u64 {
 fn damaged(dir: &std::path::Path) -> Vec<Vec<u8>> {
     let p = dir.join("src.qcow2");
     let f = p.to_str().unwrap();
-    let ok = |c: &mut Command| assert!(c.status().unwrap().success());
-    ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", f, "8M"]));
-    ok(Command::new("qemu-io").args(["-c", "write -P 1 0 300k", "-c", "write -P 2 4M 64k", f]));
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", f, "8M"]);
+    qemu_ok(
+        "qemu-io",
+        &["-c", "write -P 1 0 300k", "-c", "write -P 2 4M 64k", f],
+    );
     let base = std::fs::read(&p).unwrap();
     let (l1, rt) = (be64(&base, 40) as usize, be64(&base, 48) as usize);
     let mask = 0x00ff_ffff_ffff_fe00;
@@ -63,11 +65,8 @@ fn interrupted_repairs_are_repaired_by_a_second_check() {
             let (repaired, _) = check_all(survived, None);
             let p = dir.path().join("r.qcow2");
             std::fs::write(&p, repaired).unwrap();
-            let out = Command::new("qemu-img")
-                .args(["check", p.to_str().unwrap()])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "case {k}, write {n} failed: {out:?}");
+            let (code, text) = qemu("qemu-img", &["check", p.to_str().unwrap()]);
+            assert_eq!(code, 0, "case {k}, write {n} failed: {text}");
         }
     }
 }

@@ -1,6 +1,5 @@
 //! Corruption errors name the structure and its host offset, so callers can decide by kind.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use super::entry::COPIED;
@@ -23,7 +22,7 @@ fn image() -> (Vec<u8>, u64, u64) {
         ("qemu-img", vec!["create", "-q", "-f", "qcow2", f, "1M"]),
         ("qemu-io", vec!["-c", "write -P 3 0 128k", f]),
     ] {
-        assert!(Command::new(tool).args(&args).status().unwrap().success());
+        crate::test_tools::qemu_ok(tool, &args);
     }
     let b = std::fs::read(&p).unwrap();
     let l1 = be64(&b, 40);

@@ -1,6 +1,5 @@
 //! The write ordering of header changes, checked on the fault-injecting storage's log.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use super::Qcow2Image;
@@ -18,8 +17,7 @@ fn cleared_autoclear_bits_are_durable_before_the_first_data_write() {
         vec!["create", "-q", "-f", "qcow2", p, "4M"],
         vec!["bitmap", "--add", p, "b0"],
     ] {
-        let out = Command::new("qemu-img").args(&args).output().unwrap();
-        assert!(out.status.success(), "{out:?}");
+        crate::test_tools::qemu_ok("qemu-img", &args);
     }
     let fault = FaultStorage::with_content(std::fs::read(&path).unwrap());
     let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();

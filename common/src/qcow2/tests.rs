@@ -9,25 +9,10 @@ use super::Qcow2Image;
 use crate::driver::BlockDriver;
 use crate::open::OpenOptions;
 
-/// Run qemu-img. A lock conflict is retried for a moment: another test thread's child
-/// process may briefly hold a copy of a descriptor this test just closed.
+/// Run qemu-img (see [`crate::test_tools::qemu`]).
 fn qemu_img(args: &[&str]) -> (bool, String) {
-    let start = std::time::Instant::now();
-    loop {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        if text.contains("Is another process using the image")
-            && start.elapsed() < std::time::Duration::from_secs(2)
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            continue;
-        }
-        return (out.status.success(), text);
-    }
+    let (code, text) = crate::test_tools::qemu("qemu-img", args);
+    (code == 0, text)
 }
 
 /// Open read-write, retrying a lock conflict for a moment (see `qemu_img`).
@@ -454,16 +439,13 @@ fn crash_at_any_point_leaves_a_consistent_image() {
             ];
             for (img, check_data) in images {
                 std::fs::write(&file, &img).unwrap();
-                let out = Command::new("qemu-img")
-                    .args(["check", file.to_str().unwrap()])
-                    .output()
-                    .unwrap();
-                let code = out.status.code().unwrap_or(-1);
+                let (code, text) =
+                    crate::test_tools::qemu("qemu-img", &["check", file.to_str().unwrap()]);
                 assert!(
                     code == 0 || code == 3,
                     "crash at op {k}/{} (ext={ext}) corrupts the image:\n{}",
                     log.len(),
-                    String::from_utf8_lossy(&out.stdout)
+                    text
                 );
                 // The newest flush completed by point k: its data must be intact where
                 // nothing touched it afterwards.
@@ -622,16 +604,8 @@ fn image_on_fault_storage(size: u64) -> (crate::fault_storage::FaultStorage, Qco
 /// allowed (a failed allocating write may leak its cluster).
 fn check_consistent(fault: &crate::fault_storage::FaultStorage, path: &Path) {
     std::fs::write(path, fault.content().unwrap()).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, text) = crate::test_tools::qemu("qemu-img", &["check", path.to_str().unwrap()]);
+    assert!(code == 0 || code == 3, "{text}");
 }
 
 /// A full disk: writes that need new space fail with ENOSPC and a clear error; what was

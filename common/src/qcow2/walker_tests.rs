@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use super::allocator::When;
@@ -14,11 +13,7 @@ use super::Qcow2Image;
 use crate::driver::BlockDriver;
 use crate::fault_storage::FaultStorage;
 
-fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().expect("tool runs");
-    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::test_tools::qemu_ok as run;
 
 /// An image qemu made: writes, a compressed write, snapshots between them.
 fn qemu_image(dir: &Path, opts: &str) -> Vec<u8> {
@@ -313,11 +308,7 @@ fn compressed_writes_read_back_in_qemu() {
             model[65536 * 2 + 10..65536 * 2 + 110].fill(9);
             assert!(img.write_compressed(100, &model[..65536]).is_err());
         }
-        let check = Command::new("qemu-img")
-            .args(["check", f])
-            .output()
-            .unwrap();
-        assert!(check.status.success(), "{check:?}");
+        run("qemu-img", &["check", f]);
         let raw = dir.path().join("c.raw");
         run(
             "qemu-img",
