@@ -1,5 +1,6 @@
 //! The one trait every open image implements, and the block-status types it reports.
 
+use crate::backing::BackingRef;
 use crate::error::Result;
 use crate::iovec::{IoBuf, IoBufMut};
 
@@ -26,6 +27,8 @@ pub struct BlockStatus {
     /// Host offset of the data in the file of that layer, when it is stored plainly
     /// (not compressed) and the format knows it.
     pub host_offset: Option<u64>,
+    /// The data is stored compressed (qcow2 compressed clusters).
+    pub compressed: bool,
 }
 
 /// An open image. All methods take `&self` and may be called from several threads at once.
@@ -78,6 +81,11 @@ pub trait BlockDriver: Send + Sync {
 
     /// The opened layer below this one (its backing file), if it has one.
     fn backing(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
+
+    /// The backing file this layer names, as stored (unresolved), if it names one.
+    fn backing_ref(&self) -> Option<BackingRef> {
         None
     }
 }

@@ -210,7 +210,9 @@ impl BlockDriver for RawImage {
             len: run_end - offset,
             allocation,
             depth: 0,
-            host_offset: (allocation == Allocation::Data).then_some(offset),
+            // Holes too: like QEMU, the offset in the file is the guest offset.
+            host_offset: Some(offset),
+            compressed: false,
         })
     }
 

@@ -3,12 +3,15 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod compare;
 mod create;
 mod create_opts;
 mod errors;
 mod imgopen;
 mod info;
 mod info_format;
+mod map;
+mod map_format;
 mod paths;
 mod qjson;
 mod size;
@@ -36,16 +39,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Check whether two images have the same contents
+    #[command(args_override_self = true)]
+    Compare(compare::CompareArgs),
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
     /// Display information about an image
     #[command(args_override_self = true)]
     Info(info::InfoArgs),
+    /// Dump the metadata of an image: where its data lives
+    #[command(args_override_self = true)]
+    Map(map::MapArgs),
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["create", "info"];
+const COMMANDS: &[&str] = &["compare", "create", "info", "map"];
 
 fn version_text() -> String {
     format!(
@@ -174,8 +183,10 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Compare(a) => compare::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
     }
 }
 

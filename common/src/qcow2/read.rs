@@ -32,9 +32,13 @@ impl Qcow2Image {
         let e = m.l2_entry(gc)?;
         let in_cluster = g.in_cluster(GuestOffset(pos));
         let sc = (in_cluster >> ub) as u32;
+        let within = in_cluster & ((1 << ub) - 1);
         let kind = match e.kind(g.cluster_bits, g.extended_l2, sc) {
             Kind::Data { host } => Kind::Data {
-                host: HostOffset(host.0 + (in_cluster & ((1 << ub) - 1))),
+                host: HostOffset(host.0 + within),
+            },
+            Kind::Zero { host: Some(host) } => Kind::Zero {
+                host: Some(HostOffset(host.0 + within)),
             },
             k => k,
         };
@@ -58,7 +62,10 @@ impl Qcow2Image {
             let (next, unit) = Self::kind_at(m, pos + len)?;
             let same = match (kind, next) {
                 (Kind::Unallocated, Kind::Unallocated) => true,
-                (Kind::Zero { .. }, Kind::Zero { .. }) => true,
+                // Zero units with storage behind them merge only where it is contiguous,
+                // as QEMU's block status reports them.
+                (Kind::Zero { host: None }, Kind::Zero { host: None }) => true,
+                (Kind::Zero { host: Some(a) }, Kind::Zero { host: Some(b) }) => b.0 == a.0 + len,
                 (Kind::Data { host: a }, Kind::Data { host: b }) => b.0 == a.0 + len,
                 _ => false,
             };
@@ -150,17 +157,23 @@ impl Qcow2Image {
     pub(super) fn status_impl(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let run = {
             let mut m = self.meta();
-            Self::map_run(&mut m, offset, len.max(1))?
+            // Like QEMU, a run ends where the guest range one L2 table maps ends.
+            let cover = m.geo().l1_coverage();
+            Self::map_run(&mut m, offset, len.max(1).min(cover - offset % cover))?
         };
         let status = |allocation, host_offset| BlockStatus {
             len: run.len,
             allocation,
             depth: 0,
             host_offset,
+            compressed: false,
         };
         Ok(match run.kind {
             Kind::Data { host } => status(Allocation::Data, Some(host.0)),
-            Kind::Compressed(_) => status(Allocation::Data, None),
+            Kind::Compressed(_) => BlockStatus {
+                compressed: true,
+                ..status(Allocation::Data, None)
+            },
             Kind::Zero { host } => status(Allocation::Zero, host.map(|h| h.0)),
             Kind::Unallocated => match &self.backing {
                 Some(b) if offset < b.size() => {
