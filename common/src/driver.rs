@@ -25,7 +25,8 @@ pub struct BlockStatus {
     /// Which layer answers: 0 is the image itself, 1 its backing file, and so on.
     pub depth: u32,
     /// Host offset of the data in the file of that layer, when it is stored plainly
-    /// (not compressed) and the format knows it.
+    /// (not compressed) and the format knows it; for a zero or unallocated run, where
+    /// storage reserved for it lies, if any (as QEMU reports it).
     pub host_offset: Option<u64>,
     /// The data is stored compressed (qcow2 compressed clusters).
     pub compressed: bool,

@@ -153,7 +153,6 @@ impl<'a> Mapper<'a> {
                 depth: unallocated_depth(top, at),
                 present: false,
                 zero: true,
-                offset: None,
                 ..base
             },
         }))
