@@ -329,8 +329,9 @@ fn random_images_map_like_qemu_img() {
             for _ in 0..rng.range(1, 40) {
                 let off = rng.below(lsize / grain) * grain;
                 let len = (rng.range(1, 4 * cluster / grain + 1) * grain).min(lsize - off);
-                let fresh =
-                    off % cluster == 0 && len >= cluster && !touched.contains(&(off / cluster));
+                let fresh = off.is_multiple_of(cluster)
+                    && len >= cluster
+                    && !touched.contains(&(off / cluster));
                 let cmd = match rng.below(6) {
                     0 => format!("write -z {off} {len}"),
                     1 => format!("write -z -u {off} {len}"),
