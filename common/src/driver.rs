@@ -1,5 +1,6 @@
 //! The one trait every open image implements, and the block-status types it reports.
 
+use crate::backing::BackingRef;
 use crate::error::Result;
 use crate::iovec::{IoBuf, IoBufMut};
 
@@ -24,8 +25,11 @@ pub struct BlockStatus {
     /// Which layer answers: 0 is the image itself, 1 its backing file, and so on.
     pub depth: u32,
     /// Host offset of the data in the file of that layer, when it is stored plainly
-    /// (not compressed) and the format knows it.
+    /// (not compressed) and the format knows it; for a zero or unallocated run, where
+    /// storage reserved for it lies, if any (as QEMU reports it).
     pub host_offset: Option<u64>,
+    /// The data is stored compressed (qcow2 compressed clusters).
+    pub compressed: bool,
 }
 
 /// An open image. All methods take `&self` and may be called from several threads at once.
@@ -78,6 +82,11 @@ pub trait BlockDriver: Send + Sync {
 
     /// The opened layer below this one (its backing file), if it has one.
     fn backing(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
+
+    /// The backing file this layer names, as stored (unresolved), if it names one.
+    fn backing_ref(&self) -> Option<BackingRef> {
         None
     }
 }

@@ -210,7 +210,9 @@ impl BlockDriver for RawImage {
             len: run_end - offset,
             allocation,
             depth: 0,
-            host_offset: (allocation == Allocation::Data).then_some(offset),
+            // Holes too: like QEMU, the offset in the file is the guest offset.
+            host_offset: Some(offset),
+            compressed: false,
         })
     }
 
@@ -379,7 +381,8 @@ mod tests {
         let s = img.block_status(65536, 65536).unwrap();
         if s.allocation == Allocation::Zero {
             assert_eq!(s.len, 65536);
-            assert_eq!(s.host_offset, None);
+            // Like QEMU's file driver: a hole's offset in the file is known too.
+            assert_eq!(s.host_offset, Some(65536));
         }
         // Written zeroes stay allocated data.
         let s = img.block_status(4096, 8192).unwrap();

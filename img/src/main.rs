@@ -5,12 +5,15 @@
 
 mod check;
 mod check_format;
+mod compare;
 mod create;
 mod create_opts;
 mod errors;
 mod imgopen;
 mod info;
 mod info_format;
+mod map;
+mod map_format;
 mod paths;
 mod qjson;
 mod size;
@@ -41,16 +44,22 @@ enum Command {
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
+    /// Check whether two images have the same contents
+    #[command(args_override_self = true)]
+    Compare(compare::CompareArgs),
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
     /// Display information about an image
     #[command(args_override_self = true)]
     Info(info::InfoArgs),
+    /// Dump the metadata of an image: where its data lives
+    #[command(args_override_self = true)]
+    Map(map::MapArgs),
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "create", "info"];
+const COMMANDS: &[&str] = &["check", "compare", "create", "info", "map"];
 
 fn version_text() -> String {
     format!(
@@ -180,8 +189,10 @@ fn run(args: Vec<String>) -> CmdResult {
     };
     match &cli.command {
         Command::Check(a) => check::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
     }
 }
 

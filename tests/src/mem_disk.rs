@@ -74,6 +74,7 @@ impl BlockDriver for MemDisk {
             allocation: Allocation::Data,
             depth: 0,
             host_offset: None,
+            compressed: false,
         })
     }
     fn allocated_file_size(&self) -> Result<u64> {

@@ -157,13 +157,13 @@ impl L2Entry {
         }
         let host = self.host_cluster();
         if extended {
+            let sub = host.map(|h| HostOffset(h.0 + (u64::from(sc) << (cluster_bits - 5))));
             if self.bitmap & (1u64 << (32 + sc)) != 0 {
-                return Kind::Zero { host: None };
+                // Like QEMU's ZERO_ALLOC: the subcluster keeps its place in the cluster.
+                return Kind::Zero { host: sub };
             }
-            return match host {
-                Some(h) if self.bitmap & (1u64 << sc) != 0 => Kind::Data {
-                    host: HostOffset(h.0 + (u64::from(sc) << (cluster_bits - 5))),
-                },
+            return match sub {
+                Some(host) if self.bitmap & (1u64 << sc) != 0 => Kind::Data { host },
                 _ => Kind::Unallocated,
             };
         }
@@ -216,7 +216,20 @@ mod tests {
             word: 0x30000,
             bitmap: 0b10 | (1 << 32),
         };
-        assert_eq!(x.kind(16, true, 0), Kind::Zero { host: None });
+        assert_eq!(
+            x.kind(16, true, 0),
+            Kind::Zero {
+                host: Some(HostOffset(0x30000))
+            }
+        );
+        let unallocated_zero = L2Entry {
+            word: 0,
+            bitmap: 1 << 32,
+        };
+        assert_eq!(
+            unallocated_zero.kind(16, true, 0),
+            Kind::Zero { host: None }
+        );
         assert_eq!(
             x.kind(16, true, 1),
             Kind::Data {

@@ -302,6 +302,10 @@ impl BlockDriver for Qcow2Image {
     fn backing(&self) -> Option<&dyn BlockDriver> {
         self.backing.as_deref()
     }
+
+    fn backing_ref(&self) -> Option<BackingRef> {
+        Qcow2Image::backing_ref(self)
+    }
 }
 
 #[cfg(test)]

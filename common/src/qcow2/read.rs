@@ -16,35 +16,48 @@ use crate::iovec::{self, IoBufMut};
 struct Run {
     kind: Kind,
     len: u64,
+    /// For an unallocated run inside allocated clusters (extended L2), where its storage
+    /// is: QEMU reports that offset when no backing file answers.
+    reserved: Option<HostOffset>,
 }
 
 impl Qcow2Image {
-    /// Kind of the unit holding guest offset `pos`, with `host` moved to `pos` itself.
-    fn kind_at(m: &mut Meta, pos: u64) -> Result<(Kind, u64)> {
+    /// Kind of the unit holding guest offset `pos`, with `host` moved to `pos` itself, the
+    /// bytes left in the unit, and the storage of an unallocated unit in an allocated
+    /// cluster.
+    fn kind_at(m: &mut Meta, pos: u64) -> Result<(Kind, u64, Option<HostOffset>)> {
         let g = m.geo();
         let gc = g.guest_cluster(GuestOffset(pos));
         if m.l2_offset(gc)?.is_none() {
             // No L2 table: the whole range its L1 entry covers is unallocated.
             let cover = g.l1_coverage();
-            return Ok((Kind::Unallocated, cover - pos % cover));
+            return Ok((Kind::Unallocated, cover - pos % cover, None));
         }
         let ub = g.unit_bits();
         let e = m.l2_entry(gc)?;
         let in_cluster = g.in_cluster(GuestOffset(pos));
         let sc = (in_cluster >> ub) as u32;
+        let within = in_cluster & ((1 << ub) - 1);
         let kind = match e.kind(g.cluster_bits, g.extended_l2, sc) {
             Kind::Data { host } => Kind::Data {
-                host: HostOffset(host.0 + (in_cluster & ((1 << ub) - 1))),
+                host: HostOffset(host.0 + within),
+            },
+            Kind::Zero { host: Some(host) } => Kind::Zero {
+                host: Some(HostOffset(host.0 + within)),
             },
             k => k,
         };
+        let reserved = match kind {
+            Kind::Unallocated => e.host_cluster().map(|h| HostOffset(h.0 + in_cluster)),
+            _ => None,
+        };
         let unit_left = (1 << ub) - (pos & ((1 << ub) - 1));
-        Ok((kind, unit_left))
+        Ok((kind, unit_left, reserved))
     }
 
     /// The longest run starting at `pos` (at most `max` bytes) that maps alike.
     fn map_run(m: &mut Meta, pos: u64, max: u64) -> Result<Run> {
-        let (kind, mut len) = Self::kind_at(m, pos)?;
+        let (kind, mut len, reserved) = Self::kind_at(m, pos)?;
         if matches!(kind, Kind::Compressed(_)) {
             let g = m.geo();
             return Ok(Run {
@@ -52,13 +65,21 @@ impl Qcow2Image {
                 len: len
                     .min(max)
                     .min(g.cluster_size() - g.in_cluster(GuestOffset(pos))),
+                reserved,
             });
         }
         while len < max {
-            let (next, unit) = Self::kind_at(m, pos + len)?;
+            let (next, unit, next_reserved) = Self::kind_at(m, pos + len)?;
             let same = match (kind, next) {
-                (Kind::Unallocated, Kind::Unallocated) => true,
-                (Kind::Zero { .. }, Kind::Zero { .. }) => true,
+                (Kind::Unallocated, Kind::Unallocated) => match (reserved, next_reserved) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => b.0 == a.0 + len,
+                    _ => false,
+                },
+                // Zero units with storage behind them merge only where it is contiguous,
+                // as QEMU's block status reports them.
+                (Kind::Zero { host: None }, Kind::Zero { host: None }) => true,
+                (Kind::Zero { host: Some(a) }, Kind::Zero { host: Some(b) }) => b.0 == a.0 + len,
                 (Kind::Data { host: a }, Kind::Data { host: b }) => b.0 == a.0 + len,
                 _ => false,
             };
@@ -70,6 +91,7 @@ impl Qcow2Image {
         Ok(Run {
             kind,
             len: len.min(max),
+            reserved,
         })
     }
 
@@ -150,17 +172,23 @@ impl Qcow2Image {
     pub(super) fn status_impl(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let run = {
             let mut m = self.meta();
-            Self::map_run(&mut m, offset, len.max(1))?
+            // Like QEMU, a run ends where the guest range one L2 table maps ends.
+            let cover = m.geo().l1_coverage();
+            Self::map_run(&mut m, offset, len.max(1).min(cover - offset % cover))?
         };
         let status = |allocation, host_offset| BlockStatus {
             len: run.len,
             allocation,
             depth: 0,
             host_offset,
+            compressed: false,
         };
         Ok(match run.kind {
             Kind::Data { host } => status(Allocation::Data, Some(host.0)),
-            Kind::Compressed(_) => status(Allocation::Data, None),
+            Kind::Compressed(_) => BlockStatus {
+                compressed: true,
+                ..status(Allocation::Data, None)
+            },
             Kind::Zero { host } => status(Allocation::Zero, host.map(|h| h.0)),
             Kind::Unallocated => match &self.backing {
                 Some(b) if offset < b.size() => {
@@ -171,7 +199,7 @@ impl Qcow2Image {
                     }
                     s
                 }
-                _ => status(Allocation::Unallocated, None),
+                _ => status(Allocation::Unallocated, run.reserved.map(|h| h.0)),
             },
         })
     }
