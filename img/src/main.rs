@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod convert;
 mod create;
 mod create_opts;
 mod errors;
@@ -36,6 +37,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Convert an image to another format or into another image
+    #[command(args_override_self = true)]
+    Convert(convert::ConvertArgs),
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
@@ -45,7 +49,7 @@ enum Command {
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["create", "info"];
+const COMMANDS: &[&str] = &["convert", "create", "info"];
 
 fn version_text() -> String {
     format!(
@@ -174,6 +178,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
     }
