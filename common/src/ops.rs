@@ -126,6 +126,41 @@ impl Image {
     }
 }
 
+/// One cluster compressed for an image by [`Image::compress_cluster`], to be written by
+/// [`Image::write_compressed_prepared`]; compressing apart from writing lets callers
+/// compress on many threads and still write in guest order.
+#[derive(Debug)]
+pub struct CompressedCluster(Option<Vec<u8>>);
+
+impl Image {
+    /// Compress `data` (at most one cluster) as [`Image::write_compressed`] would, without
+    /// writing it or holding any lock.
+    pub fn compress_cluster(&self, data: &[u8]) -> Result<CompressedCluster> {
+        match self {
+            Image::Qcow2(q) => Ok(CompressedCluster(q.compress_cluster(data)?)),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Compression not supported for this file format".into(),
+            )),
+        }
+    }
+
+    /// Write `data` at `offset` (the rules of [`Image::write_compressed`]) as `c`, which
+    /// [`Image::compress_cluster`] made from this `data`.
+    pub fn write_compressed_prepared(
+        &self,
+        offset: u64,
+        data: &[u8],
+        c: &CompressedCluster,
+    ) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Compression not supported for this file format".into(),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::open::{open_image, OpenOptions};

@@ -6,6 +6,7 @@
 mod check;
 mod check_format;
 mod compare;
+mod convert;
 mod create;
 mod create_opts;
 mod errors;
@@ -47,6 +48,9 @@ enum Command {
     /// Check whether two images have the same contents
     #[command(args_override_self = true)]
     Compare(compare::CompareArgs),
+    /// Convert an image to another format or into another image
+    #[command(args_override_self = true)]
+    Convert(convert::ConvertArgs),
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
@@ -59,7 +63,7 @@ enum Command {
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "compare", "create", "info", "map"];
+const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info", "map"];
 
 fn version_text() -> String {
     format!(
@@ -190,6 +194,7 @@ fn run(args: Vec<String>) -> CmdResult {
     match &cli.command {
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),

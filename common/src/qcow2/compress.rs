@@ -49,12 +49,21 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// log2 of the deflate window QEMU uses for compressed clusters.
+const ZLIB_WINDOW_BITS: u8 = 12;
+
 /// Compress one cluster; `None` when compression does not save space (QEMU then writes it
 /// uncompressed).
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let out = match kind {
         CompressionType::Zlib => {
-            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            // QEMU's parameters: raw deflate, level 6, a 4 KiB window (windowBits -12);
+            // QEMU inflates with that window, so a larger one makes clusters it cannot read.
+            let mut c = flate2::Compress::new_with_window_bits(
+                flate2::Compression::new(6),
+                false,
+                ZLIB_WINDOW_BITS,
+            );
             let mut out = Vec::with_capacity(input.len());
             match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => out,
@@ -83,5 +92,32 @@ mod tests {
             assert_eq!(out, data);
             assert!(decompress(kind, &c[..c.len() / 3], &mut out).is_err());
         }
+    }
+
+    /// Repeats 5000 bytes apart, beyond a 4 KiB window: a 32 KiB window would refer back
+    /// past what QEMU's inflate (windowBits -12) keeps; ours must inflate with 4 KiB.
+    #[test]
+    fn zlib_window_is_4k() {
+        let period: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let data: Vec<u8> = period.iter().copied().cycle().take(65536).collect();
+        let c = compress(CompressionType::Zlib, &data).unwrap();
+        // With a 4 KiB window the repeats cannot be found: the data does not shrink
+        // much, or at all; what was compressed must inflate with a 4 KiB window.
+        if let Some(c) = c {
+            let mut d = flate2::Decompress::new_with_window_bits(false, ZLIB_WINDOW_BITS);
+            let mut out = vec![0u8; data.len()];
+            d.decompress(&c, &mut out, flate2::FlushDecompress::Finish)
+                .unwrap();
+            assert_eq!(out, data);
+        }
+        let short: Vec<u8> = period[..3000].iter().copied().cycle().take(65536).collect();
+        let c = compress(CompressionType::Zlib, &short).unwrap().unwrap();
+        let mut d = flate2::Decompress::new_with_window_bits(false, ZLIB_WINDOW_BITS);
+        let mut out = vec![0u8; short.len()];
+        d.decompress(&c, &mut out, flate2::FlushDecompress::Finish)
+            .unwrap();
+        assert_eq!(out, short);
     }
 }

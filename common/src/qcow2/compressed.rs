@@ -31,12 +31,37 @@ impl Qcow2Image {
     /// cluster aligned and `data` a whole cluster, or the rest of the image for its last
     /// cluster. A cluster that does not shrink is written uncompressed.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let packed = self.compress_cluster(data)?;
+        self.write_packed(offset, data, packed.as_deref())
+    }
+
+    /// Compress `data` (at most one cluster, zero-padded to one) with the image's
+    /// compression type, without holding any lock: `None` when it does not shrink.
+    pub fn compress_cluster(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (cs, kind) = {
+            let m = self.meta();
+            (m.geo().cluster_size(), m.h.compression_type)
+        };
+        if data.is_empty() || data.len() as u64 > cs {
+            return Err(Error::invalid(format!(
+                "compressed writes take one whole cluster (length {})",
+                data.len()
+            )));
+        }
+        let mut cluster = data.to_vec();
+        cluster.resize(cs as usize, 0);
+        compress::compress(kind, &cluster)
+    }
+
+    /// Write the guest cluster at `offset` (rules of [`Self::write_compressed`]) as
+    /// `packed`, the output of [`Self::compress_cluster`] for `data`; plainly when `None`.
+    pub fn write_packed(&self, offset: u64, data: &[u8], packed: Option<&[u8]>) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        let (g, size, kind) = {
+        let (g, size) = {
             let m = self.meta();
-            (m.geo(), m.h.size, m.h.compression_type)
+            (m.geo(), m.h.size)
         };
         let cs = g.cluster_size();
         let len = data.len() as u64;
@@ -47,9 +72,7 @@ impl Qcow2Image {
             )));
         }
         crate::driver::check_range(offset, len, size)?;
-        let mut cluster = data.to_vec();
-        cluster.resize(cs as usize, 0);
-        let Some(packed) = compress::compress(kind, &cluster)? else {
+        let Some(packed) = packed else {
             return self.write_impl(&[data.into()], offset);
         };
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
@@ -61,7 +84,7 @@ impl Qcow2Image {
         drop(m);
         let wrote = io(
             "Could not write compressed data",
-            self.storage.write_at(&packed, host.0),
+            self.storage.write_at(packed, host.0),
         );
         let mut m = self.meta();
         let mut result = wrote;

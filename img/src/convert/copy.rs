@@ -1,0 +1,533 @@
+//! The copy of `img convert`. The sources' block status decides, extent by extent, whether
+//! the target gets data, zeroes or nothing; worker threads read, scan for zeroes and
+//! compress in bounded chunks, and write in guest order unless `-W` allows any order.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use common::ops::CompressedCluster;
+use common::{open::Image, Allocation};
+
+use super::progress::Progress;
+use crate::errors::engine_msg;
+
+/// The most bytes one request moves (qemu-img's buffer size); chunks never cross a
+/// multiple of it, so peak memory is this times the number of workers.
+const CHUNK: u64 = 2 << 20;
+/// QEMU counts image lengths in 512-byte sectors.
+const SECTOR: u64 = 512;
+
+/// How to copy, decided from the command line and the target.
+#[derive(Debug, Clone)]
+pub struct CopyPlan {
+    /// Write data clusters compressed (`-c`).
+    pub compressed: bool,
+    /// Zero runs of this many bytes are not written as data (`-S`); 0 writes everything.
+    pub min_sparse: u64,
+    /// Write in guest order (no `-W`).
+    pub in_order: bool,
+    /// Requests in flight (`-m`).
+    pub in_flight: usize,
+    /// The target reads as zeroes already, so zero ranges need no write.
+    pub has_zero_init: bool,
+    /// The target has a backing file: what the source's top layer does not have is left
+    /// to it.
+    pub target_backing: bool,
+    /// Where the new target's backing file ends; past it zeroes need no write.
+    pub backing_end: Option<u64>,
+    /// The target's cluster size, for formats with clusters.
+    pub cluster_size: Option<u64>,
+}
+
+/// What an extent of the sources needs in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Read it and write what is not zero.
+    Data,
+    /// It reads as zeroes.
+    Zero,
+    /// The target's backing file provides it.
+    Backing,
+}
+
+/// The source images, concatenated. Each counts in whole sectors as in QEMU: bytes past a
+/// source's end, up to its next sector boundary, read as zeroes.
+pub struct Sources {
+    parts: Vec<Part>,
+    size: u64,
+}
+
+struct Part {
+    image: Image,
+    /// Where it starts in the concatenation.
+    start: u64,
+    /// Its length in the concatenation (whole sectors).
+    len: u64,
+    /// Its own size in bytes.
+    bytes: u64,
+}
+
+impl Sources {
+    /// The images in command-line order.
+    pub fn new(images: Vec<Image>) -> Sources {
+        let mut start = 0;
+        let parts = images
+            .into_iter()
+            .map(|image| {
+                let bytes = image.driver().size();
+                let len = bytes.next_multiple_of(SECTOR);
+                let p = Part {
+                    image,
+                    start,
+                    len,
+                    bytes,
+                };
+                start += len;
+                p
+            })
+            .collect();
+        Sources { parts, size: start }
+    }
+
+    /// Total length of the concatenation.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn part(&self, offset: u64) -> &Part {
+        let i = self.parts.partition_point(|p| p.start + p.len <= offset);
+        &self.parts[i]
+    }
+
+    /// What the run starting at `offset` is, and where it ends (never past a source's end).
+    /// With `top_only`, only a source's own layer counts as data or zeroes.
+    fn status(&self, offset: u64, top_only: bool) -> Result<(Kind, u64), String> {
+        let p = self.part(offset);
+        let rel = offset - p.start;
+        if rel >= p.bytes {
+            return Ok((Kind::Zero, p.start + p.len));
+        }
+        let st = p
+            .image
+            .driver()
+            .block_status(rel, p.bytes - rel)
+            .map_err(|e| {
+                format!(
+                    "error while reading block status at offset {offset}: {}",
+                    engine_msg(&e)
+                )
+            })?;
+        let kind = match st.allocation {
+            _ if top_only && st.depth > 0 => Kind::Backing,
+            Allocation::Data => Kind::Data,
+            Allocation::Zero => Kind::Zero,
+            Allocation::Unallocated if top_only => Kind::Backing,
+            Allocation::Unallocated => Kind::Zero,
+        };
+        let end = if rel + st.len >= p.bytes {
+            p.start + p.len
+        } else {
+            offset + st.len
+        };
+        Ok((kind, end))
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the concatenation.
+    fn read(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), String> {
+        while !buf.is_empty() {
+            let p = self.part(offset);
+            let rel = offset - p.start;
+            let n = buf.len().min((p.start + p.len - offset) as usize);
+            let (here, rest) = buf.split_at_mut(n);
+            let stored = (p.bytes.saturating_sub(rel) as usize).min(n);
+            p.image
+                .driver()
+                .read_at(&mut here[..stored], rel)
+                .map_err(|e| format!("error while reading at byte {offset}: {}", engine_msg(&e)))?;
+            here[stored..].fill(0);
+            offset += n as u64;
+            buf = rest;
+        }
+        Ok(())
+    }
+}
+
+/// One request: a range of the sources and what it needs, numbered in guest order.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    seq: u64,
+    offset: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// Cuts the sources into chunks, asking block status as it goes.
+struct Planner<'a> {
+    src: &'a Sources,
+    plan: &'a CopyPlan,
+    pos: u64,
+    seq: u64,
+    /// The last status answer: its start, end and kind.
+    run: Option<(u64, u64, Kind)>,
+}
+
+impl Planner<'_> {
+    /// The kind at `pos` and where that run ends.
+    fn kind_at(&mut self, pos: u64) -> Result<(Kind, u64), String> {
+        if let Some((start, end, kind)) = self.run {
+            if (start..end).contains(&pos) {
+                return Ok((kind, end));
+            }
+        }
+        let (mut kind, mut end) = self.src.status(pos, self.plan.target_backing)?;
+        if let Some(be) = self.plan.backing_end {
+            if pos < be {
+                end = end.min(be);
+            } else if kind == Kind::Zero {
+                kind = Kind::Backing;
+            }
+        }
+        self.run = Some((pos, end, kind));
+        Ok((kind, end))
+    }
+
+    /// The kind of the unit `[start, end)`: one kind throughout, or data when mixed (a
+    /// compressed cluster is written whole).
+    fn unit_kind(&mut self, start: u64, end: u64) -> Result<Kind, String> {
+        let (first, mut p) = self.kind_at(start)?;
+        while p < end {
+            let (k, e) = self.kind_at(p)?;
+            if k != first {
+                return Ok(Kind::Data);
+            }
+            p = e;
+        }
+        Ok(first)
+    }
+
+    fn next(&mut self) -> Result<Option<Chunk>, String> {
+        let total = self.src.size();
+        let pos = self.pos;
+        if pos >= total {
+            return Ok(None);
+        }
+        let limit = ((pos / CHUNK + 1) * CHUNK).min(total);
+        let (kind, end) = match (self.plan.compressed, self.plan.cluster_size) {
+            (true, Some(cs)) => {
+                // Whole clusters of one kind.
+                let unit_end = |p: u64| ((p / cs + 1) * cs).min(total);
+                let kind = self.unit_kind(pos, unit_end(pos))?;
+                let mut end = unit_end(pos);
+                while end < limit && self.unit_kind(end, unit_end(end))? == kind {
+                    end = unit_end(end);
+                }
+                (kind, end.min(limit))
+            }
+            _ => {
+                let (kind, end) = self.kind_at(pos)?;
+                (kind, end.min(limit))
+            }
+        };
+        self.pos = end;
+        self.seq += 1;
+        Ok(Some(Chunk {
+            seq: self.seq - 1,
+            offset: pos,
+            len: end - pos,
+            kind,
+        }))
+    }
+}
+
+/// One write to the target, its data (if any) in the worker's buffer.
+enum Op {
+    Write {
+        offset: u64,
+        data: Range<usize>,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+    },
+    Compressed {
+        offset: u64,
+        data: Range<usize>,
+        packed: CompressedCluster,
+    },
+}
+
+/// What the workers share.
+struct Shared<'a> {
+    src: &'a Sources,
+    target: &'a Image,
+    plan: &'a CopyPlan,
+    progress: &'a Progress,
+    planner: Mutex<Planner<'a>>,
+    /// The sequence number whose turn it is to write (in-order mode).
+    turn: Mutex<u64>,
+    turn_changed: Condvar,
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+    /// The unit of zero detection.
+    zero_unit: u64,
+    target_size: u64,
+}
+
+impl Shared<'_> {
+    fn fail(&self, e: String) {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+        self.failed.store(true, Ordering::SeqCst);
+        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        self.turn_changed.notify_all();
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn worker(&self) {
+        let mut buf = Vec::new();
+        while !self.failed() {
+            let next = self
+                .planner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next();
+            let chunk = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(e) => return self.fail(e),
+            };
+            let ops = match self.prepare(&chunk, &mut buf) {
+                Ok(ops) => ops,
+                Err(e) => return self.fail(e),
+            };
+            if self.plan.in_order && !self.wait_turn(chunk.seq) {
+                return;
+            }
+            let r = self.execute(ops, &buf);
+            if self.plan.in_order {
+                *self.turn.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                self.turn_changed.notify_all();
+            }
+            if let Err(e) = r {
+                return self.fail(e);
+            }
+            self.progress.advance(chunk.len);
+        }
+    }
+
+    /// Wait until chunk `seq` may write; false if the copy failed meanwhile.
+    fn wait_turn(&self, seq: u64) -> bool {
+        let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        while *turn != seq && !self.failed() {
+            turn = self
+                .turn_changed
+                .wait(turn)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        !self.failed()
+    }
+
+    /// Read, scan and compress one chunk into the writes it needs.
+    fn prepare(&self, c: &Chunk, buf: &mut Vec<u8>) -> Result<Vec<Op>, String> {
+        let len = c.len as usize;
+        let plan = self.plan;
+        match c.kind {
+            Kind::Backing => return Ok(Vec::new()),
+            Kind::Zero if plan.min_sparse != 0 => {
+                return Ok(self.zeroes(c.offset, c.len).into_iter().collect());
+            }
+            Kind::Zero => {
+                // -S 0: zeroes are written as data.
+                buf.clear();
+                buf.resize(len, 0);
+            }
+            Kind::Data => {
+                buf.resize(len, 0);
+                self.src.read(c.offset, &mut buf[..len])?;
+            }
+        }
+        let mut ops = Vec::new();
+        match (plan.compressed, plan.cluster_size) {
+            (true, Some(cs)) => {
+                for (i, cluster) in buf[..len].chunks(cs as usize).enumerate() {
+                    let at = i * cs as usize;
+                    let offset = c.offset + at as u64;
+                    let data = at..at + cluster.len();
+                    if plan.min_sparse != 0 && is_zero(cluster) {
+                        ops.extend(self.zeroes(offset, cluster.len() as u64));
+                    } else if cluster.len() as u64 != cs
+                        && offset + cluster.len() as u64 != self.target_size
+                    {
+                        // A partial cluster that is not the target's last: written plainly.
+                        ops.push(Op::Write { offset, data });
+                    } else {
+                        let packed = self.target.compress_cluster(cluster).map_err(|e| {
+                            format!(
+                                "error while compressing sector {}: {}",
+                                offset / SECTOR,
+                                engine_msg(&e)
+                            )
+                        })?;
+                        ops.push(Op::Compressed {
+                            offset,
+                            data,
+                            packed,
+                        });
+                    }
+                }
+            }
+            _ if plan.min_sparse == 0 => ops.push(Op::Write {
+                offset: c.offset,
+                data: 0..len,
+            }),
+            _ => self.split_zero_runs(c.offset, &buf[..len], &mut ops),
+        }
+        Ok(ops)
+    }
+
+    /// Writes for `data` at `offset`: zero units as zeroes, runs of the others as data.
+    fn split_zero_runs(&self, offset: u64, data: &[u8], ops: &mut Vec<Op>) {
+        let unit = self.zero_unit;
+        let mut run: Option<(bool, usize)> = None;
+        let mut at = 0usize;
+        let flush = |zero: bool, start: usize, end: usize, ops: &mut Vec<Op>| {
+            let o = offset + start as u64;
+            if zero {
+                ops.extend(self.zeroes(o, (end - start) as u64));
+            } else {
+                ops.push(Op::Write {
+                    offset: o,
+                    data: start..end,
+                });
+            }
+        };
+        while at < data.len() {
+            let abs = offset + at as u64;
+            let end = (((abs / unit + 1) * unit - offset) as usize).min(data.len());
+            let zero = is_zero(&data[at..end]);
+            match run {
+                Some((z, _)) if z == zero => {}
+                Some((z, start)) => {
+                    flush(z, start, at, ops);
+                    run = Some((zero, at));
+                }
+                None => run = Some((zero, at)),
+            }
+            at = end;
+        }
+        if let Some((z, start)) = run {
+            flush(z, start, data.len(), ops);
+        }
+    }
+
+    /// The write that makes `len` bytes at `offset` read as zeroes, if one is needed.
+    fn zeroes(&self, offset: u64, len: u64) -> Option<Op> {
+        (!self.plan.has_zero_init).then_some(Op::Zeroes { offset, len })
+    }
+
+    fn execute(&self, ops: Vec<Op>, buf: &[u8]) -> Result<(), String> {
+        let t = self.target;
+        for op in ops {
+            let (offset, r) = match op {
+                Op::Write { offset, data } => (offset, t.driver().write_at(&buf[data], offset)),
+                Op::Zeroes { offset, len } => (offset, t.driver().write_zeroes(offset, len, true)),
+                Op::Compressed {
+                    offset,
+                    data,
+                    packed,
+                } => (
+                    offset,
+                    t.write_compressed_prepared(offset, &buf[data], &packed),
+                ),
+            };
+            r.map_err(|e| format!("error while writing at byte {offset}: {}", engine_msg(&e)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copy `src` into `target` as `plan` says, then flush the target.
+pub fn copy(
+    src: &Sources,
+    target: &Image,
+    plan: &CopyPlan,
+    progress: &Progress,
+) -> Result<(), String> {
+    let sparse_unit = match plan.min_sparse {
+        0 => SECTOR,
+        s => 1 << s.ilog2(),
+    };
+    let shared = Shared {
+        src,
+        target,
+        plan,
+        progress,
+        planner: Mutex::new(Planner {
+            src,
+            plan,
+            pos: 0,
+            seq: 0,
+            run: None,
+        }),
+        turn: Mutex::new(0),
+        turn_changed: Condvar::new(),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+        // A cluster is allocated whole anyway: no point in finer zero runs.
+        zero_unit: sparse_unit.max(plan.cluster_size.unwrap_or(1)).min(CHUNK),
+        target_size: target.driver().size(),
+    };
+    progress.start(src.size());
+    let workers = if plan.compressed {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        plan.in_flight.max(cpus)
+    } else {
+        plan.in_flight
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| shared.worker());
+        }
+    });
+    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    target
+        .driver()
+        .flush()
+        .map_err(|e| format!("error while flushing: {}", engine_msg(&e)))
+}
+
+/// Whether `data` is all zero bytes, eight words at a time.
+fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64.
+    let (head, words, tail) = unsafe { data.align_to::<u64>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|w| w.iter().fold(0, |acc, &x| acc | x) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_scan() {
+        let mut v = vec![0u8; 10000];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[3..9999]));
+        for i in [0, 1, 7, 8, 63, 64, 5000, 9999] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "{i}");
+            v[i] = 0;
+        }
+    }
+}
