@@ -7,6 +7,7 @@ mod check;
 mod check_format;
 mod create;
 mod create_opts;
+mod dd;
 mod errors;
 mod imgopen;
 mod info;
@@ -44,13 +45,16 @@ enum Command {
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
+    /// Copy input to output with optional format conversion
+    #[command(args_override_self = true)]
+    Dd(dd::DdArgs),
     /// Display information about an image
     #[command(args_override_self = true)]
     Info(info::InfoArgs),
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "create", "info"];
+const COMMANDS: &[&str] = &["check", "create", "dd", "info"];
 
 fn version_text() -> String {
     format!(
@@ -181,6 +185,7 @@ fn run(args: Vec<String>) -> CmdResult {
     match &cli.command {
         Command::Check(a) => check::run(a),
         Command::Create(a) => create::run(a),
+        Command::Dd(a) => dd::run(a),
         Command::Info(a) => info::run(a),
     }
 }
