@@ -114,6 +114,17 @@ impl Image {
             .collect())
     }
 
+    /// Length in bytes of the file under the format (a device's size for a device).
+    pub fn file_length(&self) -> Result<u64> {
+        let storage = match self {
+            Image::Raw(r) => r.storage(),
+            Image::Qcow2(q) => q.storage(),
+        };
+        storage
+            .len()
+            .map_err(|e| Error::io("Could not get the file length".to_string(), e))
+    }
+
     /// Write one guest cluster compressed (`offset` cluster aligned, `data` a whole cluster
     /// or the image's last partial one); a cluster that does not shrink is stored plainly.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {

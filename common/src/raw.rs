@@ -234,6 +234,13 @@ pub use crate::prealloc::Preallocation;
 pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()> {
     let storage = FileStorage::new(crate::storage::open_new_image_file(path)?);
     let io = |what: &str, e| Error::io(what.to_string(), e);
+    if storage
+        .file()
+        .metadata()
+        .is_ok_and(|m| crate::storage::is_device(&m.file_type()))
+    {
+        return create_on_device(&storage, size, prealloc);
+    }
     storage
         .set_len(0)
         .map_err(|e| io("Could not resize file", e))?;
@@ -281,6 +288,31 @@ pub fn create_raw(path: &Path, size: u64, prealloc: Preallocation) -> Result<()>
         .flush()
         .map_err(|e| io("Could not flush the new file", e))?;
     Ok(())
+}
+
+/// QEMU's creation on a 'host_device' (`bdrv_co_create_opts_simple`): no preallocation,
+/// the device is not grown, and its first sector is zeroed.
+fn create_on_device(storage: &FileStorage, size: u64, prealloc: Preallocation) -> Result<()> {
+    if prealloc != Preallocation::Off {
+        return Err(Error::Unsupported(format!(
+            "Unsupported preallocation mode '{}'",
+            prealloc.name()
+        )));
+    }
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("Could not get the device size".to_string(), e))?;
+    if size > len {
+        return Err(Error::invalid("Cannot grow device files"));
+    }
+    storage
+        .write_at(&vec![0u8; len.min(512) as usize], 0)
+        .map_err(|e| {
+            Error::io(
+                "Failed to clear the new image's first sector".to_string(),
+                e,
+            )
+        })
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@ use crate::errors::engine_msg;
 /// Open `name`; the error is the text qemu-img prints after `Could not open 'NAME': `
 /// (or, for the backing file of `create`, after `FILE: `).
 pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
+    if name.is_empty() {
+        return Err("The 'file' block driver requires a file name".into());
+    }
     let path = Path::new(name);
     if path.is_dir() {
         return Err(format!(

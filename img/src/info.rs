@@ -7,6 +7,7 @@ use std::path::Path;
 use clap::Args;
 use common::open::{Format, OpenOptions};
 use common::ops::FormatSpecific as EngineSpecific;
+use common::storage::is_device;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -125,13 +126,21 @@ pub fn image_info(
     .map_err(open_err)?;
     let driver = image.driver();
     let actual_size = driver.allocated_file_size().ok();
-    let file_len = std::fs::metadata(path)
-        .map(|m| m.len())
+    let file_type = std::fs::metadata(path)
+        .map(|m| m.file_type())
         .map_err(|e| open_err(crate::errors::strip_os_error(&e.to_string())))?;
-
+    // QEMU opens devices with its 'host_device' protocol driver, files with 'file'.
+    let protocol = if is_device(&file_type) {
+        "host_device"
+    } else {
+        "file"
+    };
     // QEMU's block layer counts lengths in whole 512-byte sectors.
-    let file_len = file_len.next_multiple_of(512);
-    let mut file = NodeInfo::new(filename, "file", file_len);
+    let file_len = image
+        .file_length()
+        .map_err(|e| open_err(engine_msg(&e)))?
+        .next_multiple_of(512);
+    let mut file = NodeInfo::new(filename, protocol, file_len);
     file.actual_size = actual_size;
     file.format_specific = Some(FormatSpecific::File);
 

@@ -239,7 +239,10 @@ pub fn snapshot_row(s: &SnapshotInfo, date: &str) -> String {
         secs % 60,
         (s.vm_clock_nsec / 1_000_000) % 1000
     );
-    let icount = s.icount.map(|i| (i as i64).to_string()).unwrap_or_default();
+    // QEMU's bdrv_snapshot_dump prints `--` for a snapshot without an icount.
+    let icount = s
+        .icount
+        .map_or_else(|| "--".to_string(), |i| (i as i64).to_string());
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         s.id,
@@ -589,7 +592,7 @@ Child node '/file':
         };
         assert_eq!(
             snapshot_row(&s, "1970-01-01 00:00:00"),
-            "10      x                 1.5 MiB 1970-01-01 00:00:00  0001:02:03.456           "
+            "10      x                 1.5 MiB 1970-01-01 00:00:00  0001:02:03.456         --"
         );
     }
 }

@@ -9,6 +9,7 @@ mod compare;
 mod convert;
 mod create;
 mod create_opts;
+mod dd;
 mod errors;
 mod imgopen;
 mod info;
@@ -54,6 +55,9 @@ enum Command {
     /// Create and format a new image file
     #[command(args_override_self = true)]
     Create(create::CreateArgs),
+    /// Copy input to output with optional format conversion
+    #[command(args_override_self = true)]
+    Dd(dd::DdArgs),
     /// Display information about an image
     #[command(args_override_self = true)]
     Info(info::InfoArgs),
@@ -63,7 +67,7 @@ enum Command {
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "info", "map"];
+const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "dd", "info", "map"];
 
 fn version_text() -> String {
     format!(
@@ -196,6 +200,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
+        Command::Dd(a) => dd::run(a),
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
     }

@@ -277,12 +277,16 @@ fn finish(b: &[u8], end: usize, r: Result<u64, SizeError>) -> Result<u64, SizeEr
 /// Parse a positional size argument like qemu-img's `cvtnum("image size", ...)`: between
 /// 0 and `i64::MAX`. The error is the message after the `img: ` prefix.
 pub fn cvtnum(what: &str, s: &str) -> Result<u64, String> {
+    cvtnum_full(what, s, 0, i64::MAX as u64)
+}
+
+/// qemu-img's `cvtnum_full`: a size between `min` and `max`, with its two messages.
+pub fn cvtnum_full(what: &str, s: &str, min: u64, max: u64) -> Result<u64, String> {
     match parse_size(s) {
-        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
         Err(SizeError::Invalid) => Err(format!("Invalid {what} specified: '{s}'.")),
         _ => Err(format!(
-            "Invalid {what} specified. Must be between 0 and {}.",
-            i64::MAX
+            "Invalid {what} specified. Must be between {min} and {max}."
         )),
     }
 }

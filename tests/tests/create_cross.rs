@@ -11,8 +11,9 @@
 //!   contents identical;
 //! - with preallocation, the file length and `qemu-img map` (offsets aside) match too.
 
-use integration_tests::twin::{info_json, verbatim, Images, Names, Twin};
+use integration_tests::twin::{info_json, verbatim, Images, Names, Pair, Twin};
 use integration_tests::*;
+use std::path::Path;
 
 /// Twin directories with the same backing files, made by qemu-img.
 fn env() -> Twin {
@@ -338,4 +339,34 @@ fn create_errors_match_qemu() {
         case("-f bogusfmt a.img 1M"),
     ];
     run_all(cases);
+}
+
+/// Creating onto files that cannot be resized: /dev/null (qemu-img's 'host_device': it
+/// cannot grow, takes no preallocation, and a qcow2 header written there does not read
+/// back) and a FIFO (its truncation fails). Messages and exit codes as qemu-img's, and
+/// neither tool blocks on the FIFO.
+#[test]
+fn create_on_devices_and_fifos_matches_qemu() {
+    let mut f = Failures::new();
+    for args in [
+        "-f raw /dev/null 1M",
+        "-f raw /dev/null 0",
+        "-f raw -o preallocation=full /dev/null 0",
+        "-f raw -o preallocation=falloc /dev/null 1M",
+        "-f qcow2 /dev/null 1M",
+    ] {
+        let a = with_create(&case(args));
+        let pair = Pair::run(Path::new("/"), Path::new("/"), &Tool::img(), &a);
+        f.record(args, pair.compare(Names::Prefix, verbatim));
+    }
+    let twin = Twin::new(|d| {
+        let c = std::ffi::CString::new(s(&d.join("p.fifo"))).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    });
+    for args in ["-f raw p.fifo 1M", "-f qcow2 p.fifo 1M"] {
+        let pair = twin.run(&with_create(&case(args)));
+        f.record(args, pair.compare(Names::Prefix, verbatim));
+    }
+    f.finish();
 }

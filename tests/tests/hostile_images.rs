@@ -1070,7 +1070,7 @@ fn check_after_rw(path: &Path, before: &[u8]) -> Result<(), String> {
     }
     let was = &before[..(cs as usize).min(before.len())];
     if now.as_slice() != was {
-        if let Err(e) = Header::parse(&now, len) {
+        if let Err(e) = Header::parse(&now) {
             let first_diff = now.iter().zip(was).position(|(a, b)| a != b);
             return Err(format!(
                 "header cluster changed (first difference at {first_diff:?}, file now \

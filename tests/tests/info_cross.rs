@@ -5,7 +5,9 @@
 //! stderr (prefix mapped) and exit code must be identical, except the values of
 //! `disk size:` (human) and `"actual-size"` (JSON), which depend on the host filesystem.
 
-use integration_tests::qcow2_layout::{Patch, INCOMPAT_CORRUPT};
+use integration_tests::qcow2_layout::{
+    Layout, Patch, INCOMPAT_CORRUPT, L1_TABLE_OFFSET, REFCOUNT_TABLE_OFFSET, SNAPSHOTS_OFFSET,
+};
 use integration_tests::twin::{Names, Pair};
 use integration_tests::*;
 use std::path::Path;
@@ -293,6 +295,53 @@ fn info_matches_qemu_extra_features() {
         for args in variants(file, "qcow2").into_iter().take(5) {
             let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             f.record(&format!("info {}", args.join(" ")), compare_info(dir, &a));
+        }
+    }
+    f.finish();
+}
+
+/// Files qemu-img still describes: /dev/null (a 0-byte raw image on 'host_device'), a qcow2
+/// header cut short at every length (the missing bytes read as zeroes, so qemu-img names
+/// the field that then fails), and tables past the end of the file (read as zeroes).
+#[test]
+fn info_matches_qemu_on_short_files_and_far_tables() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qimg(dir, "create -q -f qcow2 full.qcow2 1M");
+    let header = std::fs::read(dir.join("full.qcow2")).unwrap();
+    // An empty name too: no file name at all.
+    let mut files = vec!["/dev/null".to_string(), String::new()];
+    for len in (4..=120).step_by(4).chain([7, 9, 71, 73, 103, 105]) {
+        let name = format!("cut{len}.qcow2");
+        std::fs::write(dir.join(&name), &header[..len]).unwrap();
+        files.push(name);
+    }
+    qimg(dir, "create -q -f qcow2 snap.qcow2 1M");
+    qio(dir, "snap.qcow2", "qcow2", &["write -P 7 0 64k"]);
+    qimg(dir, "snapshot -c one snap.qcow2");
+    let far = 1u64 << 30;
+    let snap_entry = Layout::of(&dir.join("snap.qcow2")).snap_entries[0];
+    for (name, patch) in [
+        ("far_l1.qcow2", L1_TABLE_OFFSET.offset),
+        ("far_rt.qcow2", REFCOUNT_TABLE_OFFSET.offset),
+        ("far_snap.qcow2", SNAPSHOTS_OFFSET.offset),
+        ("far_snap_l1.qcow2", snap_entry),
+    ] {
+        std::fs::copy(dir.join("snap.qcow2"), dir.join(name)).unwrap();
+        Patch(&dir.join(name)).put_u64(patch, far);
+        files.push(name.to_string());
+    }
+    let mut f = Failures::new();
+    for file in &files {
+        for args in [
+            vec![file.as_str()],
+            vec!["--output=json", file.as_str()],
+            vec!["-f", "qcow2", file.as_str()],
+        ] {
+            f.record(
+                &format!("info {}", args.join(" ")),
+                compare_info(dir, &args),
+            );
         }
     }
     f.finish();

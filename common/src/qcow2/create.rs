@@ -182,8 +182,14 @@ pub fn create_qcow2(path: &Path, opts: &Qcow2CreateOptions) -> Result<()> {
 /// the create fails and the (already truncated) file is removed.
 pub(crate) fn create_file(path: &Path) -> Result<std::fs::File> {
     let file = crate::storage::open_new_image_file(path)?;
-    file.set_len(0)
-        .map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
+    // Like QEMU: a device keeps its size (truncating it to zero is a no-op there).
+    let device = file
+        .metadata()
+        .is_ok_and(|m| crate::storage::is_device(&m.file_type()));
+    if !device {
+        file.set_len(0)
+            .map_err(|e| Error::io("Could not resize file".to_string(), e))?;
+    }
     if let Err(e) = lock::relock_image(&file, path, lock::Perms::CREATE, lock::Perms::READ_WRITE) {
         drop(file);
         let _ = std::fs::remove_file(path);
@@ -215,6 +221,9 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
         "Could not write refcount block",
         storage.write_at(&block, 2 * cs),
     )?;
+    // QEMU opens the new image here; what it reads back must be the header just written
+    // (on /dev/null it is not: "Image is not in qcow2 format").
+    super::read_header(&*storage)?;
     let mut meta = Meta::load(storage.clone(), h.clone(), false)?;
     meta.grow_l1(h.geometry().l1_entries_for(opts.size))?;
     meta.h.size = opts.size;

@@ -178,9 +178,11 @@ impl Header {
 
     /// Parse and validate the header from the start of the file.
     ///
-    /// `first_cluster` holds at least the first cluster of the file (or the whole file if it
-    /// is shorter); call [`Header::cluster_bits_of`] first to learn how much to read.
-    pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
+    /// `first_cluster` holds the first cluster of the file, zero-filled past the end of a
+    /// shorter file as QEMU reads it; call [`Header::cluster_bits_of`] first to learn how
+    /// much to read. Tables are checked for alignment and size, not against the file's end:
+    /// like QEMU, a table past the end reads as zeroes.
+    pub fn parse(first_cluster: &[u8]) -> Result<Header> {
         let b = first_cluster;
         if b.len() < V2_HEADER_LEN as usize {
             return Err(Error::corrupt_at(
@@ -277,12 +279,13 @@ impl Header {
         }
         h.parse_extensions(b)?;
         h.check_features()?;
-        h.validate(file_len)?;
+        h.validate()?;
         h.read_backing_name(b)?;
         Ok(h)
     }
 
-    /// cluster_bits from the fixed header, validated; lets the caller size the first read.
+    /// cluster_bits from the fixed header, validated after the magic and the version (QEMU's
+    /// order); lets the caller size the first read.
     pub fn cluster_bits_of(start: &[u8]) -> Result<u32> {
         if start.len() < V2_HEADER_LEN as usize || be32(start, 0) != MAGIC {
             return Err(Error::corrupt_at(
@@ -290,6 +293,12 @@ impl Header {
                 0,
                 "Image is not in qcow2 format",
             ));
+        }
+        let version = be32(start, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::Unsupported(format!(
+                "Unsupported qcow2 version {version}"
+            )));
         }
         let bits = be32(start, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
@@ -406,7 +415,7 @@ impl Header {
         }
     }
 
-    fn validate(&self, file_len: u64) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let cs = self.cluster_size();
         if self.refcount_order > 6 {
             return Err(Error::corrupt_at(
@@ -425,23 +434,20 @@ impl Header {
                 "Extended L2 entries need a cluster size of at least 16384 bytes",
             ));
         }
-        // Tables must be cluster aligned and lie inside the file.
+        // Tables must be cluster aligned and end within a signed 64-bit file offset (QEMU's
+        // qcow2_validate_table); past the end of the file they read as zeroes.
         let table = |structure: Structure, what: &str, offset: u64, bytes: u64| -> Result<()> {
-            if !offset.is_multiple_of(cs) {
+            let in_range = offset
+                .checked_add(bytes)
+                .is_some_and(|end| end <= i64::MAX as u64);
+            if !offset.is_multiple_of(cs) || !in_range {
                 return Err(Error::corrupt_at(
                     structure,
                     offset,
                     format!("Invalid {what} offset {offset:#x}"),
                 ));
             }
-            match offset.checked_add(bytes) {
-                Some(end) if end <= file_len.next_multiple_of(cs) => Ok(()),
-                _ => Err(Error::corrupt_at(
-                    structure,
-                    offset,
-                    format!("{what} at offset {offset:#x} extends past the end of the image file"),
-                )),
-            }
+            Ok(())
         };
         if self.refcount_table_clusters == 0 {
             return Err(Error::corrupt_at(
@@ -501,6 +507,46 @@ impl Header {
                 self.snapshots_offset,
                 0,
             )?;
+        }
+        Ok(())
+    }
+
+    /// Check that the active L1 table, the refcount table and the snapshot table lie within
+    /// a file of `file_len` bytes (up to its last, partial cluster). QEMU opens an image
+    /// whose tables lie past the end, where they read as zeroes; the engine does that only
+    /// read-only, since a writer would allocate clusters over them or grow the file to
+    /// reach them.
+    pub fn check_tables_in_file(&self, file_len: u64) -> Result<()> {
+        let file_end = file_len.next_multiple_of(self.cluster_size());
+        let tables = [
+            (
+                Structure::RefcountTable,
+                "Reference count table",
+                self.refcount_table_offset,
+                u64::from(self.refcount_table_clusters) * self.cluster_size(),
+            ),
+            (
+                Structure::L1Table,
+                "Active L1 table",
+                self.l1_table_offset,
+                u64::from(self.l1_size) * 8,
+            ),
+            (
+                Structure::SnapshotTable,
+                "Snapshot table",
+                self.snapshots_offset,
+                u64::from(self.nb_snapshots.min(1)),
+            ),
+        ];
+        for (structure, what, offset, bytes) in tables {
+            let inside = offset.checked_add(bytes).is_some_and(|end| end <= file_end);
+            if bytes > 0 && !inside {
+                return Err(Error::corrupt_at(
+                    structure,
+                    offset,
+                    format!("{what} at offset {offset:#x} extends past the end of the image file"),
+                ));
+            }
         }
         Ok(())
     }
@@ -683,7 +729,7 @@ mod tests {
         let bytes = h.encode().unwrap();
         let mut cluster = bytes.clone();
         cluster.resize(1 << 16, 0);
-        let parsed = Header::parse(&cluster, 4 << 16).unwrap();
+        let parsed = Header::parse(&cluster).unwrap();
         assert_eq!(parsed, h);
         let mut again = parsed.clone();
         assert_eq!(again.encode().unwrap(), bytes);
@@ -696,7 +742,7 @@ mod tests {
         let parse = |b: &[u8]| {
             let mut c = b.to_vec();
             c.resize(1 << 16, 0);
-            Header::parse(&c, 4 << 16)
+            Header::parse(&c)
         };
         let mut bad = good.clone();
         bad[20..24].copy_from_slice(&22u32.to_be_bytes());
@@ -704,9 +750,14 @@ mod tests {
         let mut bad = good.clone();
         bad[36..40].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
         assert!(parse(&bad).is_err());
+        // An unaligned refcount table is refused (one past the end of the file is not: QEMU
+        // opens it and reads zeroes).
         let mut bad = good.clone();
-        bad[48..56].copy_from_slice(&(100u64 << 16).to_be_bytes());
+        bad[48..56].copy_from_slice(&((100u64 << 16) + 8).to_be_bytes());
         assert!(parse(&bad).is_err());
+        let mut far = good.clone();
+        far[48..56].copy_from_slice(&(100u64 << 16).to_be_bytes());
+        assert!(parse(&far).is_ok());
         let mut bad = good.clone();
         bad[72..80]
             .copy_from_slice(&(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION | 1 << 40).to_be_bytes());

@@ -59,16 +59,17 @@ pub fn read_header(storage: &dyn Storage) -> Result<Header> {
     let file_len = storage
         .len()
         .map_err(|e| Error::io("Could not get image size", e))?;
-    let mut start = vec![0u8; (header::V3_MIN_HEADER_LEN as u64).min(file_len) as usize];
-    storage
-        .read_at(&mut start, 0)
-        .map_err(|e| Error::io("Could not read qcow2 header", e))?;
-    let bits = Header::cluster_bits_of(&start)?;
-    let mut first = vec![0u8; (1u64 << bits).min(file_len) as usize];
-    storage
-        .read_at(&mut first, 0)
-        .map_err(|e| Error::io("Could not read qcow2 header", e))?;
-    Header::parse(&first, file_len)
+    // Like QEMU, bytes past the end of a short file read as zeroes.
+    let read_padded = |len: u64| -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        let have = len.min(file_len) as usize;
+        storage
+            .read_at(&mut buf[..have], 0)
+            .map_err(|e| Error::io("Could not read qcow2 header", e))?;
+        Ok(buf)
+    };
+    let bits = Header::cluster_bits_of(&read_padded(header::V3_MIN_HEADER_LEN.into())?)?;
+    Header::parse(&read_padded(1u64 << bits)?)
 }
 
 impl Qcow2Image {
@@ -133,6 +134,12 @@ impl Qcow2Image {
             return Err(Error::Unsupported(
                 "qcow2 images with an external data file can only be opened read-only".into(),
             ));
+        }
+        if !read_only {
+            let file_len = storage
+                .len()
+                .map_err(|e| Error::io("Could not get image size", e))?;
+            header.check_tables_in_file(file_len)?;
         }
         let external_data = header.has_data_file();
         let mut meta = Meta::load(storage.clone(), header, read_only)?;

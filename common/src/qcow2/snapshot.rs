@@ -66,8 +66,9 @@ fn read(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
 ///
 /// Every length and offset is checked before it is used: the number of snapshots, the
 /// table's position and total size, each entry's extra data, ID and name lengths and its
-/// L1 table. Nothing larger than one entry is allocated before it is known to lie within
-/// the file.
+/// L1 table. Like QEMU, a table (or an entry's L1 table) past the end of the file is not
+/// refused here: it reads as zeroes. Nothing larger than one entry is allocated at once, and
+/// the table's total size is bounded.
 pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot>> {
     let count = header.nb_snapshots;
     if count == 0 {
@@ -81,13 +82,8 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
         ));
     }
     let cluster_size = header.cluster_size();
-    let file_len = storage
-        .len()
-        .map_err(|e| Error::io("Failed to read snapshot table", e))?;
-    // Tables may end in the last, partially written cluster.
-    let file_end = file_len.next_multiple_of(cluster_size);
     let table_offset = header.snapshots_offset;
-    if !table_offset.is_multiple_of(cluster_size) || table_offset >= file_end {
+    if !table_offset.is_multiple_of(cluster_size) {
         return Err(Error::corrupt_at(
             Structure::SnapshotTable,
             table_offset,
@@ -99,7 +95,7 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
     for i in 0..count {
         let entry_start = offset;
         let mut fixed = [0u8; ENTRY_HEADER_LEN];
-        check_within(entry_start, ENTRY_HEADER_LEN as u64, table_offset, file_end)?;
+        check_within(entry_start, ENTRY_HEADER_LEN as u64, table_offset)?;
         read(storage, &mut fixed, offset)?;
         offset += ENTRY_HEADER_LEN as u64;
 
@@ -120,7 +116,7 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
             ));
         }
         let var_len = extra_len + id_len + name_len;
-        check_within(offset, var_len as u64, table_offset, file_end)?;
+        check_within(offset, var_len as u64, table_offset)?;
         let mut var = vec![0u8; var_len];
         read(storage, &mut var, offset)?;
         offset += var_len as u64;
@@ -160,17 +156,6 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
                 format!("Snapshot {i} L1 table too large"),
             ));
         }
-        if l1_size > 0
-            && l1_table_offset
-                .checked_add(l1_bytes)
-                .is_none_or(|end| end > file_end)
-        {
-            return Err(Error::corrupt_at(
-                Structure::L1Table,
-                l1_table_offset,
-                format!("Snapshot {i} L1 table extends past the end of the image file"),
-            ));
-        }
 
         snapshots.push(Snapshot {
             l1_table_offset,
@@ -198,19 +183,14 @@ pub fn read_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot
 }
 
 /// Check that `len` bytes at `at` are part of a table that starts at `table_offset`,
-/// stays within [`MAX_TABLE_BYTES`] and within the file.
-fn check_within(at: u64, len: u64, table_offset: u64, file_end: u64) -> Result<()> {
+/// stays within [`MAX_TABLE_BYTES`].
+fn check_within(at: u64, len: u64, table_offset: u64) -> Result<()> {
     let corrupt = |msg| Error::corrupt_at(Structure::SnapshotTable, table_offset, msg);
     let end = at
         .checked_add(len)
         .ok_or_else(|| corrupt("Snapshot table too large"))?;
     if end - table_offset > MAX_TABLE_BYTES {
         return Err(corrupt("Snapshot table too large"));
-    }
-    if end > file_end {
-        return Err(corrupt(
-            "Snapshot table extends past the end of the image file",
-        ));
     }
     Ok(())
 }
@@ -355,7 +335,7 @@ mod tests {
     }
 
     fn header(nb: u32, offset: u64, size: u64) -> Header {
-        let mut h = Header::parse(&minimal_header(), 4 << 16).unwrap();
+        let mut h = Header::parse(&minimal_header()).unwrap();
         h.nb_snapshots = nb;
         h.snapshots_offset = offset;
         h.size = size;
@@ -468,21 +448,30 @@ mod tests {
         assert!(read(&good, 1, 0x60000, 0x70000).is_ok());
         // Too many snapshots.
         assert!(read(&good, MAX_SNAPSHOTS + 1, 0x60000, 0x70000).is_err());
-        // More entries than the file holds.
-        assert!(read(&good, 5000, 0x60000, 0x70000).is_err());
+        // More entries than the file holds: like QEMU, the rest read as zeroes (empty
+        // entries); a table beyond the maximum size is refused.
+        assert_eq!(read(&good, 5000, 0x60000, 0x70000).unwrap().len(), 5000);
+        assert!(read(&good, MAX_SNAPSHOTS, 0x60000, 0x70000).is_ok());
         // Unaligned table.
         assert!(read(&good, 1, 0x60008, 0x70000).is_err());
-        // Table past the end of the file.
+        // Table past the end of the file: one empty entry, as qemu-img info shows it.
         let st = storage_with(&[], 0, 0x10000);
-        assert!(read_table(&st, &header(1, 0x80000, 1 << 20)).is_err());
+        let s = read_table(&st, &header(1, 0x80000, 1 << 20)).unwrap();
+        assert_eq!(
+            (s[0].id.as_str(), s[0].name.as_str(), s[0].l1_size),
+            ("", "", 0)
+        );
         // Huge extra data.
         let mut bad = good.clone();
         bad[36..40].copy_from_slice(&0x10_0000u32.to_be_bytes());
         assert!(read(&bad, 1, 0x60000, 0x70000).is_err());
-        // Name running past the end of the file.
+        // Name running past the end of the file: zeroes, like QEMU; the read is bounded.
         let mut bad = good.clone();
         bad[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-        assert!(read(&bad, 1, 0x60000, 0x60100).is_err());
+        assert_eq!(
+            read(&bad, 1, 0x60000, 0x60100).unwrap()[0].name.len(),
+            0xffff
+        );
         // Unaligned or oversized snapshot L1 table.
         let mut bad = good.clone();
         bad[0..8].copy_from_slice(&0x50001u64.to_be_bytes());
@@ -490,9 +479,10 @@ mod tests {
         let mut bad = good.clone();
         bad[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(read(&bad, 1, 0x60000, 0x70000).is_err());
-        let mut bad = good.clone();
-        bad[0..8].copy_from_slice(&0x7fff_0000u64.to_be_bytes());
-        assert!(read(&bad, 1, 0x60000, 0x70000).is_err());
+        // An L1 table past the end of the file is read (as zeroes) when used, not here.
+        let mut far = good.clone();
+        far[0..8].copy_from_slice(&0x7fff_0000u64.to_be_bytes());
+        assert!(read(&far, 1, 0x60000, 0x70000).is_ok());
     }
 
     #[test]
