@@ -45,6 +45,8 @@ pub enum Error {
     ReadOnly,
     /// A caller passed an argument that cannot be honoured (offset past the end, bad option).
     InvalidArgument(String),
+    /// What the caller named (a snapshot) does not exist.
+    NotFound(String),
 }
 
 impl Error {
@@ -116,6 +118,7 @@ impl Error {
             Error::BackingLoop(m) => Error::BackingLoop(pre(m)),
             Error::ReadOnly => Error::ReadOnly,
             Error::InvalidArgument(m) => Error::InvalidArgument(pre(m)),
+            Error::NotFound(m) => Error::NotFound(pre(m)),
         }
     }
 
@@ -136,7 +139,8 @@ impl fmt::Display for Error {
             | Error::Unsupported(m)
             | Error::Locked(m)
             | Error::BackingLoop(m)
-            | Error::InvalidArgument(m) => f.write_str(m),
+            | Error::InvalidArgument(m)
+            | Error::NotFound(m) => f.write_str(m),
             Error::ReadOnly => f.write_str("Image is read-only"),
         }
     }

@@ -1,7 +1,6 @@
 //! Format operations beside [`crate::BlockDriver`]: what describes an image's structure
 //! rather than moving guest bytes, for every format behind one API.
-//! Check/repair, snapshot create/apply/delete, resize, amend and measure join this API as
-//! they are implemented.
+//! Check/repair, resize, amend and measure join this API as they are implemented.
 
 use crate::backing::BackingRef;
 use crate::error::{Error, Result};
@@ -112,6 +111,32 @@ impl Image {
                 icount: s.icount,
             })
             .collect())
+    }
+
+    /// Take an internal snapshot named `name` of the image as it is now.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.snapshot_create(name),
+            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+        }
+    }
+
+    /// Revert the image to the snapshot whose ID, or else name, is `key`.
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.snapshot_apply(key),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Block driver does not support snapshots".into(),
+            )),
+        }
+    }
+
+    /// Delete the first snapshot named `name` (qemu-img deletes by name only).
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.snapshot_delete(name),
+            Image::Raw(_) => Err(Error::NotFound("snapshot not found".into())),
+        }
     }
 
     /// Length in bytes of the file under the format (a device's size for a device).

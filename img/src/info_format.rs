@@ -254,6 +254,19 @@ pub fn snapshot_row(s: &SnapshotInfo, date: &str) -> String {
     )
 }
 
+/// A `Snapshot list:` block (heading, header, one row per snapshot), each line prefixed
+/// with `ind`; `date` formats the dates. `info` and `snapshot -l` both print it.
+pub fn snapshot_list(ind: &str, snaps: &[SnapshotInfo], date: &dyn Fn(i64) -> String) -> String {
+    let mut out = format!("{ind}Snapshot list:\n{ind}{}\n", snapshot_header());
+    for s in snaps {
+        out.push_str(&format!(
+            "{ind}{}\n",
+            snapshot_row(s, &date(i64::from(s.date_sec)))
+        ));
+    }
+    out
+}
+
 /// QEMU's `dump_qdict`: `key: value` lines, dashes in keys shown as spaces.
 fn dump_qdict(out: &mut String, level: usize, d: &QDict) {
     for (k, v) in d.iter_qemu_order() {
@@ -337,14 +350,7 @@ fn node_human(
         }
     }
     if !n.snapshots.is_empty() {
-        out.push_str(&format!("{ind}Snapshot list:\n"));
-        out.push_str(&format!("{ind}{}\n", snapshot_header()));
-        for s in &n.snapshots {
-            out.push_str(&format!(
-                "{ind}{}\n",
-                snapshot_row(s, &date(i64::from(s.date_sec)))
-            ));
-        }
+        out.push_str(&snapshot_list(&ind, &n.snapshots, date));
     }
     if let Some(f) = &n.format_specific {
         let data = format_specific_data(f);

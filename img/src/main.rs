@@ -19,6 +19,7 @@ mod map_format;
 mod paths;
 mod qjson;
 mod size;
+mod snapshot;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
@@ -64,10 +65,15 @@ enum Command {
     /// Dump the metadata of an image: where its data lives
     #[command(args_override_self = true)]
     Map(map::MapArgs),
+    /// List, create, apply or delete internal snapshots
+    #[command(args_override_self = true)]
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "dd", "info", "map"];
+const COMMANDS: &[&str] = &[
+    "check", "compare", "convert", "create", "dd", "info", "map", "snapshot",
+];
 
 fn version_text() -> String {
     format!(
@@ -203,6 +209,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Dd(a) => dd::run(a),
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
     }
 }
 

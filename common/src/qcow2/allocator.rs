@@ -406,11 +406,6 @@ impl Meta {
     }
 
     fn add_to_refcount(&mut self, c: HostCluster, addend: i64) -> Result<()> {
-        if addend < 0 {
-            if let Some(kind) = self.overlap.kind_of(&self.h, c) {
-                return Err(self.overlap_error("Freeing a cluster", c, kind.structure(), kind));
-            }
-        }
         let v = self.refcount(c)?;
         let new = v.checked_add_signed(addend).ok_or_else(|| {
             let block = self.refs.table.get(self.geo().reftable_index(c)).copied();
@@ -420,6 +415,12 @@ impl Meta {
                 format!("refcount of cluster {} would drop below zero", c.0),
             )
         })?;
+        // Metadata may lose a reference it shares (with a snapshot), never its last one.
+        if new == 0 {
+            if let Some(kind) = self.overlap.kind_of(&self.h, c) {
+                return Err(self.overlap_error("Freeing a cluster", c, kind.structure(), kind));
+            }
+        }
         self.set_cluster_refcount(c, new)
     }
 

@@ -20,6 +20,7 @@ mod read;
 mod rebuild;
 pub mod refcount;
 pub mod snapshot;
+mod snapshot_ops;
 pub mod units;
 mod walker;
 mod write;

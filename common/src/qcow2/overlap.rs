@@ -91,6 +91,11 @@ impl OverlapSet {
         };
     }
 
+    /// Replace the active L2 tables (the active L1 was replaced).
+    pub fn set_l2(&mut self, l1: &[u64], g: Geometry) {
+        self.l2 = cluster_set(l1, OFFSET_MASK, g);
+    }
+
     pub fn remove_l2(&mut self, c: HostCluster) {
         self.l2.remove(&c);
     }
