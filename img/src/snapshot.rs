@@ -107,9 +107,13 @@ pub fn run(a: &SnapshotArgs) -> CmdResult {
         Action::Create(sn) => image
             .snapshot_create(sn)
             .map_err(|e| fail("create", sn, create_error(&e)))?,
-        Action::Apply(sn) => image
-            .snapshot_apply(sn)
-            .map_err(|e| fail("apply", sn, engine_msg(&e)))?,
+        Action::Apply(sn) => image.snapshot_apply(sn).map_err(|e| {
+            let m = match e {
+                Error::InvalidArgument(_) => "Failed to load snapshot: Invalid argument".into(),
+                e => engine_msg(&e),
+            };
+            fail("apply", sn, m)
+        })?,
         Action::Delete(sn) => image
             .snapshot_delete(sn)
             .map_err(|e| fail("delete", sn, engine_msg(&e)))?,
