@@ -16,6 +16,7 @@ mod info;
 mod info_format;
 mod map;
 mod map_format;
+mod measure;
 mod paths;
 mod qjson;
 mod size;
@@ -64,10 +65,15 @@ enum Command {
     /// Dump the metadata of an image: where its data lives
     #[command(args_override_self = true)]
     Map(map::MapArgs),
+    /// Measure the size a new image needs
+    #[command(args_override_self = true)]
+    Measure(measure::MeasureArgs),
 }
 
 /// Subcommand names, in qemu-img's list order.
-const COMMANDS: &[&str] = &["check", "compare", "convert", "create", "dd", "info", "map"];
+const COMMANDS: &[&str] = &[
+    "check", "compare", "convert", "create", "dd", "info", "map", "measure",
+];
 
 fn version_text() -> String {
     format!(
@@ -203,6 +209,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Dd(a) => dd::run(a),
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
+        Command::Measure(a) => measure::run(a),
     }
 }
 
