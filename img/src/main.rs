@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod bench;
 mod check;
 mod check_format;
 mod compare;
@@ -44,6 +45,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a simple image benchmark
+    #[command(args_override_self = true)]
+    Bench(bench::BenchArgs),
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
@@ -72,7 +76,7 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "check", "compare", "convert", "create", "dd", "info", "map", "measure",
+    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure",
 ];
 
 fn version_text() -> String {
@@ -202,6 +206,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Bench(a) => bench::run(a),
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),
