@@ -16,6 +16,7 @@ pub mod fault_storage;
 pub mod format;
 pub mod iovec;
 pub mod lock;
+pub mod measure;
 pub mod open;
 pub mod ops;
 pub mod option_list;

@@ -354,7 +354,7 @@ fn parse_min_sparse(s: &str) -> Result<u64, Failure> {
 }
 
 /// Whether a cache mode bypasses the page cache; `None` for a mode qemu-img does not know.
-fn cache_is_direct(mode: Option<&str>) -> Option<bool> {
+pub(crate) fn cache_is_direct(mode: Option<&str>) -> Option<bool> {
     match mode {
         None | Some("writeback" | "unsafe" | "writethrough") => Some(false),
         Some("none" | "directsync") => Some(true),

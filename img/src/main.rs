@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod bench;
 mod check;
 mod check_format;
 mod compare;
@@ -16,6 +17,7 @@ mod info;
 mod info_format;
 mod map;
 mod map_format;
+mod measure;
 mod paths;
 mod qjson;
 mod size;
@@ -44,6 +46,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a simple image benchmark
+    #[command(args_override_self = true)]
+    Bench(bench::BenchArgs),
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
@@ -65,6 +70,9 @@ enum Command {
     /// Dump the metadata of an image: where its data lives
     #[command(args_override_self = true)]
     Map(map::MapArgs),
+    /// Measure the size a new image needs
+    #[command(args_override_self = true)]
+    Measure(measure::MeasureArgs),
     /// List, create, apply or delete internal snapshots
     #[command(args_override_self = true)]
     Snapshot(snapshot::SnapshotArgs),
@@ -72,7 +80,7 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "check", "compare", "convert", "create", "dd", "info", "map", "snapshot",
+    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -202,6 +210,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Bench(a) => bench::run(a),
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),
@@ -209,6 +218,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Dd(a) => dd::run(a),
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
+        Command::Measure(a) => measure::run(a),
         Command::Snapshot(a) => snapshot::run(a),
     }
 }
