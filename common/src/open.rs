@@ -30,6 +30,9 @@ pub struct OpenOptions {
     /// backing file, ...), as `qemu-img commit` needs for its base. Every other lower layer
     /// is read-only.
     pub writable_backing: Option<u32>,
+    /// Ignore flushes for the whole chain (QEMU's `cache=unsafe`, `qemu-img convert`'s
+    /// default for its target): faster, and nothing is durable until the kernel writes it.
+    pub no_flush: bool,
     /// Open for `check` (QEMU's BDRV_O_CHECK): a dirty image is not repaired on open,
     /// and a corrupt one may be opened read-write to be repaired.
     pub check: bool,
@@ -141,7 +144,10 @@ impl Chain {
         }
         self.seen.push(canonical);
         // Never blocks on a FIFO; refuses anything but a regular file or a block device.
-        let storage = crate::storage::open_image_storage(path, read_only, opts.direct)?;
+        let mut storage = crate::storage::open_image_storage(path, read_only, opts.direct)?;
+        if opts.no_flush {
+            storage = storage.ignoring_flushes();
+        }
         crate::lock::lock_image(storage.file(), path, read_only, opts.force_share)?;
         let probed = format.is_none();
         let format = match format {

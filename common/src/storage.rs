@@ -66,12 +66,18 @@ pub struct FileStorage {
     file: File,
     /// Set when the file was opened with O_DIRECT.
     direct: Option<crate::direct_io::DirectIo>,
+    /// Flushes do nothing (QEMU's `cache=unsafe`).
+    no_flush: bool,
 }
 
 impl FileStorage {
     /// Wrap an open file.
     pub fn new(file: File) -> Self {
-        FileStorage { file, direct: None }
+        FileStorage {
+            file,
+            direct: None,
+            no_flush: false,
+        }
     }
 
     /// Wrap a file opened with O_DIRECT (see [`open_image_file`]).
@@ -80,7 +86,17 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             direct: Some(direct),
+            no_flush: false,
         })
+    }
+
+    /// The same storage with flushes ignored, as QEMU's `cache=unsafe`: nothing is made
+    /// durable before the kernel writes it back by itself.
+    pub fn ignoring_flushes(self) -> Self {
+        FileStorage {
+            no_flush: true,
+            ..self
+        }
     }
 
     /// The underlying file (for locking).
@@ -205,6 +221,9 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 
@@ -462,6 +481,15 @@ mod tests {
         let mut back = [0u8; 16];
         st.read_at(&mut back, 200).unwrap();
         assert_eq!(back, data);
+    }
+
+    /// With flushes ignored nothing reaches fdatasync: on /dev/null, where fdatasync fails,
+    /// the flush succeeds only then.
+    #[test]
+    fn ignored_flushes_do_not_sync() {
+        let f = || std::fs::File::open("/dev/null").unwrap();
+        assert!(FileStorage::new(f()).flush().is_err());
+        FileStorage::new(f()).ignoring_flushes().flush().unwrap();
     }
 
     /// A failing preadv/pwritev is reported, not retried forever or taken as end of file.

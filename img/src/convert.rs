@@ -208,7 +208,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             a.cache.as_deref().unwrap_or("")
         ))
     })?;
-    let image = target.open(direct)?;
+    let image = target.open(direct, cache_ignores_flushes(a.cache.as_deref()))?;
     if a.compress && image.format() != Format::Qcow2 {
         return Err(Failure::msg(
             "Compression not supported for this file format",
@@ -266,10 +266,11 @@ impl Target<'_> {
     }
 
     /// Open it read-write with its backing chain.
-    fn open(&self, direct: bool) -> Result<Image, Failure> {
+    fn open(&self, direct: bool, no_flush: bool) -> Result<Image, Failure> {
         let opts = OpenOptions {
             format: Some(self.format),
             direct,
+            no_flush,
             ..Default::default()
         };
         open_named(self.name, &opts)
@@ -353,6 +354,11 @@ fn parse_min_sparse(s: &str) -> Result<u64, Failure> {
     Ok(v)
 }
 
+/// Whether convert's target cache mode ignores flushes: `unsafe`, qemu-img's default there.
+fn cache_ignores_flushes(mode: Option<&str>) -> bool {
+    matches!(mode, None | Some("unsafe"))
+}
+
 /// Whether a cache mode bypasses the page cache; `None` for a mode qemu-img does not know.
 pub(crate) fn cache_is_direct(mode: Option<&str>) -> Option<bool> {
     match mode {
@@ -380,5 +386,7 @@ mod tests {
         assert!(parse_min_sparse("32M").is_err());
         assert_eq!(cache_is_direct(Some("none")), Some(true));
         assert_eq!(cache_is_direct(Some("bogus")), None);
+        assert!(cache_ignores_flushes(None) && cache_ignores_flushes(Some("unsafe")));
+        assert!(!cache_ignores_flushes(Some("writeback")) && !cache_ignores_flushes(Some("none")));
     }
 }
