@@ -6,12 +6,12 @@ use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
 use clap::Args;
-use common::open::{Format, OpenOptions};
+use common::open::OpenOptions;
 use common::BlockDriver;
 
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 use crate::size::{cvtnum, cvtnum_full, parse_c_u64, SizeError};
 
 /// `img bench [-c COUNT] [-d DEPTH] [-f FMT] [-i AIO] [-n] [-o OFFSET] [-q] [-s SIZE]
@@ -152,22 +152,17 @@ pub fn run(a: &BenchArgs) -> CmdResult {
         return Err(Failure::msg("Flush interval can't be smaller than depth"));
     }
     let name = &a.args[0];
-    let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-    let format = match &a.format {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
-    let image = open_named(
+    let image = open_user_image(
         name,
-        &OpenOptions {
+        a.format.as_deref(),
+        OpenOptions {
             read_only: !p.write,
             force_share: a.force_share,
-            format,
             direct: cache_is_direct(a.cache.as_deref()) == Some(true),
             ..Default::default()
         },
     )
-    .map_err(open_err)?;
+    .map_err(Failure::msg)?;
     println!(
         "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
         p.count,

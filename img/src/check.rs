@@ -2,12 +2,12 @@
 
 use clap::Args;
 use common::check::{CheckReport, Fix};
-use common::open::{Format, OpenOptions};
+use common::open::OpenOptions;
 use common::Error;
 
 use crate::check_format::{render_human, render_json, repaired_text};
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 use crate::info::{parse_output, OutputFormat};
 
 /// `img check [-f FMT] [-r leaks|all] [--output=human|json] [-T CACHE] [-U] [-q] FILE`
@@ -64,19 +64,13 @@ pub fn run(a: &CheckArgs) -> CmdResult {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
     let name = &a.args[0];
-    let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-    let format = match a.format.as_deref() {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
     let opts = OpenOptions {
         read_only: !fix.any(),
         force_share: a.force_share,
-        format,
         check: true,
         ..Default::default()
     };
-    let image = open_named(name, &opts).map_err(open_err)?;
+    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
     let mut report = match image.check(fix) {
         Ok(r) => r,
         Err(Error::Unsupported(_)) => {

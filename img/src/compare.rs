@@ -6,10 +6,10 @@
 
 use clap::Args;
 use common::driver::{Allocation, BlockDriver};
-use common::open::{Format, Image, OpenOptions};
+use common::open::{Image, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 
 /// `img compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-p] [-q] [-s] [-U] FILE1 FILE2`
 #[derive(Args, Debug, Default)]
@@ -70,18 +70,13 @@ pub fn run(a: &CompareArgs) -> CmdResult {
         }
     };
     let open = |name: &str, fmt: Option<&str>| -> Result<Side, Failure> {
-        let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-        let format = fmt
-            .map(|f| Format::from_name(f).map_err(|e| open_err(engine_msg(&e))))
-            .transpose()?;
         let opts = OpenOptions {
             read_only: true,
             force_share: a.force_share,
-            format,
             direct,
             ..Default::default()
         };
-        let image = open_named(name, &opts).map_err(open_err)?;
+        let image = open_user_image(name, fmt, opts).map_err(Failure::msg)?;
         Ok(Side::new(image, name))
     };
     let sides = open(&a.args[0], a.format1.as_deref())

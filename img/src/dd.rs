@@ -14,7 +14,7 @@ use common::{Allocation, BlockDriver};
 
 use crate::create_opts::{CreateOpts, QCOW2_OPTS, RAW_OPTS};
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::{open_named, open_user_image};
 use crate::size::{cvtnum, cvtnum_full};
 
 /// `img dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT`
@@ -126,21 +126,15 @@ pub fn run(a: &DdArgs) -> CmdResult {
 
 /// Open the input read-only with its backing chain; errors as qemu-img words them.
 fn open_input(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Image, String> {
-    let open_err = |m: String| format!("Could not open '{name}': {m}");
-    let format = match fmt {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
-    open_named(
+    open_user_image(
         name,
-        &OpenOptions {
+        fmt,
+        OpenOptions {
             read_only: true,
             force_share,
-            format,
             ..Default::default()
         },
     )
-    .map_err(open_err)
 }
 
 /// Create the output image with the format's default options.

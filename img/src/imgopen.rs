@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use common::open::{open_image, Image, OpenOptions};
+use common::open::{open_image, Format, Image, OpenOptions};
 
 use crate::errors::engine_msg;
 
@@ -19,4 +19,20 @@ pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
         ));
     }
     open_image(path, opts).map_err(|e| engine_msg(&e))
+}
+
+/// Open the image the user named, in format `format` (`-f`; probed when `None`), with the
+/// rest of `opts`: any failure, an unknown format included, is qemu-img's whole
+/// `Could not open 'NAME': ...` text.
+pub fn open_user_image(
+    name: &str,
+    format: Option<&str>,
+    opts: OpenOptions,
+) -> Result<Image, String> {
+    let open_err = |m: String| format!("Could not open '{name}': {m}");
+    let format = format
+        .map(Format::from_name)
+        .transpose()
+        .map_err(|e| open_err(engine_msg(&e)))?;
+    open_named(name, &OpenOptions { format, ..opts }).map_err(open_err)
 }

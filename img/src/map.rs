@@ -3,10 +3,10 @@
 
 use clap::Args;
 use common::driver::{Allocation, BlockDriver};
-use common::open::{Format, Image, OpenOptions};
+use common::open::{Image, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 use crate::info::parse_output;
 use crate::map_format::{DumpError, Dumper, MapEntry};
 use crate::paths::path_combine;
@@ -55,21 +55,16 @@ pub fn run(a: &MapArgs) -> CmdResult {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
     let name = &a.args[0];
-    let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-    let format = match &a.format {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
-    let image = open_named(
+    let image = open_user_image(
         name,
-        &OpenOptions {
+        a.format.as_deref(),
+        OpenOptions {
             read_only: true,
             force_share: a.force_share,
-            format,
             ..Default::default()
         },
     )
-    .map_err(open_err)?;
+    .map_err(Failure::msg)?;
     let mapper = Mapper::new(&image, name);
     // QEMU's block layer counts lengths in whole 512-byte sectors.
     let mut length = image.driver().size().next_multiple_of(512);

@@ -7,7 +7,7 @@ use common::open::{Format, Image, OpenOptions};
 
 use crate::create_opts::{is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS};
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 use crate::info::{parse_output, OutputFormat};
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::cvtnum;
@@ -162,21 +162,16 @@ const NO_MEASURE: &[&str] = &["parallels", "qcow", "qed", "vdi", "vhdx", "vmdk",
 const NO_CREATE: &[&str] = &["bochs", "cloop", "dmg", "vvfat"];
 
 fn open_source(name: &str, a: &MeasureArgs) -> Result<Image, Failure> {
-    let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-    let format = match &a.format {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
-    open_named(
+    open_user_image(
         name,
-        &OpenOptions {
+        a.format.as_deref(),
+        OpenOptions {
             read_only: true,
             force_share: a.force_share,
-            format,
             ..Default::default()
         },
     )
-    .map_err(open_err)
+    .map_err(Failure::msg)
 }
 
 /// Find the snapshot `-l` names; measuring a snapshot's own contents is not supported yet,

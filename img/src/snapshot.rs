@@ -2,11 +2,11 @@
 //! `qemu-img snapshot`.
 
 use clap::{ArgAction, Args};
-use common::open::{Format, OpenOptions};
+use common::open::OpenOptions;
 use common::Error;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::open_user_image;
 use crate::info_format::{local_date, snapshot_list};
 
 /// `img snapshot [-l | -a NAME | -c NAME | -d NAME] [-f FMT] [-U] [-q] FILE`
@@ -79,19 +79,13 @@ pub fn run(a: &SnapshotArgs) -> CmdResult {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
     let name = &a.args[0];
-    let open_err = |m: String| Failure::msg(format!("Could not open '{name}': {m}"));
-    let format = match a.format.as_deref() {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
     let opts = OpenOptions {
         // qemu-img opens read-write unless `-l` was given, even to list by default.
         read_only: a.list > 0,
         force_share: a.force_share,
-        format,
         ..Default::default()
     };
-    let image = open_named(name, &opts).map_err(open_err)?;
+    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
     let fail = |what: &str, sn: &str, m: String| {
         Failure::msg(format!("Could not {what} snapshot '{sn}': {m}"))
     };
