@@ -15,6 +15,9 @@ use crate::errors::engine_msg;
 /// The most bytes one request moves (qemu-img's buffer size); chunks never cross a
 /// multiple of it, so peak memory is this times the number of workers.
 const CHUNK: u64 = 2 << 20;
+/// Largest chunk when compressing: a worker holds its chunk and the compressed clusters
+/// until its turn to write, so small chunks keep memory near qemu-img's.
+const COMPRESSED_CHUNK: u64 = 256 << 10;
 /// QEMU counts image lengths in 512-byte sectors.
 const SECTOR: u64 = 512;
 
@@ -212,7 +215,12 @@ impl Planner<'_> {
         if pos >= total {
             return Ok(None);
         }
-        let limit = ((pos / CHUNK + 1) * CHUNK).min(total);
+        let chunk = if self.plan.compressed {
+            COMPRESSED_CHUNK.max(self.plan.cluster_size.unwrap_or(0))
+        } else {
+            CHUNK
+        };
+        let limit = ((pos / chunk + 1) * chunk).min(total);
         let (kind, end) = match (self.plan.compressed, self.plan.cluster_size) {
             (true, Some(cs)) => {
                 // Whole clusters of one kind.
@@ -485,8 +493,9 @@ pub fn copy(
     };
     progress.start(src.size());
     let workers = if plan.compressed {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        plan.in_flight.max(cpus)
+        // Compression is bound by the CPUs: two workers each keep them busy while finished
+        // chunks wait for their turn to be written, with little memory held.
+        2 * std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         plan.in_flight
     };
