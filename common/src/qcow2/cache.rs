@@ -179,7 +179,9 @@ impl TableCache {
 
     /// The bytes of a cached table without touching LRU order.
     pub fn peek(&self, offset: u64) -> Option<&[u8]> {
-        self.index.get(&offset).map(|&i| self.slots[i].data.as_slice())
+        self.index
+            .get(&offset)
+            .map(|&i| self.slots[i].data.as_slice())
     }
 
     /// Mark a table clean after it was written back.

@@ -5,21 +5,16 @@
 //! commit point; what stopped being referenced is freed after it, deferred to the flush
 //! that follows. A crash may leak clusters, never lose a reference.
 
-use std::collections::BTreeMap;
-
 use super::allocator::When;
+use super::counts::ClusterCounts;
 use super::entry::{self, L2Entry, COPIED};
 use super::meta::{read_u64_table, Meta};
 use super::refcount;
 use super::snapshot::{self, Snapshot};
 use super::units::{ClusterCount, HostCluster, HostOffset};
-use super::walker::entry_extent;
+use super::walker::{Flow, L1Source, Visit};
 use super::Qcow2Image;
 use crate::error::{io, Error, Result};
-
-/// Clusters an L1 table references, with how many references each gets from it: its L2
-/// tables (once per L1 entry naming them) and what their entries point at.
-type RefCounts = BTreeMap<u64, u64>;
 
 fn encode_u64_table(t: &[u64]) -> Vec<u8> {
     t.iter().flat_map(|v| v.to_be_bytes()).collect()
@@ -34,53 +29,64 @@ fn now() -> (u32, u32) {
 }
 
 impl Meta {
-    /// Count what the L1 table `l1` references, as QEMU's check counts it.
-    fn l1_refs(&mut self, l1: &[u64]) -> Result<RefCounts> {
+    /// Count what the L1 table `table` at `offset` references, as QEMU's check counts it:
+    /// its L2 tables (once per L1 entry naming them) and what their entries point at.
+    /// Refcounts changed on metadata the walker finds fault with would be a guess, so
+    /// a finding is an error.
+    fn table_refs(&mut self, l1: L1Source, offset: u64, table: &[u64]) -> Result<ClusterCounts> {
         let g = self.geo();
-        let mut counts = RefCounts::new();
-        for &raw in l1 {
-            let Some(t) = entry::l1_table_offset(raw, g.cluster_size())? else {
-                continue;
-            };
-            *counts.entry(g.host_cluster(t).0).or_default() += 1;
-            for i in 0..g.l2_entries() as usize {
-                let e = self.l2_get(t, i)?;
-                if e.is_compressed() && e.bitmap != 0 {
-                    continue;
+        let mut counts = ClusterCounts::new(g.refblock_bits());
+        let mut problem = None;
+        self.walk_table(l1, offset, table, &mut |visit| {
+            match visit {
+                Visit::Structure { .. } => {}
+                Visit::L2Table { offset, .. } => {
+                    counts.add(g.clusters_touched(offset, g.cluster_size()), 1);
                 }
-                if let Some((off, len)) = entry_extent(e, g.cluster_bits) {
-                    for c in g.clusters_touched(off, len) {
-                        *counts.entry(c).or_default() += 1;
-                    }
+                Visit::Entry { extent, uses, .. } => {
+                    let (host, len) = extent.expect("no finding, so inside the file");
+                    counts.add(g.clusters_touched(host, len), uses);
+                }
+                Visit::Finding(f) => {
+                    problem = Some(f);
+                    return Flow::Stop;
                 }
             }
+            Flow::Continue
+        })?;
+        match problem {
+            Some(f) => Err(Error::corrupt(format!(
+                "{f}; run 'check -r all' before changing snapshots"
+            ))),
+            None => Ok(counts),
         }
-        Ok(counts)
     }
 
     /// Add `counts` to the refcounts now, all or nothing: refused before any change when
     /// a refcount would overflow its width (refcount_bits=1 cannot hold two references).
-    fn add_refs(&mut self, counts: &RefCounts) -> Result<()> {
+    fn add_refs(&mut self, counts: &ClusterCounts) -> Result<()> {
         let max = refcount::max_value(self.h.refcount_order);
-        for (&c, &n) in counts {
-            if self.refcount(HostCluster(c))?.saturating_add(n) > max {
-                return Err(Error::invalid(format!(
-                    "refcount of cluster {c} would overflow {} bits",
-                    self.h.refcount_bits()
-                )));
+        for (first, n, addend) in runs(counts) {
+            for c in first.run(n) {
+                if self.refcount(c)?.saturating_add(addend) > max {
+                    return Err(Error::invalid(format!(
+                        "refcount of cluster {} would overflow {} bits",
+                        c.0,
+                        self.h.refcount_bits()
+                    )));
+                }
             }
         }
-        for (&c, &n) in counts {
-            self.update_refcount(HostCluster(c), ClusterCount(1), n as i64, When::Now)?;
+        for (first, n, addend) in runs(counts) {
+            self.update_refcount(first, n, addend as i64, When::Now)?;
         }
         Ok(())
     }
 
     /// Take `counts` off the refcounts at the next flush.
-    fn drop_refs(&mut self, counts: &RefCounts) {
-        for (&c, &n) in counts {
-            self.refs
-                .defer(HostCluster(c), ClusterCount(1), -(n as i64));
+    fn drop_refs(&mut self, counts: &ClusterCounts) {
+        for (first, n, addend) in runs(counts) {
+            self.refs.defer(first, n, -(addend as i64));
         }
     }
 
@@ -173,7 +179,7 @@ impl Meta {
         }
         let g = self.geo();
         let active: Vec<u64> = self.l1.entries.clone();
-        let counts = self.l1_refs(&active)?;
+        let counts = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
         self.add_refs(&counts)?;
         let l1_copy: Vec<u64> = active.iter().map(|e| e & !COPIED).collect();
         let l1_offset = if l1_copy.is_empty() {
@@ -222,14 +228,13 @@ impl Meta {
         let old = self.snapshot_table()?;
         let sn = old[index].clone();
         let l1 = self.snapshot_l1(&sn)?;
-        let mut counts = self.l1_refs(&l1)?;
+        let mut counts = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let g = self.geo();
-        if sn.l1_size > 0 {
-            let first = g.host_cluster(HostOffset(sn.l1_table_offset)).0;
-            for c in first..first + g.clusters_for(u64::from(sn.l1_size) * 8).0 {
-                *counts.entry(c).or_default() += 1;
-            }
-        }
+        let l1_bytes = u64::from(sn.l1_size) * 8;
+        counts.add(
+            g.clusters_touched(HostOffset(sn.l1_table_offset), l1_bytes),
+            1,
+        );
         let mut table = old.clone();
         table.remove(index);
         self.write_snapshot_table(&old, &table)?;
@@ -253,9 +258,9 @@ impl Meta {
         let mut l1: Vec<u64> = self.snapshot_l1(&sn)?;
         l1.iter_mut().for_each(|e| *e &= !COPIED);
         l1.resize(self.l1.entries.len(), 0);
-        let new_counts = self.l1_refs(&l1)?;
+        let new_counts = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let active = self.l1.entries.clone();
-        let old_counts = self.l1_refs(&active)?;
+        let old_counts = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
         self.add_refs(&new_counts)?;
         self.write_refcounts()?;
         self.sync()?;
@@ -274,6 +279,30 @@ impl Meta {
         self.fix_copied()?;
         self.flush()
     }
+}
+
+/// The counts as runs of consecutive clusters with the same nonzero count:
+/// (first cluster, length, count).
+fn runs(counts: &ClusterCounts) -> impl Iterator<Item = (HostCluster, ClusterCount, u64)> + '_ {
+    let mut cells = counts
+        .chunks()
+        .flat_map(|(chunk, slots)| {
+            let base = chunk * slots.len() as u64;
+            let nonzero = slots.iter().enumerate().filter(|&(_, &n)| n > 0);
+            nonzero.map(move |(i, &n)| (base + i as u64, u64::from(n)))
+        })
+        .peekable();
+    std::iter::from_fn(move || {
+        let (first, n) = cells.next()?;
+        let mut len = 1;
+        while cells
+            .next_if(|&(c, m)| c == first + len && m == n)
+            .is_some()
+        {
+            len += 1;
+        }
+        Some((HostCluster(first), ClusterCount(len), n))
+    })
 }
 
 /// The index of the snapshot whose ID is `key`, else the first whose name is (QEMU's
