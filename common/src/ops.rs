@@ -1,6 +1,7 @@
 //! Format operations beside [`crate::BlockDriver`]: what describes an image's structure
 //! rather than moving guest bytes, for every format behind one API.
-//! Check/repair, resize, amend and measure join this API as they are implemented.
+//! Check/repair and measure live in their own modules; amend joins this API when it is
+//! implemented.
 
 use crate::backing::BackingRef;
 use crate::error::{Error, Result};
@@ -136,6 +137,15 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
             Image::Raw(_) => Err(Error::NotFound("snapshot not found".into())),
+        }
+    }
+
+    /// Change the virtual size to `size` (`qemu-img resize`), preallocating an added area
+    /// per `mode`; shrinking frees what lies past the new end.
+    pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.resize(size, mode),
+            Image::Qcow2(q) => q.resize(size, mode),
         }
     }
 

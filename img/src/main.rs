@@ -20,6 +20,7 @@ mod map_format;
 mod measure;
 mod paths;
 mod qjson;
+mod resize;
 mod size;
 mod snapshot;
 
@@ -73,6 +74,9 @@ enum Command {
     /// Measure the size a new image needs
     #[command(args_override_self = true)]
     Measure(measure::MeasureArgs),
+    /// Change the virtual size of an image
+    #[command(args_override_self = true)]
+    Resize(resize::ResizeArgs),
     /// List, create, apply or delete internal snapshots
     #[command(args_override_self = true)]
     Snapshot(snapshot::SnapshotArgs),
@@ -80,7 +84,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure", "snapshot",
+    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure", "resize",
+    "snapshot",
 ];
 
 fn version_text() -> String {
@@ -196,6 +201,11 @@ fn run(args: Vec<String>) -> CmdResult {
         _ => {}
     }
     let cmd = COMMANDS.iter().copied().find(|c| c == first);
+    let (args, negative) = if cmd == Some("resize") {
+        resize::split_negative_size(args)
+    } else {
+        (args, None)
+    };
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => match e.kind() {
@@ -219,6 +229,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Resize(a) => resize::run(a, negative.as_deref()),
         Command::Snapshot(a) => snapshot::run(a),
     }
 }

@@ -5,14 +5,11 @@
 //! commit point; what stopped being referenced is freed after it, deferred to the flush
 //! that follows. A crash may leak clusters, never lose a reference.
 
-use super::allocator::When;
-use super::counts::ClusterCounts;
 use super::entry::{self, L2Entry, COPIED};
 use super::meta::{read_u64_table, Meta};
-use super::refcount;
 use super::snapshot::{self, Snapshot};
-use super::units::{ClusterCount, HostCluster, HostOffset};
-use super::walker::{Flow, L1Source, Visit};
+use super::units::HostOffset;
+use super::walker::L1Source;
 use super::Qcow2Image;
 use crate::error::{io, Error, Result};
 
@@ -29,67 +26,6 @@ fn now() -> (u32, u32) {
 }
 
 impl Meta {
-    /// Count what the L1 table `table` at `offset` references, as QEMU's check counts it:
-    /// its L2 tables (once per L1 entry naming them) and what their entries point at.
-    /// Refcounts changed on metadata the walker finds fault with would be a guess, so
-    /// a finding is an error.
-    fn table_refs(&mut self, l1: L1Source, offset: u64, table: &[u64]) -> Result<ClusterCounts> {
-        let g = self.geo();
-        let mut counts = ClusterCounts::new(g.refblock_bits());
-        let mut problem = None;
-        self.walk_table(l1, offset, table, &mut |visit| {
-            match visit {
-                Visit::Structure { .. } => {}
-                Visit::L2Table { offset, .. } => {
-                    counts.add(g.clusters_touched(offset, g.cluster_size()), 1);
-                }
-                Visit::Entry { extent, uses, .. } => {
-                    let (host, len) = extent.expect("no finding, so inside the file");
-                    counts.add(g.clusters_touched(host, len), uses);
-                }
-                Visit::Finding(f) => {
-                    problem = Some(f);
-                    return Flow::Stop;
-                }
-            }
-            Flow::Continue
-        })?;
-        match problem {
-            Some(f) => Err(Error::corrupt(format!(
-                "{f}; run 'check -r all' before changing snapshots"
-            ))),
-            None => Ok(counts),
-        }
-    }
-
-    /// Add `counts` to the refcounts now, all or nothing: refused before any change when
-    /// a refcount would overflow its width (refcount_bits=1 cannot hold two references).
-    fn add_refs(&mut self, counts: &ClusterCounts) -> Result<()> {
-        let max = refcount::max_value(self.h.refcount_order);
-        for (first, n, addend) in runs(counts) {
-            for c in first.run(n) {
-                if self.refcount(c)?.saturating_add(addend) > max {
-                    return Err(Error::invalid(format!(
-                        "refcount of cluster {} would overflow {} bits",
-                        c.0,
-                        self.h.refcount_bits()
-                    )));
-                }
-            }
-        }
-        for (first, n, addend) in runs(counts) {
-            self.update_refcount(first, n, addend as i64, When::Now)?;
-        }
-        Ok(())
-    }
-
-    /// Take `counts` off the refcounts at the next flush.
-    fn drop_refs(&mut self, counts: &ClusterCounts) {
-        for (first, n, addend) in runs(counts) {
-            self.refs.defer(first, n, -(addend as i64));
-        }
-    }
-
     /// Set COPIED on the active L1 and L2 entries exactly where the refcount of what they
     /// point at is 1 (QEMU's `update_snapshot_refcount(.., 0)`); never on compressed ones.
     fn fix_copied(&mut self) -> Result<()> {
@@ -281,30 +217,6 @@ impl Meta {
     }
 }
 
-/// The counts as runs of consecutive clusters with the same nonzero count:
-/// (first cluster, length, count).
-fn runs(counts: &ClusterCounts) -> impl Iterator<Item = (HostCluster, ClusterCount, u64)> + '_ {
-    let mut cells = counts
-        .chunks()
-        .flat_map(|(chunk, slots)| {
-            let base = chunk * slots.len() as u64;
-            let nonzero = slots.iter().enumerate().filter(|&(_, &n)| n > 0);
-            nonzero.map(move |(i, &n)| (base + i as u64, u64::from(n)))
-        })
-        .peekable();
-    std::iter::from_fn(move || {
-        let (first, n) = cells.next()?;
-        let mut len = 1;
-        while cells
-            .next_if(|&(c, m)| c == first + len && m == n)
-            .is_some()
-        {
-            len += 1;
-        }
-        Some((HostCluster(first), ClusterCount(len), n))
-    })
-}
-
 /// The index of the snapshot whose ID is `key`, else the first whose name is (QEMU's
 /// `find_snapshot_by_id_or_name`).
 fn by_id_or_name(table: &[Snapshot], key: &str) -> Option<usize> {
@@ -315,19 +227,6 @@ fn by_id_or_name(table: &[Snapshot], key: &str) -> Option<usize> {
 }
 
 impl Qcow2Image {
-    /// Run `op` with data I/O shut out and the metadata locked.
-    fn with_meta_exclusive<T>(&self, op: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        if self.external_data {
-            return Err(Error::Unsupported("Operation not supported".into()));
-        }
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.forget_decompressed();
-        op(&mut self.meta())
-    }
-
     /// Take an internal snapshot named `name` (names need not be unique, as in QEMU).
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         self.with_meta_exclusive(|m| m.snapshot_create(name))
