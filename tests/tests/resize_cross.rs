@@ -347,3 +347,36 @@ fn resize_refuses_like_qemu() {
         ("chainv2", "chainv2.qcow2 3M"),
     ]);
 }
+
+/// Where qemu-img differs: after a shrink to a size inside a cluster, a grow makes the
+/// rest of that cluster read as zeroes again, instead of what it held before the shrink.
+#[test]
+fn grow_after_unaligned_shrink_reads_zeroes() {
+    let dir = tempdir();
+    let f = dir.path().join("a.qcow2");
+    let file = s(&f);
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", file, "1M"]).success());
+    qemu_io_cmds(&f, "qcow2", &["write -P 0xaa 0 1M".to_string()]);
+    for args in [
+        &["resize", "-q", "--shrink", file, "1000448"][..],
+        &["resize", "-q", file, "1M"][..],
+    ] {
+        let out = img(args);
+        assert!(out.success(), "{}", out.report());
+    }
+    qemu_check(&f).unwrap();
+    let out = qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0xaa 0 1000448",
+        "-c",
+        "read -P 0 1000448 48128",
+        file,
+    ]);
+    assert!(
+        out.success() && !out.stdout.contains("verification failed"),
+        "{}",
+        out.report()
+    );
+}
