@@ -1,12 +1,12 @@
 //! Format operations beside [`crate::BlockDriver`]: what describes an image's structure
 //! rather than moving guest bytes, for every format behind one API.
-//! Check/repair and measure live in their own modules; amend joins this API when it is
-//! implemented.
+//! Check/repair and measure live in their own modules.
 
 use crate::backing::BackingRef;
 use crate::error::{Error, Result};
 use crate::open::Image;
 
+pub use crate::qcow2::amend::AmendOptions;
 pub use crate::qcow2::bitmaps::BitmapInfo;
 
 /// What the format says about an image, for `info`.
@@ -146,6 +146,17 @@ impl Image {
         match self {
             Image::Raw(r) => r.resize(size, mode),
             Image::Qcow2(q) => q.resize(size, mode),
+        }
+    }
+
+    /// Change the format's options in place (`qemu-img amend`); `progress` hears the
+    /// share done, 0 to 100.
+    pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.amend(opts, progress),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Format driver 'raw' does not support option amendment".into(),
+            )),
         }
     }
 

@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod amend;
 mod bench;
 mod check;
 mod check_format;
@@ -47,6 +48,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Change the format-specific options of an image
+    #[command(args_override_self = true)]
+    Amend(amend::AmendArgs),
     /// Run a simple image benchmark
     #[command(args_override_self = true)]
     Bench(bench::BenchArgs),
@@ -84,8 +88,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure", "resize",
-    "snapshot",
+    "amend", "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure",
+    "resize", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -220,6 +224,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Amend(a) => amend::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),

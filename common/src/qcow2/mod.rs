@@ -1,6 +1,7 @@
 //! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
 
 mod allocator;
+pub mod amend;
 pub mod bitmaps;
 mod cache;
 mod check;

@@ -62,7 +62,11 @@ impl Meta {
 
     /// Write `table` to new clusters and switch the header to it (the commit point); the
     /// old table is freed at the next flush. Everything the table points at must be durable.
-    fn write_snapshot_table(&mut self, old: &[Snapshot], table: &[Snapshot]) -> Result<()> {
+    pub(super) fn write_snapshot_table(
+        &mut self,
+        old: &[Snapshot],
+        table: &[Snapshot],
+    ) -> Result<()> {
         let g = self.geo();
         let bytes = snapshot::try_encode_table(table)?;
         let offset = if bytes.is_empty() {
@@ -92,7 +96,7 @@ impl Meta {
     }
 
     /// The snapshot table, for editing.
-    fn snapshot_table(&self) -> Result<Vec<Snapshot>> {
+    pub(super) fn snapshot_table(&self) -> Result<Vec<Snapshot>> {
         snapshot::read_table(&**self.storage(), &self.h)
     }
 
