@@ -248,50 +248,65 @@ impl Meta {
     /// others read as zeroes unallocated, or get a cluster of zeroes over a backing file.
     /// A new cluster in a table several L1 tables share gets one reference for each.
     fn expand_zero_clusters(&mut self, backed: bool) -> Result<()> {
-        let g = self.geo();
-        let cs = g.cluster_size();
-        let zeros = vec![0u8; cs as usize];
-        for table in self.all_l2_tables()? {
-            let uses = self.refcount(g.host_cluster(table))?;
+        let tables = self.all_l2_tables()?;
+        // Tables go in batches, each with one sync between the zeroes and refcounts and
+        // the entries that use them.
+        for batch in tables.chunks(64) {
             let mut edits = Vec::new();
-            for i in 0..g.l2_entries() as usize {
-                let e = self.l2_get(table, i)?;
-                if e.is_compressed() || e.word & ZERO == 0 {
-                    continue;
-                }
-                let host = e.word & OFFSET_MASK;
-                let word = if host != 0 {
-                    io(
-                        "Could not write zeroes",
-                        self.storage().write_at(&zeros, host),
-                    )?;
-                    e.word & !ZERO
-                } else if !backed {
-                    0
-                } else {
-                    let c = self.alloc_clusters(ClusterCount(1))?;
-                    if uses > 1 {
-                        self.update_refcount(c, ClusterCount(1), uses as i64 - 1, When::Now)?;
-                    }
-                    let off = g.host_offset(c).0;
-                    io(
-                        "Could not write zeroes",
-                        self.storage().write_at(&zeros, off),
-                    )?;
-                    off | if uses == 1 { COPIED } else { 0 }
-                };
-                edits.push((i, L2Entry { word, bitmap: 0 }));
+            for &table in batch {
+                self.plan_zero_expansion(table, backed, &mut edits)?;
             }
             if edits.is_empty() {
                 continue;
             }
-            // Zeroes and refcounts reach the file before the entries that use them.
             self.write_refcounts()?;
             self.sync()?;
-            for (i, e) in edits {
+            for (table, i, e) in edits {
                 self.l2_set(table, i, e)?;
             }
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The new entries for the zero clusters of `table`, their clusters written with
+    /// zeroes (and allocated where needed) first.
+    fn plan_zero_expansion(
+        &mut self,
+        table: HostOffset,
+        backed: bool,
+        edits: &mut Vec<(HostOffset, usize, L2Entry)>,
+    ) -> Result<()> {
+        let g = self.geo();
+        let zeros = vec![0u8; g.cluster_size() as usize];
+        let uses = self.refcount(g.host_cluster(table))?;
+        for i in 0..g.l2_entries() as usize {
+            let e = self.l2_get(table, i)?;
+            if e.is_compressed() || e.word & ZERO == 0 {
+                continue;
+            }
+            let host = e.word & OFFSET_MASK;
+            let word = if host != 0 {
+                io(
+                    "Could not write zeroes",
+                    self.storage().write_at(&zeros, host),
+                )?;
+                e.word & !ZERO
+            } else if !backed {
+                0
+            } else {
+                let c = self.alloc_clusters(ClusterCount(1))?;
+                if uses > 1 {
+                    self.update_refcount(c, ClusterCount(1), uses as i64 - 1, When::Now)?;
+                }
+                let off = g.host_offset(c).0;
+                io(
+                    "Could not write zeroes",
+                    self.storage().write_at(&zeros, off),
+                )?;
+                off | if uses == 1 { COPIED } else { 0 }
+            };
+            edits.push((table, i, L2Entry { word, bitmap: 0 }));
         }
         Ok(())
     }
