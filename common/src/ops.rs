@@ -8,6 +8,7 @@ use crate::open::Image;
 
 pub use crate::qcow2::amend::AmendOptions;
 pub use crate::qcow2::bitmaps::BitmapInfo;
+pub use crate::qcow2::snapshot_ops::SnapshotKey;
 
 /// What the format says about an image, for `info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +129,19 @@ impl Image {
             Image::Qcow2(q) => q.snapshot_apply(key),
             Image::Raw(_) => Err(Error::Unsupported(
                 "Block driver does not support snapshots".into(),
+            )),
+        }
+    }
+
+    /// Read the image as its internal snapshot `key` from now on (`convert -l`); the
+    /// image must be open read-only.
+    pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.load_snapshot(key),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Block format 'raw' used by device '' does not support temporarily loading \
+                 internal snapshots"
+                    .into(),
             )),
         }
     }

@@ -23,7 +23,7 @@ mod rebuild;
 pub mod refcount;
 mod resize;
 pub mod snapshot;
-mod snapshot_ops;
+pub mod snapshot_ops;
 mod table_refs;
 pub mod units;
 mod walker;

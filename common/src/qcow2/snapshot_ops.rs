@@ -221,6 +221,18 @@ impl Meta {
     }
 }
 
+/// Which internal snapshot to read an image as (the forms of `qemu-img convert -l`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotKey {
+    /// An ID, else a name.
+    IdOrName(String),
+    /// The snapshot with this ID and (or) this name.
+    Exact {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
 /// The index of the snapshot whose ID is `key`, else the first whose name is (QEMU's
 /// `find_snapshot_by_id_or_name`).
 fn by_id_or_name(table: &[Snapshot], key: &str) -> Option<usize> {
@@ -246,6 +258,33 @@ impl Qcow2Image {
                 .ok_or_else(|| Error::NotFound("snapshot not found".into()))?;
             m.snapshot_delete(i)
         })
+    }
+
+    /// Read the image as snapshot `key` from now on, without changing the file (QEMU's
+    /// `bdrv_snapshot_load_tmp`): the snapshot's L1 table and disk size take the place of
+    /// the active ones in memory. Read-only images only.
+    pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
+        if !self.read_only {
+            return Err(Error::invalid(
+                "Device is writable, cannot load an internal snapshot",
+            ));
+        }
+        let mut m = self.meta();
+        let table = m.snapshot_table()?;
+        let found = match key {
+            SnapshotKey::IdOrName(k) => by_id_or_name(&table, k),
+            SnapshotKey::Exact { id, name } if id.is_some() || name.is_some() => {
+                table.iter().position(|s| {
+                    id.as_ref().is_none_or(|i| &s.id == i)
+                        && name.as_ref().is_none_or(|n| &s.name == n)
+                })
+            }
+            SnapshotKey::Exact { .. } => None,
+        };
+        let sn = &table[found.ok_or_else(|| Error::NotFound("Can't find snapshot".into()))?];
+        m.l1.entries = m.snapshot_l1(sn)?;
+        m.h.size = sn.disk_size.unwrap_or(m.h.size);
+        Ok(())
     }
 
     /// Revert the image to the snapshot whose ID, or else name, is `key`.

@@ -400,3 +400,61 @@ fn snapshot_operations_refuse_damaged_metadata() {
     drop(img);
     assert!(fault.content().unwrap() == bytes, "the file is unchanged");
 }
+
+/// Loading a snapshot makes the image read as qemu-img reads that snapshot, by ID, name
+/// or both, and leaves the file alone; an unknown one and a writable image are refused.
+#[test]
+fn loaded_snapshot_reads_like_qemu() {
+    use super::snapshot_ops::SnapshotKey;
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = qemu_image(dir.path(), "cluster_size=4096");
+    let path = dir.path().join("img.qcow2");
+    std::fs::write(&path, &bytes).unwrap();
+    let f = path.to_str().unwrap();
+    for (key, name) in [
+        (SnapshotKey::IdOrName("s1".into()), "s1"),
+        (SnapshotKey::IdOrName("2".into()), "s2"),
+        (
+            SnapshotKey::Exact {
+                id: Some("3".into()),
+                name: Some("s3".into()),
+            },
+            "s3",
+        ),
+    ] {
+        let want = dir.path().join(format!("{name}.raw"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                name,
+                "-O",
+                "raw",
+                f,
+                want.to_str().unwrap(),
+            ],
+        );
+        let img =
+            Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes.clone())), true).unwrap();
+        img.load_snapshot(&key).unwrap();
+        let want = std::fs::read(&want).unwrap();
+        assert_eq!(img.size(), want.len() as u64);
+        let mut got = vec![0u8; want.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == want, "{name} reads differently");
+    }
+    let img = Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes.clone())), true).unwrap();
+    let missing = SnapshotKey::Exact {
+        id: Some("1".into()),
+        name: Some("s2".into()),
+    };
+    assert!(matches!(
+        img.load_snapshot(&missing),
+        Err(crate::error::Error::NotFound(_))
+    ));
+    let rw = Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes)), false).unwrap();
+    assert!(rw
+        .load_snapshot(&SnapshotKey::IdOrName("s1".into()))
+        .is_err());
+}
