@@ -24,6 +24,7 @@ mod qjson;
 mod resize;
 mod size;
 mod snapshot;
+mod snapshot_param;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
