@@ -14,9 +14,10 @@ mod progress;
 use crate::create_opts::{
     has_help_option, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS,
 };
-use crate::errors::{CmdResult, Failure};
+use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
 use crate::size::cvtnum;
+use crate::snapshot_param::parse_snapshot_param;
 use copy::{copy, CopyPlan, Sources};
 use progress::Progress;
 
@@ -73,6 +74,10 @@ pub struct ConvertArgs {
     /// The existing output image (-n) already reads as zeroes
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
+    /// Convert this internal snapshot of the source (NAME, ID or
+    /// snapshot.id=ID,snapshot.name=NAME)
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
     /// Open the sources even if another process uses them
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -94,6 +99,12 @@ const DEFAULT_MIN_SPARSE: u64 = 4096;
 
 /// Run `img convert`.
 pub fn run(a: &ConvertArgs) -> CmdResult {
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(parse_snapshot_param)
+        .transpose()
+        .map_err(Failure::msg)?;
     let in_flight = match &a.parallel {
         None => DEFAULT_IN_FLIGHT,
         Some(s) => parse_in_flight(s)?,
@@ -121,6 +132,11 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     let Some((dst, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
         return Err(Failure::msg("Must specify image file name"));
     };
+    if snapshot.is_some() && srcs.len() > 1 {
+        return Err(Failure::msg(
+            "No support for concatenating multiple snapshot",
+        ));
+    }
     let src_direct = cache_is_direct(a.src_cache.as_deref()).ok_or_else(|| {
         Failure::msg(format!(
             "Invalid source cache option: {}",
@@ -148,6 +164,11 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         };
         let image = open_named(name, &opts)
             .map_err(|e| Failure::msg(format!("Could not open '{name}': {e}")))?;
+        if let Some(key) = &snapshot {
+            image.load_snapshot(key).map_err(|e| {
+                Failure::msg(format!("Failed to load snapshot: {}", engine_msg(&e)))
+            })?;
+        }
         images.push(image);
     }
     let sources = Sources::new(images);

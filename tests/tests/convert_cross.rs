@@ -680,3 +680,46 @@ fn random_sources_through_every_combination() {
     }
     f.finish();
 }
+
+/// `-l`: an internal snapshot of the source is converted instead of its active state, by
+/// name, ID or both; what qemu-img refuses is refused in its words.
+#[test]
+fn snapshots_convert_like_qemu() {
+    let twin = Twin::new(|d| {
+        raw_source(d, "src.raw", 3);
+        qemu_img_in(d, &["convert", "-O", "qcow2", "src.raw", "snap.qcow2"]).ok();
+        qemu_img_in(d, &["snapshot", "-c", "s1", "snap.qcow2"]).ok();
+        qemu_io_cmds(
+            &d.join("snap.qcow2"),
+            "qcow2",
+            &["write -P 0x66 0 1M".into(), "discard 2M 1M".into()],
+        );
+        qemu_img_in(d, &["snapshot", "-c", "s2", "snap.qcow2"]).ok();
+        qemu_io_cmds(&d.join("snap.qcow2"), "qcow2", &["write -z 4M 1M".into()]);
+    });
+    let mut f = Failures::new();
+    for line in [
+        "-l s1 -O raw snap.qcow2 o.raw",
+        "-l 2 -O qcow2 snap.qcow2 o.qcow2",
+        "-l snapshot.name=s2 -O raw snap.qcow2 o.raw",
+        "-l snapshot.id=1,snapshot.name=s1 -c -O qcow2 snap.qcow2 o.qcow2",
+        "-l snapshot.id=1,snapshot.name=s2 -O raw snap.qcow2 o.raw",
+        "-l nope -O raw snap.qcow2 o.raw",
+        "-l snapshot.foo=1 -O raw snap.qcow2 o.raw",
+        "-l s1 -O raw snap.qcow2 snap.qcow2 o.raw",
+        "-l s1 -f raw -O raw src.raw o.raw",
+    ] {
+        let a: Vec<&str> = std::iter::once("convert")
+            .chain(line.split_whitespace())
+            .collect();
+        let out = a.last().unwrap().to_string();
+        let pair = twin.run(&a);
+        let mut errs = pair.differences(Names::Prefix, verbatim);
+        if pair.both_succeeded() {
+            errs.extend(twin.compare_images(&out, Images::default()).err());
+        }
+        twin.remove(&out);
+        f.record(line, pair.verdict(errs));
+    }
+    f.finish();
+}
