@@ -162,6 +162,71 @@ impl Image {
     }
 }
 
+/// One change [`Image::bitmap_edit`] makes to a persistent dirty bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapOp {
+    /// Create it, enabled, with this granularity (the format's default when `None`).
+    Add {
+        granularity: Option<u32>,
+    },
+    Remove,
+    /// Unset every bit.
+    Clear,
+    /// Record future writes.
+    Enable,
+    /// Stop recording writes.
+    Disable,
+    /// Set the bits that bitmap `source` has set.
+    Merge {
+        source: String,
+    },
+}
+
+/// A failed [`Image::bitmap_edit`]: the index of the operation that failed, or `None`
+/// when storing the result failed.
+#[derive(Debug)]
+pub struct BitmapOpError {
+    pub op: Option<usize>,
+    pub error: Error,
+}
+
+impl Image {
+    /// Apply `ops` in order to bitmap `name` and store the result; operations before a
+    /// failed one stay done, as in qemu-img. `Merge` reads its source bitmap from
+    /// `source`, or from this image when `None`. `node` names the image in QEMU's
+    /// messages (qemu-img names its nodes `#blockNNN`).
+    pub fn bitmap_edit(
+        &self,
+        node: &str,
+        name: &str,
+        ops: &[BitmapOp],
+        source: Option<&Image>,
+    ) -> std::result::Result<(), BitmapOpError> {
+        use crate::qcow2::BitmapSource;
+        let src = match source {
+            None => BitmapSource::This,
+            Some(Image::Qcow2(q)) => BitmapSource::Other {
+                storage: q.storage(),
+                header: Box::new(q.header()),
+            },
+            Some(Image::Raw(_)) => BitmapSource::NoBitmaps,
+        };
+        match self {
+            Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
+            Image::Raw(_) => {
+                // Raw images hold no bitmaps and can store none.
+                let error = match ops.first() {
+                    Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
+                        "Can't store persistent bitmaps to {node}: Operation not supported"
+                    )),
+                    _ => Error::NotFound(format!("Dirty bitmap '{name}' not found")),
+                };
+                Err(BitmapOpError { op: Some(0), error })
+            }
+        }
+    }
+}
+
 /// One cluster compressed for an image by [`Image::compress_cluster`], to be written by
 /// [`Image::write_compressed_prepared`]; compressing apart from writing lets callers
 /// compress on many threads and still write in guest order.

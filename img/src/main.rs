@@ -4,6 +4,7 @@
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
 mod bench;
+mod bitmap;
 mod check;
 mod check_format;
 mod compare;
@@ -49,6 +50,9 @@ enum Command {
     /// Run a simple image benchmark
     #[command(args_override_self = true)]
     Bench(bench::BenchArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps
+    #[command(args_override_self = true)]
+    Bitmap(bitmap::BitmapArgs),
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
@@ -80,7 +84,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure", "snapshot",
+    "bench", "bitmap", "check", "compare", "convert", "create", "dd", "info", "map", "measure",
+    "snapshot",
 ];
 
 fn version_text() -> String {
@@ -211,6 +216,7 @@ fn run(args: Vec<String>) -> CmdResult {
     };
     match &cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),

@@ -59,6 +59,7 @@ impl Qcow2Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.before_guest_write()?;
         let (g, size) = {
             let m = self.meta();
             (m.geo(), m.h.size)

@@ -1,6 +1,8 @@
 //! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
 
 mod allocator;
+mod bitmap_data;
+mod bitmap_ops;
 pub mod bitmaps;
 mod cache;
 mod check;
@@ -23,10 +25,12 @@ pub mod snapshot;
 mod snapshot_ops;
 pub mod units;
 mod walker;
+mod walker_bitmaps;
 mod write;
 mod zero;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::backing::BackingRef;
@@ -34,6 +38,7 @@ use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
 use crate::iovec::{IoBuf, IoBufMut};
 use crate::storage::{FileStorage, Storage};
+pub use bitmap_ops::Source as BitmapSource;
 use header::Header;
 use meta::Meta;
 use snapshot::Snapshot;
@@ -53,6 +58,8 @@ pub struct Qcow2Image {
     /// Guest data lives in an external data file, which this engine does not read.
     external_data: bool,
     read_only: bool,
+    /// No enabled bitmap needs marking in use before a guest write (`bitmap_ops`).
+    bitmaps_settled: AtomicBool,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -143,17 +150,36 @@ impl Qcow2Image {
             header.check_tables_in_file(file_len)?;
         }
         let external_data = header.has_data_file();
+        let dir = bitmaps::check_on_open(&*storage, &header)?;
+        let settled = read_only || !dir.iter().any(|e| e.auto() && !e.in_use());
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
         if meta.h.is_dirty() && !read_only && !check {
             meta.rebuild_refcounts()?;
         }
-        if meta.h.autoclear_features != 0 && !read_only {
-            // Features this engine does not maintain (bitmaps) become stale once it
+        if !read_only {
+            // Autoclear features this engine does not maintain become stale once it
             // writes: the spec says a writer that does not know them clears their bits.
-            // The cleared bits must be durable before any write they would misdescribe.
-            meta.h.autoclear_features = 0;
-            meta.write_header()?;
-            meta.sync()?;
+            // It keeps bitmaps; an extension whose bit a program without bitmap support
+            // cleared is dropped, as QEMU drops it. Durable before any write.
+            let keep = if dir.is_empty() {
+                0
+            } else {
+                header::AUTOCLEAR_BITMAPS
+            };
+            let stale = keep == 0
+                && meta
+                    .h
+                    .other_extensions
+                    .iter()
+                    .any(|e| e.kind == header::EXT_BITMAPS);
+            if meta.h.autoclear_features & !keep != 0 || stale {
+                meta.h.autoclear_features &= keep;
+                if stale {
+                    bitmaps::set_extension(&mut meta.h, None);
+                }
+                meta.write_header()?;
+                meta.sync()?;
+            }
         }
         Ok(Qcow2Image {
             storage,
@@ -164,6 +190,7 @@ impl Qcow2Image {
             backing: None,
             external_data,
             read_only,
+            bitmaps_settled: AtomicBool::new(settled),
         })
     }
 
@@ -267,6 +294,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
+        self.before_guest_write()?;
         self.write_impl(bufs, offset)
     }
 
@@ -275,6 +303,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
+        self.before_guest_write()?;
         self.zeroes_impl(offset, len, may_unmap)
     }
 
@@ -283,6 +312,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
+        self.before_guest_write()?;
         self.discard_impl(offset, len)
     }
 
