@@ -13,34 +13,54 @@ use crate::size::cvtnum;
 #[derive(Args, Debug, Default)]
 pub struct BitmapOptions {
     /// Create BITMAP, enabled to record future edits
-    #[arg(long = "add", action = ArgAction::Count)]
-    pub add: u8,
+    #[arg(long = "add", action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    pub add: Vec<bool>,
     /// Remove BITMAP
-    #[arg(long = "remove", action = ArgAction::Count)]
-    pub remove: u8,
+    #[arg(long = "remove", action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    pub remove: Vec<bool>,
     /// Clear BITMAP
-    #[arg(long = "clear", action = ArgAction::Count)]
-    pub clear: u8,
+    #[arg(long = "clear", action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    pub clear: Vec<bool>,
     /// Start recording future edits to BITMAP
-    #[arg(long = "enable", action = ArgAction::Count)]
-    pub enable: u8,
+    #[arg(long = "enable", action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    pub enable: Vec<bool>,
     /// Stop recording future edits to BITMAP
-    #[arg(long = "disable", action = ArgAction::Count)]
-    pub disable: u8,
+    #[arg(long = "disable", action = ArgAction::Append, num_args = 0, default_missing_value = "true")]
+    pub disable: Vec<bool>,
     /// Merge the contents of bitmap SOURCE into BITMAP
-    #[arg(long = "merge", value_name = "SOURCE", action = ArgAction::Append)]
+    #[arg(long = "merge", value_name = "SOURCE", action = ArgAction::Append, allow_hyphen_values = true)]
     pub merge: Vec<String>,
     /// Granularity of a bitmap --add creates
-    #[arg(short = 'g', long = "granularity", value_name = "SIZE")]
+    #[arg(
+        short = 'g',
+        long = "granularity",
+        value_name = "SIZE",
+        allow_hyphen_values = true
+    )]
     pub granularity: Option<String>,
     /// Image file holding the --merge source bitmap
-    #[arg(short = 'b', long = "source-file", value_name = "SRC_FILENAME")]
+    #[arg(
+        short = 'b',
+        long = "source-file",
+        value_name = "SRC_FILENAME",
+        allow_hyphen_values = true
+    )]
     pub source_file: Option<String>,
     /// Format of the --merge source file
-    #[arg(short = 'F', long = "source-format", value_name = "SRC_FMT")]
+    #[arg(
+        short = 'F',
+        long = "source-format",
+        value_name = "SRC_FMT",
+        allow_hyphen_values = true
+    )]
     pub source_format: Option<String>,
     /// Image format (probed when not given)
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    #[arg(
+        short = 'f',
+        long = "format",
+        value_name = "FMT",
+        allow_hyphen_values = true
+    )]
     pub format: Option<String>,
     /// FILENAME BITMAP
     #[arg(value_name = "FILENAME BITMAP")]
@@ -91,10 +111,8 @@ impl FromArgMatches for BitmapArgs {
             ("enable", Act::Enable),
             ("disable", Act::Disable),
         ] {
-            if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
-                if let Some(at) = m.indices_of(id) {
-                    acts.extend(at.map(|i| (i, act.clone())));
-                }
+            if let Some(at) = m.indices_of(id) {
+                acts.extend(at.map(|i| (i, act.clone())));
             }
         }
         if let Some(at) = m.indices_of("merge") {
