@@ -205,13 +205,17 @@ pub fn read_directory(storage: &dyn Storage, h: &Header, ext: &Extension) -> Res
         let d = &dir[pos..];
         let name_size = usize::from(u16::from_be_bytes([d[18], d[19]]));
         let extra = be32(d, 20) as usize;
-        let len = (ENTRY_HEADER + name_size + extra).next_multiple_of(8);
-        if len > d.len() {
+        // QEMU sizes an entry in a C int: a huge extra data size wraps around and is
+        // then refused for being extra data, not for leaving the directory.
+        let wrapped =
+            i64::from((ENTRY_HEADER as u64 + name_size as u64 + extra as u64) as u32 as i32);
+        if (wrapped + 7) & !7 > d.len() as i64 {
             return Err(at(pos, "Broken bitmap directory"));
         }
         if extra != 0 {
             return Err(at(pos, "Bitmap extra data is not supported"));
         }
+        let len = (ENTRY_HEADER + name_size).next_multiple_of(8);
         let raw_name = &d[ENTRY_HEADER..ENTRY_HEADER + name_size];
         let nul = raw_name.iter().position(|&c| c == 0).unwrap_or(name_size);
         let e = DirEntry {
