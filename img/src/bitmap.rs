@@ -221,7 +221,14 @@ pub fn run(a: &BitmapArgs) -> CmdResult {
                 a.acts[i].word(),
                 engine_msg(&e.error)
             )),
-            None => Failure::msg(engine_msg(&e.error)),
+            // qemu-img fails to store its bitmaps when it closes the image, and once more
+            // when it drops it.
+            None => {
+                let lost = engine_msg(&e.error);
+                Failure::msg(format!(
+                    "{lost}\nimg: Error while closing the image: Invalid argument\nimg: {lost}"
+                ))
+            }
         })?;
     Ok(0)
 }

@@ -2558,7 +2558,8 @@ fn bitmap_structures_out_of_range() {
     // (what, offset, width, value), applied in order; `IN_USE` first where the bitmap must
     // not be loaded on open for the damage to reach check.
     let in_use = (e0.at + 12, 4, e0.flags | 1);
-    let cases: Vec<(&str, Vec<(u64, u64, u64)>)> = vec![
+    type Edits = Vec<(u64, u64, u64)>;
+    let cases: Vec<(&str, Edits)> = vec![
         ("zero bitmaps", vec![(ext, 4, 0)]),
         ("65536 bitmaps", vec![(ext, 4, 65536)]),
         ("fewer entries than counted", vec![(ext, 4, 3)]),

@@ -107,6 +107,17 @@ impl Bits {
         }
     }
 
+    /// Set the bits of the granules guest bytes `start..end` touch.
+    pub fn mark(&mut self, start: u64, end: u64) {
+        let end = end.min(self.size);
+        if start < end {
+            self.set_bits(
+                start >> self.granularity_bits,
+                (end - 1) >> self.granularity_bits,
+            );
+        }
+    }
+
     /// Runs of set bits, as `(first, last)` inclusive, in order.
     fn set_runs(&self) -> Vec<(u64, u64)> {
         let bpc = self.bits_per_chunk();

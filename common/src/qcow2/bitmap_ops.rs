@@ -7,6 +7,14 @@
 //! header (the bitmaps extension and its autoclear bit) is the commit point; clusters
 //! that nothing references any more are freed after it, deferred to the flush. A crash
 //! leaks clusters at worst.
+//!
+//! Guest writes are recorded as QEMU records them: before the first one, the enabled
+//! bitmaps are marked in use on disk (so a crash leaves them inconsistent, never
+//! silently stale); the written ranges are kept in memory ([`DirtyLog`]) and set in the
+//! bitmaps when the image is closed, which stores them consistent again.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use super::bitmap_data::{clusters_of, Bits};
 use super::bitmaps::{self, DirEntry, Extension, FLAG_AUTO, FLAG_IN_USE};
@@ -38,6 +46,53 @@ pub enum Source<'a> {
     },
     /// An image of a format without bitmaps.
     NoBitmaps,
+}
+
+/// Guest ranges written while enabled bitmaps were in use, to set in them at close.
+pub(crate) struct DirtyLog {
+    /// The bitmaps marked in use for this log.
+    names: Vec<String>,
+    /// The finest granularity among them: ranges are widened to it.
+    granule: u64,
+    /// Written ranges, start to end, disjoint and not touching.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl DirtyLog {
+    fn new(names: Vec<String>, granule: u64) -> DirtyLog {
+        DirtyLog {
+            names,
+            granule,
+            ranges: BTreeMap::new(),
+        }
+    }
+
+    /// Record a write of `len` bytes at `offset`.
+    fn add(&mut self, offset: u64, len: u64) {
+        let mut start = offset / self.granule * self.granule;
+        let mut end = offset
+            .saturating_add(len.max(1))
+            .next_multiple_of(self.granule);
+        // Ranges that overlap or touch [start, end) merge into it.
+        let first = self
+            .ranges
+            .range(..=start)
+            .next_back()
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, _)| s)
+            .unwrap_or(start);
+        let touching: Vec<(u64, u64)> = self
+            .ranges
+            .range(first..=end)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.ranges.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+    }
 }
 
 fn not_found(name: &str) -> Error {
@@ -242,6 +297,13 @@ impl Meta {
     /// header to it, and free what the old directory, the rewritten bitmaps and
     /// `dropped` held.
     fn store_bitmaps(&mut self, slots: &mut [Slot], dropped: &[DirEntry]) -> Result<()> {
+        // QEMU cannot store a bitmap of an empty disk (no table): it runs out of memory.
+        if slots
+            .iter()
+            .any(|s| s.bits.as_ref().is_some_and(|b| b.table_entries() == 0))
+        {
+            return Err(Error::invalid("No memory"));
+        }
         self.flush()?;
         let g = self.geo();
         let mut freed = Vec::new();
@@ -301,16 +363,19 @@ impl Meta {
         Ok(())
     }
 
-    /// Before the first guest write: this engine does not record writes in bitmaps, so
-    /// the enabled ones stop being accurate. Mark them in use (inconsistent), as QEMU
-    /// marks every bitmap it opens read-write until it stores it again.
-    pub(super) fn bitmaps_before_write(&mut self) -> Result<()> {
+    /// Before the first guest write: mark the enabled, consistent bitmaps in use (as
+    /// QEMU does when it opens them read-write) and return the log that records the
+    /// writes for them; `None` when no bitmap records writes.
+    fn bitmaps_before_write(&mut self) -> Result<Option<DirtyLog>> {
         let dir = bitmaps::directory(&**self.storage(), &self.h)?;
-        if !dir.iter().any(|e| e.auto() && !e.in_use()) {
-            return Ok(());
-        }
+        let tracked: Vec<&DirEntry> = dir.iter().filter(|e| e.auto() && !e.in_use()).collect();
+        let Some(bits) = tracked.iter().map(|e| e.granularity_bits).min() else {
+            return Ok(None);
+        };
+        let names = tracked.iter().map(|e| e.name.clone()).collect();
         let entries: Vec<DirEntry> = dir
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|mut e| {
                 if e.auto() {
                     e.flags |= FLAG_IN_USE;
@@ -319,7 +384,32 @@ impl Meta {
             })
             .collect();
         self.write_directory(&entries)?;
-        self.flush()
+        self.flush()?;
+        Ok(Some(DirtyLog::new(names, 1 << bits)))
+    }
+
+    /// Set what `log` recorded in its bitmaps and store them consistent (in use cleared).
+    fn bitmaps_store_log(&mut self, log: &DirtyLog) -> Result<()> {
+        let dir = bitmaps::directory(&**self.storage(), &self.h)?;
+        let mut slots = Vec::with_capacity(dir.len());
+        for mut entry in dir {
+            let mut bits = None;
+            if entry.in_use() && entry.auto() && log.names.contains(&entry.name) {
+                let mut b =
+                    Bits::load(&**self.storage(), &entry, self.h.size, self.h.cluster_bits)?;
+                for (&start, &end) in &log.ranges {
+                    b.mark(start, end);
+                }
+                entry.flags &= !FLAG_IN_USE;
+                bits = Some(b);
+            }
+            slots.push(Slot {
+                entry,
+                bits,
+                on_disk: true,
+            });
+        }
+        self.store_bitmaps(&mut slots, &[])
     }
 }
 
@@ -353,8 +443,10 @@ impl Qcow2Image {
         if self.read_only {
             return Err(whole(Error::ReadOnly));
         }
+        let pending = self.take_dirty_log();
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let mut m = self.meta();
+        m.store_dirty_log(pending).map_err(whole)?;
         let dir = bitmaps::directory(&**m.storage(), &m.h).map_err(whole)?;
         let mut edit = Edit {
             slots: dir
@@ -389,23 +481,68 @@ impl Qcow2Image {
                 )))
             })?;
         }
-        self.bitmaps_settled
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.bitmaps_settled.store(false, Ordering::Release);
         failed.map_or(Ok(()), Err)
     }
 
-    /// Called before every guest write: the first one marks enabled bitmaps in use.
-    pub(super) fn before_guest_write(&self) -> Result<()> {
-        use std::sync::atomic::Ordering;
+    /// Called before every guest write of `len` bytes at `offset`: the first one marks
+    /// the enabled bitmaps in use, and every one is recorded for them.
+    pub(super) fn before_guest_write(&self, offset: u64, len: u64) -> Result<()> {
         if self.bitmaps_settled.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.meta();
-        if !self.bitmaps_settled.load(Ordering::Acquire) {
-            m.bitmaps_before_write()?;
-            self.bitmaps_settled.store(true, Ordering::Release);
+        let mut log = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if log.is_none() {
+            let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            match self.meta().bitmaps_before_write()? {
+                Some(l) => *log = Some(l),
+                None => {
+                    self.bitmaps_settled.store(true, Ordering::Release);
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(l) = log.as_mut() {
+            l.add(offset, len);
         }
         Ok(())
+    }
+
+    /// The recorded writes, taken for storing (lock order: the log, then the gate and
+    /// the metadata).
+    pub(super) fn take_dirty_log(&self) -> Option<DirtyLog> {
+        let log = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if log.is_some() {
+            self.bitmaps_settled.store(false, Ordering::Release);
+        }
+        log
+    }
+}
+
+impl Meta {
+    /// Store `log` into its bitmaps, if there is one (at close, and before an edit).
+    pub(super) fn store_dirty_log(&mut self, log: Option<DirtyLog>) -> Result<()> {
+        match log {
+            Some(l) => self.bitmaps_store_log(&l),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DirtyLog;
+
+    #[test]
+    fn dirty_ranges_widen_to_the_granule_and_merge() {
+        let mut log = DirtyLog::new(Vec::new(), 4096);
+        log.add(5000, 10);
+        log.add(20000, 1);
+        log.add(8192, 4096);
+        let got: Vec<(u64, u64)> = log.ranges.iter().map(|(&s, &e)| (s, e)).collect();
+        assert_eq!(got, vec![(4096, 12288), (16384, 20480)]);
+        log.add(0, 1 << 20);
+        assert_eq!(log.ranges.len(), 1);
+        assert_eq!(log.ranges.get(&0), Some(&(1 << 20)));
     }
 }

@@ -60,6 +60,8 @@ pub struct Qcow2Image {
     read_only: bool,
     /// No enabled bitmap needs marking in use before a guest write (`bitmap_ops`).
     bitmaps_settled: AtomicBool,
+    /// Guest writes recorded for the enabled bitmaps, stored into them at close.
+    dirty: Mutex<Option<bitmap_ops::DirtyLog>>,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -191,6 +193,7 @@ impl Qcow2Image {
             external_data,
             read_only,
             bitmaps_settled: AtomicBool::new(settled),
+            dirty: Mutex::new(None),
         })
     }
 
@@ -255,10 +258,15 @@ impl Qcow2Image {
     }
 
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
+    /// Writes recorded for persistent bitmaps are stored into them first.
     pub fn close(&self) -> Result<()> {
+        let log = self.take_dirty_log();
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.forget_decompressed();
-        self.meta().close()
+        let mut m = self.meta();
+        let stored = m.store_dirty_log(log);
+        let closed = m.close();
+        stored.and(closed)
     }
 }
 
@@ -294,7 +302,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
-        self.before_guest_write()?;
+        self.before_guest_write(offset, crate::iovec::total_len(bufs) as u64)?;
         self.write_impl(bufs, offset)
     }
 
@@ -303,7 +311,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
-        self.before_guest_write()?;
+        self.before_guest_write(offset, len)?;
         self.zeroes_impl(offset, len, may_unmap)
     }
 
@@ -312,7 +320,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
-        self.before_guest_write()?;
+        self.before_guest_write(offset, len)?;
         self.discard_impl(offset, len)
     }
 

@@ -6,9 +6,9 @@ use super::Qcow2Image;
 use crate::driver::BlockDriver;
 use crate::fault_storage::{FaultStorage, Op};
 
-/// The first guest write marks the enabled bitmap in use (this engine does not record
-/// writes in it): the new directory and the header that names it are durable before the
-/// guest data reaches the file, and the bitmaps autoclear bit stays set.
+/// The first guest write marks the enabled bitmap in use: the new directory and the
+/// header that names it are durable before the guest data reaches the file. Closing
+/// stores the bitmap with the write recorded, consistent again, the autoclear bit set.
 #[test]
 fn bitmaps_are_marked_in_use_durably_before_the_first_data_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,5 +46,9 @@ fn bitmaps_are_marked_in_use_durably_before_the_first_data_write() {
     let h = super::header::Header::parse(&content[..65536]).unwrap();
     let dir = super::bitmaps::directory(&fault, &h).unwrap();
     assert_eq!(dir.len(), 1);
-    assert!(dir[0].in_use() && dir[0].auto(), "{dir:?}");
+    assert!(!dir[0].in_use() && dir[0].auto(), "{dir:?}");
+    let bits = super::bitmap_data::Bits::load(&fault, &dir[0], h.size, h.cluster_bits).unwrap();
+    let mut want = super::bitmap_data::Bits::empty(h.size, dir[0].granularity_bits, h.cluster_bits);
+    want.mark(1 << 20, (1 << 20) + 4096);
+    assert_eq!(format!("{bits:?}"), format!("{want:?}"));
 }
