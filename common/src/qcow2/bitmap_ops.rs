@@ -13,7 +13,6 @@
 //! silently stale); the written ranges are kept in memory ([`DirtyLog`]) and set in the
 //! bitmaps when the image is closed, which stores them consistent again.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use super::bitmap_data::{clusters_of, Bits};
@@ -48,50 +47,18 @@ pub enum Source<'a> {
     NoBitmaps,
 }
 
-/// Guest ranges written while enabled bitmaps were in use, to set in them at close.
+/// Guest bytes written while enabled bitmaps were in use, to set in them at close: a
+/// bitmap of its own at the finest of their granularities (memory as QEMU's).
 pub(crate) struct DirtyLog {
     /// The bitmaps marked in use for this log.
     names: Vec<String>,
-    /// The finest granularity among them: ranges are widened to it.
-    granule: u64,
-    /// Written ranges, start to end, disjoint and not touching.
-    ranges: BTreeMap<u64, u64>,
+    written: Bits,
 }
 
 impl DirtyLog {
-    fn new(names: Vec<String>, granule: u64) -> DirtyLog {
-        DirtyLog {
-            names,
-            granule,
-            ranges: BTreeMap::new(),
-        }
-    }
-
     /// Record a write of `len` bytes at `offset`.
     fn add(&mut self, offset: u64, len: u64) {
-        let mut start = offset / self.granule * self.granule;
-        let mut end = offset
-            .saturating_add(len.max(1))
-            .next_multiple_of(self.granule);
-        // Ranges that overlap or touch [start, end) merge into it.
-        let first = self
-            .ranges
-            .range(..=start)
-            .next_back()
-            .filter(|(_, &e)| e >= start)
-            .map(|(&s, _)| s)
-            .unwrap_or(start);
-        let touching: Vec<(u64, u64)> = self
-            .ranges
-            .range(first..=end)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in touching {
-            self.ranges.remove(&s);
-            start = start.min(s);
-            end = end.max(e);
-        }
-        self.ranges.insert(start, end);
+        self.written.mark(offset, offset.saturating_add(len.max(1)));
     }
 }
 
@@ -373,6 +340,7 @@ impl Meta {
             return Ok(None);
         };
         let names = tracked.iter().map(|e| e.name.clone()).collect();
+        let written = Bits::empty(self.h.size, bits, self.h.cluster_bits);
         let entries: Vec<DirEntry> = dir
             .iter()
             .cloned()
@@ -385,7 +353,7 @@ impl Meta {
             .collect();
         self.write_directory(&entries)?;
         self.flush()?;
-        Ok(Some(DirtyLog::new(names, 1 << bits)))
+        Ok(Some(DirtyLog { names, written }))
     }
 
     /// Set what `log` recorded in its bitmaps and store them consistent (in use cleared).
@@ -397,9 +365,7 @@ impl Meta {
             if entry.in_use() && entry.auto() && log.names.contains(&entry.name) {
                 let mut b =
                     Bits::load(&**self.storage(), &entry, self.h.size, self.h.cluster_bits)?;
-                for (&start, &end) in &log.ranges {
-                    b.mark(start, end);
-                }
+                b.merge(&log.written);
                 entry.flags &= !FLAG_IN_USE;
                 bits = Some(b);
             }
@@ -526,23 +492,5 @@ impl Meta {
             Some(l) => self.bitmaps_store_log(&l),
             None => Ok(()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::DirtyLog;
-
-    #[test]
-    fn dirty_ranges_widen_to_the_granule_and_merge() {
-        let mut log = DirtyLog::new(Vec::new(), 4096);
-        log.add(5000, 10);
-        log.add(20000, 1);
-        log.add(8192, 4096);
-        let got: Vec<(u64, u64)> = log.ranges.iter().map(|(&s, &e)| (s, e)).collect();
-        assert_eq!(got, vec![(4096, 12288), (16384, 20480)]);
-        log.add(0, 1 << 20);
-        assert_eq!(log.ranges.len(), 1);
-        assert_eq!(log.ranges.get(&0), Some(&(1 << 20)));
     }
 }
