@@ -227,6 +227,27 @@ impl Image {
     }
 }
 
+/// Something QEMU warns about when it opens an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenWarning {
+    /// A program without bitmap support wrote the image: its persistent bitmaps are
+    /// ignored (and dropped by a read-write open), their clusters may be leaked. `v2` for
+    /// a compat 0.10 image, which QEMU words differently.
+    StaleBitmaps { v2: bool },
+}
+
+impl Image {
+    /// What QEMU would warn about the image when opening it.
+    pub fn open_warnings(&self) -> Vec<OpenWarning> {
+        match self {
+            Image::Qcow2(q) if q.had_stale_bitmaps() => vec![OpenWarning::StaleBitmaps {
+                v2: q.header().version < 3,
+            }],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// One cluster compressed for an image by [`Image::compress_cluster`], to be written by
 /// [`Image::write_compressed_prepared`]; compressing apart from writing lets callers
 /// compress on many threads and still write in guest order.

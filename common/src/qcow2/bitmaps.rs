@@ -130,6 +130,13 @@ pub fn extension(h: &Header) -> Result<Option<Extension>> {
     Ok(Some(e))
 }
 
+/// Whether the header has a bitmaps extension whose autoclear bit is clear: a program
+/// without bitmap support wrote the image, so every bitmap in it is stale.
+pub fn stale_extension(h: &Header) -> bool {
+    h.autoclear_features & AUTOCLEAR_BITMAPS == 0
+        && h.other_extensions.iter().any(|e| e.kind == EXT_BITMAPS)
+}
+
 /// Put `ext` into the header's extensions (where QEMU writes it: before unknown ones),
 /// or remove the extension for `None`; sets or clears the autoclear bit to match.
 pub fn set_extension(h: &mut Header, ext: Option<Extension>) {

@@ -62,6 +62,8 @@ pub struct Qcow2Image {
     bitmaps_settled: AtomicBool,
     /// Guest writes recorded for the enabled bitmaps, stored into them at close.
     dirty: Mutex<Option<bitmap_ops::DirtyLog>>,
+    /// The image had a stale bitmaps extension when it was opened.
+    stale_bitmaps: bool,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -154,6 +156,7 @@ impl Qcow2Image {
         let external_data = header.has_data_file();
         let dir = bitmaps::check_on_open(&*storage, &header)?;
         let settled = read_only || !dir.iter().any(|e| e.auto() && !e.in_use());
+        let stale_bitmaps = bitmaps::stale_extension(&header);
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
         if meta.h.is_dirty() && !read_only && !check {
             meta.rebuild_refcounts()?;
@@ -168,15 +171,9 @@ impl Qcow2Image {
             } else {
                 header::AUTOCLEAR_BITMAPS
             };
-            let stale = keep == 0
-                && meta
-                    .h
-                    .other_extensions
-                    .iter()
-                    .any(|e| e.kind == header::EXT_BITMAPS);
-            if meta.h.autoclear_features & !keep != 0 || stale {
+            if meta.h.autoclear_features & !keep != 0 || stale_bitmaps {
                 meta.h.autoclear_features &= keep;
-                if stale {
+                if stale_bitmaps {
                     bitmaps::set_extension(&mut meta.h, None);
                 }
                 meta.write_header()?;
@@ -194,6 +191,7 @@ impl Qcow2Image {
             read_only,
             bitmaps_settled: AtomicBool::new(settled),
             dirty: Mutex::new(None),
+            stale_bitmaps,
         })
     }
 
@@ -248,6 +246,12 @@ impl Qcow2Image {
     /// The persistent dirty bitmaps the image declares (for `info`).
     pub fn bitmaps(&self) -> Result<Vec<bitmaps::BitmapInfo>> {
         bitmaps::read_bitmaps(&*self.storage, &self.header())
+    }
+
+    /// The image had a bitmaps extension that a program without bitmap support left
+    /// stale (its bitmaps are ignored, their clusters may leak; a read-write open drops it).
+    pub fn had_stale_bitmaps(&self) -> bool {
+        self.stale_bitmaps
     }
 
     /// Check the image's consistency, repairing what `fix` allows.
