@@ -1,12 +1,14 @@
 //! Format operations beside [`crate::BlockDriver`]: what describes an image's structure
 //! rather than moving guest bytes, for every format behind one API.
-//! Check/repair, resize, amend and measure join this API as they are implemented.
+//! Check/repair and measure live in their own modules.
 
 use crate::backing::BackingRef;
 use crate::error::{Error, Result};
 use crate::open::Image;
 
+pub use crate::qcow2::amend::AmendOptions;
 pub use crate::qcow2::bitmaps::BitmapInfo;
+pub use crate::qcow2::snapshot_ops::SnapshotKey;
 
 /// What the format says about an image, for `info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,11 +133,44 @@ impl Image {
         }
     }
 
+    /// Read the image as its internal snapshot `key` from now on (`convert -l`); the
+    /// image must be open read-only.
+    pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.load_snapshot(key),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Block format 'raw' used by device '' does not support temporarily loading \
+                 internal snapshots"
+                    .into(),
+            )),
+        }
+    }
+
     /// Delete the first snapshot named `name` (qemu-img deletes by name only).
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
             Image::Raw(_) => Err(Error::NotFound("snapshot not found".into())),
+        }
+    }
+
+    /// Change the virtual size to `size` (`qemu-img resize`), preallocating an added area
+    /// per `mode`; shrinking frees what lies past the new end.
+    pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
+        match self {
+            Image::Raw(r) => r.resize(size, mode),
+            Image::Qcow2(q) => q.resize(size, mode),
+        }
+    }
+
+    /// Change the format's options in place (`qemu-img amend`); `progress` hears the
+    /// share done, 0 to 100.
+    pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.amend(opts, progress),
+            Image::Raw(_) => Err(Error::Unsupported(
+                "Format driver 'raw' does not support option amendment".into(),
+            )),
         }
     }
 

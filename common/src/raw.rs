@@ -1,6 +1,7 @@
 //! The raw format: guest offset = file offset, sparse-aware.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
@@ -17,7 +18,8 @@ const PROBE_LEN: u64 = crate::probe::PROBE_LEN as u64;
 /// A raw image: the guest sees the bytes of the file as they are.
 pub struct RawImage {
     storage: Box<dyn Storage>,
-    size: u64,
+    /// The virtual size (changed only by [`RawImage::resize`]).
+    size: AtomicU64,
     read_only: bool,
     /// The format was probed, not given: writes must not make it probe as another format.
     probed: bool,
@@ -29,7 +31,7 @@ pub struct RawImage {
 impl std::fmt::Debug for RawImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawImage")
-            .field("size", &self.size)
+            .field("size", &self.size())
             .field("read_only", &self.read_only)
             .field("probed", &self.probed)
             .finish_non_exhaustive()
@@ -48,7 +50,7 @@ impl RawImage {
             .next_multiple_of(512);
         Ok(RawImage {
             storage,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             probed: false,
             sector0: std::sync::Mutex::new(()),
@@ -82,7 +84,7 @@ impl RawImage {
             return write();
         }
         let _guard = self.sector0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut first = vec![0u8; PROBE_LEN.min(self.size) as usize];
+        let mut first = vec![0u8; PROBE_LEN.min(self.size()) as usize];
         self.storage
             .read_at(&mut first, 0)
             .map_err(|e| Error::io("Failed to read", e))?;
@@ -110,7 +112,46 @@ impl RawImage {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.size)
+        check_range(offset, len, self.size())
+    }
+
+    /// Change the size to `size` (`qemu-img resize` of a raw file, as QEMU's file driver
+    /// truncates): the file is cut or extended, with falloc the added space reserved, with
+    /// full written as zeroes.
+    pub fn resize(&self, size: u64, mode: Preallocation) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let io = |what: &str, e| Error::io(what.to_string(), e);
+        let old = self
+            .storage
+            .len()
+            .map_err(|e| io("Could not get the file length", e))?;
+        match mode {
+            Preallocation::Off => {}
+            Preallocation::Metadata => {
+                return Err(Error::Unsupported(
+                    "Unsupported preallocation mode: metadata".into(),
+                ))
+            }
+            Preallocation::Falloc if size > old => self
+                .storage
+                .allocate(old, size - old)
+                .map_err(|e| io("Could not preallocate new data", e))?,
+            Preallocation::Full if size > old => {
+                self.storage
+                    .set_len(size)
+                    .map_err(|e| io("Could not resize file", e))?;
+                self.write_zero_chunks(old, size - old)?;
+            }
+            Preallocation::Falloc | Preallocation::Full => {}
+        }
+        self.storage
+            .set_len(size)
+            .map_err(|e| io("Could not resize file", e))?;
+        self.size
+            .store(size.next_multiple_of(512), Ordering::Release);
+        Ok(())
     }
 
     fn write_zero_chunks(&self, offset: u64, len: u64) -> Result<()> {
@@ -134,7 +175,7 @@ impl BlockDriver for RawImage {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn is_read_only(&self) -> bool {
@@ -142,7 +183,7 @@ impl BlockDriver for RawImage {
     }
 
     fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
-        check_range(offset, crate::iovec::total_len(bufs) as u64, self.size)?;
+        check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
         self.storage
             .read_vectored_at(bufs, offset)
             .map_err(|e| Error::io("Failed to read", e))
@@ -188,7 +229,7 @@ impl BlockDriver for RawImage {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Err(Error::invalid("block_status of an empty range"));
         }

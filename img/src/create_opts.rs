@@ -46,6 +46,57 @@ pub const QCOW2_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// What `amend` takes for qcow2, in QEMU's order (the `encrypt.*` ones only for
+/// encrypted images).
+pub const QCOW2_AMEND_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("compat", OptType::Str, None),
+    opt("backing_file", OptType::Str, None),
+    opt("backing_fmt", OptType::Str, None),
+    opt("data_file", OptType::Str, None),
+    opt("data_file_raw", OptType::Bool, None),
+    opt("lazy_refcounts", OptType::Bool, None),
+    opt("refcount_bits", OptType::Number, None),
+    opt("encrypt.new-secret", OptType::Str, None),
+    opt("encrypt.old-secret", OptType::Str, None),
+    opt("encrypt.state", OptType::Str, None),
+    opt("encrypt.keyslot", OptType::Number, None),
+    opt("encrypt.iter-time", OptType::Number, None),
+];
+
+/// qcow2 options that only `create` takes (amend adds a hint for them).
+pub const QCOW2_CREATE_ONLY: &[&str] = &[
+    "encryption",
+    "cluster_size",
+    "extended_l2",
+    "preallocation",
+    "compression_type",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+];
+
+/// `amend -o help` for qcow2.
+pub const QCOW2_AMEND_HELP: &str = "Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
+
 /// raw's options followed by the file protocol's, in QEMU's order.
 pub const RAW_OPTS: &[OptDesc] = &[
     opt("size", OptType::Size, None),

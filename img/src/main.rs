@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output and exit codes as qemu-img 10; messages start with
 //! `img: ` where qemu-img's start with `qemu-img: `.
 
+mod amend;
 mod bench;
 mod bitmap;
 mod check;
@@ -21,8 +22,10 @@ mod map_format;
 mod measure;
 mod paths;
 mod qjson;
+mod resize;
 mod size;
 mod snapshot;
+mod snapshot_param;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
@@ -47,6 +50,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Change the format-specific options of an image
+    #[command(args_override_self = true)]
+    Amend(amend::AmendArgs),
     /// Run a simple image benchmark
     #[command(args_override_self = true)]
     Bench(bench::BenchArgs),
@@ -77,6 +83,9 @@ enum Command {
     /// Measure the size a new image needs
     #[command(args_override_self = true)]
     Measure(measure::MeasureArgs),
+    /// Change the virtual size of an image
+    #[command(args_override_self = true)]
+    Resize(resize::ResizeArgs),
     /// List, create, apply or delete internal snapshots
     #[command(args_override_self = true)]
     Snapshot(snapshot::SnapshotArgs),
@@ -84,8 +93,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "bench", "bitmap", "check", "compare", "convert", "create", "dd", "info", "map", "measure",
-    "snapshot",
+    "amend", "bench", "bitmap", "check", "compare", "convert", "create", "dd", "info", "map",
+    "measure", "resize", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -201,6 +210,11 @@ fn run(args: Vec<String>) -> CmdResult {
         _ => {}
     }
     let cmd = COMMANDS.iter().copied().find(|c| c == first);
+    let (args, negative) = if cmd == Some("resize") {
+        resize::split_negative_size(args)
+    } else {
+        (args, None)
+    };
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => match e.kind() {
@@ -215,6 +229,7 @@ fn run(args: Vec<String>) -> CmdResult {
         },
     };
     match &cli.command {
+        Command::Amend(a) => amend::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Bitmap(a) => bitmap::run(a),
         Command::Check(a) => check::run(a),
@@ -225,6 +240,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Resize(a) => resize::run(a, negative.as_deref()),
         Command::Snapshot(a) => snapshot::run(a),
     }
 }

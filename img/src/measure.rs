@@ -11,6 +11,7 @@ use crate::imgopen::open_user_image;
 use crate::info::{parse_output, OutputFormat};
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::cvtnum;
+use crate::snapshot_param::parse_snapshot_param;
 
 /// `img measure [-f FMT] [-O FMT] [-o OPTIONS] [-l SNAPSHOT] [--output=human|json] [-U]
 /// (--size N | FILE)`
@@ -44,38 +45,6 @@ pub struct MeasureArgs {
 
 const CMD: &str = "measure";
 
-/// Which snapshot `-l` names.
-#[derive(Debug, PartialEq, Eq)]
-enum SnapshotParam {
-    /// An ID or a name (the ID is tried first).
-    IdOrName(String),
-    /// `snapshot.id=...,snapshot.name=...`: whichever are given must both match.
-    Fields {
-        id: Option<String>,
-        name: Option<String>,
-    },
-}
-
-fn parse_snapshot(p: &str) -> Result<SnapshotParam, String> {
-    if !p.starts_with("snapshot.") {
-        return Ok(SnapshotParam::IdOrName(p.to_string()));
-    }
-    let (mut id, mut name) = (None, None);
-    for item in common::option_list::split(p) {
-        let (k, v) = item.split_once('=').unwrap_or((&item, "on"));
-        match k {
-            "snapshot.id" => id = Some(v.to_string()),
-            "snapshot.name" => name = Some(v.to_string()),
-            _ => {
-                return Err(format!(
-                    "Invalid parameter '{k}'\nimg: Failed in parsing snapshot param '{p}'"
-                ))
-            }
-        }
-    }
-    Ok(SnapshotParam::Fields { id, name })
-}
-
 /// Run `img measure`.
 pub fn run(a: &MeasureArgs) -> CmdResult {
     let output = parse_output(CMD, a.output.as_deref())?;
@@ -89,7 +58,7 @@ pub fn run(a: &MeasureArgs) -> CmdResult {
         }
     }
     let snapshot = match &a.snapshot {
-        Some(p) => Some(parse_snapshot(p).map_err(Failure::msg)?),
+        Some(p) => Some(parse_snapshot_param(p).map_err(Failure::msg)?),
         None => None,
     };
     if a.args.len() > 1 {
@@ -119,8 +88,8 @@ pub fn run(a: &MeasureArgs) -> CmdResult {
         None => None,
     };
     if let (Some(src), Some(sn)) = (&source, &snapshot) {
-        load_snapshot(src, sn)
-            .map_err(|m| Failure::msg(format!("Failed to load snapshot: {m}")))?;
+        src.load_snapshot(sn)
+            .map_err(|e| Failure::msg(format!("Failed to load snapshot: {}", engine_msg(&e))))?;
     }
     let out_fmt = a.output_format.as_deref().unwrap_or("raw");
     let (target, descs) = match out_fmt {
@@ -174,30 +143,6 @@ fn open_source(name: &str, a: &MeasureArgs) -> Result<Image, Failure> {
     .map_err(Failure::msg)
 }
 
-/// Find the snapshot `-l` names; measuring a snapshot's own contents is not supported yet,
-/// so a snapshot that exists is refused after the lookups qemu-img makes.
-fn load_snapshot(src: &Image, sn: &SnapshotParam) -> Result<(), String> {
-    if src.format() == Format::Raw {
-        return Err(
-            "Block format 'raw' used by device '' does not support temporarily \
-                    loading internal snapshots"
-                .into(),
-        );
-    }
-    let list = src.snapshots().map_err(|e| engine_msg(&e))?;
-    let found = list.iter().any(|s| match sn {
-        SnapshotParam::IdOrName(x) => &s.id == x || &s.name == x,
-        SnapshotParam::Fields { id, name } => {
-            id.as_ref().is_none_or(|i| i == &s.id) && name.as_ref().is_none_or(|n| n == &s.name)
-        }
-    });
-    if found {
-        Err("measuring an internal snapshot is not supported".into())
-    } else {
-        Err("Can't find snapshot".into())
-    }
-}
-
 fn render(m: &Measurement, output: OutputFormat) -> String {
     match output {
         OutputFormat::Human => {
@@ -219,29 +164,5 @@ fn render(m: &Measurement, output: OutputFormat) -> String {
             }
             format!("{}\n", to_json_pretty(&QValue::Dict(d)))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_params() {
-        assert_eq!(
-            parse_snapshot("s1").unwrap(),
-            SnapshotParam::IdOrName("s1".into())
-        );
-        assert_eq!(
-            parse_snapshot("snapshot.id=1,snapshot.name=a").unwrap(),
-            SnapshotParam::Fields {
-                id: Some("1".into()),
-                name: Some("a".into())
-            }
-        );
-        assert_eq!(
-            parse_snapshot("snapshot.foo=1").unwrap_err(),
-            "Invalid parameter 'snapshot.foo'\nimg: Failed in parsing snapshot param 'snapshot.foo=1'"
-        );
     }
 }

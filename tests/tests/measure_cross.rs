@@ -151,8 +151,27 @@ fn errors_match_qemu() {
     let dir = tempdir();
     make_sources(dir.path());
     qimg(dir.path(), "snapshot -c s1 empty.qcow2");
+    // A snapshot holding less than the active image: measured on its own.
+    qimg(dir.path(), "create -q -f qcow2 snap.qcow2 8M");
+    let snap = dir.path().join("snap.qcow2");
+    qemu_io_cmds(&snap, "qcow2", &["write -P 1 0 1M".to_string()]);
+    qimg(dir.path(), "snapshot -c s1 snap.qcow2");
+    qemu_io_cmds(&snap, "qcow2", &["write -P 2 2M 4M".to_string()]);
     let mut f = Failures::new();
     let cases: &[&[&str]] = &[
+        &["-l", "s1", "snap.qcow2"],
+        &["-l", "1", "-O", "qcow2", "snap.qcow2"],
+        &["-l", "snapshot.name=s1", "-O", "qcow2", "snap.qcow2"],
+        &[
+            "-l",
+            "snapshot.id=1,snapshot.name=s1",
+            "--output=json",
+            "-O",
+            "qcow2",
+            "snap.qcow2",
+        ],
+        &["-l", "snapshot.id=1,snapshot.name=s2", "snap.qcow2"],
+        &["-O", "qcow2", "snap.qcow2"],
         &[],
         &["--size", "-1"],
         &["--size", "1x"],

@@ -52,6 +52,11 @@ enum Op {
         split: u64,
     },
     Flush,
+    /// Change the virtual size (shrinking drops what lies past the new end; what a grow
+    /// adds reads as zeroes).
+    Resize {
+        size: u64,
+    },
 }
 
 struct Model {
@@ -90,6 +95,10 @@ impl Model {
                         self.maybe_zero[i as usize] = true;
                     }
                 }
+            }
+            Op::Resize { size } => {
+                self.data.resize(size as usize, 0);
+                self.maybe_zero.resize(size as usize, false);
             }
             Op::Read { .. } | Op::Flush => {}
         }
@@ -155,7 +164,15 @@ impl Config {
     }
 }
 
-fn gen_op(rng: &mut Rng, size: u64, cluster: u64) -> Op {
+/// A random op on an image of `size` bytes; `resizable` allows resizes (up to `max_size`).
+fn gen_op(rng: &mut Rng, size: u64, cluster: u64, resizable: Option<u64>) -> Op {
+    if let Some(max) = resizable {
+        if rng.chance(1, 30) {
+            return Op::Resize {
+                size: rng.range(1, max / 512) * 512,
+            };
+        }
+    }
     let align = match rng.below(4) {
         0 | 1 => 1,
         2 => 512,
@@ -372,8 +389,11 @@ fn run_sequence(
         if d.size() != size {
             return Err(format!("engine size {} != {size}", d.size()));
         }
+        // v2 images cannot grow over a longer backing file (no zero clusters), as in QEMU.
+        let resizable = (!(cfg.backing && cfg.extra.contains("compat=0.10"))).then_some(2 * size);
+        let mut size = size;
         for _ in 0..nops {
-            let op = gen_op(&mut rng, size, cfg.cluster);
+            let op = gen_op(&mut rng, size, cfg.cluster, resizable);
             done.push(op.clone());
             {
                 use std::io::Write;
@@ -412,6 +432,12 @@ fn run_sequence(
                     Ok(())
                 }
                 Op::Flush => d.flush(),
+                Op::Resize { size: new } => {
+                    let r = img.resize(new, common::prealloc::Preallocation::Off);
+                    model.apply(&op, &[], discard_unit);
+                    size = new;
+                    r
+                }
             };
             if let Err(e) = res {
                 return Err(ctx(&done, format!("operation failed: {e}")));
@@ -670,7 +696,7 @@ fn run_concurrent(
                     let mut done = Vec::new();
                     let r = (|| {
                         for _ in 0..nops {
-                            let op = gen_op(&mut trng, len, cfg.cluster);
+                            let op = gen_op(&mut trng, len, cfg.cluster, None);
                             done.push(op.clone());
                             let e = |e: common::Error| format!("thread {t}: {op:?} (slice base {base:#x}) failed: {e}");
                             match op {
@@ -695,6 +721,7 @@ fn run_concurrent(
                                         .map_err(|m| format!("thread {t} (slice base {base:#x}): read mismatch (offsets relative to slice): {m}"))?;
                                 }
                                 Op::Flush => d.flush().map_err(e)?,
+                                Op::Resize { .. } => unreachable!("threads do not resize"),
                             }
                         }
                         Ok::<(), String>(())

@@ -35,7 +35,7 @@ pub(crate) struct Refcounts {
     /// Clusters picked for an allocation whose refcount is not set yet.
     reserved: Vec<Range<u64>>,
     /// Updates to apply at the next flush.
-    deferred: Vec<(HostCluster, i64)>,
+    deferred: Vec<(HostCluster, ClusterCount, i64)>,
     /// The cluster past everything in the file or allocated this session: clusters from
     /// here on are free whatever (possibly corrupt) refcounts say.
     pub end: HostCluster,
@@ -69,7 +69,9 @@ impl Refcounts {
 
     /// Add `addend` to the refcounts of clusters `first..first + n` at the next flush.
     pub fn defer(&mut self, first: HostCluster, n: ClusterCount, addend: i64) {
-        self.deferred.extend(first.run(n).map(|c| (c, addend)));
+        if n.0 > 0 {
+            self.deferred.push((first, n, addend));
+        }
     }
 
     /// Whether updates wait for the next flush.
@@ -446,10 +448,14 @@ impl Meta {
     /// On failure the updates not applied stay deferred.
     pub(super) fn apply_deferred(&mut self) -> Result<()> {
         let updates = std::mem::take(&mut self.refs.deferred);
-        for (i, &(c, addend)) in updates.iter().enumerate() {
-            if let Err(e) = self.add_to_refcount(c, addend) {
-                self.refs.deferred.extend_from_slice(&updates[i + 1..]);
-                return Err(e);
+        for (i, &(first, n, addend)) in updates.iter().enumerate() {
+            for (k, c) in first.run(n).enumerate() {
+                if let Err(e) = self.add_to_refcount(c, addend) {
+                    let rest = ClusterCount(n.0 - k as u64);
+                    self.refs.deferred.push((c, rest, addend));
+                    self.refs.deferred.extend_from_slice(&updates[i + 1..]);
+                    return Err(e);
+                }
             }
         }
         Ok(())

@@ -3,14 +3,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::entry::{L2Entry, COPIED};
 use super::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
     MAX_L1_BYTES, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use super::meta::Meta;
 use super::refcount;
-use super::units::{ClusterCount, GuestCluster};
 use crate::error::{io, Error, Result};
 use crate::lock;
 use crate::storage::{FileStorage, Storage};
@@ -229,54 +227,8 @@ pub fn format_qcow2(storage: Arc<dyn Storage>, opts: &Qcow2CreateOptions) -> Res
     meta.h.size = opts.size;
     meta.write_header()?;
     if opts.preallocation != Preallocation::Off {
-        preallocate(&mut meta, opts.preallocation)?;
+        let clusters = h.geometry().clusters_for(opts.size).0;
+        meta.preallocate(0..clusters, opts.preallocation)?;
     }
     meta.close()
-}
-
-/// Allocate every L2 table and data cluster; with falloc/full also the file space.
-fn preallocate(meta: &mut Meta, mode: Preallocation) -> Result<()> {
-    let g = meta.geo();
-    let clusters = g.clusters_for(meta.h.size).0;
-    let storage = meta.storage().clone();
-    let mut gc = GuestCluster(0);
-    while gc.0 < clusters {
-        let n = (g.l2_entries() - g.l2_index(gc) as u64).min(clusters - gc.0);
-        // Touch the L2 table first so it precedes its data clusters, as QEMU lays it out.
-        meta.set_l2_entry(gc, L2Entry::default())?;
-        let first = meta.alloc_clusters(ClusterCount(n))?;
-        for i in 0..n {
-            let e = L2Entry {
-                word: g.host_offset(first.plus(i)).0 | COPIED,
-                // With subclusters QEMU leaves every subcluster unallocated: the cluster is
-                // reserved, reads still fall through to the backing file.
-                bitmap: 0,
-            };
-            meta.set_l2_entry(gc.plus(i), e)?;
-        }
-        let (start, len) = (g.host_offset(first).0, n * g.cluster_size());
-        match mode {
-            Preallocation::Falloc => io("Could not preallocate", storage.allocate(start, len))?,
-            Preallocation::Full => {
-                let zeros = vec![0u8; (1 << 20).min(len) as usize];
-                let mut pos = start;
-                while pos < start + len {
-                    let k = (start + len - pos).min(zeros.len() as u64);
-                    io(
-                        "Could not preallocate",
-                        storage.write_at(&zeros[..k as usize], pos),
-                    )?;
-                    pos += k;
-                }
-            }
-            _ => {
-                let end = start + len;
-                if io("Could not get image size", storage.len())? < end {
-                    io("Could not preallocate", storage.set_len(end))?;
-                }
-            }
-        }
-        gc = gc.plus(n);
-    }
-    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The qcow2 format (versions 2 and 3): open, read, write, zeroes, discard, block status.
 
 mod allocator;
+pub mod amend;
 mod bitmap_data;
 mod bitmap_ops;
 pub mod bitmaps;
@@ -18,11 +19,14 @@ mod l2;
 mod mapping;
 mod meta;
 mod overlap;
+mod preallocate;
 mod read;
 mod rebuild;
 pub mod refcount;
+mod resize;
 pub mod snapshot;
-mod snapshot_ops;
+pub mod snapshot_ops;
+mod table_refs;
 pub mod units;
 mod walker;
 mod walker_bitmaps;
@@ -197,6 +201,22 @@ impl Qcow2Image {
 
     fn meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `op` with data I/O shut out and the metadata locked.
+    pub(super) fn with_meta_exclusive<T>(
+        &self,
+        op: impl FnOnce(&mut Meta) -> Result<T>,
+    ) -> Result<T> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.external_data {
+            return Err(Error::Unsupported("Operation not supported".into()));
+        }
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        self.forget_decompressed();
+        op(&mut self.meta())
     }
 
     /// The image's geometry (read from the header under the metadata lock).

@@ -55,14 +55,34 @@ impl Meta {
     /// Replace the refcount structures by ones built from the references, and clear the
     /// dirty bit. The new structures go past the end of the file.
     pub(crate) fn rebuild_refcounts(&mut self) -> Result<()> {
+        self.rebuild_refcounts_as(self.h.refcount_order)
+    }
+
+    /// [`Meta::rebuild_refcounts`] with entries of `2^order` bits (amend's refcount width
+    /// change): the header switches width and structures in one write.
+    pub(crate) fn rebuild_refcounts_as(&mut self, order: u32) -> Result<()> {
         let counts = self.count_references()?;
-        let g = self.geo();
+        let old_bits = self.geo().refblock_bits();
+        let g = {
+            let mut h = self.h.clone();
+            h.refcount_order = order;
+            h.geometry()
+        };
         let cs = g.cluster_size();
         let per_rb = 1u64 << g.refblock_bits();
         let file_clusters =
             io("Could not get image file length", self.storage().len())?.div_ceil(cs);
         let start = file_clusters.max(counts.end());
-        let used: Vec<u64> = counts.chunks().map(|(i, _)| i).collect();
+        // The new refcount blocks that counted clusters fall in.
+        let mut used: Vec<u64> = counts
+            .chunks()
+            .flat_map(|(i, slots)| {
+                let base = i << old_bits;
+                let nonzero = slots.iter().enumerate().filter(|&(_, &n)| n > 0);
+                nonzero.map(move |(k, _)| (base + k as u64) / per_rb)
+            })
+            .collect();
+        used.dedup();
         // How many refcount blocks and table clusters describe everything, themselves
         // included: the blocks of the counted chunks plus those of the new region.
         let mut blocks = 0u64;
@@ -107,6 +127,14 @@ impl Meta {
                 if n == 0 {
                     continue;
                 }
+                if n > max && order != self.h.refcount_order {
+                    return Err(Error::invalid(format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset \
+                         {:#x} has a refcount of {n}",
+                        1u32 << order,
+                        c * cs
+                    )));
+                }
                 if n > max {
                     return Err(Error::corrupt_at(
                         error::Structure::DataCluster,
@@ -129,6 +157,7 @@ impl Meta {
         self.sync()?;
         self.h.refcount_table_offset = table_start * cs;
         self.h.refcount_table_clusters = table_clusters as u32;
+        self.h.refcount_order = order;
         self.h.incompatible_features &= !INCOMPAT_DIRTY;
         self.write_header()?;
         self.sync()?;

@@ -5,21 +5,13 @@
 //! commit point; what stopped being referenced is freed after it, deferred to the flush
 //! that follows. A crash may leak clusters, never lose a reference.
 
-use std::collections::BTreeMap;
-
-use super::allocator::When;
 use super::entry::{self, L2Entry, COPIED};
 use super::meta::{read_u64_table, Meta};
-use super::refcount;
 use super::snapshot::{self, Snapshot};
-use super::units::{ClusterCount, HostCluster, HostOffset};
-use super::walker::entry_extent;
+use super::units::HostOffset;
+use super::walker::L1Source;
 use super::Qcow2Image;
 use crate::error::{io, Error, Result};
-
-/// Clusters an L1 table references, with how many references each gets from it: its L2
-/// tables (once per L1 entry naming them) and what their entries point at.
-type RefCounts = BTreeMap<u64, u64>;
 
 fn encode_u64_table(t: &[u64]) -> Vec<u8> {
     t.iter().flat_map(|v| v.to_be_bytes()).collect()
@@ -34,56 +26,6 @@ fn now() -> (u32, u32) {
 }
 
 impl Meta {
-    /// Count what the L1 table `l1` references, as QEMU's check counts it.
-    fn l1_refs(&mut self, l1: &[u64]) -> Result<RefCounts> {
-        let g = self.geo();
-        let mut counts = RefCounts::new();
-        for &raw in l1 {
-            let Some(t) = entry::l1_table_offset(raw, g.cluster_size())? else {
-                continue;
-            };
-            *counts.entry(g.host_cluster(t).0).or_default() += 1;
-            for i in 0..g.l2_entries() as usize {
-                let e = self.l2_get(t, i)?;
-                if e.is_compressed() && e.bitmap != 0 {
-                    continue;
-                }
-                if let Some((off, len)) = entry_extent(e, g.cluster_bits) {
-                    for c in g.clusters_touched(off, len) {
-                        *counts.entry(c).or_default() += 1;
-                    }
-                }
-            }
-        }
-        Ok(counts)
-    }
-
-    /// Add `counts` to the refcounts now, all or nothing: refused before any change when
-    /// a refcount would overflow its width (refcount_bits=1 cannot hold two references).
-    fn add_refs(&mut self, counts: &RefCounts) -> Result<()> {
-        let max = refcount::max_value(self.h.refcount_order);
-        for (&c, &n) in counts {
-            if self.refcount(HostCluster(c))?.saturating_add(n) > max {
-                return Err(Error::invalid(format!(
-                    "refcount of cluster {c} would overflow {} bits",
-                    self.h.refcount_bits()
-                )));
-            }
-        }
-        for (&c, &n) in counts {
-            self.update_refcount(HostCluster(c), ClusterCount(1), n as i64, When::Now)?;
-        }
-        Ok(())
-    }
-
-    /// Take `counts` off the refcounts at the next flush.
-    fn drop_refs(&mut self, counts: &RefCounts) {
-        for (&c, &n) in counts {
-            self.refs
-                .defer(HostCluster(c), ClusterCount(1), -(n as i64));
-        }
-    }
-
     /// Set COPIED on the active L1 and L2 entries exactly where the refcount of what they
     /// point at is 1 (QEMU's `update_snapshot_refcount(.., 0)`); never on compressed ones.
     fn fix_copied(&mut self) -> Result<()> {
@@ -120,7 +62,11 @@ impl Meta {
 
     /// Write `table` to new clusters and switch the header to it (the commit point); the
     /// old table is freed at the next flush. Everything the table points at must be durable.
-    fn write_snapshot_table(&mut self, old: &[Snapshot], table: &[Snapshot]) -> Result<()> {
+    pub(super) fn write_snapshot_table(
+        &mut self,
+        old: &[Snapshot],
+        table: &[Snapshot],
+    ) -> Result<()> {
         let g = self.geo();
         let bytes = snapshot::try_encode_table(table)?;
         let offset = if bytes.is_empty() {
@@ -150,7 +96,7 @@ impl Meta {
     }
 
     /// The snapshot table, for editing.
-    fn snapshot_table(&self) -> Result<Vec<Snapshot>> {
+    pub(super) fn snapshot_table(&self) -> Result<Vec<Snapshot>> {
         snapshot::read_table(&**self.storage(), &self.h)
     }
 
@@ -173,7 +119,7 @@ impl Meta {
         }
         let g = self.geo();
         let active: Vec<u64> = self.l1.entries.clone();
-        let counts = self.l1_refs(&active)?;
+        let counts = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
         self.add_refs(&counts)?;
         let l1_copy: Vec<u64> = active.iter().map(|e| e & !COPIED).collect();
         let l1_offset = if l1_copy.is_empty() {
@@ -222,14 +168,13 @@ impl Meta {
         let old = self.snapshot_table()?;
         let sn = old[index].clone();
         let l1 = self.snapshot_l1(&sn)?;
-        let mut counts = self.l1_refs(&l1)?;
+        let mut counts = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let g = self.geo();
-        if sn.l1_size > 0 {
-            let first = g.host_cluster(HostOffset(sn.l1_table_offset)).0;
-            for c in first..first + g.clusters_for(u64::from(sn.l1_size) * 8).0 {
-                *counts.entry(c).or_default() += 1;
-            }
-        }
+        let l1_bytes = u64::from(sn.l1_size) * 8;
+        counts.add(
+            g.clusters_touched(HostOffset(sn.l1_table_offset), l1_bytes),
+            1,
+        );
         let mut table = old.clone();
         table.remove(index);
         self.write_snapshot_table(&old, &table)?;
@@ -253,9 +198,9 @@ impl Meta {
         let mut l1: Vec<u64> = self.snapshot_l1(&sn)?;
         l1.iter_mut().for_each(|e| *e &= !COPIED);
         l1.resize(self.l1.entries.len(), 0);
-        let new_counts = self.l1_refs(&l1)?;
+        let new_counts = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let active = self.l1.entries.clone();
-        let old_counts = self.l1_refs(&active)?;
+        let old_counts = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
         self.add_refs(&new_counts)?;
         self.write_refcounts()?;
         self.sync()?;
@@ -276,6 +221,18 @@ impl Meta {
     }
 }
 
+/// Which internal snapshot to read an image as (the forms of `qemu-img convert -l`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotKey {
+    /// An ID, else a name.
+    IdOrName(String),
+    /// The snapshot with this ID and (or) this name.
+    Exact {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
 /// The index of the snapshot whose ID is `key`, else the first whose name is (QEMU's
 /// `find_snapshot_by_id_or_name`).
 fn by_id_or_name(table: &[Snapshot], key: &str) -> Option<usize> {
@@ -286,19 +243,6 @@ fn by_id_or_name(table: &[Snapshot], key: &str) -> Option<usize> {
 }
 
 impl Qcow2Image {
-    /// Run `op` with data I/O shut out and the metadata locked.
-    fn with_meta_exclusive<T>(&self, op: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        if self.external_data {
-            return Err(Error::Unsupported("Operation not supported".into()));
-        }
-        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        self.forget_decompressed();
-        op(&mut self.meta())
-    }
-
     /// Take an internal snapshot named `name` (names need not be unique, as in QEMU).
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         self.with_meta_exclusive(|m| m.snapshot_create(name))
@@ -314,6 +258,33 @@ impl Qcow2Image {
                 .ok_or_else(|| Error::NotFound("snapshot not found".into()))?;
             m.snapshot_delete(i)
         })
+    }
+
+    /// Read the image as snapshot `key` from now on, without changing the file (QEMU's
+    /// `bdrv_snapshot_load_tmp`): the snapshot's L1 table and disk size take the place of
+    /// the active ones in memory. Read-only images only.
+    pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
+        if !self.read_only {
+            return Err(Error::invalid(
+                "Device is writable, cannot load an internal snapshot",
+            ));
+        }
+        let mut m = self.meta();
+        let table = m.snapshot_table()?;
+        let found = match key {
+            SnapshotKey::IdOrName(k) => by_id_or_name(&table, k),
+            SnapshotKey::Exact { id, name } if id.is_some() || name.is_some() => {
+                table.iter().position(|s| {
+                    id.as_ref().is_none_or(|i| &s.id == i)
+                        && name.as_ref().is_none_or(|n| &s.name == n)
+                })
+            }
+            SnapshotKey::Exact { .. } => None,
+        };
+        let sn = &table[found.ok_or_else(|| Error::NotFound("Can't find snapshot".into()))?];
+        m.l1.entries = m.snapshot_l1(sn)?;
+        m.h.size = sn.disk_size.unwrap_or(m.h.size);
+        Ok(())
     }
 
     /// Revert the image to the snapshot whose ID, or else name, is `key`.

@@ -322,3 +322,139 @@ fn compressed_writes_read_back_in_qemu() {
         assert!(map.contains("\"compressed\": true"), "{map}");
     }
 }
+
+/// Walking one L1 table visits what the whole walk visits for that table: the same L2
+/// tables, and the same entries counted as often (shared tables once, with their uses).
+#[test]
+fn walking_one_table_matches_the_whole_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = meta_of(qemu_image(dir.path(), "cluster_size=4096"));
+    let all = visits(&mut m);
+    let snaps = super::snapshot::read_table(&**m.storage(), &m.h).unwrap();
+    let mut sources = vec![(L1Source::Active, m.h.l1_table_offset, m.l1.entries.clone())];
+    for (i, s) in snaps.iter().enumerate() {
+        let l1 = super::meta::read_u64_table(
+            &**m.storage(),
+            s.l1_table_offset,
+            s.l1_size as usize,
+            "l1",
+        )
+        .unwrap();
+        sources.push((L1Source::Snapshot(i), s.l1_table_offset, l1));
+    }
+    for (src, off, table) in sources {
+        let mut expected: HashMap<(u64, usize), u64> = HashMap::new();
+        let mut tables = Vec::new();
+        for v in &all {
+            match v {
+                Visit::Entry {
+                    l1, table, index, ..
+                } if *l1 == src => *expected.entry((table.0, *index)).or_default() += 1,
+                Visit::L2Table { l1, offset, .. } if *l1 == src => tables.push(*offset),
+                _ => {}
+            }
+        }
+        let mut got: HashMap<(u64, usize), u64> = HashMap::new();
+        let mut got_tables = Vec::new();
+        m.walk_table(src, off, &table, &mut |v| {
+            match v {
+                Visit::Entry {
+                    table, index, uses, ..
+                } => *got.entry((table.0, index)).or_default() += uses,
+                Visit::L2Table { offset, .. } => got_tables.push(offset),
+                Visit::Finding(f) => panic!("clean image: {f:?}"),
+                Visit::Structure { .. } => {}
+            }
+            Flow::Continue
+        })
+        .unwrap();
+        assert!(!expected.is_empty(), "{src:?} references data");
+        assert_eq!(got, expected, "{src:?}");
+        assert_eq!(got_tables, tables, "{src:?}");
+    }
+}
+
+/// Snapshot operations count references with the walker and refuse metadata it finds
+/// fault with, before changing a byte of the file.
+#[test]
+fn snapshot_operations_refuse_damaged_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = qemu_image(dir.path(), "cluster_size=65536");
+    let l2 = meta_of(bytes.clone()).l1.entries[0] & super::entry::OFFSET_MASK;
+    let e1 = (l2 + 8) as usize;
+    bytes[e1..e1 + 8].copy_from_slice(&(super::entry::COPIED | 0x50200).to_be_bytes());
+    let fault = FaultStorage::with_content(bytes.clone());
+    let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
+    for (what, r) in [
+        ("create", img.snapshot_create("new")),
+        ("apply", img.snapshot_apply("s1")),
+        ("delete", img.snapshot_delete("s3")),
+    ] {
+        let e = r.expect_err(what);
+        assert!(
+            matches!(e, crate::error::Error::Corrupt { .. }),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains("check -r all"), "{what}: {e}");
+    }
+    drop(img);
+    assert!(fault.content().unwrap() == bytes, "the file is unchanged");
+}
+
+/// Loading a snapshot makes the image read as qemu-img reads that snapshot, by ID, name
+/// or both, and leaves the file alone; an unknown one and a writable image are refused.
+#[test]
+fn loaded_snapshot_reads_like_qemu() {
+    use super::snapshot_ops::SnapshotKey;
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = qemu_image(dir.path(), "cluster_size=4096");
+    let path = dir.path().join("img.qcow2");
+    std::fs::write(&path, &bytes).unwrap();
+    let f = path.to_str().unwrap();
+    for (key, name) in [
+        (SnapshotKey::IdOrName("s1".into()), "s1"),
+        (SnapshotKey::IdOrName("2".into()), "s2"),
+        (
+            SnapshotKey::Exact {
+                id: Some("3".into()),
+                name: Some("s3".into()),
+            },
+            "s3",
+        ),
+    ] {
+        let want = dir.path().join(format!("{name}.raw"));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                name,
+                "-O",
+                "raw",
+                f,
+                want.to_str().unwrap(),
+            ],
+        );
+        let img =
+            Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes.clone())), true).unwrap();
+        img.load_snapshot(&key).unwrap();
+        let want = std::fs::read(&want).unwrap();
+        assert_eq!(img.size(), want.len() as u64);
+        let mut got = vec![0u8; want.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == want, "{name} reads differently");
+    }
+    let img = Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes.clone())), true).unwrap();
+    let missing = SnapshotKey::Exact {
+        id: Some("1".into()),
+        name: Some("s2".into()),
+    };
+    assert!(matches!(
+        img.load_snapshot(&missing),
+        Err(crate::error::Error::NotFound(_))
+    ));
+    let rw = Qcow2Image::open(Arc::new(FaultStorage::with_content(bytes)), false).unwrap();
+    assert!(rw
+        .load_snapshot(&SnapshotKey::IdOrName("s1".into()))
+        .is_err());
+}

@@ -8,9 +8,22 @@ use crate::error::Result;
 
 impl Qcow2Image {
     pub(super) fn zeroes_impl(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let (version, ub, size) = {
+        let size = self.meta().h.size;
+        self.zeroes_within(offset, len, may_unmap, size)
+    }
+
+    /// Zero `len` bytes at `offset` of an image whose end is `size` (the virtual size, or
+    /// the size a resize is about to set): a partial unit at `size` counts as whole.
+    pub(super) fn zeroes_within(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        size: u64,
+    ) -> Result<()> {
+        let (version, ub) = {
             let m = self.meta();
-            (m.h.version, m.geo().unit_bits(), m.h.size)
+            (m.h.version, m.geo().unit_bits())
         };
         let us = 1u64 << ub;
         let end = offset + len;
@@ -19,7 +32,7 @@ impl Qcow2Image {
         let a_end = if end == size { end } else { end - end % us }.max(a_start);
         self.write_zero_bytes(offset, a_start - offset)?;
         if version >= 3 {
-            self.zero_units(a_start, a_end - a_start, may_unmap)?;
+            self.zero_units(a_start, a_end - a_start, may_unmap, size)?;
         } else {
             self.zero_units_v2(a_start, a_end - a_start)?;
         }
@@ -38,8 +51,8 @@ impl Qcow2Image {
     }
 
     /// Mark whole units as zero, cluster by cluster.
-    fn zero_units(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let (g, size) = self.geo_and_size();
+    fn zero_units(&self, offset: u64, len: u64, may_unmap: bool, size: u64) -> Result<()> {
+        let g = self.geo();
         let cs = g.cluster_size();
         let end = offset + len;
         let mut pos = offset;
