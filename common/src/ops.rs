@@ -126,6 +126,10 @@ impl Image {
     /// Revert the image to the snapshot whose ID, or else name, is `key`.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         match self {
+            // QEMU refuses to revert an image that has persistent bitmaps.
+            Image::Qcow2(q) if !q.bitmaps()?.is_empty() => {
+                Err(Error::Unsupported("Device has active dirty bitmaps".into()))
+            }
             Image::Qcow2(q) => q.snapshot_apply(key),
             Image::Raw(_) => Err(Error::Unsupported(
                 "Block driver does not support snapshots".into(),

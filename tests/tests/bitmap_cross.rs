@@ -56,7 +56,13 @@ fn state(dir: &Path, file: &str) -> Result<String, String> {
 fn same(twin: &Twin, file: &str, args: &[&str]) -> Result<(), String> {
     let mut a = vec!["bitmap"];
     a.extend_from_slice(args);
-    let pair = twin.run(&a);
+    same_command(twin, file, &a)
+}
+
+/// `ARGS` (a whole command line) through both tools on twin copies; output, exit code,
+/// and what `file` holds afterwards must agree.
+fn same_command(twin: &Twin, file: &str, a: &[&str]) -> Result<(), String> {
+    let pair = twin.run(a);
     let (q, i) = (&pair.qemu, &pair.img);
     let mut errs = Vec::new();
     if q.code != i.code {
@@ -66,7 +72,9 @@ fn same(twin: &Twin, file: &str, args: &[&str]) -> Result<(), String> {
         ));
     }
     let qerr = unnumbered(&qemu_to_img_prefix(&q.stderr));
-    let qerr = qerr.replace("qemu-img bitmap", "img bitmap");
+    let qerr = qerr
+        .replace("qemu-img bitmap", "img bitmap")
+        .replace("'qemu-img check -r'", "'img check -r'");
     if let Some(d) = text_diff(
         "qemu-img stderr",
         &qerr,
@@ -428,4 +436,43 @@ fn guest_writes_are_recorded_like_qemu() {
         .unwrap();
     assert_eq!(summary(&p), before);
     qemu_check(&p).unwrap();
+}
+
+/// Commands that change the virtual size resize the bitmaps as QEMU does (bits past the
+/// end dropped, new ones clear) and refuse an inconsistent bitmap; reverting to a snapshot
+/// is refused while the image has bitmaps.
+#[test]
+fn resize_amend_and_snapshots_treat_bitmaps_like_qemu() {
+    let mut failures = Failures::new();
+    let cases: &[&[&str]] = &[
+        &["resize", "t.qcow2", "1G"],
+        &["resize", "t.qcow2", "+192M"],
+        &["resize", "--shrink", "t.qcow2", "1M"],
+        &["resize", "--shrink", "t.qcow2", "40M"],
+        &["amend", "-o", "size=2G", "t.qcow2"],
+        &["snapshot", "-a", "s1", "t.qcow2"],
+        &["snapshot", "-a", "nosuch", "t.qcow2"],
+    ];
+    for args in cases {
+        let twin = Twin::new(|d| {
+            populated("")(d);
+            qemu_img_in(d, &["snapshot", "-c", "s1", "t.qcow2"])
+                .check()
+                .unwrap();
+        });
+        failures.record(&format!("{args:?}"), same_command(&twin, "t.qcow2", args));
+    }
+    let twin = Twin::new(|d| {
+        populated("")(d);
+        let p = d.join("t.qcow2");
+        let mut b = std::fs::read(&p).unwrap();
+        let e = qcow2_bitmaps::parse(&b).unwrap().entries[1].clone();
+        qcow2_layout::put_be(&mut b, e.at + 12, 4, e.flags | 1);
+        std::fs::write(&p, b).unwrap();
+    });
+    failures.record(
+        "resize with an inconsistent bitmap",
+        same_command(&twin, "t.qcow2", &["resize", "t.qcow2", "1G"]),
+    );
+    failures.finish();
 }

@@ -485,6 +485,66 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Image {
+    /// Before the virtual size changes (QEMU's `qcow2_truncate_bitmaps_check`): refuse
+    /// when a bitmap is inconsistent; store the recorded writes, then mark every bitmap
+    /// in use, so that a crash leaves them inconsistent rather than sized wrong.
+    pub(super) fn bitmaps_before_resize(&self) -> Result<()> {
+        let log = self.take_dirty_log();
+        self.with_bitmaps_locked(|m| {
+            m.store_dirty_log(log)?;
+            let dir = bitmaps::directory(&**m.storage(), &m.h)?;
+            if let Some(e) = dir.iter().find(|e| e.in_use()) {
+                return Err(inconsistent(&e.name));
+            }
+            if dir.is_empty() {
+                return Ok(());
+            }
+            let marked: Vec<DirEntry> = dir
+                .into_iter()
+                .map(|mut e| {
+                    e.flags |= FLAG_IN_USE;
+                    e
+                })
+                .collect();
+            m.write_directory(&marked)?;
+            m.flush()
+        })
+    }
+
+    /// After the virtual size changed (or failed to): store every bitmap marked by
+    /// [`Qcow2Image::bitmaps_before_resize`] at the current size, bits past the end
+    /// dropped and new ones clear, consistent again.
+    pub(super) fn bitmaps_after_resize(&self) -> Result<()> {
+        self.with_bitmaps_locked(|m| {
+            let dir = bitmaps::directory(&**m.storage(), &m.h)?;
+            if dir.is_empty() {
+                return Ok(());
+            }
+            let mut slots = Vec::with_capacity(dir.len());
+            for mut entry in dir {
+                let bits = Bits::load(&**m.storage(), &entry, m.h.size, m.h.cluster_bits)?;
+                entry.flags &= !FLAG_IN_USE;
+                slots.push(Slot {
+                    entry,
+                    bits: Some(bits),
+                    on_disk: true,
+                });
+            }
+            m.store_bitmaps(&mut slots, &[])
+        })
+    }
+
+    /// Run `op` on the metadata with data I/O shut out (no-op on a read-only image).
+    fn with_bitmaps_locked(&self, op: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        op(&mut self.meta())
+    }
+}
+
 impl Meta {
     /// Store `log` into its bitmaps, if there is one (at close, and before an edit).
     pub(super) fn store_dirty_log(&mut self, log: Option<DirtyLog>) -> Result<()> {
