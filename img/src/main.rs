@@ -5,6 +5,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod check_format;
 mod compare;
@@ -55,6 +56,9 @@ enum Command {
     /// Run a simple image benchmark
     #[command(args_override_self = true)]
     Bench(bench::BenchArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps
+    #[command(args_override_self = true)]
+    Bitmap(bitmap::BitmapArgs),
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
@@ -89,8 +93,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "amend", "bench", "check", "compare", "convert", "create", "dd", "info", "map", "measure",
-    "resize", "snapshot",
+    "amend", "bench", "bitmap", "check", "compare", "convert", "create", "dd", "info", "map",
+    "measure", "resize", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -227,6 +231,7 @@ fn run(args: Vec<String>) -> CmdResult {
     match &cli.command {
         Command::Amend(a) => amend::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
         Command::Check(a) => check::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),

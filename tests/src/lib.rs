@@ -38,6 +38,7 @@ pub mod fake_kernel;
 pub mod kvm;
 pub mod mem_disk;
 pub mod process;
+pub mod qcow2_bitmaps;
 pub mod qcow2_layout;
 pub mod sandbox;
 pub mod tools;

@@ -2532,3 +2532,127 @@ targets!(
     target_compressed_2m_cluster_small_reads,
     target_v2_write_zeroes_whole_cluster,
 );
+
+/// Bitmap structures out of range (the bitmaps extension, directory entries, tables):
+/// `img info`, `img check` and `img bitmap` answer each with qemu-img's words and exit
+/// code, one line, never a panic, a hang or a large allocation (a 1 GiB address space).
+#[test]
+fn bitmap_structures_out_of_range() {
+    use integration_tests::qcow2_bitmaps;
+    use integration_tests::{img_bin, qemu_to_img_prefix, tempdir};
+    const LIMITS: Sandbox = Sandbox::new(1 << 30, Duration::from_secs(20));
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    let bs = base.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", bs, "64M"])
+        .check()
+        .unwrap();
+    for name in ["b0", "b1"] {
+        qemu_img(&["bitmap", "--add", bs, name]).check().unwrap();
+    }
+    qemu_io_cmds(&base, "qcow2", &["write 0 64k".to_string()]);
+    let b = fs::read(&base).unwrap();
+    let bm = qcow2_bitmaps::parse(&b).unwrap();
+    let (ext, e0) = (bm.ext_at, bm.entries[0].clone());
+    // (what, offset, width, value), applied in order; `IN_USE` first where the bitmap must
+    // not be loaded on open for the damage to reach check.
+    let in_use = (e0.at + 12, 4, e0.flags | 1);
+    type Edits = Vec<(u64, u64, u64)>;
+    let cases: Vec<(&str, Edits)> = vec![
+        ("zero bitmaps", vec![(ext, 4, 0)]),
+        ("65536 bitmaps", vec![(ext, 4, 65536)]),
+        ("fewer entries than counted", vec![(ext, 4, 3)]),
+        ("more entries than counted", vec![(ext, 4, 1)]),
+        ("reserved field", vec![(ext + 4, 4, 1)]),
+        ("directory size 0", vec![(ext + 8, 8, 0)]),
+        ("directory size 7", vec![(ext + 8, 8, 7)]),
+        ("directory size 2^40", vec![(ext + 8, 8, 1 << 40)]),
+        (
+            "directory size at the limit",
+            vec![(ext + 8, 8, 1024 * 65535)],
+        ),
+        (
+            "directory offset unaligned",
+            vec![(ext + 16, 8, bm.dir_offset + 8)],
+        ),
+        ("directory offset 2^62", vec![(ext + 16, 8, 1 << 62)]),
+        ("directory past the end", vec![(ext + 16, 8, 1 << 30)]),
+        ("extension length 16", vec![(ext - 4, 4, 16)]),
+        ("table size 2^27", vec![(e0.at + 8, 4, 0x800_0000)]),
+        ("table size 0", vec![(e0.at + 8, 4, 0)]),
+        (
+            "table size too small",
+            vec![(e0.at + 8, 4, 0), (e0.at + 8, 4, 1 << 20)],
+        ),
+        ("table offset 0", vec![(e0.at, 8, 0)]),
+        (
+            "table offset unaligned",
+            vec![(e0.at, 8, e0.table_offset + 512)],
+        ),
+        ("name size 0xffff", vec![(e0.at + 18, 2, 0xffff)]),
+        ("extra data 2^32-1", vec![(e0.at + 20, 4, 0xffff_ffff)]),
+        ("granularity 2^63", vec![(e0.at + 17, 1, 63)]),
+        ("type 0", vec![(e0.at + 16, 1, 0)]),
+        ("reserved flags", vec![(e0.at + 12, 4, 0x8000_0002)]),
+        (
+            "table entry reserved bits",
+            vec![(e0.table_offset, 8, 1 << 60)],
+        ),
+        ("table entry unaligned", vec![(e0.table_offset, 8, 0x10200)]),
+        (
+            "in use, table size 2^27",
+            vec![in_use, (e0.at + 8, 4, 0x800_0000)],
+        ),
+        (
+            "in use, table size 8191",
+            vec![in_use, (e0.at + 8, 4, 8191)],
+        ),
+        ("in use, table at 2^55", vec![in_use, (e0.at, 8, 1 << 55)]),
+        (
+            "in use, data at 2^55",
+            vec![in_use, (e0.table_offset, 8, 1 << 55)],
+        ),
+        (
+            "in use, table entry reserved",
+            vec![in_use, (e0.table_offset, 8, 1 << 60)],
+        ),
+    ];
+    let img = img_bin();
+    let mut failures = Vec::new();
+    for (what, edits) in &cases {
+        let mut bytes = b.clone();
+        for &(at, width, v) in edits {
+            assert!(put_be(&mut bytes, at, width, v), "{what}");
+        }
+        for args in [
+            &["info", "t.qcow2"][..],
+            &["check", "t.qcow2"],
+            &["check", "-r", "all", "t.qcow2"],
+            &["bitmap", "--remove", "t.qcow2", "b1"],
+        ] {
+            let (qd, id) = (d.join("q"), d.join("i"));
+            for dd in [&qd, &id] {
+                let _ = fs::remove_dir_all(dd);
+                fs::create_dir_all(dd).unwrap();
+                fs::write(dd.join("t.qcow2"), &bytes).unwrap();
+            }
+            let q = LIMITS.run(Command::new("qemu-img").args(args).current_dir(&qd));
+            let i = LIMITS.run(Command::new(&img).args(args).current_dir(&id));
+            let qerr = qemu_to_img_prefix(&q.stderr);
+            if i.timed_out || i.signal.is_some() || i.stderr.contains("panicked") {
+                failures.push(format!(
+                    "{what} {args:?}: img did not fail cleanly\n{}",
+                    i.report()
+                ));
+            } else if (q.code, &q.stdout, &qerr) != (i.code, &i.stdout, &i.stderr) {
+                failures.push(format!(
+                    "{what} {args:?}:\n--- qemu-img\n{}\n--- img\n{}",
+                    q.report(),
+                    i.report()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

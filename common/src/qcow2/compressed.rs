@@ -59,6 +59,7 @@ impl Qcow2Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        self.before_guest_write(offset, data.len() as u64)?;
         let (g, size) = {
             let m = self.meta();
             (m.geo(), m.h.size)

@@ -2,6 +2,8 @@
 
 mod allocator;
 pub mod amend;
+mod bitmap_data;
+mod bitmap_ops;
 pub mod bitmaps;
 mod cache;
 mod check;
@@ -27,10 +29,12 @@ pub mod snapshot_ops;
 mod table_refs;
 pub mod units;
 mod walker;
+mod walker_bitmaps;
 mod write;
 mod zero;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::backing::BackingRef;
@@ -38,6 +42,7 @@ use crate::driver::{BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
 use crate::iovec::{IoBuf, IoBufMut};
 use crate::storage::{FileStorage, Storage};
+pub use bitmap_ops::Source as BitmapSource;
 use header::Header;
 use meta::Meta;
 use snapshot::Snapshot;
@@ -57,6 +62,12 @@ pub struct Qcow2Image {
     /// Guest data lives in an external data file, which this engine does not read.
     external_data: bool,
     read_only: bool,
+    /// No enabled bitmap needs marking in use before a guest write (`bitmap_ops`).
+    bitmaps_settled: AtomicBool,
+    /// Guest writes recorded for the enabled bitmaps, stored into them at close.
+    dirty: Mutex<Option<bitmap_ops::DirtyLog>>,
+    /// The image had a stale bitmaps extension when it was opened.
+    stale_bitmaps: bool,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -147,17 +158,31 @@ impl Qcow2Image {
             header.check_tables_in_file(file_len)?;
         }
         let external_data = header.has_data_file();
+        let dir = bitmaps::check_on_open(&*storage, &header)?;
+        let settled = read_only || !dir.iter().any(|e| e.auto() && !e.in_use());
+        let stale_bitmaps = bitmaps::stale_extension(&header);
         let mut meta = Meta::load(storage.clone(), header, read_only)?;
         if meta.h.is_dirty() && !read_only && !check {
             meta.rebuild_refcounts()?;
         }
-        if meta.h.autoclear_features != 0 && !read_only {
-            // Features this engine does not maintain (bitmaps) become stale once it
+        if !read_only {
+            // Autoclear features this engine does not maintain become stale once it
             // writes: the spec says a writer that does not know them clears their bits.
-            // The cleared bits must be durable before any write they would misdescribe.
-            meta.h.autoclear_features = 0;
-            meta.write_header()?;
-            meta.sync()?;
+            // It keeps bitmaps; an extension whose bit a program without bitmap support
+            // cleared is dropped, as QEMU drops it. Durable before any write.
+            let keep = if dir.is_empty() {
+                0
+            } else {
+                header::AUTOCLEAR_BITMAPS
+            };
+            if meta.h.autoclear_features & !keep != 0 || stale_bitmaps {
+                meta.h.autoclear_features &= keep;
+                if stale_bitmaps {
+                    bitmaps::set_extension(&mut meta.h, None);
+                }
+                meta.write_header()?;
+                meta.sync()?;
+            }
         }
         Ok(Qcow2Image {
             storage,
@@ -168,6 +193,9 @@ impl Qcow2Image {
             backing: None,
             external_data,
             read_only,
+            bitmaps_settled: AtomicBool::new(settled),
+            dirty: Mutex::new(None),
+            stale_bitmaps,
         })
     }
 
@@ -240,6 +268,12 @@ impl Qcow2Image {
         bitmaps::read_bitmaps(&*self.storage, &self.header())
     }
 
+    /// The image had a bitmaps extension that a program without bitmap support left
+    /// stale (its bitmaps are ignored, their clusters may leak; a read-write open drops it).
+    pub fn had_stale_bitmaps(&self) -> bool {
+        self.stale_bitmaps
+    }
+
     /// Check the image's consistency, repairing what `fix` allows.
     pub fn check(&self, fix: crate::check::Fix) -> crate::check::CheckReport {
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
@@ -248,10 +282,15 @@ impl Qcow2Image {
     }
 
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
+    /// Writes recorded for persistent bitmaps are stored into them first.
     pub fn close(&self) -> Result<()> {
+        let log = self.take_dirty_log();
         let _g = self.gate.write().unwrap_or_else(|p| p.into_inner());
         self.forget_decompressed();
-        self.meta().close()
+        let mut m = self.meta();
+        let stored = m.store_dirty_log(log);
+        let closed = m.close();
+        stored.and(closed)
     }
 }
 
@@ -287,6 +326,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, crate::iovec::total_len(bufs) as u64, self.size())?;
+        self.before_guest_write(offset, crate::iovec::total_len(bufs) as u64)?;
         self.write_impl(bufs, offset)
     }
 
@@ -295,6 +335,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
+        self.before_guest_write(offset, len)?;
         self.zeroes_impl(offset, len, may_unmap)
     }
 
@@ -303,6 +344,7 @@ impl BlockDriver for Qcow2Image {
             return Err(Error::ReadOnly);
         }
         crate::driver::check_range(offset, len, self.size())?;
+        self.before_guest_write(offset, len)?;
         self.discard_impl(offset, len)
     }
 

@@ -6,10 +6,11 @@ use super::Qcow2Image;
 use crate::driver::BlockDriver;
 use crate::fault_storage::{FaultStorage, Op};
 
-/// Opening read-write clears the autoclear bits (the bitmaps go stale once this engine
-/// writes); that header must be durable before the first guest data reaches the file.
+/// The first guest write marks the enabled bitmap in use: the new directory and the
+/// header that names it are durable before the guest data reaches the file. Closing
+/// stores the bitmap with the write recorded, consistent again, the autoclear bit set.
 #[test]
-fn cleared_autoclear_bits_are_durable_before_the_first_data_write() {
+fn bitmaps_are_marked_in_use_durably_before_the_first_data_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bitmap.qcow2");
     let p = path.to_str().unwrap();
@@ -21,6 +22,7 @@ fn cleared_autoclear_bits_are_durable_before_the_first_data_write() {
     }
     let fault = FaultStorage::with_content(std::fs::read(&path).unwrap());
     let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
+    assert!(fault.log().is_empty(), "opening writes nothing");
     img.write_at(&[7u8; 4096], 1 << 20).unwrap();
     let log = fault.log();
     let header = log
@@ -32,15 +34,21 @@ fn cleared_autoclear_bits_are_durable_before_the_first_data_write() {
         .position(|op| *op == Op::Flush)
         .map(|i| header + i)
         .expect("a flush follows the header write");
-    let first_other = log
+    // The guest data (in a whole cluster) is the last write.
+    let data = log
         .iter()
-        .position(|op| matches!(op, Op::Write { offset, .. } if *offset != 0))
+        .rposition(|op| matches!(op, Op::Write { offset, .. } if *offset != 0))
         .expect("data is written");
-    assert!(flush < first_other, "{log:?}");
+    assert!(flush < data, "{log:?}");
     drop(img);
-    assert_eq!(
-        &fault.content().unwrap()[88..96],
-        &[0u8; 8],
-        "autoclear bits"
-    );
+    let content = fault.content().unwrap();
+    assert_eq!(content[95] & 1, 1, "bitmaps autoclear bit");
+    let h = super::header::Header::parse(&content[..65536]).unwrap();
+    let dir = super::bitmaps::directory(&fault, &h).unwrap();
+    assert_eq!(dir.len(), 1);
+    assert!(!dir[0].in_use() && dir[0].auto(), "{dir:?}");
+    let bits = super::bitmap_data::Bits::load(&fault, &dir[0], h.size, h.cluster_bits).unwrap();
+    let mut want = super::bitmap_data::Bits::empty(h.size, dir[0].granularity_bits, h.cluster_bits);
+    want.mark(1 << 20, (1 << 20) + 4096);
+    assert_eq!(format!("{bits:?}"), format!("{want:?}"));
 }

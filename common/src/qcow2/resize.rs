@@ -126,8 +126,16 @@ impl Meta {
 
 impl Qcow2Image {
     /// Change the virtual size to `size` (`qemu-img resize`), preallocating an added area
-    /// per `mode`. Shrinking frees the clusters past the new end.
+    /// per `mode`. Shrinking frees the clusters past the new end. Persistent bitmaps are
+    /// resized with the image (`bitmap_ops`).
     pub fn resize(&self, size: u64, mode: Preallocation) -> Result<()> {
+        self.bitmaps_before_resize()?;
+        let resized = self.change_size(size, mode);
+        let stored = self.bitmaps_after_resize();
+        resized.and(stored)
+    }
+
+    fn change_size(&self, size: u64, mode: Preallocation) -> Result<()> {
         let (old, version, snapshots) = {
             let m = self.meta();
             (m.h.size, m.h.version, m.h.nb_snapshots)

@@ -1,7 +1,7 @@
 //! One walk over every reference an image holds, in the order QEMU's check counts them:
 //! the header, the active L1 table, each of its entries' L2 table and that table's entries,
-//! then every snapshot's L1 table the same way, the snapshot table, the refcount table and
-//! the refcount blocks. L2 tables are read through the metadata cache (so tables not yet
+//! then every snapshot's L1 table the same way, the snapshot table, the refcount table,
+//! the bitmaps (`walker_bitmaps`) and the refcount blocks. L2 tables are read through the metadata cache (so tables not yet
 //! written back are seen as they are), or straight from the file where the cache refuses
 //! them (unaligned or past the end; bytes past the end read as zeroes, as in QEMU).
 //!
@@ -44,6 +44,11 @@ pub enum Structure {
     RefcountTable,
     /// The refcount block of this refcount table index.
     RefcountBlock(usize),
+    BitmapDirectory,
+    /// The bitmap table of the bitmap at this index of the directory.
+    BitmapTable(usize),
+    /// A data cluster of the bitmap at this index of the directory.
+    BitmapData(usize),
 }
 
 /// Something the walker met.
@@ -217,7 +222,7 @@ impl Meta {
 
     /// Whether a reference of `bytes` at `offset` ends a cluster or more past the end
     /// of a file of `file_len` bytes (QEMU tolerates a partly written last cluster).
-    fn beyond_end(&self, offset: u64, bytes: u64, file_len: u64) -> Option<Finding> {
+    pub(super) fn beyond_end(&self, offset: u64, bytes: u64, file_len: u64) -> Option<Finding> {
         let end = i128::from(offset) + i128::from(bytes);
         (end - i128::from(file_len) >= i128::from(self.geo().cluster_size())).then_some(
             Finding::BeyondEnd {
@@ -228,7 +233,7 @@ impl Meta {
     }
 
     /// Visit a structure (nothing when it is empty), or report it past the end.
-    fn visit_structure(
+    pub(super) fn visit_structure(
         &self,
         v: &mut Visitor<'_>,
         kind: Structure,
@@ -295,6 +300,9 @@ impl Meta {
         let rt_off = self.h.refcount_table_offset;
         let kind = Structure::RefcountTable;
         if self.visit_structure(v, kind, rt_off, rt_bytes, file_len) == Flow::Stop {
+            return Ok(Flow::Stop);
+        }
+        if self.walk_bitmaps(file_len, v)? == Flow::Stop {
             return Ok(Flow::Stop);
         }
         for (index, e) in self.refs.table.clone().into_iter().enumerate() {
