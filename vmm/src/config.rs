@@ -44,6 +44,16 @@ pub struct VmConfig {
     pub name: Option<String>,
 }
 
+/// Parse a vCPU count: one message, with the real range, for every bad value.
+pub fn parse_cpus(s: &str) -> Result<u8, String> {
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=u32::from(MAX_CPUS)).contains(n))
+        .map(|n| n as u8)
+        .ok_or_else(|| format!("invalid CPU count '{s}' (vmm runs 1 to {MAX_CPUS} vCPUs)"))
+}
+
 /// Parse a memory size with a K/M/G/T (binary units) or B suffix; a bare number is MiB,
 /// like QEMU's `-m`.
 pub fn parse_memory(s: &str) -> Result<u64, String> {
@@ -155,6 +165,17 @@ mod tests {
         assert!(parse_memory("1K").is_err());
         assert!(parse_memory("abc").is_err());
         assert!(parse_memory("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn cpu_counts() {
+        assert_eq!(parse_cpus("1"), Ok(1));
+        assert_eq!(parse_cpus("64"), Ok(64));
+        let zero = parse_cpus("0").unwrap_err();
+        let big = parse_cpus("1000").unwrap_err();
+        assert_eq!(zero.replace("'0'", "'1000'"), big);
+        assert!(big.contains("1 to 64"), "{big}");
+        assert!(parse_cpus("x").is_err() && parse_cpus("-1").is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use vmm::config::{parse_drive, parse_memory, VmConfig};
+use vmm::config::{parse_cpus, parse_drive, parse_memory, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -32,12 +32,13 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     append: String,
-    /// Guest memory size (bytes, or with K/M/G suffix).
+    /// Guest memory size: a bare number is MiB (as QEMU's -m); or with a B, K, M, G or T
+    /// suffix (binary units).
     #[arg(long, default_value = "512M")]
     memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u8,
+    /// Number of vCPUs (1 to 64).
+    #[arg(long, default_value = "1")]
+    cpus: String,
     /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on][,cache=writeback|none|unsafe][,serial=S]
     #[arg(long)]
     drive: Vec<String>,
@@ -53,18 +54,13 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
         .iter()
         .map(|d| parse_drive(d))
         .collect::<Result<Vec<_>, _>>()?;
-    if a.cpus == 0 || a.cpus > vmm::config::MAX_CPUS {
-        return Err(format!(
-            "--cpus must be between 1 and {}",
-            vmm::config::MAX_CPUS
-        ));
-    }
+    let cpus = parse_cpus(&a.cpus)?;
     Ok(VmConfig {
         kernel: a.kernel,
         initrd: a.initrd,
         cmdline: a.append,
         memory,
-        cpus: a.cpus,
+        cpus,
         drives,
         name: a.name,
     })

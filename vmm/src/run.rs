@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::boot::{load_linux, BootEntry};
+use crate::boot::file::{kernel_image, open_boot_file};
+use crate::boot::{load_linux, BootEntry, Initrd};
 use crate::config::VmConfig;
 use crate::devices::serial::{feed_input, SerialDevice, Stdout};
 use crate::vcpu::{create_vcpu, install_kick_handler, kick_signal, spawn, VcpuHandle};
@@ -232,11 +233,12 @@ fn host_memory() -> Option<u64> {
 /// Run a VM described by `cfg` until it stops. Returns the exit status; `Err` carries a
 /// one-line message for `vmm: ...`.
 pub fn run(cfg: VmConfig) -> Result<i32, String> {
-    if !cfg.kernel.is_file() {
-        return Err(format!(
-            "kernel '{}' not found or not a regular file",
-            cfg.kernel.display()
-        ));
+    // The boot files first: a bad kernel or initrd is refused before a VM exists.
+    let kernel_file = open_boot_file(&cfg.kernel, "kernel")?;
+    let kernel = kernel_image(&kernel_file)
+        .map_err(|e| format!("cannot read kernel '{}': {e}", cfg.kernel.display()))?;
+    if let Some(p) = &cfg.initrd {
+        open_boot_file(p, "initrd")?;
     }
     if let Some(host) = host_memory() {
         if cfg.memory > host {
@@ -261,7 +263,10 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
     }
     let drivers: Vec<_> = disks.iter().map(|d| d.driver.clone()).collect();
     let m = Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks)?;
-    let entry = load_linux(&m, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+    let initrd = cfg.initrd.as_deref().map(Initrd::File);
+    let name = cfg.kernel.display().to_string();
+    let entry = load_linux(&m, &kernel, &name, initrd, &cfg.cmdline)?;
+    drop(kernel);
 
     handle_stop_signals(m.exit_tx.clone());
     let term = RawTerminal::enter();
