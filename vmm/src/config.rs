@@ -17,7 +17,13 @@ pub enum DriveFormat {
 pub enum CacheMode {
     #[default]
     Writeback,
+    /// Host page cache bypassed (O_DIRECT).
     None,
+    /// Every write reaches the disk before it completes.
+    Writethrough,
+    /// Both: O_DIRECT and every write durable.
+    DirectSync,
+    /// Guest flushes ignored.
     Unsafe,
 }
 
@@ -129,10 +135,13 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, String> {
                 d.cache = match v {
                     "writeback" => CacheMode::Writeback,
                     "none" => CacheMode::None,
+                    "writethrough" => CacheMode::Writethrough,
+                    "directsync" => CacheMode::DirectSync,
                     "unsafe" => CacheMode::Unsafe,
                     _ => {
                         return Err(format!(
-                            "invalid cache mode '{v}' (use writeback, none or unsafe)"
+                            "invalid cache mode '{v}' (use writeback, none, writethrough, \
+                             directsync or unsafe)"
                         ))
                     }
                 }

@@ -8,7 +8,10 @@ use vmm::config::{parse_cpus, parse_drive, parse_memory, VmConfig};
 #[command(
     name = "vmm",
     version,
-    about = "Minimal KVM hypervisor with virtio-blk disks"
+    about = "Minimal KVM hypervisor with virtio-blk disks",
+    after_help = "`vmm run` also takes QEMU's options: -m, -smp, -name, -hda..-hdd, -drive, \
+                  -snapshot, -kernel, -initrd, -append, -boot order=c, -nographic, \
+                  -enable-kvm, -cpu host, -serial stdio, -display none"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,7 +42,8 @@ struct RunArgs {
     /// Number of vCPUs (1 to 64).
     #[arg(long, default_value = "1")]
     cpus: String,
-    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on][,cache=writeback|none|unsafe][,serial=S]
+    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on]
+    /// [,cache=writeback|none|writethrough|directsync|unsafe][,serial=S]
     #[arg(long)]
     drive: Vec<String>,
     /// Name of the VM (used for messages).
@@ -66,11 +70,28 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
     })
 }
 
-/// Parse the command line. Help and version print as clap prints them; a usage error is one
-/// line on stderr and exit 1, like every other vmm error (and like QEMU's option errors).
+/// Parse the command line, QEMU's options for `run` rewritten first (`qemu_args`). Help and
+/// version print as clap prints them; a usage error is one line on stderr and exit 1, like
+/// every other vmm error (and like QEMU's option errors).
 fn parse_cli() -> Cli {
     use clap::error::ErrorKind;
-    match Cli::try_parse() {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("run") {
+        match vmm::qemu_args::rewrite(&args[2..]) {
+            Ok(r) => {
+                for n in r.notes {
+                    eprintln!("vmm: {n}");
+                }
+                args.truncate(2);
+                args.extend(r.args);
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e)
             if !e.use_stderr()

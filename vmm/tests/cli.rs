@@ -216,6 +216,83 @@ fn cpu_count_errors_name_the_range() {
     }
 }
 
+/// QEMU's options: an unsupported one is refused in one line naming it; `-hda` is a disk,
+/// never `-h` (help, exit 0).
+#[test]
+fn qemu_options_refused_by_name() {
+    for (args, mention) in [
+        (&["run", "-vnc", ":1"][..], "-vnc"),
+        (&["run", "-net", "nic"], "-net"),
+        (&["run", "-cdrom", "x.iso"], "-cdrom"),
+        (&["run", "-device", "e1000"], "-device"),
+        (&["run", "-smp", "0"], "-smp 0"),
+        (&["run", "-smp", "1000", "-kernel", "/nonexistent"], "'1000'"),
+        (&["run", "-drive", "file=x,if=scsi"], "if=scsi"),
+        (&["run", "-boot", "order=n"], "-boot order=n"),
+    ] {
+        let e = one_error_line(&vmm(args));
+        assert!(e.contains(mention), "{args:?}: {e}");
+    }
+    let o = vmm(&[
+        "run",
+        "-hda",
+        "/nonexistent/disk.qcow2",
+        "-kernel",
+        "/nonexistent/k",
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{o:?}");
+    assert!(o.stdout.is_empty(), "help printed: {o:?}");
+}
+
+/// The command line a qemu-kvm user types boots (a fake kernel here): memory, CPUs, name,
+/// an IDE disk (served as virtio-blk, said once on stderr), and the options vmm always
+/// behaves as.
+#[test]
+fn qemu_command_line_boots() {
+    if !have_kvm() {
+        return;
+    }
+    let disk = tmp("qemu-disk");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk2 = tmp("qemu-disk2");
+    std::fs::write(&disk2, vec![0u8; 1 << 20]).unwrap();
+    let k = fake_bzimage("qemu-kernel", POWEROFF);
+    let o = vmm(&[
+        "run",
+        "-enable-kvm",
+        "-m",
+        "256",
+        "-smp",
+        "2,sockets=1,cores=2,threads=1",
+        "-name",
+        "t",
+        "-cpu",
+        "host",
+        "-hda",
+        disk.to_str().unwrap(),
+        "-drive",
+        &format!(
+            "file={},format=raw,if=virtio,cache=writethrough,snapshot=on",
+            disk2.display()
+        ),
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-kernel",
+        k.to_str().unwrap(),
+        "-append",
+        "Qconsole=ttyS0",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Q\n", "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("virtio-blk"), "{e}");
+    std::fs::remove_file(&k).unwrap();
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&disk2).unwrap();
+}
+
 /// `--help` says what a bare --memory number means.
 #[test]
 fn help_says_memory_is_mib() {
