@@ -41,7 +41,12 @@ pub struct DriveConfig {
 /// Everything `vmm run` was asked for.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// None: boot the first disk's own boot entry.
+    pub kernel: Option<PathBuf>,
+    /// `--boot-entry`: which entry of the disk (number or title).
+    pub boot_entry: Option<String>,
+    /// `--list-boot-entries`: print the disk's entries instead of booting.
+    pub list_boot_entries: bool,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory: u64,

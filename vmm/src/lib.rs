@@ -7,6 +7,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod diskboot;
 pub mod irq;
 pub mod qemu_args;
 pub mod ram;

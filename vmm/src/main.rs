@@ -20,21 +20,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a Linux kernel.
+    /// Boot a Linux kernel, or a disk's own boot entry.
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kernel image: a bzImage, or an ELF vmlinux with a PVH entry note.
+    /// Kernel image: a bzImage, or an ELF vmlinux with a PVH entry note. Without it, vmm
+    /// boots the kernel that the first disk's own boot entry names (BLS entries, grub.cfg,
+    /// extlinux.conf, menu.lst, or /vmlinuz on an ext2/3/4 filesystem).
     #[arg(long)]
-    kernel: std::path::PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
+    /// Initial ramdisk (with --kernel).
+    #[arg(long, requires = "kernel")]
     initrd: Option<std::path::PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line; when booting a disk's entry, added to the entry's.
     #[arg(long, default_value = "")]
     append: String,
+    /// The disk's boot entry to boot: its number or title (default: the configured default).
+    #[arg(long, conflicts_with = "kernel")]
+    boot_entry: Option<String>,
+    /// Print the first disk's boot entries and exit.
+    #[arg(long, conflicts_with = "kernel")]
+    list_boot_entries: bool,
     /// Guest memory size: a bare number is MiB (as QEMU's -m); or with a B, K, M, G or T
     /// suffix (binary units).
     #[arg(long, default_value = "512M")]
@@ -61,6 +69,8 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
     let cpus = parse_cpus(&a.cpus)?;
     Ok(VmConfig {
         kernel: a.kernel,
+        boot_entry: a.boot_entry,
+        list_boot_entries: a.list_boot_entries,
         initrd: a.initrd,
         cmdline: a.append,
         memory,

@@ -226,7 +226,10 @@ fn qemu_options_refused_by_name() {
         (&["run", "-cdrom", "x.iso"], "-cdrom"),
         (&["run", "-device", "e1000"], "-device"),
         (&["run", "-smp", "0"], "-smp 0"),
-        (&["run", "-smp", "1000", "-kernel", "/nonexistent"], "'1000'"),
+        (
+            &["run", "-smp", "1000", "-kernel", "/nonexistent"],
+            "'1000'",
+        ),
         (&["run", "-drive", "file=x,if=scsi"], "if=scsi"),
         (&["run", "-boot", "order=n"], "-boot order=n"),
     ] {
