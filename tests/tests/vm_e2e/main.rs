@@ -52,6 +52,7 @@ mod report;
 mod scenario_a;
 mod scenario_b;
 mod scenario_boot;
+mod scenario_disk;
 mod spec;
 mod testhost;
 mod tools;
@@ -75,6 +76,7 @@ use crate::scenario_b::{check_readonly, check_snapshot, scenario_b, ScenarioB};
 use crate::scenario_boot::{
     check_boot, check_tty, loader_type, scenario_boot, scenario_boot_64bit,
 };
+use crate::scenario_disk::{check_disk, scenario_disk, Layout, ScenarioDisk};
 use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
@@ -155,6 +157,8 @@ struct Suite {
     boot64: VmSpec,
     a: ScenarioA,
     b: ScenarioB,
+    /// Disk boots without --kernel, one per boot configuration kind.
+    disks: Vec<ScenarioDisk>,
     out: Runs,
     work: WorkDir,
 }
@@ -170,7 +174,12 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         let b = scenario_b(&dir, work.path(), &mut rng)?;
         let boot = scenario_boot();
         let boot64 = scenario_boot_64bit();
-        let specs = [&boot, &boot64, &a.spec, &b.spec];
+        let disks = [Layout::GptGrub, Layout::GptBls, Layout::MbrExtlinux]
+            .into_iter()
+            .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut specs = vec![&boot, &boot64, &a.spec, &b.spec];
+        specs.extend(disks.iter().map(|d| &d.spec));
         let (out, place) = match runner(&bins.vmm)? {
             Runner::Direct => {
                 let kernel = &fixtures()?.kernel;
@@ -197,6 +206,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             boot64,
             a,
             b,
+            disks,
             out,
             work,
         })
@@ -270,6 +280,37 @@ fn vmm_readonly_disk() {
 fn vmm_snapshot_disk() {
     let s = suite!();
     check_snapshot(&s.b, vm(s, "b"), &s.out.image_dir).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Disk boot without --kernel, QEMU's command line (`-m 256 -smp 2 -name N -hda
+/// DISK.qcow2 -nographic`): the kernel, initramfs and command line of the disk's grub.cfg /
+/// BLS entry / extlinux.conf boot; the guest's write lands in the overlay.
+fn disk_boot(layout: usize) {
+    let s = suite!();
+    let d = &s.disks[layout];
+    check_disk(d, vm(s, &d.spec.name), &s.out.image_dir, s.work.path())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (t_disk, t_kernel) = (vm(s, &d.spec.name).seconds, vm(s, "boot").seconds);
+    eprintln!(
+        "vm_e2e: {}: {t_disk:.1}s vs {t_kernel:.1}s for the --kernel boot ({:.2}x)",
+        d.spec.name,
+        t_disk / t_kernel
+    );
+}
+
+#[test]
+fn vmm_boots_a_gpt_disk_through_its_grub_cfg() {
+    disk_boot(0);
+}
+
+#[test]
+fn vmm_boots_a_gpt_disk_through_its_bls_entry() {
+    disk_boot(1);
+}
+
+#[test]
+fn vmm_boots_an_mbr_disk_through_its_extlinux_conf() {
+    disk_boot(2);
 }
 
 /// Bad inputs: non-zero exit, exactly one clear error line on stderr, no panic. Runs vmm on
@@ -388,6 +429,7 @@ fn direct_runner_reports_each_run() {
         test_sh: String::new(),
         data: vec![],
         env: vec![],
+        disk_boot: false,
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);
