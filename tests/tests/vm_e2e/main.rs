@@ -22,10 +22,12 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs four `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs eight `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
-//!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks);
-//!   each test checks one aspect of the shared results.
+//!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
+//!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
+//!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
+//!   --kernel for the time comparison); each test checks one aspect of the shared results.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
 //!   path and the probe, with fake kernels (so on any /dev/kvm).
@@ -38,7 +40,8 @@
 //! directories (their paths are printed; under target/vm-e2e/), `E2E_VMM=<path>` uses that
 //! (static) vmm binary instead of building one, `E2E_RUNNER=direct|testhost` skips the probe.
 //!
-//! Assumed `vmm` interface (one place: [`spec::vmm_args`]):
+//! Assumed `vmm` interface (one place: [`spec::vmm_args`]; disk boots use
+//! `vmm run -m M -smp N -name NAME -hda DISK -nographic` instead):
 //! `vmm run --kernel K --initrd I --append CMDLINE --cpus N --memory 512M
 //!  --drive file=P,format=qcow2[,readonly=on][,snapshot=on] ...`; drives appear as vda, vdb, ...
 //! in order; the guest console (8250 ttyS0) goes to vmm's stdout; the guest ends with
@@ -180,6 +183,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut specs = vec![&boot, &boot64, &a.spec, &b.spec];
         specs.extend(disks.iter().map(|d| &d.spec));
+        specs.extend(disks.iter().filter_map(|d| d.kernel_twin.as_ref()));
         let (out, place) = match runner(&bins.vmm)? {
             Runner::Direct => {
                 let kernel = &fixtures()?.kernel;
@@ -290,12 +294,19 @@ fn disk_boot(layout: usize) {
     let d = &s.disks[layout];
     check_disk(d, vm(s, &d.spec.name), &s.out.image_dir, s.work.path())
         .unwrap_or_else(|e| panic!("{e}"));
-    let (t_disk, t_kernel) = (vm(s, &d.spec.name).seconds, vm(s, "boot").seconds);
-    eprintln!(
-        "vm_e2e: {}: {t_disk:.1}s vs {t_kernel:.1}s for the --kernel boot ({:.2}x)",
-        d.spec.name,
-        t_disk / t_kernel
-    );
+    // The same guest with --kernel/--initrd from files: it must run too, and the two
+    // times (whole runs: boot, script, poweroff) are printed side by side.
+    if let Some(twin) = &d.kernel_twin {
+        let k = vm(s, &twin.name);
+        assert_eq!(k.rc, Some(0), "{}", k.describe());
+        let t_disk = vm(s, &d.spec.name).seconds;
+        eprintln!(
+            "vm_e2e: {}: {t_disk:.1}s from the disk's entry vs {:.1}s with --kernel ({:.2}x)",
+            d.spec.name,
+            k.seconds,
+            t_disk / k.seconds
+        );
+    }
 }
 
 #[test]

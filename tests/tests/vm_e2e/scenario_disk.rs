@@ -32,6 +32,9 @@ pub enum Layout {
 
 pub struct ScenarioDisk {
     pub spec: VmSpec,
+    /// The same guest (kernel, initramfs, script) booted with --kernel/--initrd from files,
+    /// on its own overlay of the same disk: the time to compare the disk boot with.
+    pub kernel_twin: Option<VmSpec>,
     overlay: String,
     /// Byte offset of the root filesystem in the disk.
     root_offset: u64,
@@ -184,7 +187,7 @@ pub fn scenario_disk(
     let root_offset = root_start * 512;
     run(
         Command::new(t("mkfs.ext4"))
-            .args(["-q", "-F", "-U", FS_UUID, "-d"])
+            .args(["-q", "-F", "-b", "4096", "-U", FS_UUID, "-d"])
             .arg(&tree)
             .arg("-E")
             .arg(format!("offset={root_offset}"))
@@ -206,12 +209,45 @@ pub fn scenario_disk(
     }
     let overlay = format!("{name}.qcow2");
     make_overlay(dir, &base, &overlay, Some(&bins.img))?;
+    let kernel_twin = match layout {
+        Layout::GptGrub => {
+            let file = format!("{name}-kernel.qcow2");
+            make_overlay(dir, &base, &file, Some(&bins.img))?;
+            Some(VmSpec {
+                name: format!("{name}-kernel"),
+                drives: vec![Drive {
+                    file,
+                    readonly: false,
+                    snapshot: false,
+                }],
+                test_sh: spec.test_sh.clone(),
+                disk_boot: false,
+                ..spec_shape(&spec)
+            })
+        }
+        _ => None,
+    };
     Ok(ScenarioDisk {
         spec,
+        kernel_twin,
         overlay,
         root_offset,
         token,
     })
+}
+
+/// A spec with `s`'s machine shape and nothing else.
+fn spec_shape(s: &VmSpec) -> VmSpec {
+    VmSpec {
+        name: String::new(),
+        cpus: s.cpus,
+        memory_mib: s.memory_mib,
+        drives: vec![],
+        test_sh: String::new(),
+        data: vec![],
+        env: vec![],
+        disk_boot: false,
+    }
 }
 
 /// The guest booted from the disk's entry (its command line, with console=ttyS0 added),
