@@ -144,6 +144,34 @@ fn boots_the_disks_default_entry_with_qemu_options() {
     integration_tests::assert_qemu_check_clean(Path::new(top));
 }
 
+/// Both GPT headers damaged: one line naming the table and the CRCs, no panic.
+#[test]
+fn damaged_partition_table_fails_in_one_line() {
+    if !need_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    disk(dir.path());
+    let raw = dir.path().join("disk.raw");
+    let mut d = std::fs::read(&raw).unwrap();
+    let n = d.len();
+    d[512 + 16] ^= 1;
+    d[n - 512 + 16] ^= 1;
+    std::fs::write(&raw, &d).unwrap();
+    let o = vmm(&[
+        "run",
+        "--drive",
+        &format!("file={},format=raw", raw.display()),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("damaged GPT partition table") && err.contains("header CRC mismatch"),
+        "{err}"
+    );
+}
+
 #[test]
 fn disks_without_an_entry_fail_in_one_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,12 +1,14 @@
-//! ext2/3/4 filesystems of a guest disk, read-only through the engine with the `ext4-view`
-//! crate (journal replayed in memory, checksums verified). File sizes come from the disk,
-//! so every read is bounded by the caller's limit before anything is allocated.
+//! The filesystems of a guest disk, read-only through the engine: ext2/3/4 with the
+//! `ext4-view` crate (journal replayed in memory, checksums verified), FAT (an EFI system
+//! partition) with [`super::fat`]. File sizes come from the disk, so every read is bounded
+//! by the caller's limit before anything is allocated.
 
 use std::sync::Arc;
 
 use common::BlockDriver;
 use ext4_view::{Ext4, Ext4Read};
 
+use super::fat::Fat;
 use super::partitions::Partition;
 
 /// ext2/3/4 superblock magic, at byte 56 of the superblock (which starts at byte 1024).
@@ -39,11 +41,16 @@ impl Ext4Read for PartReader {
 /// One mounted (read-only) filesystem, and the partition it is on (None: the whole disk).
 pub struct Fs {
     pub part: Option<Partition>,
-    ext4: Ext4,
+    kind: Kind,
+}
+
+enum Kind {
+    Ext4(Box<Ext4>),
+    Fat(Box<Fat>),
 }
 
 /// Whether the byte range holds an ext2/3/4 superblock.
-pub fn is_ext(disk: &dyn BlockDriver, start: u64, len: u64) -> bool {
+fn is_ext(disk: &dyn BlockDriver, start: u64, len: u64) -> bool {
     let mut m = [0u8; 2];
     len >= 2048
         && disk.read_at(&mut m, start + 1024 + 56).is_ok()
@@ -51,12 +58,26 @@ pub fn is_ext(disk: &dyn BlockDriver, start: u64, len: u64) -> bool {
 }
 
 impl Fs {
-    /// Load the filesystem at `part` (None: the whole disk).
-    pub fn open(disk: Arc<dyn BlockDriver>, part: Option<Partition>) -> Result<Fs, String> {
+    /// Mount the filesystem at `part` (None: the whole disk): Ok(None) when it is neither
+    /// ext2/3/4 nor FAT.
+    pub fn open(disk: Arc<dyn BlockDriver>, part: Option<Partition>) -> Result<Option<Fs>, String> {
         let (start, len) = part.as_ref().map_or((0, disk.size()), |p| (p.start, p.len));
+        if super::fat::is_fat(&*disk, start, len) {
+            let fat = Fat::open(disk, start, len).map_err(|e| format!("{}: {e}", where_(&part)))?;
+            return Ok(Some(Fs {
+                part,
+                kind: Kind::Fat(Box::new(fat)),
+            }));
+        }
+        if !is_ext(&*disk, start, len) {
+            return Ok(None);
+        }
         let reader = PartReader { disk, start, len };
         let ext4 = Ext4::load(Box::new(reader)).map_err(|e| format!("{}: {e}", where_(&part)))?;
-        Ok(Fs { part, ext4 })
+        Ok(Some(Fs {
+            part,
+            kind: Kind::Ext4(Box::new(ext4)),
+        }))
     }
 
     /// Where this filesystem is, for messages.
@@ -66,17 +87,31 @@ impl Fs {
 
     /// The filesystem UUID, as `root=UUID=` and GRUB's `search --fs-uuid` name it.
     pub fn uuid(&self) -> String {
-        self.ext4.uuid().to_string()
+        match &self.kind {
+            Kind::Ext4(e) => e.uuid().to_string(),
+            Kind::Fat(f) => f.uuid(),
+        }
     }
 
     /// Whether `path` (absolute) exists, following symlinks.
     pub fn exists(&self, path: &str) -> bool {
-        self.ext4.exists(path).unwrap_or(false)
+        match &self.kind {
+            Kind::Ext4(e) => e.exists(path).unwrap_or(false),
+            Kind::Fat(f) => f.exists(path),
+        }
     }
 
     /// Names in directory `dir` (empty when it is missing or unreadable).
     pub fn list(&self, dir: &str) -> Vec<String> {
-        let Ok(rd) = self.ext4.read_dir(dir) else {
+        let ext4 = match &self.kind {
+            Kind::Ext4(e) => e,
+            Kind::Fat(f) => {
+                let mut names = f.list(dir);
+                names.sort();
+                return names;
+            }
+        };
+        let Ok(rd) = ext4.read_dir(dir) else {
             return vec![];
         };
         let mut names: Vec<String> = rd
@@ -91,8 +126,16 @@ impl Fs {
     /// The contents of the regular file `path`, refused when larger than `max` bytes (before
     /// anything is allocated).
     pub fn read(&self, path: &str, max: u64) -> Result<Vec<u8>, String> {
+        let ext4 = match &self.kind {
+            Kind::Ext4(e) => e,
+            Kind::Fat(f) => {
+                return f
+                    .read(path, max)
+                    .map_err(|e| format!("{}{e}", self.prefix()))
+            }
+        };
         let err = |e: ext4_view::Ext4Error| format!("{}{path}: {e}", self.prefix());
-        let mut f = self.ext4.open(path).map_err(err)?;
+        let mut f = ext4.open(path).map_err(err)?;
         let len = f.metadata().len();
         if len > max {
             return Err(format!(

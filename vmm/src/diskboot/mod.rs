@@ -2,13 +2,15 @@
 //! format and backing chain it reads) as the guest's bootloader would, and find the kernel,
 //! initrd and command line of its boot entry.
 //!
-//! Partition tables (`partitions`), ext2/3/4 filesystems (`fs`), and the configurations, in
+//! Partition tables (`partitions`), ext2/3/4 and FAT filesystems (`fs`, `fat`: an EFI system
+//! partition with systemd-boot's entries and kernels), and the configurations, in
 //! the order tried on each filesystem: Boot Loader Specification entries (`bls`), GRUB 2's
 //! grub.cfg (`grub`), extlinux/syslinux and GRUB legacy's menu.lst (`syslinux`); last, a
 //! `/vmlinuz` (+ `/initrd.img`) with `root=UUID=` of its filesystem.
 
 mod bls;
 pub mod entry;
+mod fat;
 mod fs;
 mod grub;
 pub mod partitions;
@@ -65,7 +67,12 @@ impl DiskBoot {
     /// Look for boot entries on `disk`. An error is one line: a damaged partition table,
     /// a filesystem that cannot be read, or no Linux boot entry at all.
     pub fn find(disk: Arc<dyn BlockDriver>) -> Result<DiskBoot, String> {
-        let parts = partitions::read_partitions(&*disk).map_err(|e| e.to_string())?;
+        // A FAT boot sector has the MBR's signature too: a bare FAT volume is no table.
+        let parts = if fat::is_fat(&*disk, 0, disk.size()) {
+            None
+        } else {
+            partitions::read_partitions(&*disk).map_err(|e| e.to_string())?
+        };
         let places: Vec<Option<partitions::Partition>> = match parts {
             Some(p) => p.into_iter().map(Some).collect(),
             None => vec![None],
@@ -73,12 +80,9 @@ impl DiskBoot {
         let mut fss = Vec::new();
         let mut errors = Vec::new();
         for p in places {
-            let (start, len) = p.as_ref().map_or((0, disk.size()), |p| (p.start, p.len));
-            if !fs::is_ext(&*disk, start, len) {
-                continue;
-            }
             match Fs::open(disk.clone(), p) {
-                Ok(f) => fss.push(f),
+                Ok(Some(f)) => fss.push(f),
+                Ok(None) => {}
                 Err(e) => errors.push(e),
             }
         }
@@ -111,7 +115,7 @@ impl DiskBoot {
         let why = if !errors.is_empty() {
             errors.join("; ")
         } else if fss.is_empty() {
-            "no ext2/3/4 filesystem on it".into()
+            "no ext2/3/4 or FAT filesystem on it".into()
         } else {
             "no boot configuration and no /vmlinuz".into()
         };

@@ -272,7 +272,7 @@ fn disks_without_a_boot_entry() {
     let empty = dir.path().join("empty.raw");
     std::fs::write(&empty, vec![0u8; 1 << 20]).unwrap();
     let e = DiskBoot::find(open(&empty)).err().unwrap();
-    assert!(e.contains("no ext2/3/4 filesystem"), "{e}");
+    assert!(e.contains("no ext2/3/4 or FAT filesystem"), "{e}");
     let tree = dir.path().join("t");
     write(&tree, "etc/hostname", b"x");
     let nokernel = dir.path().join("nokernel.raw");
@@ -344,4 +344,166 @@ fn hostile_ext4_fails_cleanly() {
     }
     eprintln!("hostile ext4: {ok} booted, {failed} refused");
     assert!(failed > 10 && ok > 10, "{ok} booted, {failed} refused");
+}
+
+/// `mkfs.vfat` at sector `offset` of `disk` (`kib` KiB, FAT type `fat`), then `mcopy -s`
+/// of `tree`'s top-level entries onto it.
+fn mkfat(disk: &Path, offset: u64, kib: u64, fat: &str, tree: &Path) {
+    sh(tool_cmd("mkfs.vfat")
+        .args(["-F", fat, "-i", "1234ABCD", "--offset"])
+        .arg(offset.to_string())
+        .arg(disk)
+        .arg(kib.to_string()));
+    let mut c = tool_cmd("mcopy");
+    c.arg("-s")
+        .arg("-i")
+        .arg(format!("{}@@{}", disk.display(), offset * 512));
+    for e in std::fs::read_dir(tree).unwrap() {
+        c.arg(e.unwrap().path());
+    }
+    sh(c.arg("::/"));
+}
+
+/// An EFI system partition (FAT32) laid out as systemd-boot has it: BLS entries, kernel and
+/// initrd on the ESP, the root filesystem (ext4) in partition 2.
+#[test]
+fn esp_with_systemd_boot_entries() {
+    need_tools!("sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy");
+    let dir = tempfile::tempdir().unwrap();
+    let esp = dir.path().join("esp");
+    let (kernel, initrd) = (bytes(5, 70_000), bytes(6, 30_000));
+    write(&esp, "EFI/debian/vmlinuz-6.12.0", &kernel);
+    write(&esp, "EFI/debian/initrd.img-6.12.0", &initrd);
+    write(
+        &esp,
+        "loader/entries/debian-6.12.0-with-a-long-name.conf",
+        format!(
+            "title Debian (ESP)\nversion 6.12.0\nlinux /EFI/debian/vmlinuz-6.12.0\n\
+             initrd /EFI/debian/initrd.img-6.12.0\noptions root=UUID={UUID2} rw\n"
+        )
+        .as_bytes(),
+    );
+    let root = dir.path().join("root");
+    write(&root, "etc/hostname", b"esp-test");
+    let disk = dir.path().join("esp.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(72 << 20)
+        .unwrap();
+    sh(tool_cmd("sgdisk")
+        .args(["-n", "1:2048:+40M", "-t", "1:ef00", "-n", "2:0:0"])
+        .arg(&disk));
+    mkfat(&disk, 2048, 40 * 1024, "32", &esp);
+    let p2 = (2048 + 40 * 2048) * 512;
+    mkfs(&disk, p2, 24, UUID2, &root);
+    let found = DiskBoot::find(open(&disk)).unwrap();
+    assert_eq!(found.entries.len(), 1, "{}", found.describe());
+    assert_eq!(found.entries[0].title, "Debian (ESP)");
+    assert!(
+        found.describe().contains("(BLS, partition 1)"),
+        "{}",
+        found.describe()
+    );
+    let l = found.load(0, 1 << 20).unwrap();
+    assert!(l.kernel == kernel && l.initrd.as_deref() == Some(&initrd[..]));
+    assert_eq!(l.cmdline, format!("root=UUID={UUID2} rw console=ttyS0"));
+}
+
+/// A bare FAT16 volume (no partition table) with /vmlinuz; then random damage to its boot
+/// sector, FAT and directories: a boot or a one-line error, never a panic or a hang.
+#[test]
+fn hostile_fat_fails_cleanly() {
+    need_tools!("mkfs.vfat", "mcopy");
+    let dir = tempfile::tempdir().unwrap();
+    // Files of zeros but for their first bytes: the non-zero bytes the damage goes to are
+    // then the boot sector, the FATs and the directories.
+    let tree = dir.path().join("t");
+    let kernel = [&bytes(7, 16)[..], &[0u8; 50_000]].concat();
+    write(&tree, "vmlinuz", &kernel);
+    write(
+        &tree,
+        "initrd.img",
+        &[&bytes(8, 16)[..], &[0u8; 9_000]].concat(),
+    );
+    write(
+        &tree,
+        "loader/entries/x.conf",
+        b"title FAT\nlinux /vmlinuz\ninitrd /initrd.img\n",
+    );
+    let disk = dir.path().join("fat.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    mkfat(&disk, 0, 16 * 1024, "16", &tree);
+    let found = DiskBoot::find(open(&disk)).unwrap();
+    assert_eq!(found.load(0, 1 << 20).unwrap().kernel, kernel);
+    let good = std::fs::read(&disk).unwrap();
+    let hot: Vec<usize> = (0..1 << 20).filter(|&i| good[i] != 0).collect();
+    let seed = integration_tests::seed(0xfa7);
+    let mut rng = integration_tests::Rng::new(seed);
+    let (mut ok, mut failed) = (0, 0);
+    let path = dir.path().join("hostile.raw");
+    for round in 0..300 {
+        let mut d = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = *rng.pick(&hot);
+            d[at] = match rng.below(3) {
+                0 => rng.next_u64() as u8,
+                1 => 0xff,
+                _ => 0,
+            };
+        }
+        std::fs::write(&path, &d).unwrap();
+        let disk = open(&path);
+        let t0 = std::time::Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DiskBoot::find(disk).and_then(|f| f.load(f.default, 1 << 26).map(|_| ()))
+        }))
+        .unwrap_or_else(|_| panic!("round {round} (TEST_SEED={seed:#x}): panic"));
+        assert!(
+            t0.elapsed().as_secs() < 5,
+            "round {round} (TEST_SEED={seed:#x})"
+        );
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                assert!(!e.contains('\n'), "{e}");
+                failed += 1
+            }
+        }
+    }
+    eprintln!("hostile FAT: {ok} booted, {failed} refused");
+    assert!(failed > 10 && ok > 10, "{ok} booted, {failed} refused");
+}
+
+/// A FAT boot sector claiming 2 TiB of 512-byte clusters (on a sparse 2 TiB disk): the
+/// decoded table is bounded by the FAT's own size, and a FAT larger than the limit is
+/// refused before it is read.
+#[test]
+fn huge_fat_geometry_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.raw");
+    let mut b = vec![0u8; 512];
+    b[11..13].copy_from_slice(&512u16.to_le_bytes());
+    b[13] = 1; // sectors per cluster
+    b[14] = 32; // reserved
+    b[16] = 2; // FATs
+    b[32..36].copy_from_slice(&u32::MAX.to_le_bytes()); // total sectors
+    b[82..87].copy_from_slice(b"FAT32");
+    b[510] = 0x55;
+    b[511] = 0xaa;
+    for (fat_sectors, ok) in [(32768u32, true), (1 << 20, false)] {
+        b[36..40].copy_from_slice(&fat_sectors.to_le_bytes());
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(2 << 40).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &b, 0).unwrap();
+        drop(f);
+        let t0 = std::time::Instant::now();
+        let e = DiskBoot::find(open(&p)).err().unwrap();
+        assert!(t0.elapsed().as_secs() < 5, "{:?}", t0.elapsed());
+        if !ok {
+            assert!(e.contains("too large"), "{e}");
+        }
+    }
 }
