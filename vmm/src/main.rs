@@ -86,6 +86,14 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
 fn parse_cli() -> Cli {
     use clap::error::ErrorKind;
     let mut args: Vec<String> = std::env::args().collect();
+    // `vmm -m 256 -hda disk.qcow2`, as qemu-kvm is typed: a QEMU option first means `run`
+    // (and `-hda` is never read as `-h`).
+    if args
+        .get(1)
+        .is_some_and(|a| a.starts_with('-') && !a.starts_with("--") && a != "-h" && a != "-V")
+    {
+        args.insert(1, "run".into());
+    }
     if args.get(1).map(String::as_str) == Some("run") {
         match vmm::qemu_args::rewrite(&args[2..]) {
             Ok(r) => {

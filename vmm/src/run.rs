@@ -302,7 +302,7 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
         }
         Boot::Disk(l) => {
             let initrd = l.initrd.as_deref().map(|data| Initrd::Bytes {
-                name: "initrd of the boot entry",
+                name: &l.initrd_name,
                 data,
             });
             let cmdline = format!("{} {}", l.cmdline, cfg.cmdline);

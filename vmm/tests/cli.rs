@@ -113,7 +113,6 @@ fn errors_are_one_line() {
 fn usage_errors_are_one_line() {
     for (args, mention) in [
         (&["run", "--foo"][..], "--foo"),
-        (&["run"], "--kernel"),
         (&["run", "--kernel"], "--kernel"),
         (&["bogus"], "bogus"),
     ] {
@@ -236,15 +235,24 @@ fn qemu_options_refused_by_name() {
         let e = one_error_line(&vmm(args));
         assert!(e.contains(mention), "{args:?}: {e}");
     }
-    let o = vmm(&[
-        "run",
-        "-hda",
-        "/nonexistent/disk.qcow2",
-        "-kernel",
-        "/nonexistent/k",
-    ]);
-    assert_ne!(o.status.code(), Some(0), "{o:?}");
-    assert!(o.stdout.is_empty(), "help printed: {o:?}");
+    for args in [
+        &[
+            "run",
+            "-hda",
+            "/nonexistent/disk.qcow2",
+            "-kernel",
+            "/nonexistent/k",
+        ][..],
+        // Without `run`, as qemu-kvm is typed.
+        &["-hda", "/nonexistent/disk.qcow2"],
+        &["-m", "256", "-hda", "/nonexistent/disk.qcow2"],
+    ] {
+        let o = vmm(args);
+        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        assert!(o.stdout.is_empty(), "help printed: {o:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("/nonexistent/"), "{args:?}: {e}");
+    }
 }
 
 /// The command line a qemu-kvm user types boots (a fake kernel here): memory, CPUs, name,

@@ -59,8 +59,9 @@ pub struct Loaded {
     /// The initrds, concatenated (each padded to 4 bytes, as GRUB places them).
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
-    /// What messages call the kernel: `partition 1:/boot/vmlinuz-...`.
+    /// What messages call the kernel and initrds: `partition 1:/boot/vmlinuz-...`.
     pub kernel_name: String,
+    pub initrd_name: String,
 }
 
 impl DiskBoot {
@@ -185,6 +186,12 @@ impl DiskBoot {
             initrd,
             cmdline: entry::with_serial_console(&e.cmdline),
             kernel_name: self.name(&e.kernel),
+            initrd_name: e
+                .initrds
+                .iter()
+                .map(|r| self.name(r))
+                .collect::<Vec<_>>()
+                .join(" + "),
         })
     }
 }
