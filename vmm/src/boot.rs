@@ -7,11 +7,13 @@
 //! loaded at its physical addresses and entered through its PVH entry point, or through
 //! `startup_64` with a zero page when it has none. Other payload formats boot as bzImage.
 
-use std::fs::File;
 use std::path::Path;
 
 mod elf;
+pub mod file;
 pub mod lz4;
+
+pub use file::Scratch;
 
 use elf::{ElfStream, LoadedElf};
 
@@ -76,128 +78,6 @@ pub fn setup_long_mode_tables(mem: &GuestMem) -> Result<(), String> {
     Ok(())
 }
 
-/// A zeroed scratch buffer mapped straight from the OS and unmapped on drop, so that the
-/// tens of MiB the kernel loader uses for a moment (file image, decompression buffers, on
-/// several threads) are not kept by the allocator and never count in vmm's memory.
-pub struct Scratch {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: Scratch owns its mapping exclusively, like a Vec<u8>.
-unsafe impl Send for Scratch {}
-
-impl Scratch {
-    pub fn new(len: usize) -> Result<Scratch, String> {
-        if len == 0 {
-            return Ok(Scratch {
-                ptr: std::ptr::NonNull::dangling().as_ptr(),
-                len,
-            });
-        }
-        let p =
-            crate::ram::map_anonymous(len).map_err(|e| format!("cannot map {len} bytes: {e}"))?;
-        Ok(Scratch {
-            ptr: p as *mut u8,
-            len,
-        })
-    }
-}
-
-/// A kernel (or other boot) file's bytes, read-only: mapped from the page cache without a
-/// copy, or read into a [`Scratch`] when the file cannot be mapped. A file truncated by
-/// someone else while it is mapped would fault (SIGBUS); kernel images are not rewritten
-/// under a starting VM, and the mapping lives only while loading.
-enum FileImage {
-    Mapped { ptr: *const u8, len: usize },
-    Read(Scratch),
-}
-
-impl FileImage {
-    fn open(f: &File) -> Result<FileImage, String> {
-        use std::os::fd::AsRawFd;
-        let len = f.metadata().map_err(|e| e.to_string())?.len() as usize;
-        if len != 0 {
-            // SAFETY: a fresh read-only mapping of a file we hold open.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                    f.as_raw_fd(),
-                    0,
-                )
-            };
-            if p != libc::MAP_FAILED {
-                return Ok(FileImage::Mapped {
-                    ptr: p as *const u8,
-                    len,
-                });
-            }
-        }
-        let mut s = Scratch::new(len)?;
-        std::io::Read::read_exact(&mut &*f, &mut s).map_err(|e| e.to_string())?;
-        Ok(FileImage::Read(s))
-    }
-}
-
-impl std::ops::Deref for FileImage {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            // SAFETY: `len` readable bytes mapped in `open`, owned by self.
-            FileImage::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
-            FileImage::Read(s) => s,
-        }
-    }
-}
-
-impl Drop for FileImage {
-    fn drop(&mut self) {
-        if let FileImage::Mapped { ptr, len } = *self {
-            // SAFETY: unmapping exactly the mapping made in `open`.
-            unsafe { libc::munmap(ptr as *mut libc::c_void, len) };
-        }
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `len` readable bytes (or a dangling pointer with len 0), owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl std::ops::DerefMut for Scratch {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: unmapping exactly the mapping made in `new`.
-            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-        }
-    }
-}
-
-fn read_file(path: &Path, what: &str) -> Result<File, String> {
-    let f =
-        File::open(path).map_err(|e| format!("cannot open {what} '{}': {e}", path.display()))?;
-    let md = f
-        .metadata()
-        .map_err(|e| format!("cannot stat {what} '{}': {e}", path.display()))?;
-    if !md.is_file() {
-        return Err(format!("{what} '{}' is not a regular file", path.display()));
-    }
-    Ok(f)
-}
-
 /// Where the PVH start info, module list and memory map go.
 pub const PVH_INFO: u64 = 0x6000;
 const PVH_MODLIST: u64 = 0x6040;
@@ -235,10 +115,37 @@ fn write_cmdline(mem: &GuestMem, cmdline: &str, max: usize) -> Result<(), String
         .map_err(|e| format!("writing command line: {e}"))
 }
 
+/// Where an initrd comes from: a host file, or bytes already read (from the guest's disk).
+#[derive(Clone, Copy)]
+pub enum Initrd<'a> {
+    File(&'a Path),
+    Bytes { name: &'a str, data: &'a [u8] },
+}
+
+impl Initrd<'_> {
+    fn name(&self) -> String {
+        match self {
+            Initrd::File(p) => p.display().to_string(),
+            Initrd::Bytes { name, .. } => name.to_string(),
+        }
+    }
+}
+
 /// Load an initrd as high as possible below `max` and above `floor`; returns (addr, size).
-fn load_initrd(m: &Machine, p: &Path, floor: u64, max: u64) -> Result<(u64, u64), String> {
-    let mut f = read_file(p, "initrd")?;
-    let size = f.metadata().map_err(|e| format!("initrd: {e}"))?.len();
+/// Its size is checked against guest memory before any of it is read.
+fn load_initrd(m: &Machine, initrd: Initrd, floor: u64, max: u64) -> Result<(u64, u64), String> {
+    enum Source<'a> {
+        File(std::fs::File),
+        Bytes(&'a [u8]),
+    }
+    let mut src = match initrd {
+        Initrd::File(p) => Source::File(file::open_boot_file(p, "initrd")?),
+        Initrd::Bytes { data, .. } => Source::Bytes(data),
+    };
+    let size = match &src {
+        Source::File(f) => f.metadata().map_err(|e| format!("initrd: {e}"))?.len(),
+        Source::Bytes(data) => data.len() as u64,
+    };
     let top = m.low_mem_end().min(max);
     let addr = top
         .checked_sub(size)
@@ -247,13 +154,21 @@ fn load_initrd(m: &Machine, p: &Path, floor: u64, max: u64) -> Result<(u64, u64)
         .ok_or_else(|| {
             format!(
                 "initrd '{}' ({} MiB) does not fit in guest memory",
-                p.display(),
+                initrd.name(),
                 size >> 20
             )
         })?;
-    m.mem
-        .read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| format!("reading initrd '{}': {e}", p.display()))?;
+    let r = match &mut src {
+        Source::File(f) => m
+            .mem
+            .read_exact_volatile_from(GuestAddress(addr), f, size as usize)
+            .map_err(|e| e.to_string()),
+        Source::Bytes(data) => m
+            .mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|e| e.to_string()),
+    };
+    r.map_err(|e| format!("reading initrd '{}': {e}", initrd.name()))?;
     Ok((addr, size))
 }
 
@@ -262,7 +177,7 @@ fn setup_pvh(
     m: &Machine,
     kernel_end: u64,
     entry: u32,
-    initrd: Option<&Path>,
+    initrd: Option<Initrd>,
     cmdline: &str,
 ) -> Result<BootEntry, String> {
     write_cmdline(&m.mem, cmdline, 4095)?;
@@ -557,7 +472,7 @@ fn parse_bzimage_header(data: &[u8]) -> Option<BzHeader> {
 fn setup_zero_page(
     m: &Machine,
     image: &[u8],
-    initrd: Option<&Path>,
+    initrd: Option<Initrd>,
     cmdline: &str,
     initrd_floor: u64,
 ) -> Result<(), String> {
@@ -633,7 +548,7 @@ fn pvh_disabled() -> bool {
 fn load_decompressed(
     m: &Machine,
     image: &[u8],
-    initrd: Option<&Path>,
+    initrd: Option<Initrd>,
     cmdline: &str,
 ) -> Result<Option<BootEntry>, String> {
     let Some(h) = parse_bzimage_header(image) else {
@@ -659,29 +574,26 @@ fn load_decompressed(
     }
 }
 
-/// Load the kernel (bzImage, or ELF vmlinux with a PVH note), initrd, command line and
-/// firmware tables; return the BSP entry.
+/// Load a kernel (bzImage, or ELF vmlinux with a PVH note; `image` is its file's bytes,
+/// `name` what messages call it), initrd, command line and firmware tables; return the BSP
+/// entry.
 pub fn load_linux(
     m: &Machine,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    image: &[u8],
+    name: &str,
+    initrd: Option<Initrd>,
     cmdline: &str,
 ) -> Result<BootEntry, String> {
     let mem = &m.mem;
     let low_end = m.low_mem_end();
-    let kf = read_file(kernel, "kernel")?;
-    let image = FileImage::open(&kf)
-        .map_err(|e| format!("cannot read kernel '{}': {e}", kernel.display()))?;
-    let image: &[u8] = &image;
     if elf::is_elf(image) {
         let mut s = ElfStream::new(image, HIMEM_START, low_end)
-            .map_err(|e| format!("kernel '{}' cannot be loaded: {e}", kernel.display()))?;
+            .map_err(|e| format!("kernel '{name}' cannot be loaded: {e}"))?;
         s.feed(image, &mut guest_writer(mem))?;
         let k = s.finish(&mut guest_zeroer(mem), &mut guest_reader(mem))?;
         let Some(entry) = k.pvh_entry else {
             return Err(format!(
-                "ELF kernel '{}' has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use a bzImage",
-                kernel.display()
+                "ELF kernel '{name}' has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use a bzImage"
             ));
         };
         return setup_pvh(m, k.end, entry, initrd, cmdline);
@@ -695,17 +607,11 @@ pub fn load_linux(
         &mut std::io::Cursor::new(image),
         Some(GuestAddress(HIMEM_START)),
     )
-    .map_err(|e| {
-        format!(
-            "'{}' is not a bzImage kernel this vmm can boot ({e})",
-            kernel.display()
-        )
-    })?;
+    .map_err(|e| format!("'{name}' is not a bzImage kernel this vmm can boot ({e})"))?;
     let hdr = res.setup_header.ok_or("kernel has no setup header")?;
     if hdr.version < 0x020c || hdr.xloadflags & 1 == 0 {
         return Err(format!(
-            "kernel '{}' does not support the 64-bit boot protocol",
-            kernel.display()
+            "kernel '{name}' does not support the 64-bit boot protocol"
         ));
     }
     let init_end = HIMEM_START + (hdr.init_size as u64).max(res.kernel_end - HIMEM_START);

@@ -17,7 +17,13 @@ pub enum DriveFormat {
 pub enum CacheMode {
     #[default]
     Writeback,
+    /// Host page cache bypassed (O_DIRECT).
     None,
+    /// Every write reaches the disk before it completes.
+    Writethrough,
+    /// Both: O_DIRECT and every write durable.
+    DirectSync,
+    /// Guest flushes ignored.
     Unsafe,
 }
 
@@ -35,13 +41,28 @@ pub struct DriveConfig {
 /// Everything `vmm run` was asked for.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
+    /// None: boot the first disk's own boot entry.
+    pub kernel: Option<PathBuf>,
+    /// `--boot-entry`: which entry of the disk (number or title).
+    pub boot_entry: Option<String>,
+    /// `--list-boot-entries`: print the disk's entries instead of booting.
+    pub list_boot_entries: bool,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub memory: u64,
     pub cpus: u8,
     pub drives: Vec<DriveConfig>,
     pub name: Option<String>,
+}
+
+/// Parse a vCPU count: one message, with the real range, for every bad value.
+pub fn parse_cpus(s: &str) -> Result<u8, String> {
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=u32::from(MAX_CPUS)).contains(n))
+        .map(|n| n as u8)
+        .ok_or_else(|| format!("invalid CPU count '{s}' (vmm runs 1 to {MAX_CPUS} vCPUs)"))
 }
 
 /// Parse a memory size with a K/M/G/T (binary units) or B suffix; a bare number is MiB,
@@ -119,10 +140,13 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, String> {
                 d.cache = match v {
                     "writeback" => CacheMode::Writeback,
                     "none" => CacheMode::None,
+                    "writethrough" => CacheMode::Writethrough,
+                    "directsync" => CacheMode::DirectSync,
                     "unsafe" => CacheMode::Unsafe,
                     _ => {
                         return Err(format!(
-                            "invalid cache mode '{v}' (use writeback, none or unsafe)"
+                            "invalid cache mode '{v}' (use writeback, none, writethrough, \
+                             directsync or unsafe)"
                         ))
                     }
                 }
@@ -155,6 +179,17 @@ mod tests {
         assert!(parse_memory("1K").is_err());
         assert!(parse_memory("abc").is_err());
         assert!(parse_memory("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn cpu_counts() {
+        assert_eq!(parse_cpus("1"), Ok(1));
+        assert_eq!(parse_cpus("64"), Ok(64));
+        let zero = parse_cpus("0").unwrap_err();
+        let big = parse_cpus("1000").unwrap_err();
+        assert_eq!(zero.replace("'0'", "'1000'"), big);
+        assert!(big.contains("1 to 64"), "{big}");
+        assert!(parse_cpus("x").is_err() && parse_cpus("-1").is_err());
     }
 
     #[test]

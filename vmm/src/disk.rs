@@ -1,5 +1,6 @@
 //! Opening `--drive` images as [`BlockDriver`]s: `snapshot=on` puts a temporary qcow2
-//! overlay on top (QEMU's `-snapshot`), `cache=unsafe` a flush-ignoring layer.
+//! overlay on top (QEMU's `-snapshot`), `cache=unsafe` a flush-ignoring layer,
+//! `cache=writethrough|directsync` a layer that makes each write durable before it completes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,8 +37,12 @@ pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>
         error,
     })?;
     let mut drv: Arc<dyn BlockDriver> = Arc::from(base);
-    if cfg.cache == CacheMode::Unsafe {
-        drv = Arc::new(NoFlush(drv));
+    match cfg.cache {
+        CacheMode::Unsafe => drv = Arc::new(FlushPolicy(drv, Flushes::Ignored)),
+        CacheMode::Writethrough | CacheMode::DirectSync => {
+            drv = Arc::new(FlushPolicy(drv, Flushes::AfterEachWrite))
+        }
+        CacheMode::Writeback | CacheMode::None => {}
     }
     Ok(drv)
 }
@@ -58,7 +63,7 @@ fn open_image_of(cfg: &DriveConfig, read_only: bool) -> Result<common::open::Ima
         read_only,
         format: drive_format(cfg),
         // cache=none: bypass the host page cache, as QEMU does.
-        direct: cfg.cache == CacheMode::None,
+        direct: matches!(cfg.cache, CacheMode::None | CacheMode::DirectSync),
         ..Default::default()
     };
     open_image(&cfg.path, &opts)
@@ -100,10 +105,30 @@ fn temp_overlay_path() -> PathBuf {
     Path::new(&std::env::temp_dir()).join(name)
 }
 
-/// `cache=unsafe`: flushes from the guest are acknowledged without reaching the disk.
-pub struct NoFlush(pub Arc<dyn BlockDriver>);
+/// How a [`FlushPolicy`] layer treats flushes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Flushes {
+    /// `cache=unsafe`: flushes from the guest are acknowledged without reaching the disk.
+    Ignored,
+    /// `cache=writethrough`/`directsync`: every write, write-zeroes and discard is flushed
+    /// before it completes (QEMU opens the file O_DSYNC for that).
+    AfterEachWrite,
+}
 
-impl BlockDriver for NoFlush {
+/// A layer that changes when the image below is flushed.
+pub struct FlushPolicy(pub Arc<dyn BlockDriver>, pub Flushes);
+
+impl FlushPolicy {
+    fn written(&self, r: Result<()>) -> Result<()> {
+        r?;
+        if self.1 == Flushes::AfterEachWrite {
+            self.0.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for FlushPolicy {
     fn format_name(&self) -> &'static str {
         self.0.format_name()
     }
@@ -117,16 +142,19 @@ impl BlockDriver for NoFlush {
         self.0.read_vectored_at(bufs, offset)
     }
     fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
-        self.0.write_vectored_at(bufs, offset)
+        self.written(self.0.write_vectored_at(bufs, offset))
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.0.write_zeroes(offset, len, may_unmap)
+        self.written(self.0.write_zeroes(offset, len, may_unmap))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.0.discard(offset, len)
+        self.written(self.0.discard(offset, len))
     }
     fn flush(&self) -> Result<()> {
-        Ok(())
+        match self.1 {
+            Flushes::Ignored => Ok(()),
+            Flushes::AfterEachWrite => self.0.flush(),
+        }
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.0.block_status(offset, len)
@@ -148,6 +176,75 @@ mod tests {
 
     fn drive(path: &std::path::Path, extra: &str) -> DriveConfig {
         crate::config::parse_drive(&format!("file={},format=raw{extra}", path.display())).unwrap()
+    }
+
+    /// A disk that counts its flushes.
+    struct Counting(
+        integration_tests::mem_disk::MemDisk,
+        std::sync::atomic::AtomicU32,
+    );
+
+    impl BlockDriver for Counting {
+        fn format_name(&self) -> &'static str {
+            "raw"
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn read_vectored_at(&self, b: &[IoBufMut<'_>], o: u64) -> Result<()> {
+            self.0.read_vectored_at(b, o)
+        }
+        fn write_vectored_at(&self, b: &[IoBuf<'_>], o: u64) -> Result<()> {
+            self.0.write_vectored_at(b, o)
+        }
+        fn write_zeroes(&self, o: u64, n: u64, u: bool) -> Result<()> {
+            self.0.write_zeroes(o, n, u)
+        }
+        fn discard(&self, o: u64, n: u64) -> Result<()> {
+            self.0.discard(o, n)
+        }
+        fn flush(&self) -> Result<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn block_status(&self, o: u64, n: u64) -> Result<BlockStatus> {
+            self.0.block_status(o, n)
+        }
+        fn allocated_file_size(&self) -> Result<u64> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn flush_policies() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let disk = Arc::new(Counting(
+            integration_tests::mem_disk::MemDisk::new(1 << 16, false),
+            0.into(),
+        ));
+        let flushes = || disk.1.load(SeqCst);
+        let wt = FlushPolicy(disk.clone(), Flushes::AfterEachWrite);
+        wt.write_at(&[1; 512], 0).unwrap();
+        wt.write_zeroes(512, 512, false).unwrap();
+        wt.discard(1024, 512).unwrap();
+        assert_eq!(flushes(), 3);
+        wt.read_at(&mut [0; 512], 0).unwrap();
+        wt.flush().unwrap();
+        assert_eq!(flushes(), 4);
+        let un = FlushPolicy(disk.clone(), Flushes::Ignored);
+        un.write_at(&[1; 512], 0).unwrap();
+        un.flush().unwrap();
+        assert_eq!(flushes(), 4);
+        for (mode, want) in [
+            ("writethrough", CacheMode::Writethrough),
+            ("directsync", CacheMode::DirectSync),
+        ] {
+            let d = crate::config::parse_drive(&format!("file=x,cache={mode}")).unwrap();
+            assert_eq!(d.cache, want);
+        }
     }
 
     #[test]

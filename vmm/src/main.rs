@@ -2,13 +2,16 @@
 
 use clap::{Parser, Subcommand};
 
-use vmm::config::{parse_drive, parse_memory, VmConfig};
+use vmm::config::{parse_cpus, parse_drive, parse_memory, VmConfig};
 
 #[derive(Parser)]
 #[command(
     name = "vmm",
     version,
-    about = "Minimal KVM hypervisor with virtio-blk disks"
+    about = "Minimal KVM hypervisor with virtio-blk disks",
+    after_help = "`vmm run` also takes QEMU's options: -m, -smp, -name, -hda..-hdd, -drive, \
+                  -snapshot, -kernel, -initrd, -append, -boot order=c, -nographic, \
+                  -enable-kvm, -cpu host, -serial stdio, -display none"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -17,28 +20,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot a Linux kernel.
+    /// Boot a Linux kernel, or a disk's own boot entry.
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Kernel image: a bzImage, or an ELF vmlinux with a PVH entry note.
+    /// Kernel image: a bzImage, or an ELF vmlinux with a PVH entry note. Without it, vmm
+    /// boots the kernel that the first disk's own boot entry names (BLS entries, grub.cfg,
+    /// extlinux.conf, menu.lst, or /vmlinuz on an ext2/3/4 filesystem).
     #[arg(long)]
-    kernel: std::path::PathBuf,
-    /// Initial ramdisk.
-    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
+    /// Initial ramdisk (with --kernel).
+    #[arg(long, requires = "kernel")]
     initrd: Option<std::path::PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line; when booting a disk's entry, added to the entry's.
     #[arg(long, default_value = "")]
     append: String,
-    /// Guest memory size (bytes, or with K/M/G suffix).
+    /// The disk's boot entry to boot: its number or title (default: the configured default).
+    #[arg(long, conflicts_with = "kernel")]
+    boot_entry: Option<String>,
+    /// Print the first disk's boot entries and exit.
+    #[arg(long, conflicts_with = "kernel")]
+    list_boot_entries: bool,
+    /// Guest memory size: a bare number is MiB (as QEMU's -m); or with a B, K, M, G or T
+    /// suffix (binary units).
     #[arg(long, default_value = "512M")]
     memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u8,
-    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on][,cache=writeback|none|unsafe][,serial=S]
+    /// Number of vCPUs (1 to 64).
+    #[arg(long, default_value = "1")]
+    cpus: String,
+    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on]
+    /// [,cache=writeback|none|writethrough|directsync|unsafe][,serial=S]
     #[arg(long)]
     drive: Vec<String>,
     /// Name of the VM (used for messages).
@@ -53,28 +66,50 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
         .iter()
         .map(|d| parse_drive(d))
         .collect::<Result<Vec<_>, _>>()?;
-    if a.cpus == 0 || a.cpus > vmm::config::MAX_CPUS {
-        return Err(format!(
-            "--cpus must be between 1 and {}",
-            vmm::config::MAX_CPUS
-        ));
-    }
+    let cpus = parse_cpus(&a.cpus)?;
     Ok(VmConfig {
         kernel: a.kernel,
+        boot_entry: a.boot_entry,
+        list_boot_entries: a.list_boot_entries,
         initrd: a.initrd,
         cmdline: a.append,
         memory,
-        cpus: a.cpus,
+        cpus,
         drives,
         name: a.name,
     })
 }
 
-/// Parse the command line. Help and version print as clap prints them; a usage error is one
-/// line on stderr and exit 1, like every other vmm error (and like QEMU's option errors).
+/// Parse the command line, QEMU's options for `run` rewritten first (`qemu_args`). Help and
+/// version print as clap prints them; a usage error is one line on stderr and exit 1, like
+/// every other vmm error (and like QEMU's option errors).
 fn parse_cli() -> Cli {
     use clap::error::ErrorKind;
-    match Cli::try_parse() {
+    let mut args: Vec<String> = std::env::args().collect();
+    // `vmm -m 256 -hda disk.qcow2`, as qemu-kvm is typed: a QEMU option first means `run`
+    // (and `-hda` is never read as `-h`).
+    if args
+        .get(1)
+        .is_some_and(|a| a.starts_with('-') && !a.starts_with("--") && a != "-h" && a != "-V")
+    {
+        args.insert(1, "run".into());
+    }
+    if args.get(1).map(String::as_str) == Some("run") {
+        match vmm::qemu_args::rewrite(&args[2..]) {
+            Ok(r) => {
+                for n in r.notes {
+                    eprintln!("vmm: {n}");
+                }
+                args.truncate(2);
+                args.extend(r.args);
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e)
             if !e.use_stderr()

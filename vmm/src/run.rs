@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::boot::{load_linux, BootEntry};
+use crate::boot::file::{kernel_image, open_boot_file, FileImage};
+use crate::boot::{load_linux, BootEntry, Initrd};
 use crate::config::VmConfig;
 use crate::devices::serial::{feed_input, SerialDevice, Stdout};
+use crate::diskboot::{DiskBoot, Loaded};
 use crate::vcpu::{create_vcpu, install_kick_handler, kick_signal, spawn, VcpuHandle};
 use crate::vm::{Machine, VmDisk};
 use crate::VmExit;
@@ -229,14 +231,27 @@ fn host_memory() -> Option<u64> {
     }
 }
 
+/// What the VM boots: a kernel file (its name and bytes), or a disk's boot entry.
+enum Boot {
+    Kernel(String, FileImage),
+    Disk(Loaded),
+}
+
 /// Run a VM described by `cfg` until it stops. Returns the exit status; `Err` carries a
 /// one-line message for `vmm: ...`.
 pub fn run(cfg: VmConfig) -> Result<i32, String> {
-    if !cfg.kernel.is_file() {
-        return Err(format!(
-            "kernel '{}' not found or not a regular file",
-            cfg.kernel.display()
-        ));
+    // The boot files first: a bad kernel or initrd is refused before a VM exists.
+    let kernel = match &cfg.kernel {
+        Some(k) => {
+            let f = open_boot_file(k, "kernel")?;
+            let image = kernel_image(&f)
+                .map_err(|e| format!("cannot read kernel '{}': {e}", k.display()))?;
+            Some(image)
+        }
+        None => None,
+    };
+    if let Some(p) = &cfg.initrd {
+        open_boot_file(p, "initrd")?;
     }
     if let Some(host) = host_memory() {
         if cfg.memory > host {
@@ -259,9 +274,42 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
                 .unwrap_or_else(|| format!("vmm-vd{}", (b'a' + i as u8) as char)),
         });
     }
+    let boot = match (kernel, &cfg.kernel) {
+        (Some(image), Some(k)) => Boot::Kernel(k.display().to_string(), image),
+        _ => {
+            let (Some(first), Some(d)) = (disks.first(), cfg.drives.first()) else {
+                return Err("nothing to boot: give --kernel, or a disk (--drive, -hda)".into());
+            };
+            let found = DiskBoot::find(first.driver.clone())
+                .map_err(|e| format!("disk '{}': {e}", d.path.display()))?;
+            if cfg.list_boot_entries {
+                print!("{}", found.describe());
+                return Ok(0);
+            }
+            let i = found.select(cfg.boot_entry.as_deref())?;
+            let loaded = found
+                .load(i, cfg.memory)
+                .map_err(|e| format!("disk '{}': {e}", d.path.display()))?;
+            Boot::Disk(loaded)
+        }
+    };
     let drivers: Vec<_> = disks.iter().map(|d| d.driver.clone()).collect();
     let m = Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks)?;
-    let entry = load_linux(&m, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+    let entry = match &boot {
+        Boot::Kernel(name, image) => {
+            let initrd = cfg.initrd.as_deref().map(Initrd::File);
+            load_linux(&m, image, name, initrd, &cfg.cmdline)?
+        }
+        Boot::Disk(l) => {
+            let initrd = l.initrd.as_deref().map(|data| Initrd::Bytes {
+                name: &l.initrd_name,
+                data,
+            });
+            let cmdline = format!("{} {}", l.cmdline, cfg.cmdline);
+            load_linux(&m, &l.kernel, &l.kernel_name, initrd, cmdline.trim())?
+        }
+    };
+    drop(boot);
 
     handle_stop_signals(m.exit_tx.clone());
     let term = RawTerminal::enter();

@@ -37,8 +37,13 @@ pub fn run_direct(
     let mut vms = BTreeMap::new();
     let mut log = String::new();
     for spec in specs {
-        let initrd = guest_initramfs(spec, work)?;
-        let args = vmm_args(spec, &utf8(kernel)?, &utf8(&initrd)?, &utf8(&images)?);
+        // A disk boot's initramfs is inside its disk.
+        let initrd = if spec.disk_boot {
+            String::new()
+        } else {
+            utf8(&guest_initramfs(spec, work)?)?
+        };
+        let args = vmm_args(spec, &utf8(kernel)?, &initrd, &utf8(&images)?);
         let mut cmd = Command::new(vmm);
         cmd.args(&args).envs(spec.env.iter().copied());
         let o = run(cmd.current_dir(&images), timeout);

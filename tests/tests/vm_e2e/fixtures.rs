@@ -30,6 +30,8 @@ pub fn fixtures() -> Result<&'static Fixtures, String> {
             ("cpio", "cpio"),
             ("mkfs.ext4", "e2fsprogs"),
             ("debugfs", "e2fsprogs"),
+            ("sgdisk", "gdisk"),
+            ("sfdisk", "fdisk"),
             ("e2fsck", "e2fsprogs"),
             ("apt-get", "apt"),
             ("dpkg", "dpkg"),

@@ -22,10 +22,12 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs four `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs eight `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
-//!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks);
-//!   each test checks one aspect of the shared results.
+//!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
+//!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
+//!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
+//!   --kernel for the time comparison); each test checks one aspect of the shared results.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
 //!   path and the probe, with fake kernels (so on any /dev/kvm).
@@ -38,7 +40,8 @@
 //! directories (their paths are printed; under target/vm-e2e/), `E2E_VMM=<path>` uses that
 //! (static) vmm binary instead of building one, `E2E_RUNNER=direct|testhost` skips the probe.
 //!
-//! Assumed `vmm` interface (one place: [`spec::vmm_args`]):
+//! Assumed `vmm` interface (one place: [`spec::vmm_args`]; disk boots use
+//! `vmm run -m M -smp N -name NAME -hda DISK -nographic` instead):
 //! `vmm run --kernel K --initrd I --append CMDLINE --cpus N --memory 512M
 //!  --drive file=P,format=qcow2[,readonly=on][,snapshot=on] ...`; drives appear as vda, vdb, ...
 //! in order; the guest console (8250 ttyS0) goes to vmm's stdout; the guest ends with
@@ -52,6 +55,7 @@ mod report;
 mod scenario_a;
 mod scenario_b;
 mod scenario_boot;
+mod scenario_disk;
 mod spec;
 mod testhost;
 mod tools;
@@ -75,6 +79,7 @@ use crate::scenario_b::{check_readonly, check_snapshot, scenario_b, ScenarioB};
 use crate::scenario_boot::{
     check_boot, check_tty, loader_type, scenario_boot, scenario_boot_64bit,
 };
+use crate::scenario_disk::{check_disk, scenario_disk, Layout, ScenarioDisk};
 use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
@@ -155,6 +160,8 @@ struct Suite {
     boot64: VmSpec,
     a: ScenarioA,
     b: ScenarioB,
+    /// Disk boots without --kernel, one per boot configuration kind.
+    disks: Vec<ScenarioDisk>,
     out: Runs,
     work: WorkDir,
 }
@@ -170,7 +177,13 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         let b = scenario_b(&dir, work.path(), &mut rng)?;
         let boot = scenario_boot();
         let boot64 = scenario_boot_64bit();
-        let specs = [&boot, &boot64, &a.spec, &b.spec];
+        let disks = [Layout::GptGrub, Layout::GptBls, Layout::MbrExtlinux]
+            .into_iter()
+            .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut specs = vec![&boot, &boot64, &a.spec, &b.spec];
+        specs.extend(disks.iter().map(|d| &d.spec));
+        specs.extend(disks.iter().filter_map(|d| d.kernel_twin.as_ref()));
         let (out, place) = match runner(&bins.vmm)? {
             Runner::Direct => {
                 let kernel = &fixtures()?.kernel;
@@ -197,6 +210,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             boot64,
             a,
             b,
+            disks,
             out,
             work,
         })
@@ -270,6 +284,44 @@ fn vmm_readonly_disk() {
 fn vmm_snapshot_disk() {
     let s = suite!();
     check_snapshot(&s.b, vm(s, "b"), &s.out.image_dir).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Disk boot without --kernel, QEMU's command line (`-m 256 -smp 2 -name N -hda
+/// DISK.qcow2 -nographic`): the kernel, initramfs and command line of the disk's grub.cfg /
+/// BLS entry / extlinux.conf boot; the guest's write lands in the overlay.
+fn disk_boot(layout: usize) {
+    let s = suite!();
+    let d = &s.disks[layout];
+    check_disk(d, vm(s, &d.spec.name), &s.out.image_dir, s.work.path())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The same guest with --kernel/--initrd from files: it must run too, and the two
+    // times (whole runs: boot, script, poweroff) are printed side by side.
+    if let Some(twin) = &d.kernel_twin {
+        let k = vm(s, &twin.name);
+        assert_eq!(k.rc, Some(0), "{}", k.describe());
+        let t_disk = vm(s, &d.spec.name).seconds;
+        eprintln!(
+            "vm_e2e: {}: {t_disk:.1}s from the disk's entry vs {:.1}s with --kernel ({:.2}x)",
+            d.spec.name,
+            k.seconds,
+            t_disk / k.seconds
+        );
+    }
+}
+
+#[test]
+fn vmm_boots_a_gpt_disk_through_its_grub_cfg() {
+    disk_boot(0);
+}
+
+#[test]
+fn vmm_boots_a_gpt_disk_through_its_bls_entry() {
+    disk_boot(1);
+}
+
+#[test]
+fn vmm_boots_an_mbr_disk_through_its_extlinux_conf() {
+    disk_boot(2);
 }
 
 /// Bad inputs: non-zero exit, exactly one clear error line on stderr, no panic. Runs vmm on
@@ -388,6 +440,7 @@ fn direct_runner_reports_each_run() {
         test_sh: String::new(),
         data: vec![],
         env: vec![],
+        disk_boot: false,
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);

@@ -157,6 +157,7 @@ pub fn scenario_a(
             test_sh: sh,
             data,
             env: vec![],
+            disk_boot: false,
         },
         writes,
         base_raw,

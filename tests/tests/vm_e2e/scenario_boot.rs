@@ -20,6 +20,7 @@ pub fn scenario_boot() -> VmSpec {
         test_sh: sh,
         data: vec![],
         env: vec![],
+        disk_boot: false,
     }
 }
 

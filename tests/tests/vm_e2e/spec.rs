@@ -35,6 +35,8 @@ pub struct VmSpec {
     /// Environment for `vmm` (e.g. `VMM_BOOT_NO_PVH=1`, to boot through the 64-bit boot
     /// protocol's zero page instead of PVH).
     pub env: Vec<(&'static str, &'static str)>,
+    /// Boot the first disk's own boot entry (no --kernel/--initrd), with QEMU's command line.
+    pub disk_boot: bool,
 }
 
 /// What one guest boot produced.
@@ -75,6 +77,27 @@ pub struct Runs {
 
 /// The `vmm run` command line for `spec` (the single place that knows vmm's flags).
 pub fn vmm_args(spec: &VmSpec, kernel: &str, initrd: &str, image_dir: &str) -> Vec<String> {
+    if spec.disk_boot {
+        // What a qemu-kvm user types: `-m 256 -smp 2 -name t -hda disk.qcow2 -nographic`.
+        let mut a: Vec<String> = ["run", "-m"].map(String::from).to_vec();
+        a.push(spec.memory_mib.to_string());
+        a.extend([
+            "-smp".into(),
+            spec.cpus.to_string(),
+            "-name".into(),
+            spec.name.clone(),
+        ]);
+        for (i, d) in spec.drives.iter().enumerate() {
+            let path = format!("{image_dir}/{}", d.file);
+            if i == 0 {
+                a.extend(["-hda".into(), path]);
+            } else {
+                a.extend(["-drive".into(), format!("file={path},if=virtio")]);
+            }
+        }
+        a.push("-nographic".into());
+        return a;
+    }
     let mut a: Vec<String> = vec![
         "run".into(),
         "--kernel".into(),

@@ -57,8 +57,11 @@ pub fn run_in_testhost(
     if let Some(vmm) = vmm {
         fs::copy(vmm, extra.join("vmm")).map_err(|e| format!("copy vmm: {e}"))?;
         for spec in specs {
-            let initrd = guest_initramfs(spec, work)?;
-            fs::copy(&initrd, extra.join(format!("guest/{}.cpio.gz", spec.name))).unwrap();
+            // A disk boot's initramfs is inside its disk.
+            if !spec.disk_boot {
+                let initrd = guest_initramfs(spec, work)?;
+                fs::copy(&initrd, extra.join(format!("guest/{}.cpio.gz", spec.name))).unwrap();
+            }
             let args = vmm_args(
                 spec,
                 "/guest/vmlinuz",

@@ -1,0 +1,169 @@
+//! The filesystems of a guest disk, read-only through the engine: ext2/3/4 with the
+//! `ext4-view` crate (journal replayed in memory, checksums verified), FAT (an EFI system
+//! partition) with [`super::fat`]. File sizes come from the disk, so every read is bounded
+//! by the caller's limit before anything is allocated.
+
+use std::sync::Arc;
+
+use common::BlockDriver;
+use ext4_view::{Ext4, Ext4Read};
+
+use super::fat::Fat;
+use super::partitions::Partition;
+
+/// ext2/3/4 superblock magic, at byte 56 of the superblock (which starts at byte 1024).
+const EXT_MAGIC: u16 = 0xef53;
+
+/// A byte range of the disk (a partition) as ext4-view reads it.
+struct PartReader {
+    disk: Arc<dyn BlockDriver>,
+    start: u64,
+    len: u64,
+}
+
+impl Ext4Read for PartReader {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        if start_byte
+            .checked_add(dst.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err("read past the end of the partition".into());
+        }
+        self.disk.read_at(dst, self.start + start_byte)?;
+        Ok(())
+    }
+}
+
+/// One mounted (read-only) filesystem, and the partition it is on (None: the whole disk).
+pub struct Fs {
+    pub part: Option<Partition>,
+    kind: Kind,
+}
+
+enum Kind {
+    Ext4(Box<Ext4>),
+    Fat(Box<Fat>),
+}
+
+/// Whether the byte range holds an ext2/3/4 superblock.
+fn is_ext(disk: &dyn BlockDriver, start: u64, len: u64) -> bool {
+    let mut m = [0u8; 2];
+    len >= 2048
+        && disk.read_at(&mut m, start + 1024 + 56).is_ok()
+        && u16::from_le_bytes(m) == EXT_MAGIC
+}
+
+impl Fs {
+    /// Mount the filesystem at `part` (None: the whole disk): Ok(None) when it is neither
+    /// ext2/3/4 nor FAT.
+    pub fn open(disk: Arc<dyn BlockDriver>, part: Option<Partition>) -> Result<Option<Fs>, String> {
+        let (start, len) = part.as_ref().map_or((0, disk.size()), |p| (p.start, p.len));
+        if super::fat::is_fat(&*disk, start, len) {
+            let fat = Fat::open(disk, start, len).map_err(|e| format!("{}: {e}", where_(&part)))?;
+            return Ok(Some(Fs {
+                part,
+                kind: Kind::Fat(Box::new(fat)),
+            }));
+        }
+        if !is_ext(&*disk, start, len) {
+            return Ok(None);
+        }
+        let reader = PartReader { disk, start, len };
+        let ext4 = Ext4::load(Box::new(reader)).map_err(|e| format!("{}: {e}", where_(&part)))?;
+        Ok(Some(Fs {
+            part,
+            kind: Kind::Ext4(Box::new(ext4)),
+        }))
+    }
+
+    /// Where this filesystem is, for messages.
+    pub fn describe(&self) -> String {
+        where_(&self.part)
+    }
+
+    /// The filesystem UUID, as `root=UUID=` and GRUB's `search --fs-uuid` name it.
+    pub fn uuid(&self) -> String {
+        match &self.kind {
+            Kind::Ext4(e) => e.uuid().to_string(),
+            Kind::Fat(f) => f.uuid(),
+        }
+    }
+
+    /// Whether `path` (absolute) exists, following symlinks.
+    pub fn exists(&self, path: &str) -> bool {
+        match &self.kind {
+            Kind::Ext4(e) => e.exists(path).unwrap_or(false),
+            Kind::Fat(f) => f.exists(path),
+        }
+    }
+
+    /// Names in directory `dir` (empty when it is missing or unreadable).
+    pub fn list(&self, dir: &str) -> Vec<String> {
+        let ext4 = match &self.kind {
+            Kind::Ext4(e) => e,
+            Kind::Fat(f) => {
+                let mut names = f.list(dir);
+                names.sort();
+                return names;
+            }
+        };
+        let Ok(rd) = ext4.read_dir(dir) else {
+            return vec![];
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().as_str().ok().map(str::to_string))
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The contents of the regular file `path`, refused when larger than `max` bytes (before
+    /// anything is allocated).
+    pub fn read(&self, path: &str, max: u64) -> Result<Vec<u8>, String> {
+        let ext4 = match &self.kind {
+            Kind::Ext4(e) => e,
+            Kind::Fat(f) => {
+                return f
+                    .read(path, max)
+                    .map_err(|e| format!("{}{e}", self.prefix()))
+            }
+        };
+        let err = |e: ext4_view::Ext4Error| format!("{}{path}: {e}", self.prefix());
+        let mut f = ext4.open(path).map_err(err)?;
+        let len = f.metadata().len();
+        if len > max {
+            return Err(format!(
+                "{}{path} is {} MiB, more than the {} MiB vmm reads",
+                self.prefix(),
+                len >> 20,
+                max >> 20
+            ));
+        }
+        let mut out = vec![0u8; len as usize];
+        let mut done = 0;
+        while done < out.len() {
+            match f.read_bytes(&mut out[done..]).map_err(err)? {
+                0 => return Err(format!("{}{path}: short read", self.prefix())),
+                n => done += n,
+            }
+        }
+        Ok(out)
+    }
+
+    fn prefix(&self) -> String {
+        format!("{}:", self.describe())
+    }
+}
+
+fn where_(part: &Option<Partition>) -> String {
+    match part {
+        Some(p) => format!("partition {}", p.number),
+        None => "disk".into(),
+    }
+}
