@@ -150,6 +150,13 @@ impl Meta {
         Ok(())
     }
 
+    /// The first cluster past everything the file held at open and everything allocated
+    /// since: a cluster allocated from here on has never been written, and reads as
+    /// zeroes until it is.
+    pub(super) fn allocation_end(&self) -> HostCluster {
+        self.refs.end_cluster()
+    }
+
     /// Refcount of host cluster `c`.
     pub fn refcount(&mut self, c: HostCluster) -> Result<u64> {
         let g = self.geo();

@@ -9,7 +9,7 @@ use std::sync::MutexGuard;
 
 use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
 use super::meta::Meta;
-use super::units::{ClusterCount, GuestCluster, GuestOffset};
+use super::units::{ClusterCount, GuestCluster, GuestOffset, HostOffset};
 use super::Qcow2Image;
 use crate::error::{io, Result};
 use crate::iovec::{self, IoBuf, IoBufMut};
@@ -205,8 +205,11 @@ impl Qcow2Image {
         let first = (in_cluster >> ub) as u32;
         let last = ((in_cluster + len - 1) >> ub) as u32;
 
-        // Reuse the host cluster if it is ours alone; otherwise take a new one.
+        // Reuse the host cluster if it is ours alone; otherwise take a new one. A new one
+        // past everything the file held or this session allocated reads as zeroes
+        // already, so without a backing file its zero fills need not be written.
         let reuse = old.is_copied() && !old.is_compressed() && old.host_cluster().is_some();
+        let fresh_from = m.allocation_end();
         let target = if reuse {
             let host = old.host_cluster().expect("checked");
             m.check_data_cluster(g.host_cluster(host))?;
@@ -214,6 +217,8 @@ impl Qcow2Image {
         } else {
             g.host_offset(m.alloc_clusters(ClusterCount(1))?).0
         };
+        let fresh = !reuse && g.host_cluster(HostOffset(target)) >= fresh_from;
+        let zero_reads = fresh && self.backing.is_none();
         let old_kind = |s: u32| old.kind(cb, ext, s);
         // Units whose old content moves to a new cluster with the written ones.
         let keeps =
@@ -224,17 +229,8 @@ impl Qcow2Image {
         // back: another writer may be writing it in place. The write starts or ends
         // inside such a unit instead of filling it.
         let in_place = |s: u32| reuse && matches!(old_kind(s), Kind::Data { .. });
-        let span_start = if in_place(span_first) {
-            in_cluster
-        } else {
-            u64::from(span_first) << ub
-        };
-        let span_end = if in_place(span_last) {
-            in_cluster + len
-        } else {
-            u64::from(span_last + 1) << ub
-        };
 
+        // Fills as (offset in the cluster, length, source).
         let mut fills = Vec::new();
         for s in span_first..=span_last {
             let u_start = u64::from(s) << ub;
@@ -249,8 +245,38 @@ impl Qcow2Image {
                 Kind::Data { host } => Source::Host(host.0),
                 Kind::Compressed(c) => Source::Compressed(c, u_start),
             };
-            fills.push(((u_start - span_start) as usize, us as usize, src));
+            if zero_reads && matches!(src, Source::Backing(_) | Source::Zero) {
+                continue;
+            }
+            fills.push((u_start, us, src));
         }
+        let unit_edge = |s: u32, end: bool| {
+            let at = u64::from(s + u32::from(end)) << ub;
+            if in_place(s) {
+                if end {
+                    in_cluster + len
+                } else {
+                    in_cluster
+                }
+            } else {
+                at
+            }
+        };
+        let (span_start, span_end) = if zero_reads {
+            // Only the data and the units copied from elsewhere are written.
+            let lo = fills.iter().map(|f| f.0).fold(in_cluster, u64::min);
+            let hi = fills
+                .iter()
+                .map(|f| f.0 + f.1)
+                .fold(in_cluster + len, u64::max);
+            (lo, hi)
+        } else {
+            (unit_edge(span_first, false), unit_edge(span_last, true))
+        };
+        let fills: Vec<(usize, usize, Source)> = fills
+            .into_iter()
+            .map(|(at, n, src)| ((at - span_start) as usize, n as usize, src))
+            .collect();
 
         let mut new = L2Entry {
             word: target | COPIED,
