@@ -2,6 +2,7 @@
 
 mod allocator;
 pub mod amend;
+mod backing_file;
 pub mod bitmaps;
 mod cache;
 mod check;
@@ -14,6 +15,7 @@ pub mod entry;
 pub mod header;
 mod inflight;
 mod l2;
+mod make_empty;
 mod mapping;
 mod meta;
 mod overlap;
