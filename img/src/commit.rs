@@ -137,15 +137,16 @@ fn commit(image: &Image, depth: u32, rate: u64, progress: &Progress) -> Result<(
     let pieces = plan(top, depth).map_err(|e| engine_msg(&e))?;
     progress.start(pieces.iter().map(|p| p.range().end - p.range().start).sum());
     let limit = RateLimit::new(rate);
-    for_each_piece(&pieces, |p| {
+    let buffer = || vec![0u8; CHUNK as usize];
+    for_each_piece(&pieces, buffer, |buf, p| {
         let r = p.range();
         let n = r.end - r.start;
         match p {
             Piece::Data(r) => {
                 limit.wait(n);
-                let mut buf = vec![0u8; n as usize];
-                top.read_at(&mut buf, r.start)
-                    .and_then(|_| base.write_at(&buf, r.start))
+                let buf = &mut buf[..n as usize];
+                top.read_at(buf, r.start)
+                    .and_then(|_| base.write_at(buf, r.start))
             }
             Piece::Zero(r) => base.write_zeroes(r.start, n, true),
         }

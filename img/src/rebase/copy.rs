@@ -69,8 +69,14 @@ pub fn copy_differences(
         .map_err(|e| format!("error while reading image metadata: {}", engine_msg(&e)))?;
     progress.start(top.size());
     progress.advance(top.size() - ranges.iter().map(|r| r.end - r.start).sum::<u64>());
-    for_each_piece(&ranges, |range| {
-        r.compare_and_copy(range.clone())?;
+    let buffers = || {
+        (
+            vec![0u8; r.max_range() as usize],
+            vec![0u8; r.max_range() as usize],
+        )
+    };
+    for_each_piece(&ranges, buffers, |(old, new), range| {
+        r.compare_and_copy(range.clone(), old, new)?;
         progress.advance(range.end - range.start);
         Ok(())
     })?;
@@ -102,29 +108,59 @@ impl Rebase<'_> {
                     }
                 }
             }
-            let start = offset - offset % self.align;
-            let end = (offset + n).next_multiple_of(self.align).min(size);
+            let mut start = offset - offset % self.align;
+            let mut end = (offset + n).next_multiple_of(self.align).min(size);
+            // Aligned out over data the image holds (a cluster with allocated subclusters
+            // when compressing): keep the range as it is instead, never overwrite that.
+            if self.holds_any(start..offset)? || self.holds_any(offset + n..end)? {
+                (start, end) = (offset, offset + n);
+            }
             ranges.push(start..end);
             offset = end;
         }
         Ok(ranges)
     }
 
-    /// Compare one range in both backing files and write where they differ.
-    fn compare_and_copy(&self, range: Range<u64>) -> Result<(), String> {
+    /// Whether the image itself holds any byte of `range`.
+    fn holds_any(&self, range: Range<u64>) -> common::Result<bool> {
+        let mut pos = range.start;
+        while pos < range.end {
+            let st = self.top.block_status(pos, range.end - pos)?;
+            if st.depth == 0 && st.allocation != Allocation::Unallocated {
+                return Ok(true);
+            }
+            pos += st.len;
+        }
+        Ok(false)
+    }
+
+    /// The longest range `plan` makes: a chunk aligned out by one unit at each end.
+    fn max_range(&self) -> u64 {
+        CHUNK + 2 * self.align.min(CHUNK)
+    }
+
+    /// Compare one range in both backing files (read into `old` and `new`, each at least
+    /// `max_range` long) and write where they differ.
+    fn compare_and_copy(
+        &self,
+        range: Range<u64>,
+        old: &mut [u8],
+        new: &mut [u8],
+    ) -> Result<(), String> {
         let offset = range.start;
         let n = (range.end - range.start) as usize;
-        let read = |b: Option<&dyn BlockDriver>, size: u64, what: &str| {
+        let read = |b: Option<&dyn BlockDriver>, size: u64, buf: &mut [u8], what: &str| {
             let have = size.saturating_sub(offset).min(n as u64) as usize;
-            let mut buf = vec![0u8; n];
             if let Some(b) = b.filter(|_| have > 0) {
                 b.read_at(&mut buf[..have], offset)
                     .map_err(|_| format!("error while reading from {what} backing file"))?;
             }
-            Ok::<_, String>((buf, have))
+            buf[have..n].fill(0);
+            Ok::<_, String>(have)
         };
-        let (old, n_old) = read(self.old, self.old_size, "old")?;
-        let (new, _) = read(self.new, self.new_size, "new")?;
+        let n_old = read(self.old, self.old_size, old, "old")?;
+        read(self.new, self.new_size, new, "new")?;
+        let (old, new) = (&old[..n], &new[..n]);
         let mut old_eof = n_old == 0;
         let mut done = 0;
         while done < n {
@@ -148,9 +184,20 @@ impl Rebase<'_> {
         let r = if zeroes {
             self.top.write_zeroes(at, data.len() as u64, false)
         } else if self.compress {
-            data.chunks(self.align as usize)
-                .enumerate()
-                .try_for_each(|(i, c)| self.image.write_compressed(at + i as u64 * self.align, c))
+            // Whole clusters (or the image's last one) compressed, anything else plainly.
+            let size = self.top.size();
+            let mut pos = at;
+            data.chunks(self.align as usize).try_for_each(|c| {
+                let whole = pos.is_multiple_of(self.align)
+                    && (c.len() as u64 == self.align || pos + c.len() as u64 == size);
+                let r = if whole {
+                    self.image.write_compressed(pos, c)
+                } else {
+                    self.top.write_at(c, pos)
+                };
+                pos += c.len() as u64;
+                r
+            })
         } else {
             self.top.write_at(data, at)
         };
