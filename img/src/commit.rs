@@ -54,14 +54,16 @@ pub struct CommitArgs {
 }
 
 const CMD: &str = "commit";
-/// The most bytes one request moves.
-const CHUNK: u64 = 2 << 20;
 
 /// What the base gets for a range the layers above it hold.
 #[derive(Debug, Clone)]
 enum Piece {
+    /// The overlay's contents, read through its chain.
     Data(Range<u64>),
+    /// Zeroes (the base may unmap).
     Zero(Range<u64>),
+    /// Nothing reads there: discarded.
+    Discard(Range<u64>),
 }
 
 /// Run `img commit`.
@@ -134,10 +136,10 @@ fn commit(image: &Image, depth: u32, rate: u64, progress: &Progress) -> Result<(
             top.size()
         ));
     }
-    let pieces = plan(top, depth).map_err(|e| engine_msg(&e))?;
+    let pieces = plan(top, base, depth).map_err(|e| engine_msg(&e))?;
     progress.start(pieces.iter().map(|p| p.range().end - p.range().start).sum());
     let limit = RateLimit::new(rate);
-    let buffer = || vec![0u8; CHUNK as usize];
+    let buffer = || vec![0u8; MAX_IO.max(granularity(base)) as usize];
     for_each_piece(&pieces, buffer, |buf, p| {
         let r = p.range();
         let n = r.end - r.start;
@@ -149,6 +151,7 @@ fn commit(image: &Image, depth: u32, rate: u64, progress: &Progress) -> Result<(
                     .and_then(|_| base.write_at(buf, r.start))
             }
             Piece::Zero(r) => base.write_zeroes(r.start, n, true),
+            Piece::Discard(r) => base.discard(r.start, n),
         }
         .map_err(|e| engine_msg(&e))?;
         progress.advance(n);
@@ -157,29 +160,58 @@ fn commit(image: &Image, depth: u32, rate: u64, progress: &Progress) -> Result<(
     base.flush().map_err(|e| engine_msg(&e))
 }
 
-/// The ranges the layers above `depth` hold, data split into requests of `CHUNK` bytes.
-fn plan(top: &dyn BlockDriver, depth: u32) -> common::Result<Vec<Piece>> {
+/// The largest data request (QEMU's mirror job: 1 MiB).
+const MAX_IO: u64 = 1 << 20;
+
+/// QEMU's granularity for a commit into `base`: its cluster size within 4 to 64 KiB.
+fn granularity(base: &dyn BlockDriver) -> u64 {
+    base.clusters()
+        .map_or(64 << 10, |c| c.cluster.clamp(4 << 10, 64 << 10))
+}
+
+/// What the base gets, as QEMU's commit job decides it, so that the base ends up
+/// allocated as qemu-img leaves it: every `granularity` chunk holding anything the layers
+/// above `depth` hold is copied; a chunk-aligned run that reads as zeroes (or nothing)
+/// throughout, aligned to the base's allocation unit, is zeroed (or discarded) instead.
+fn plan(top: &dyn BlockDriver, base: &dyn BlockDriver, depth: u32) -> common::Result<Vec<Piece>> {
     let size = top.size();
-    let mut pieces = Vec::new();
+    let g = granularity(base);
+    let unit = base.clusters().map_or(1, |c| c.subcluster);
+    let mut dirty: Vec<Range<u64>> = Vec::new();
     let mut pos = 0;
     while pos < size {
         let st = top.block_status(pos, size - pos)?;
-        let end = pos + st.len;
-        if st.depth < depth {
-            match st.allocation {
-                Allocation::Data => {
-                    let mut at = pos;
-                    while at < end {
-                        let next = (at + CHUNK).min(end);
-                        pieces.push(Piece::Data(at..next));
-                        at = next;
-                    }
-                }
-                Allocation::Zero => pieces.push(Piece::Zero(pos..end)),
-                Allocation::Unallocated => {}
+        if st.depth < depth && st.allocation != Allocation::Unallocated {
+            let (a, b) = (pos - pos % g, (pos + st.len).next_multiple_of(g).min(size));
+            match dirty.last_mut() {
+                Some(last) if last.end >= a => last.end = last.end.max(b),
+                _ => dirty.push(a..b),
             }
         }
-        pos = end;
+        pos += st.len;
+    }
+    let mut pieces = Vec::new();
+    for run in dirty {
+        let mut off = run.start;
+        while off < run.end {
+            let st = top.block_status(off, run.end - off)?;
+            let data = st.allocation == Allocation::Data;
+            let mut io = if data { st.len.min(MAX_IO) } else { st.len };
+            io -= io % g;
+            let mut whole = None;
+            if io < g {
+                io = g;
+            } else if !data && off % unit == 0 && io % unit == 0 {
+                whole = Some(st.allocation);
+            }
+            let r = off..(off + io).min(size);
+            off = r.end;
+            pieces.push(match whole {
+                Some(Allocation::Zero) => Piece::Zero(r),
+                Some(_) => Piece::Discard(r),
+                None => Piece::Data(r),
+            });
+        }
     }
     Ok(pieces)
 }
@@ -187,7 +219,7 @@ fn plan(top: &dyn BlockDriver, depth: u32) -> common::Result<Vec<Piece>> {
 impl Piece {
     fn range(&self) -> &Range<u64> {
         match self {
-            Piece::Data(r) | Piece::Zero(r) => r,
+            Piece::Data(r) | Piece::Zero(r) | Piece::Discard(r) => r,
         }
     }
 }

@@ -468,7 +468,7 @@ fn errors_match_qemu_img_word_for_word() {
     for args in cases {
         let twin = Twin::new(setup);
         let pair = twin.run(&args);
-        let mut errs = pair.differences(Names::Prefix, verbatim);
+        let mut errs = pair.differences(Names::Everywhere, verbatim);
         if pair.qemu.success() {
             errs.push("expected qemu-img to fail".into());
         }
@@ -519,20 +519,33 @@ fn rebase_c_keeps_subclusters() {
     );
 }
 
-/// `-p` shows qemu-img's progress lines, ending at 100%.
+/// `-p` shows qemu-img's progress lines on stdout, from 0% to 100%, and ends the line;
+/// a failing job ends it too.
 #[test]
 fn progress_reaches_100() {
     let dir = tempdir();
     build(dir.path(), PLAIN);
     for args in [
-        vec!["rebase", "-p", "-b", "", "top.qcow2"],
         vec!["commit", "-p", "top.qcow2"],
+        vec!["rebase", "-p", "-b", "", "top.qcow2"],
     ] {
         let out = img_in(dir.path(), &args);
         assert!(out.success(), "{}", out.report());
-        assert!(out.stderr.contains("(0.00/100%)"), "{}", out.report());
-        assert!(out.stderr.contains("(100.00/100%)"), "{}", out.report());
+        assert!(
+            out.stdout.starts_with("    (0.00/100%)\r"),
+            "{}",
+            out.report()
+        );
+        assert!(
+            out.stdout.contains("    (100.00/100%)\r\n"),
+            "{}",
+            out.report()
+        );
+        assert!(out.stderr.is_empty(), "{}", out.report());
     }
+    let out = img_in(dir.path(), &["rebase", "-p", "-b", "", "missing.qcow2"]);
+    assert_eq!(out.code, Some(1), "{}", out.report());
+    assert_eq!(out.stdout, "    (0.00/100%)\r\n", "{}", out.report());
 }
 
 /// The tools take turns on one chain (each working on what the other wrote) and end

@@ -323,6 +323,14 @@ impl BlockDriver for Qcow2Image {
         self.status_impl(offset, len)
     }
 
+    fn clusters(&self) -> Option<crate::driver::Clusters> {
+        let g = self.geo();
+        Some(crate::driver::Clusters {
+            cluster: g.cluster_size(),
+            subcluster: 1 << g.unit_bits(),
+        })
+    }
+
     fn allocated_file_size(&self) -> Result<u64> {
         self.storage
             .allocated_size()
