@@ -159,4 +159,43 @@ mod tests {
         );
         qemu_ok("qemu-img", &["check", "-q", &alone]);
     }
+
+    /// What was written before (a safe rebase's copies) is durable before the header
+    /// names the new backing file, and the header is durable when the call returns.
+    #[test]
+    fn data_is_durable_before_the_header_changes() {
+        use crate::driver::BlockDriver;
+        use crate::fault_storage::{FaultStorage, Op};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        let ps = p.to_str().unwrap();
+        qemu_ok(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", "o", "-F", "raw", ps, "4M",
+            ],
+        );
+        let fault = FaultStorage::with_content(std::fs::read(&p).unwrap());
+        let img = super::Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
+        fault.reset_log().unwrap();
+        img.write_at(&[9u8; 65536], 1 << 20).unwrap();
+        let new = BackingRef {
+            name: "n".into(),
+            format: Some("qcow2".into()),
+        };
+        img.change_backing_file(Some(&new)).unwrap();
+        let log = fault.log();
+        let header = log
+            .iter()
+            .rposition(|op| matches!(op, Op::Write { offset: 0, .. }))
+            .expect("the header is written");
+        let last_other = log
+            .iter()
+            .rposition(|op| matches!(op, Op::Write { offset, .. } if *offset != 0))
+            .expect("data and metadata are written");
+        assert!(last_other < header, "{log:?}");
+        assert!(log[last_other..header].contains(&Op::Flush), "{log:?}");
+        assert_eq!(log.last(), Some(&Op::Flush), "{log:?}");
+    }
 }
