@@ -8,13 +8,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use common::open::{Image, OpenOptions};
+use common::open::{Format, Image, OpenOptions};
+use common::prealloc::Preallocation;
 use common::{Allocation, BlockDriver, Error};
 
-use crate::chain::find_backing_image;
+use crate::chain::{find_backing_image, layer_names};
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_user_image;
+use crate::imgopen::{open_named, open_user_image};
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::workers::for_each_piece;
@@ -98,22 +99,24 @@ pub fn run(a: &CommitArgs) -> CmdResult {
         None if image.layer(1).is_some() => 1,
         None => return Err(Failure::msg("Image does not have a backing file")),
     };
-    // Open again with the base writable (the lower layers are read-only until now).
+    let size = image.driver().size();
+    let base = image.layer(depth).expect("the base was found in the chain");
+    let grow = (base.size() < size).then(|| {
+        let name = layer_names(name, &image).swap_remove(depth as usize);
+        (name, base.format_name())
+    });
+    // Open again with the base writable (the lower layers are read-only until now),
+    // grown first to the overlay's size as QEMU's commit job does.
     drop(image);
+    if let Some((base, format)) = grow {
+        grow_base(&base, format, size, &opts)
+            .map_err(|e| Failure::msg(format!("Block job failed: {e}")))?;
+    }
     let opts = OpenOptions {
         writable_backing: Some(depth),
         ..opts
     };
     let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
-    let base_size = image.layer(depth).map_or(0, |b| b.size());
-    if image.driver().size() > base_size {
-        // qemu-img grows the base first; that needs resize, which the engine lacks yet.
-        return Err(Failure::msg(format!(
-            "Cannot commit into a base smaller than the image ({base_size} < {} bytes): \
-             resizing the base is not supported",
-            image.driver().size()
-        )));
-    }
     commit(&image, depth, rate, &progress)
         .map_err(|e| Failure::msg(format!("Block job failed: {e}")))?;
     if !(a.drop || a.base.is_some()) {
@@ -132,6 +135,17 @@ pub fn run(a: &CommitArgs) -> CmdResult {
         println!("Image committed.");
     }
     Ok(0)
+}
+
+/// Grow the base (named as QEMU names chain layers) to `size` bytes.
+fn grow_base(name: &str, format: &str, size: u64, opts: &OpenOptions) -> Result<(), String> {
+    let opts = OpenOptions {
+        format: Some(Format::from_name(format).map_err(|e| engine_msg(&e))?),
+        ..opts.clone()
+    };
+    let base = open_named(name, &opts)?;
+    base.resize(size, Preallocation::Off)
+        .map_err(|e| engine_msg(&e))
 }
 
 /// Copy into the layer at `depth` every range the layers above it hold.
