@@ -226,6 +226,57 @@ fn commit_matches_qemu_img() {
     ] {
         f.record(name, run_case(sub, &args, |_| {}));
     }
+    // A base smaller than the overlay is grown first (qcow2 and raw, one and two levels).
+    let small = |d: &Path| {
+        create(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "1M"]);
+        create(d, &["create", "-q", "-f", "raw", "s.raw", "1M"]);
+        io(d, "s.qcow2", "qcow2", &["write -P 0x81 0 1M"]);
+        io(d, "s.raw", "raw", &["write -P 0x82 0 512k"]);
+        for (b, f, o) in [("s.qcow2", "qcow2", "o.qcow2"), ("s.raw", "raw", "r.qcow2")] {
+            create(
+                d,
+                &["create", "-q", "-f", "qcow2", "-b", b, "-F", f, o, "4M"],
+            );
+            io(d, o, "qcow2", &["write -P 0x83 512k 1M", "write -z 3M 64k"]);
+        }
+        create(
+            d,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "o.qcow2", "-F", "qcow2", "oo.qcow2", "6M",
+            ],
+        );
+        io(d, "oo.qcow2", "qcow2", &["write -P 0x84 5M 64k"]);
+    };
+    for (name, args, images) in [
+        (
+            "grows a qcow2 base",
+            vec!["commit", "o.qcow2"],
+            vec!["o.qcow2", "s.qcow2"],
+        ),
+        (
+            "grows a raw base",
+            vec!["commit", "r.qcow2"],
+            vec!["r.qcow2", "s.raw"],
+        ),
+        (
+            "grows a base two levels down",
+            vec!["commit", "-b", "s.qcow2", "oo.qcow2"],
+            vec!["oo.qcow2", "o.qcow2", "s.qcow2"],
+        ),
+    ] {
+        let twin = Twin::new(small);
+        let pair = twin.run(&args);
+        let mut errs = pair.differences(Names::Prefix, verbatim);
+        for file in images {
+            let what = Images {
+                preallocated: file.ends_with(".raw"),
+                ..Default::default()
+            };
+            let r = twin.compare_images(file, what);
+            errs.extend(r.err().map(|e| format!("{file}: {e}")));
+        }
+        f.record(name, pair.verdict(errs));
+    }
     f.finish();
 }
 
