@@ -40,14 +40,7 @@ pub fn copy_differences(
     progress: &Progress,
 ) -> Result<(), String> {
     let top = image.driver();
-    let info = image
-        .info()
-        .map_err(|_| "could not get block driver info")?;
-    let cluster = info.cluster_size.unwrap_or(1);
-    let sub = match &info.specific {
-        Some(common::ops::FormatSpecific::Qcow2(q)) if q.extended_l2 == Some(true) => cluster / 32,
-        _ => cluster,
-    };
+    let (cluster, sub) = top.clusters().map_or((1, 1), |c| (c.cluster, c.subcluster));
     let old = image.layer(1);
     let (new, prefix) = match new {
         Some(NewBacking::InChain(d)) => (image.layer(*d), Some(*d)),
