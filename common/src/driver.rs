@@ -32,6 +32,16 @@ pub struct BlockStatus {
     pub compressed: bool,
 }
 
+/// How a format allocates guest space, for formats that do it in clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clusters {
+    /// Cluster size in bytes.
+    pub cluster: u64,
+    /// The smallest unit a cluster's data is allocated in (the cluster itself, or a
+    /// subcluster with qcow2's extended L2 entries).
+    pub subcluster: u64,
+}
+
 /// An open image. All methods take `&self` and may be called from several threads at once.
 ///
 /// Offsets and lengths are in guest bytes. Reads and writes need not be aligned.
@@ -76,6 +86,11 @@ pub trait BlockDriver: Send + Sync {
 
     /// Status of the bytes starting at `offset`, for a run of at most `len` bytes.
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// The format's cluster geometry, for formats that allocate in clusters.
+    fn clusters(&self) -> Option<Clusters> {
+        None
+    }
 
     /// Bytes the image occupies on the host (allocated blocks of its file), for `info`.
     fn allocated_file_size(&self) -> Result<u64>;

@@ -47,6 +47,9 @@ pub enum Error {
     InvalidArgument(String),
     /// What the caller named (a snapshot) does not exist.
     NotFound(String),
+    /// What was asked does not fit where the format keeps it (a backing file name in a
+    /// full qcow2 header cluster): QEMU's `ENOSPC` from a header update.
+    NoSpace(String),
 }
 
 impl Error {
@@ -119,6 +122,7 @@ impl Error {
             Error::ReadOnly => Error::ReadOnly,
             Error::InvalidArgument(m) => Error::InvalidArgument(pre(m)),
             Error::NotFound(m) => Error::NotFound(pre(m)),
+            Error::NoSpace(m) => Error::NoSpace(pre(m)),
         }
     }
 
@@ -140,7 +144,8 @@ impl fmt::Display for Error {
             | Error::Locked(m)
             | Error::BackingLoop(m)
             | Error::InvalidArgument(m)
-            | Error::NotFound(m) => f.write_str(m),
+            | Error::NotFound(m)
+            | Error::NoSpace(m) => f.write_str(m),
             Error::ReadOnly => f.write_str("Image is read-only"),
         }
     }

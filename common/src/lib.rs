@@ -28,6 +28,6 @@ pub mod storage;
 #[cfg(test)]
 mod test_tools;
 
-pub use driver::{Allocation, BlockDriver, BlockStatus};
+pub use driver::{Allocation, BlockDriver, BlockStatus, Clusters};
 pub use error::{Error, Result};
 pub use iovec::{IoBuf, IoBufMut};

@@ -178,6 +178,29 @@ impl Image {
         }
     }
 
+    /// Drop everything the image itself maps, durably, so that it reads as its backing
+    /// file (QEMU's `make_empty`, which `commit` applies to the overlay it committed).
+    pub fn make_empty(&self) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.make_empty(),
+            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+        }
+    }
+
+    /// Name `backing` (name and format as they are to be stored, not resolved) as the
+    /// image's backing file, or none; every other header field and extension is kept.
+    /// Everything written before is made durable first. The layer attached below in memory
+    /// stays until the image is opened again.
+    pub fn change_backing_file(&self, backing: Option<&BackingRef>) -> Result<()> {
+        if backing.is_some_and(|b| b.name.is_empty()) {
+            return Err(Error::invalid("Invalid argument"));
+        }
+        match self {
+            Image::Qcow2(q) => q.change_backing_file(backing),
+            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+        }
+    }
+
     /// Length in bytes of the file under the format (a device's size for a device).
     pub fn file_length(&self) -> Result<u64> {
         let storage = match self {

@@ -1,6 +1,6 @@
 //! `img convert`: copy one or more images (concatenated) into a new or existing image,
 //! like `qemu-img convert`. The checks run in qemu-img's order with its messages; the copy
-//! itself is in `copy`, progress display in `progress`.
+//! itself is in `copy`.
 
 use std::path::Path;
 
@@ -9,17 +9,16 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 
 mod copy;
-mod progress;
 
 use crate::create_opts::{
     has_help_option, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
+use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::snapshot_param::parse_snapshot_param;
 use copy::{copy, CopyPlan, Sources};
-use progress::Progress;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-q] [-n] [-W] [-m N] [-S SIZE]
 /// [-B BACKING [-F FMT]] [--target-is-zero] [-U] [-t CACHE] [-T CACHE] SRC... DST`

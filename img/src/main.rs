@@ -6,8 +6,10 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod chain;
 mod check;
 mod check_format;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -21,11 +23,14 @@ mod map;
 mod map_format;
 mod measure;
 mod paths;
+mod progress;
 mod qjson;
+mod rebase;
 mod resize;
 mod size;
 mod snapshot;
 mod snapshot_param;
+mod workers;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Parser, Subcommand};
@@ -62,6 +67,9 @@ enum Command {
     /// Check an image for consistency, and repair it
     #[command(args_override_self = true)]
     Check(check::CheckArgs),
+    /// Commit the changes recorded in an image to its backing file
+    #[command(args_override_self = true)]
+    Commit(commit::CommitArgs),
     /// Check whether two images have the same contents
     #[command(args_override_self = true)]
     Compare(compare::CompareArgs),
@@ -83,6 +91,9 @@ enum Command {
     /// Measure the size a new image needs
     #[command(args_override_self = true)]
     Measure(measure::MeasureArgs),
+    /// Change the backing file of an image
+    #[command(args_override_self = true)]
+    Rebase(rebase::RebaseArgs),
     /// Change the virtual size of an image
     #[command(args_override_self = true)]
     Resize(resize::ResizeArgs),
@@ -93,8 +104,8 @@ enum Command {
 
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
-    "amend", "bench", "bitmap", "check", "compare", "convert", "create", "dd", "info", "map",
-    "measure", "resize", "snapshot",
+    "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
+    "map", "measure", "rebase", "resize", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -233,6 +244,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Bench(a) => bench::run(a),
         Command::Bitmap(a) => bitmap::run(a),
         Command::Check(a) => check::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
@@ -240,6 +252,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a, negative.as_deref()),
         Command::Snapshot(a) => snapshot::run(a),
     }

@@ -1,5 +1,5 @@
 //! SIGKILL during the subcommands that change an image's structure: `snapshot -c/-a/-d`,
-//! `resize --shrink`, `amend` (and, where present, `commit` and `rebase`).
+//! `resize --shrink`, `amend`, `commit` and `rebase`.
 //!
 //! For each operation an image is made with qemu-img and qemu-io (512-byte clusters, so
 //! the operation has many steps), the operation is run to completion once on a copy to
@@ -8,6 +8,9 @@
 //! check` must find no corruption (leaks are allowed, and `img check -r leaks` then leaves
 //! the image clean), and the image must read exactly as before the operation or exactly
 //! as after it: virtual size, guest contents and every internal snapshot's contents.
+//! `commit` and `rebase` run on a chain (t.qcow2 over m.qcow2 over b.qcow2): t.qcow2 reads
+//! the same throughout, and the lower images (commit's base, which may hold part of what
+//! it commits) must check without corruption too.
 //!
 //! `CRASH_KILLS=<n>` sets the kills per operation (default 12); the seed is printed and
 //! `TEST_SEED` replays it.
@@ -110,7 +113,69 @@ fn mixed(dir: &Path) {
     );
 }
 
+/// t.qcow2 over m.qcow2 over b.qcow2, 512-byte clusters, each layer holding data, zero
+/// clusters and discards over part of the one below.
+fn chain(dir: &Path) {
+    let mk = |args: &[&str]| qemu_img_in(dir, args).ok();
+    mk(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "b.qcow2",
+        "8M",
+    ]);
+    qio(dir, "b.qcow2", &["write -P 1 0 8M"]);
+    for (file, below) in [("m.qcow2", "b.qcow2"), ("t.qcow2", "m.qcow2")] {
+        mk(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            below,
+            "-F",
+            "qcow2",
+            file,
+        ]);
+    }
+    qio(
+        dir,
+        "m.qcow2",
+        &["write -P 2 1M 3M", "write -z 5M 512k", "discard 6M 256k"],
+    );
+    qio(
+        dir,
+        "t.qcow2",
+        &["write -P 3 2M 3M", "write -z 7M 256k", "discard 1M 128k"],
+    );
+}
+
 const OPS: &[Op] = &[
+    Op {
+        name: "commit",
+        setup: chain,
+        args: &["commit", "t.qcow2"],
+    },
+    Op {
+        name: "commit -b two levels down",
+        setup: chain,
+        args: &["commit", "-b", "b.qcow2", "t.qcow2"],
+    },
+    Op {
+        name: "rebase (safe)",
+        setup: chain,
+        args: &["rebase", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"],
+    },
+    Op {
+        name: "rebase -b \"\"",
+        setup: chain,
+        args: &["rebase", "-b", "", "t.qcow2"],
+    },
     Op {
         name: "snapshot -c",
         setup: with_snapshots,
@@ -174,8 +239,12 @@ fn run_killed(dir: &Path, args: &[&str], delay: Duration) -> bool {
 fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     let base = tempdir();
     (op.setup)(base.path());
+    // Every file of the setup (a backing chain for commit and rebase).
     let copy = |to: &Path| {
-        std::fs::copy(base.path().join("t.qcow2"), to.join("t.qcow2")).unwrap();
+        for e in std::fs::read_dir(base.path()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     };
     let before = view(base.path(), "t.qcow2");
     // The shorter of two uninterrupted runs sets the range of kill delays.
@@ -202,6 +271,22 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
         let delay = Duration::from_micros(rng.below(took.as_micros() as u64 + 1));
         if run_killed(d.path(), op.args, delay) {
             running += 1;
+        }
+        // The images below t.qcow2 that the operation writes (commit's base) must be
+        // consistent too; they may hold part of what is committed.
+        for lower in ["b.qcow2", "m.qcow2"] {
+            let l = d.path().join(lower);
+            if l.exists() {
+                let chk = qemu_img(&["check", s(&l)]);
+                if !matches!(chk.code, Some(0) | Some(3)) {
+                    return Err(format!(
+                        "{} killed after {delay:?} (kill {k}): qemu-img check of {lower} finds \
+                         corruption:\n{}",
+                        op.name,
+                        chk.report()
+                    ));
+                }
+            }
         }
         let f = d.path().join("t.qcow2");
         let chk = qemu_img(&["check", s(&f)]);

@@ -12,6 +12,9 @@
 //!   the trait allows zeroing them, so those bytes may read either unchanged or zero (the
 //!   first read decides, later reads must agree).
 //!
+//! - `make_empty` (the format operation `commit` applies to its overlay) makes the whole
+//!   image read as its backing file again (zeroes without one).
+//!
 //! Every read is checked as it happens. After each sequence: `qemu-img check` is clean,
 //! `qemu-img compare` of the image against the model (as a raw file) says identical, and a
 //! fresh engine open reads the model.
@@ -57,6 +60,8 @@ enum Op {
     Resize {
         size: u64,
     },
+    /// The format operation `Image::make_empty` (sequences only, not the threaded tests).
+    MakeEmpty,
 }
 
 struct Model {
@@ -100,7 +105,7 @@ impl Model {
                 self.data.resize(size as usize, 0);
                 self.maybe_zero.resize(size as usize, false);
             }
-            Op::Read { .. } | Op::Flush => {}
+            Op::Read { .. } | Op::Flush | Op::MakeEmpty => {}
         }
     }
 
@@ -372,6 +377,7 @@ fn run_sequence(
     let mut rng = Rng::new(seed);
     let (path, initial) = make_image(cfg, dir, &mut rng, idx);
     let size = cfg.size();
+    let backing = initial.clone();
     let mut model = Model {
         maybe_zero: vec![false; initial.len()],
         data: initial,
@@ -393,7 +399,11 @@ fn run_sequence(
         let resizable = (!(cfg.backing && cfg.extra.contains("compat=0.10"))).then_some(2 * size);
         let mut size = size;
         for _ in 0..nops {
-            let op = gen_op(&mut rng, size, cfg.cluster, resizable);
+            let op = if rng.chance(1, 40) {
+                Op::MakeEmpty
+            } else {
+                gen_op(&mut rng, size, cfg.cluster, resizable)
+            };
             done.push(op.clone());
             {
                 use std::io::Write;
@@ -437,6 +447,14 @@ fn run_sequence(
                     model.apply(&op, &[], discard_unit);
                     size = new;
                     r
+                }
+                Op::MakeEmpty => {
+                    // The backing file (zeroes past its end, or without one) shows again.
+                    let n = model.data.len().min(backing.len());
+                    model.data[..n].copy_from_slice(&backing[..n]);
+                    model.data[n..].fill(0);
+                    model.maybe_zero.fill(false);
+                    img.make_empty()
                 }
             };
             if let Err(e) = res {
@@ -722,6 +740,7 @@ fn run_concurrent(
                                 }
                                 Op::Flush => d.flush().map_err(e)?,
                                 Op::Resize { .. } => unreachable!("threads do not resize"),
+                                Op::MakeEmpty => unreachable!("gen_op never empties the image"),
                             }
                         }
                         Ok::<(), String>(())

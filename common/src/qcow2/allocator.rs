@@ -415,6 +415,15 @@ impl Meta {
     }
 
     fn add_to_refcount(&mut self, c: HostCluster, addend: i64) -> Result<()> {
+        if self.change_refcount(c, addend)? {
+            self.release(c.0..c.0 + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Add `addend` to the refcount of `c`; says whether `c` became free (its storage is
+    /// not released yet: the caller does that before anything can be allocated).
+    fn change_refcount(&mut self, c: HostCluster, addend: i64) -> Result<bool> {
         let v = self.refcount(c)?;
         let new = v.checked_add_signed(addend).ok_or_else(|| {
             let block = self.refs.table.get(self.geo().reftable_index(c)).copied();
@@ -430,19 +439,24 @@ impl Meta {
                 return Err(self.overlap_error("Freeing a cluster", c, kind.structure(), kind));
             }
         }
-        self.set_cluster_refcount(c, new)
+        self.set_refcount_value(c, new)?;
+        Ok(new == 0)
     }
 
     /// Set the refcount of `c` to `value` now, whatever it was (check's repair). A cluster
     /// that becomes free is deallocated in the file and may be allocated again.
     pub(super) fn set_cluster_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
+        self.set_refcount_value(c, value)?;
+        if value == 0 {
+            self.release(c.0..c.0 + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Store refcount `value` of `c`; a free cluster may be allocated again.
+    fn set_refcount_value(&mut self, c: HostCluster, value: u64) -> Result<()> {
         self.set_refcount(c, value)?;
         if value == 0 {
-            let cs = self.geo().cluster_size();
-            io(
-                "Could not discard cluster",
-                self.storage().punch_hole(c.0 * cs, cs),
-            )?;
             self.refs.free_hint = self.refs.free_hint.min(c);
             if self.refs.next_byte.map(|o| self.geo().host_cluster(o)) == Some(c) {
                 self.refs.next_byte = None;
@@ -451,21 +465,45 @@ impl Meta {
         Ok(())
     }
 
+    /// Deallocate the storage of the free clusters `clusters` in the file.
+    fn release(&mut self, clusters: Range<u64>) -> Result<()> {
+        let cs = self.geo().cluster_size();
+        io(
+            "Could not discard cluster",
+            self.storage()
+                .punch_hole(clusters.start * cs, (clusters.end - clusters.start) * cs),
+        )
+    }
+
     /// Apply the deferred updates (the tables that referenced the clusters are on disk).
-    /// On failure the updates not applied stay deferred.
+    /// On failure the updates not applied stay deferred. Clusters that become free are
+    /// deallocated in the file in contiguous runs, before anything can reuse them.
     pub(super) fn apply_deferred(&mut self) -> Result<()> {
         let updates = std::mem::take(&mut self.refs.deferred);
-        for (i, &(first, n, addend)) in updates.iter().enumerate() {
+        let mut freed: Vec<Range<u64>> = Vec::new();
+        let mut result = Ok(());
+        'updates: for (i, &(first, n, addend)) in updates.iter().enumerate() {
             for (k, c) in first.run(n).enumerate() {
-                if let Err(e) = self.add_to_refcount(c, addend) {
-                    let rest = ClusterCount(n.0 - k as u64);
-                    self.refs.deferred.push((c, rest, addend));
-                    self.refs.deferred.extend_from_slice(&updates[i + 1..]);
-                    return Err(e);
+                match self.change_refcount(c, addend) {
+                    Ok(false) => {}
+                    Ok(true) => match freed.last_mut() {
+                        Some(r) if r.end == c.0 => r.end += 1,
+                        _ => freed.push(c.0..c.0 + 1),
+                    },
+                    Err(e) => {
+                        let rest = ClusterCount(n.0 - k as u64);
+                        self.refs.deferred.push((c, rest, addend));
+                        self.refs.deferred.extend_from_slice(&updates[i + 1..]);
+                        result = Err(e);
+                        break 'updates;
+                    }
                 }
             }
         }
-        Ok(())
+        for r in freed {
+            self.release(r)?;
+        }
+        result
     }
 
     /// Refuse clusters that are in use as metadata although their refcount says free: the

@@ -660,8 +660,8 @@ impl Header {
         out[8..16].copy_from_slice(&self.backing_file_offset.to_be_bytes());
         out[16..20].copy_from_slice(&self.backing_file_size.to_be_bytes());
         if out.len() > cs {
-            return Err(Error::invalid(
-                "qcow2 header and extensions do not fit in the first cluster",
+            return Err(Error::NoSpace(
+                "qcow2 header and extensions do not fit in the first cluster".into(),
             ));
         }
         Ok(out)

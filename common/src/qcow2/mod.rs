@@ -2,6 +2,7 @@
 
 mod allocator;
 pub mod amend;
+mod backing_file;
 mod bitmap_data;
 mod bitmap_ops;
 pub mod bitmaps;
@@ -16,6 +17,7 @@ pub mod entry;
 pub mod header;
 mod inflight;
 mod l2;
+mod make_empty;
 mod mapping;
 mod meta;
 mod overlap;
@@ -361,6 +363,14 @@ impl BlockDriver for Qcow2Image {
         crate::driver::check_range(offset, len.max(1), self.size())?;
         self.check_own_data()?;
         self.status_impl(offset, len)
+    }
+
+    fn clusters(&self) -> Option<crate::driver::Clusters> {
+        let g = self.geo();
+        Some(crate::driver::Clusters {
+            cluster: g.cluster_size(),
+            subcluster: 1 << g.unit_bits(),
+        })
     }
 
     fn allocated_file_size(&self) -> Result<u64> {

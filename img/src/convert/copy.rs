@@ -9,8 +9,8 @@ use std::sync::{Condvar, Mutex};
 use common::ops::CompressedCluster;
 use common::{open::Image, Allocation};
 
-use super::progress::Progress;
 use crate::errors::engine_msg;
+use crate::progress::Progress;
 
 /// The most bytes one request moves (qemu-img's buffer size); chunks never cross a
 /// multiple of it, so peak memory is this times the number of workers.

@@ -1,6 +1,7 @@
-//! Progress of long jobs, as qemu-img shows it: with `-p`, `    (N.NN/100%)` on stderr
-//! (an indicatif bar on a terminal, qemu-img's `\r`-separated lines elsewhere); without
-//! it, one such line per SIGUSR1.
+//! Progress of long jobs, as qemu-img shows it: with `-p`, `    (N.NN/100%)` on stdout
+//! (an indicatif bar on a terminal, qemu-img's `\r`-separated lines elsewhere) and a
+//! newline when the job ends, whether it succeeded or not; without it, one such line on
+//! stderr per SIGUSR1.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,8 @@ pub struct Progress {
     display: Display,
     total: AtomicU64,
     done: AtomicU64,
+    /// The final line was ended.
+    ended: AtomicBool,
 }
 
 impl Progress {
@@ -44,8 +47,8 @@ impl Progress {
                 );
             }
             Display::OnSignal
-        } else if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(10_000), ProgressDrawTarget::stderr());
+        } else if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(10_000), ProgressDrawTarget::stdout());
             bar.set_style(
                 ProgressStyle::with_template("    ({msg}/100%)").expect("a valid template"),
             );
@@ -59,6 +62,7 @@ impl Progress {
             display,
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
         };
         p.show();
         p
@@ -99,9 +103,9 @@ impl Progress {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
                 if pct - *last >= 1.0 || (pct >= 100.0 && *last < 100.0) {
                     *last = pct;
-                    let mut e = std::io::stderr().lock();
-                    let _ = write!(e, "    ({pct:.2}/100%)\r");
-                    let _ = e.flush();
+                    let mut out = std::io::stdout().lock();
+                    let _ = write!(out, "    ({pct:.2}/100%)\r");
+                    let _ = out.flush();
                 }
             }
         }
@@ -116,10 +120,25 @@ impl Progress {
             self.done.store(1, Ordering::SeqCst);
         }
         self.show();
+        self.end();
+    }
+
+    /// End the line (qemu-img's `qemu_progress_end`), once.
+    fn end(&self) {
+        if self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
         match &self.display {
             Display::OnSignal => {}
             Display::Bar(bar) => bar.finish(),
-            Display::Text { .. } => eprintln!(),
+            Display::Text { .. } => println!(),
         }
+    }
+}
+
+impl Drop for Progress {
+    /// A job that failed ends its progress line too, as in qemu-img.
+    fn drop(&mut self) {
+        self.end();
     }
 }
