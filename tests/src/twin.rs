@@ -170,6 +170,37 @@ impl Twin {
         }
     }
 
+    /// Twin directories holding copies of every file in `src`, so that both tools start
+    /// from the same bytes (snapshot dates included, which two setups would not share).
+    pub fn copied_from(src: &Path) -> Twin {
+        Twin::new(|d| {
+            for e in std::fs::read_dir(src).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+            }
+        })
+    }
+
+    /// `qemu-img map` of `file` ([`map_json`], host offsets aside) the same in both
+    /// directories, each first passed through `normalize`.
+    pub fn compare_maps(
+        &self,
+        file: &str,
+        normalize: impl Fn(serde_json::Value) -> serde_json::Value,
+    ) -> Result<(), String> {
+        let map = |dir: &Path| map_json(dir, file).map(&normalize);
+        let (q, i) = (map(&self.qdir)?, map(&self.idir)?);
+        match text_diff(
+            "qemu-img map (qemu-img's image)",
+            &json_pretty(&q),
+            "qemu-img map (img's image)",
+            &json_pretty(&i),
+        ) {
+            Some(d) => Err(format!("map differs:\n{d}")),
+            None => Ok(()),
+        }
+    }
+
     /// qemu-img's directory.
     pub fn qemu_dir(&self) -> &Path {
         &self.qdir

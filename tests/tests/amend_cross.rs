@@ -7,7 +7,7 @@
 //! snapshots), `qemu-img map` (host offsets aside), guest contents, and the contents of
 //! every internal snapshot.
 
-use integration_tests::twin::{map_json, verbatim, Images, Names, Twin};
+use integration_tests::twin::{verbatim, Images, Names, Twin};
 use integration_tests::*;
 use std::path::Path;
 
@@ -160,22 +160,7 @@ fn compare_results(twin: &Twin, file: &str) -> Vec<String> {
     if file.ends_with(".raw") {
         return errs;
     }
-    match (
-        map_json(twin.qemu_dir(), file),
-        map_json(twin.img_dir(), file),
-    ) {
-        (Ok(q), Ok(i)) => {
-            if let Some(d) = text_diff(
-                "qemu-img map (qemu-img amended)",
-                &json_pretty(&q),
-                "qemu-img map (img amended)",
-                &json_pretty(&i),
-            ) {
-                errs.push(format!("map differs:\n{d}"));
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => errs.push(e),
-    }
+    errs.extend(twin.compare_maps(file, |m| m).err());
     let out = img_in(twin.img_dir(), &["check", "-U", file]);
     if !out.success() {
         errs.push(format!("img check of img's image:\n{}", out.report()));
@@ -211,12 +196,7 @@ fn without_repair_lines(text: &str) -> String {
 fn run_case(kind: &str, line: &str) -> Result<(), String> {
     let src = tempdir();
     setup(kind, src.path());
-    let twin = Twin::new(|d| {
-        for e in std::fs::read_dir(src.path()).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
-    });
+    let twin = Twin::copied_from(src.path());
     let args: Vec<&str> = std::iter::once("amend")
         .chain(line.split_whitespace())
         .collect();

@@ -6,7 +6,7 @@
 //! report the same `qemu-img info` (virtual size, format fields), map the same (data,
 //! zero, depth; host offsets aside) and read the same (`qemu-img compare`).
 
-use integration_tests::twin::{map_json, verbatim, Images, Names, Twin};
+use integration_tests::twin::{verbatim, Images, Names, Twin};
 use integration_tests::*;
 use std::path::Path;
 
@@ -169,12 +169,7 @@ fn run_case(kind: &str, line: &str) -> Result<(), String> {
     // Made once and copied, so that both tools start from the same bytes (snapshot dates).
     let src = tempdir();
     setup(kind, src.path());
-    let twin = Twin::new(|d| {
-        for e in std::fs::read_dir(src.path()).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
-    });
+    let twin = Twin::copied_from(src.path());
     let args: Vec<&str> = std::iter::once("resize")
         .chain(line.split_whitespace())
         .collect();
@@ -186,20 +181,10 @@ fn run_case(kind: &str, line: &str) -> Result<(), String> {
                 errs.push(e);
             }
             let preallocated = line.contains("--preallocation=metadata");
-            let map = |dir: &Path| map_json(dir, &file).map(|m| guest_map(m, preallocated));
-            match (map(twin.qemu_dir()), map(twin.img_dir())) {
-                (Ok(q), Ok(i)) => {
-                    if let Some(d) = text_diff(
-                        "qemu-img map (qemu-img resized)",
-                        &json_pretty(&q),
-                        "qemu-img map (img resized)",
-                        &json_pretty(&i),
-                    ) {
-                        errs.push(format!("map differs:\n{d}"));
-                    }
-                }
-                (Err(e), _) | (_, Err(e)) => errs.push(e),
-            }
+            errs.extend(
+                twin.compare_maps(&file, |m| guest_map(m, preallocated))
+                    .err(),
+            );
             if file.ends_with(".qcow2") {
                 // img's own check agrees that the image is clean.
                 let out = img_in(twin.img_dir(), &["check", "-U", &file]);
