@@ -9,6 +9,9 @@ use crate::iovec::{IoBuf, IoBufMut};
 pub enum Allocation {
     /// Data stored in this layer (or a layer below, see `depth`).
     Data,
+    /// Data allocated in a layer whose storage under it is a hole, so it reads as zeroes
+    /// (QEMU's data and zero both set), as after `preallocation=metadata`.
+    DataOverHole,
     /// Reads as zeroes because a layer says so (zero flag, hole, zero cluster).
     Zero,
     /// No layer of the chain has it; reads as zeroes.

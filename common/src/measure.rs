@@ -171,7 +171,7 @@ fn measure_qcow2(t: &Qcow2Target, size: u64, source: Option<&Image>) -> Result<M
         required = if t.has_backing {
             virtual_size
         } else {
-            allocated_clusters(src.driver(), cs)?
+            allocated_clusters(src, cs)?
         };
     }
     if matches!(t.prealloc, Preallocation::Full | Preallocation::Falloc) {
@@ -193,20 +193,69 @@ fn measure_qcow2(t: &Qcow2Target, size: u64, source: Option<&Image>) -> Result<M
 }
 
 /// Bytes of whole target clusters that hold data somewhere in the chain (zeroes and
-/// unallocated ranges skipped), as QEMU counts them with block status.
-fn allocated_clusters(d: &dyn BlockDriver, cs: u64) -> Result<u64> {
+/// unallocated ranges skipped), as QEMU counts them with block status. A qcow2 source
+/// without a backing file is counted on the walker; block status answers for the rest,
+/// and for a source whose metadata the walker finds fault with.
+fn allocated_clusters(src: &Image, cs: u64) -> Result<u64> {
+    if let Image::Qcow2(q) = src {
+        if q.backing().is_none() {
+            let mut touched = Touched::new(cs);
+            if q.data_ranges(&mut |r| touched.add(r))? {
+                return Ok(touched.bytes());
+            }
+        }
+    }
+    let d = src.driver();
     let size = d.size();
-    let (mut offset, mut required) = (0u64, 0u64);
+    let mut touched = Touched::new(cs);
+    let mut offset = 0u64;
     while offset < size {
         let st = d.block_status(offset, size - offset)?;
-        let mut pnum = st.len.max(1);
+        let len = st.len.max(1);
         if st.allocation == Allocation::Data {
-            pnum = (offset + pnum).next_multiple_of(cs) - offset;
-            required += offset % cs + pnum;
+            touched.add(offset..offset + len);
         }
-        offset += pnum;
+        offset += len;
     }
-    Ok(required)
+    Ok(touched.bytes())
+}
+
+/// The target clusters that ranges given in ascending order touch, each counted once:
+/// what QEMU's measure loop adds up when it rounds every data run out to whole clusters.
+struct Touched {
+    cluster: u64,
+    /// The last cluster counted.
+    last: Option<u64>,
+    clusters: u64,
+}
+
+impl Touched {
+    fn new(cluster: u64) -> Touched {
+        Touched {
+            cluster,
+            last: None,
+            clusters: 0,
+        }
+    }
+
+    fn add(&mut self, r: std::ops::Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let mut first = r.start / self.cluster;
+        let end = (r.end - 1) / self.cluster;
+        if let Some(last) = self.last {
+            first = first.max(last + 1);
+        }
+        if first <= end {
+            self.clusters += end - first + 1;
+            self.last = Some(end);
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.clusters * self.cluster
+    }
 }
 
 /// QEMU's `qcow2_get_persistent_dirty_bitmap_size` for bitmaps over `len` guest bytes:
@@ -236,6 +285,17 @@ mod tests {
             prealloc: Preallocation::Off,
             has_backing: false,
         }
+    }
+
+    #[test]
+    fn touched_clusters_count_once() {
+        let mut t = Touched::new(64);
+        t.add(0..10);
+        t.add(20..30); // same cluster
+        t.add(60..130); // clusters 0 (counted), 1 and 2
+        t.add(130..130); // empty
+        t.add(640..641);
+        assert_eq!(t.bytes(), 4 * 64);
     }
 
     /// Values captured from `qemu-img measure -O qcow2 --size N -o ...` (10.0.2).

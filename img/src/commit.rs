@@ -213,7 +213,8 @@ fn plan(top: &dyn BlockDriver, base: &dyn BlockDriver, depth: u32) -> common::Re
             // Asking for more than one request's worth would only map clusters to drop:
             // what comes of it is the same in steps of MAX_IO (a multiple of `g`).
             let st = top.block_status(off, (run.end - off).min(MAX_IO))?;
-            let data = st.allocation == Allocation::Data;
+            // Like QEMU's mirror, data over a hole is still data: copied, not zeroed.
+            let data = matches!(st.allocation, Allocation::Data | Allocation::DataOverHole);
             let mut io = if data { st.len.min(MAX_IO) } else { st.len };
             io -= io % g;
             let mut whole = None;

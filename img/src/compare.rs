@@ -168,7 +168,7 @@ impl Side {
                 )
             })?;
         let flags = Flags {
-            data: s.allocation == Allocation::Data,
+            data: matches!(s.allocation, Allocation::Data | Allocation::DataOverHole),
             zero: s.allocation != Allocation::Data,
             offset_valid: s.host_offset.is_some(),
             allocated: match s.allocation {

@@ -144,6 +144,11 @@ impl<'a> Mapper<'a> {
         Ok(self.with_file(match s.allocation {
             Allocation::Data => MapEntry { data: true, ..base },
             Allocation::Zero => MapEntry { zero: true, ..base },
+            Allocation::DataOverHole => MapEntry {
+                data: true,
+                zero: true,
+                ..base
+            },
             Allocation::Unallocated => MapEntry {
                 depth: unallocated_depth(top, at),
                 present: false,

@@ -169,6 +169,19 @@ fn make_images(dir: &Path) -> Vec<(&'static str, &'static str)> {
         ],
     );
     std::fs::write(dir.join("odd.raw"), vec![0u8; 1000]).unwrap();
+    // Metadata preallocation (qemu then reads data over holes as zeroes), and over it.
+    qimg(
+        dir,
+        "create -q -f qcow2 -o preallocation=metadata pm.qcow2 4M",
+    );
+    qio(
+        dir,
+        "pm.qcow2",
+        "qcow2",
+        &["write -P 1 0 100k", "write -P 2 2M 64k"],
+    );
+    qimg(dir, "create -q -f qcow2 -b pm.qcow2 -F qcow2 pm-top.qcow2");
+    qio(dir, "pm-top.qcow2", "qcow2", &["write -P 3 64k 64k"]);
     vec![
         ("empty.qcow2", "qcow2"),
         ("data.qcow2", "qcow2"),
@@ -188,6 +201,8 @@ fn make_images(dir: &Path) -> Vec<(&'static str, &'static str)> {
         ("ov2.qcow2", "qcow2"),
         ("sparse.raw", "raw"),
         ("odd.raw", "raw"),
+        ("pm.qcow2", "qcow2"),
+        ("pm-top.qcow2", "qcow2"),
     ]
 }
 

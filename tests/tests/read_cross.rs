@@ -263,7 +263,7 @@ fn check_block_status(path: &Path, dir: &Path, raw_depths: &[u32]) -> Result<(),
             } else if data && !zero {
                 st.allocation == Allocation::Data && st.depth == depth
             } else if data && zero {
-                st.allocation != Allocation::Unallocated
+                st.allocation == Allocation::DataOverHole && st.depth == depth
             } else if raw_depths.contains(&depth) {
                 // Hole in a raw layer.
                 st.allocation != Allocation::Unallocated

@@ -13,6 +13,7 @@ pub mod compress;
 mod compressed;
 mod counts;
 pub mod create;
+mod data_ranges;
 pub mod entry;
 pub mod header;
 mod inflight;
@@ -21,6 +22,7 @@ mod make_empty;
 mod mapping;
 mod meta;
 mod overlap;
+mod prealloc_detect;
 mod preallocate;
 mod read;
 mod rebuild;
@@ -37,7 +39,7 @@ mod zero;
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::backing::BackingRef;
 use crate::driver::{BlockDriver, BlockStatus};
@@ -70,6 +72,8 @@ pub struct Qcow2Image {
     dirty: Mutex<Option<bitmap_ops::DirtyLog>>,
     /// The image had a stale bitmaps extension when it was opened.
     stale_bitmaps: bool,
+    /// Block status looks for holes under data clusters (`prealloc_detect`).
+    reads_holes: OnceLock<bool>,
 }
 
 /// Read and validate the header from the start of `storage`.
@@ -198,6 +202,7 @@ impl Qcow2Image {
             bitmaps_settled: AtomicBool::new(settled),
             dirty: Mutex::new(None),
             stale_bitmaps,
+            reads_holes: OnceLock::new(),
         })
     }
 

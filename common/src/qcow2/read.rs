@@ -184,7 +184,24 @@ impl Qcow2Image {
             compressed: false,
         };
         Ok(match run.kind {
-            Kind::Data { host } => status(Allocation::Data, Some(host.0)),
+            Kind::Data { host } => {
+                let (hole, len) = if self.reads_holes() {
+                    self.host_run(host.0, run.len)?
+                } else {
+                    (false, run.len)
+                };
+                BlockStatus {
+                    len,
+                    ..status(
+                        if hole {
+                            Allocation::DataOverHole
+                        } else {
+                            Allocation::Data
+                        },
+                        Some(host.0),
+                    )
+                }
+            }
             Kind::Compressed(_) => BlockStatus {
                 compressed: true,
                 ..status(Allocation::Data, None)
@@ -201,6 +218,19 @@ impl Qcow2Image {
                 }
                 _ => status(Allocation::Unallocated, run.reserved.map(|h| h.0)),
             },
+        })
+    }
+
+    /// Whether the `len` bytes of the file at `host` start over a hole (or past its end),
+    /// and for how many bytes that holds: QEMU asks the file the same way.
+    pub(super) fn host_run(&self, host: u64, len: u64) -> Result<(bool, u64)> {
+        let next = io("Failed to query allocation", self.storage.next_data(host))?;
+        Ok(match next {
+            Some((start, stop)) if start <= host => {
+                (false, stop.saturating_sub(host).clamp(1, len))
+            }
+            Some((start, _)) => (true, (start - host).min(len)),
+            None => (true, len),
         })
     }
 }

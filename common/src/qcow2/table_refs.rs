@@ -23,7 +23,7 @@ impl Meta {
         let g = self.geo();
         let mut counts = ClusterCounts::new(g.refblock_bits());
         let mut problem = None;
-        self.walk_table(l1, offset, table, &mut |visit| {
+        self.walk_table(l1, (offset, table), true, &mut |visit| {
             match visit {
                 Visit::Structure { .. } => {}
                 Visit::L2Table { offset, .. } => {

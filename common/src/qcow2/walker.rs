@@ -268,17 +268,18 @@ impl Meta {
 
     /// Walk the references of one L1 table, `table` at `offset` (the active one or a
     /// snapshot's, as `l1` says), with shared tables visited once as in
-    /// [`Meta::walk_shared_once`]. Returns `Flow::Stop` if the visitor stopped it.
+    /// [`Meta::walk_shared_once`] when `shared_once`. Returns `Flow::Stop` if the visitor
+    /// stopped it.
     pub(crate) fn walk_table(
         &mut self,
         l1: L1Source,
-        offset: u64,
-        table: &[u64],
+        (offset, table): (u64, &[u64]),
+        shared_once: bool,
         v: &mut Visitor<'_>,
     ) -> Result<Flow> {
         let file_len = self.file_len()?;
         let bytes = table.len() as u64 * 8;
-        self.walk_l1(l1, offset, bytes, table, (file_len, true), v)
+        self.walk_l1(l1, offset, bytes, table, (file_len, shared_once), v)
     }
 
     fn walk_with(&mut self, shared_once: bool, v: &mut Visitor<'_>) -> Result<Flow> {

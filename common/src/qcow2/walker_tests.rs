@@ -356,7 +356,7 @@ fn walking_one_table_matches_the_whole_walk() {
         }
         let mut got: HashMap<(u64, usize), u64> = HashMap::new();
         let mut got_tables = Vec::new();
-        m.walk_table(src, off, &table, &mut |v| {
+        m.walk_table(src, (off, &table), true, &mut |v| {
             match v {
                 Visit::Entry {
                     table, index, uses, ..

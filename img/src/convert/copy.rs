@@ -124,7 +124,8 @@ impl Sources {
         let kind = match st.allocation {
             _ if top_only && st.depth > 0 => Kind::Backing,
             Allocation::Data => Kind::Data,
-            Allocation::Zero => Kind::Zero,
+            // QEMU copies nothing that reads as zeroes, whatever is allocated there.
+            Allocation::Zero | Allocation::DataOverHole => Kind::Zero,
             Allocation::Unallocated if top_only => Kind::Backing,
             Allocation::Unallocated => Kind::Zero,
         };
