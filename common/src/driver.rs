@@ -103,6 +103,12 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The file this layer keeps its guest data in, at the host offsets block status
+    /// reports, for copies the kernel makes between files.
+    fn data_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// The backing file this layer names, as stored (unresolved), if it names one.
     fn backing_ref(&self) -> Option<BackingRef> {
         None

@@ -7,6 +7,7 @@
 
 pub mod backing;
 pub mod check;
+pub mod copy_offload;
 pub mod create;
 pub mod direct_io;
 pub mod driver;

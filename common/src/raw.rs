@@ -108,6 +108,28 @@ impl RawImage {
         &*self.storage
     }
 
+    /// Copy `len` bytes at `from_offset` of `from` to guest `offset` inside the kernel
+    /// (convert's copy offloading). `Ok(false)` where that cannot be done, for the caller
+    /// to write instead: the files do not allow it, or the copy would touch the first
+    /// sectors of a probed image, which only the guarded write path may change.
+    pub fn copy_in(
+        &self,
+        from: &std::fs::File,
+        from_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        self.check_write(offset, len)?;
+        if self.probed && offset < PROBE_LEN {
+            return Ok(false);
+        }
+        let Some(to) = self.storage.file() else {
+            return Ok(false);
+        };
+        crate::storage::copy_between(from, from_offset, to, offset, len)
+            .map_err(|e| Error::io("Failed to write", e))
+    }
+
     fn check_write(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -255,6 +277,10 @@ impl BlockDriver for RawImage {
             host_offset: Some(offset),
             compressed: false,
         })
+    }
+
+    fn data_file(&self) -> Option<&std::fs::File> {
+        self.storage.file()
     }
 
     fn allocated_file_size(&self) -> Result<u64> {

@@ -59,6 +59,50 @@ pub trait Storage: Send + Sync {
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>>;
     /// Bytes actually allocated on the host.
     fn allocated_size(&self) -> io::Result<u64>;
+    /// The open file under this storage, for copies the kernel makes between files.
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// Copy `len` bytes at `from_offset` of `from` to `to_offset` of `to` inside the kernel
+/// (copy_file_range). `Ok(false)` when the files do not allow it (a kernel or filesystem
+/// without it, a range past the end of `from`): the caller copies by reading and writing.
+pub fn copy_between(
+    from: &File,
+    from_offset: u64,
+    to: &File,
+    to_offset: u64,
+    len: u64,
+) -> io::Result<bool> {
+    let (mut src, mut dst, mut left) = (from_offset as i64, to_offset as i64, len);
+    while left > 0 {
+        let step = left.min(1 << 30) as usize;
+        // SAFETY: valid fds and offsets owned by this frame; the kernel copies between
+        // the files and writes only the two offsets.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut src,
+                to.as_raw_fd(),
+                &mut dst,
+                step,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        left -= n as u64;
+    }
+    Ok(true)
 }
 
 /// A [`Storage`] on an open file.
@@ -318,6 +362,10 @@ impl Storage for FileStorage {
     fn allocated_size(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

@@ -9,6 +9,8 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 
 mod copy;
+mod sources;
+mod throttle;
 
 use crate::create_opts::{
     has_help_option, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS,
@@ -18,10 +20,12 @@ use crate::imgopen::open_named;
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::snapshot_param::parse_snapshot_param;
-use copy::{copy, CopyPlan, Sources};
+use copy::{copy, CopyPlan};
+use sources::Sources;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-q] [-n] [-W] [-m N] [-S SIZE]
-/// [-B BACKING [-F FMT]] [--target-is-zero] [-U] [-t CACHE] [-T CACHE] SRC... DST`
+/// [-B BACKING [-F FMT]] [--target-is-zero] [-C] [-r RATE] [--salvage] [-U] [-t CACHE]
+/// [-T CACHE] SRC... DST`
 #[derive(Args, Debug, Default)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given)
@@ -70,6 +74,20 @@ pub struct ConvertArgs {
     /// Format of the backing file
     #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     pub backing_format: Option<String>,
+    /// Let the kernel copy data between the files where it can
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_offload: bool,
+    /// Write at most this many bytes per second to the output
+    #[arg(
+        short = 'r',
+        long = "rate-limit",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
+    pub rate_limit: Option<String>,
+    /// Turn what cannot be read from the sources into zeroes, with a warning
+    #[arg(long = "salvage")]
+    pub salvage: bool,
     /// The existing output image (-n) already reads as zeroes
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
@@ -112,8 +130,27 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         None => DEFAULT_MIN_SPARSE,
         Some(s) => parse_min_sparse(s)?,
     };
+    let rate_limit = match &a.rate_limit {
+        None => 0,
+        Some(s) => cvtnum("rate limit", s).map_err(Failure::msg)?,
+    };
     let options = joined_options(&a.options)?;
     let out_fmt = a.output_format.as_deref().unwrap_or("raw");
+    if a.copy_offload {
+        if a.compress {
+            return Err(Failure::msg(
+                "Cannot enable copy offloading when -c is used",
+            ));
+        }
+        if a.sparse_size.is_some() {
+            return Err(Failure::msg(
+                "Cannot enable copy offloading when -S is used",
+            ));
+        }
+        if a.salvage {
+            return Err(Failure::msg("Cannot use copy offloading in salvaging mode"));
+        }
+    }
     if a.no_create && options.is_some() {
         return Err(Failure::msg(
             "-o has no effect when skipping image creation",
@@ -256,6 +293,10 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             .then(|| image.layer(1).map(|b| b.size()))
             .flatten(),
         cluster_size: image.info().ok().and_then(|i| i.cluster_size),
+        offload: a.copy_offload,
+        salvage: a.salvage,
+        quiet: a.quiet,
+        rate_limit,
     };
     copy(&sources, &image, &plan, &progress).map_err(Failure::msg)?;
     progress.finish();

@@ -44,6 +44,15 @@ pub fn engine_msg(e: &common::Error) -> String {
     strip_os_error(&e.to_string())
 }
 
+/// The error text qemu-img prints for a failed guest read: data the format cannot decode
+/// (a compressed cluster that does not inflate) fails there with EIO.
+pub fn io_msg(e: &common::Error) -> String {
+    match e {
+        common::Error::Corrupt { .. } => "Input/output error".to_string(),
+        _ => engine_msg(e),
+    }
+}
+
 /// Remove every ` (os error N)` that `std::io::Error`'s `Display` adds.
 pub fn strip_os_error(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -468,6 +468,11 @@ fn errors_match_qemu() {
         &["convert", "-f", "qcow2", "src.raw", "o.raw"],
         &["convert", "-O", "bogus", "src.raw", "o.raw"],
         &["convert", "--target-is-zero", "src.raw", "o.raw"],
+        &["convert", "-C", "-c", "-O", "qcow2", "src.raw", "o.qcow2"],
+        &["convert", "-C", "-S", "4k", "src.raw", "o.raw"],
+        &["convert", "-C", "--salvage", "src.raw", "o.raw"],
+        &["convert", "-r", "x", "src.raw", "o.raw"],
+        &["convert", "-r", "-1", "src.raw", "o.raw"],
         &[
             "convert",
             "-n",
@@ -722,4 +727,109 @@ fn snapshots_convert_like_qemu() {
         f.record(line, pair.verdict(errs));
     }
     f.finish();
+}
+
+/// `-C`: the same output, allocation included (data copied whole, not scanned for
+/// zeroes), from every kind of source into raw and qcow2; `-r`: qemu-img's limit on the
+/// write rate; `--salvage`: an unreadable compressed cluster becomes zeroes with
+/// qemu-img's warnings, where without it the convert fails with qemu-img's error.
+#[test]
+fn copy_offload_rate_limit_and_salvage() {
+    let twin = env();
+    let mut f = Failures::new();
+    for src in [
+        "src.raw",
+        "c64k.qcow2",
+        "xl2.qcow2",
+        "zlib.qcow2",
+        "top.qcow2",
+    ] {
+        for fmt in ["raw", "qcow2"] {
+            let out = format!("out.{fmt}");
+            let a = args(&["convert", "-C", "-O", fmt, src, &out]);
+            let pair = twin.run(&a);
+            let mut errs = pair.differences(Names::Prefix, verbatim);
+            if pair.both_succeeded() {
+                errs.extend(twin.compare_images(&out, Images::default()).err());
+                errs.extend(identical(twin.img_dir(), src, &out).err());
+                errs.extend(twin.compare_maps(&out, |m| m).err());
+            }
+            twin.remove(&out);
+            f.record(&a.join(" "), pair.verdict(errs));
+        }
+    }
+    // 8 MiB of data at 4 MiB/s: qemu-img takes about 1.4 s (a request passes while the
+    // bucket holds a tenth of a second's worth), and img must not be faster.
+    qemu_img_in(
+        twin.img_dir(),
+        &["create", "-q", "-f", "raw", "full.raw", "8M"],
+    )
+    .ok();
+    qemu_io_cmds(
+        &twin.img_dir().join("full.raw"),
+        "raw",
+        &["write -P 1 0 8M".into()],
+    );
+    let start = std::time::Instant::now();
+    let a = args(&["convert", "-r", "4M", "-O", "raw", "full.raw", "slow.raw"]);
+    let out = Tool::img().run(Some(twin.img_dir()), &a);
+    let took = start.elapsed();
+    f.record(
+        "-r 4M",
+        ensure(out.success(), || out.report()).and_then(|()| {
+            ensure(took >= std::time::Duration::from_millis(1000), || {
+                format!("8 MiB at 4 MiB/s took only {took:?}")
+            })
+        }),
+    );
+    // A compressed cluster whose deflate stream is broken.
+    for d in [twin.qemu_dir(), twin.img_dir()] {
+        qemu_img_in(d, &["create", "-q", "-f", "qcow2", "plain.qcow2", "1M"]).ok();
+        qemu_io_cmds(
+            &d.join("plain.qcow2"),
+            "qcow2",
+            &["write -P 0x41 0 1M".into()],
+        );
+        qemu_img_in(
+            d,
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "plain.qcow2",
+                "broken.qcow2",
+            ],
+        )
+        .ok();
+        let path = d.join("broken.qcow2");
+        let mut img = std::fs::read(&path).unwrap();
+        let host = first_compressed_offset(&img);
+        img[host as usize..host as usize + 64].fill(0xff);
+        std::fs::write(&path, img).unwrap();
+    }
+    for extra in [&["--salvage"][..], &[], &["--salvage", "-q"]] {
+        let mut a = args(&["convert"]);
+        a.extend(args(extra));
+        a.extend(args(&["-O", "raw", "broken.qcow2", "salvaged.raw"]));
+        let pair = twin.run(&a);
+        let mut errs = pair.differences(Names::Prefix, verbatim);
+        if pair.both_succeeded() {
+            errs.extend(twin.compare_images("salvaged.raw", Images::default()).err());
+        }
+        twin.remove("salvaged.raw");
+        f.record(&a.join(" "), pair.verdict(errs));
+    }
+    f.finish();
+}
+
+/// Host offset of the compressed data of the first guest cluster of a qcow2 file whose
+/// first cluster is compressed (64 KiB clusters).
+fn first_compressed_offset(img: &[u8]) -> u64 {
+    let be = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
+    let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(l2);
+    assert!(entry & (1 << 62) != 0, "cluster 0 is not compressed");
+    // 64 KiB clusters: the offset field is the low 62 - (16 - 8) = 54 bits.
+    entry & ((1 << 54) - 1)
 }

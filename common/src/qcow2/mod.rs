@@ -384,6 +384,13 @@ impl BlockDriver for Qcow2Image {
             .map_err(|e| Error::io("Could not get allocated size", e))
     }
 
+    fn data_file(&self) -> Option<&std::fs::File> {
+        if self.external_data {
+            return None;
+        }
+        self.storage.file()
+    }
+
     fn backing(&self) -> Option<&dyn BlockDriver> {
         self.backing.as_deref()
     }

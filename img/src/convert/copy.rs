@@ -6,9 +6,11 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use common::open::{Format, Image};
 use common::ops::CompressedCluster;
-use common::{open::Image, Allocation};
 
+use super::sources::{Kind, Sources, SECTOR};
+use super::throttle::Throttle;
 use crate::errors::engine_msg;
 use crate::progress::Progress;
 
@@ -18,8 +20,6 @@ const CHUNK: u64 = 2 << 20;
 /// Largest chunk when compressing: a worker holds its chunk and the compressed clusters
 /// until its turn to write, so small chunks keep memory near qemu-img's.
 const COMPRESSED_CHUNK: u64 = 256 << 10;
-/// QEMU counts image lengths in 512-byte sectors.
-const SECTOR: u64 = 512;
 
 /// How to copy, decided from the command line and the target.
 #[derive(Debug, Clone)]
@@ -41,119 +41,22 @@ pub struct CopyPlan {
     pub backing_end: Option<u64>,
     /// The target's cluster size, for formats with clusters.
     pub cluster_size: Option<u64>,
+    /// Let the kernel copy data ranges between the files where it can (`-C`); data so
+    /// copied is not scanned for zeroes, as in qemu-img.
+    pub offload: bool,
+    /// Unreadable source ranges become zeroes with a warning (`--salvage`).
+    pub salvage: bool,
+    /// No warnings (`-q`).
+    pub quiet: bool,
+    /// Bytes per second written to the target at most (`-r`), 0 for no limit.
+    pub rate_limit: u64,
 }
 
-/// What an extent of the sources needs in the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Read it and write what is not zero.
-    Data,
-    /// It reads as zeroes.
-    Zero,
-    /// The target's backing file provides it.
-    Backing,
-}
-
-/// The source images, concatenated. Each counts in whole sectors as in QEMU: bytes past a
-/// source's end, up to its next sector boundary, read as zeroes.
-pub struct Sources {
-    parts: Vec<Part>,
-    size: u64,
-}
-
-struct Part {
-    image: Image,
-    /// Where it starts in the concatenation.
-    start: u64,
-    /// Its length in the concatenation (whole sectors).
-    len: u64,
-    /// Its own size in bytes.
-    bytes: u64,
-}
-
-impl Sources {
-    /// The images in command-line order.
-    pub fn new(images: Vec<Image>) -> Sources {
-        let mut start = 0;
-        let parts = images
-            .into_iter()
-            .map(|image| {
-                let bytes = image.driver().size();
-                let len = bytes.next_multiple_of(SECTOR);
-                let p = Part {
-                    image,
-                    start,
-                    len,
-                    bytes,
-                };
-                start += len;
-                p
-            })
-            .collect();
-        Sources { parts, size: start }
-    }
-
-    /// Total length of the concatenation.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn part(&self, offset: u64) -> &Part {
-        let i = self.parts.partition_point(|p| p.start + p.len <= offset);
-        &self.parts[i]
-    }
-
-    /// What the run starting at `offset` is, and where it ends (never past a source's end).
-    /// With `top_only`, only a source's own layer counts as data or zeroes.
-    fn status(&self, offset: u64, top_only: bool) -> Result<(Kind, u64), String> {
-        let p = self.part(offset);
-        let rel = offset - p.start;
-        if rel >= p.bytes {
-            return Ok((Kind::Zero, p.start + p.len));
+impl CopyPlan {
+    fn warn(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("img: warning: {msg}");
         }
-        let st = p
-            .image
-            .driver()
-            .block_status(rel, p.bytes - rel)
-            .map_err(|e| {
-                format!(
-                    "error while reading block status at offset {offset}: {}",
-                    engine_msg(&e)
-                )
-            })?;
-        let kind = match st.allocation {
-            _ if top_only && st.depth > 0 => Kind::Backing,
-            Allocation::Data => Kind::Data,
-            // QEMU copies nothing that reads as zeroes, whatever is allocated there.
-            Allocation::Zero | Allocation::DataOverHole => Kind::Zero,
-            Allocation::Unallocated if top_only => Kind::Backing,
-            Allocation::Unallocated => Kind::Zero,
-        };
-        let end = if rel + st.len >= p.bytes {
-            p.start + p.len
-        } else {
-            offset + st.len
-        };
-        Ok((kind, end))
-    }
-
-    /// Read `buf.len()` bytes at `offset` of the concatenation.
-    fn read(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), String> {
-        while !buf.is_empty() {
-            let p = self.part(offset);
-            let rel = offset - p.start;
-            let n = buf.len().min((p.start + p.len - offset) as usize);
-            let (here, rest) = buf.split_at_mut(n);
-            let stored = (p.bytes.saturating_sub(rel) as usize).min(n);
-            p.image
-                .driver()
-                .read_at(&mut here[..stored], rel)
-                .map_err(|e| format!("error while reading at byte {offset}: {}", engine_msg(&e)))?;
-            here[stored..].fill(0);
-            offset += n as u64;
-            buf = rest;
-        }
-        Ok(())
     }
 }
 
@@ -184,7 +87,13 @@ impl Planner<'_> {
                 return Ok((kind, end));
             }
         }
-        let (mut kind, mut end) = self.src.status(pos, self.plan.target_backing)?;
+        let top_only = self.plan.target_backing;
+        let (mut kind, mut end) = if self.plan.salvage {
+            self.src
+                .status_salvaging(pos, top_only, &|m| self.plan.warn(m))?
+        } else {
+            self.src.status(pos, top_only, u64::MAX)?
+        };
         if let Some(be) = self.plan.backing_end {
             if pos < be {
                 end = end.min(be);
@@ -264,6 +173,11 @@ enum Op {
         data: Range<usize>,
         packed: CompressedCluster,
     },
+    /// The kernel copies the range from the sources (`-C`).
+    Offload {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// What the workers share.
@@ -281,6 +195,9 @@ struct Shared<'a> {
     /// The unit of zero detection.
     zero_unit: u64,
     target_size: u64,
+    /// Copy offloading is on: asked for, and not yet refused by the files.
+    offload: AtomicBool,
+    throttle: Throttle,
 }
 
 impl Shared<'_> {
@@ -318,7 +235,15 @@ impl Shared<'_> {
             if self.plan.in_order && !self.wait_turn(chunk.seq) {
                 return;
             }
-            let r = self.execute(ops, &buf);
+            let r = match self.execute(ops, &buf) {
+                // As qemu-img: once the files refuse offloading, copy as without -C.
+                Ok(false) => {
+                    self.offload.store(false, Ordering::Relaxed);
+                    self.prepare(&chunk, &mut buf)
+                        .and_then(|ops| self.execute(ops, &buf).map(drop))
+                }
+                r => r.map(drop),
+            };
             if self.plan.in_order {
                 *self.turn.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 self.turn_changed.notify_all();
@@ -356,9 +281,24 @@ impl Shared<'_> {
                 buf.clear();
                 buf.resize(len, 0);
             }
+            // The kernel copies into raw files; into other formats the data is written
+            // whole, as QEMU's copy offloading into qcow2 leaves it.
+            Kind::Data
+                if self.offload.load(Ordering::Relaxed) && self.target.format() == Format::Raw =>
+            {
+                return Ok(vec![Op::Offload {
+                    offset: c.offset,
+                    len: c.len,
+                }]);
+            }
             Kind::Data => {
                 buf.resize(len, 0);
-                self.src.read(c.offset, &mut buf[..len])?;
+                if plan.salvage {
+                    let warn = |m: &str| plan.warn(m);
+                    self.src.read_salvaging(c.offset, &mut buf[..len], &warn)?;
+                } else {
+                    self.src.read(c.offset, &mut buf[..len])?;
+                }
             }
         }
         let mut ops = Vec::new();
@@ -391,10 +331,14 @@ impl Shared<'_> {
                     }
                 }
             }
-            _ if plan.min_sparse == 0 => ops.push(Op::Write {
-                offset: c.offset,
-                data: 0..len,
-            }),
+            _ if plan.min_sparse == 0
+                || (c.kind == Kind::Data && self.offload.load(Ordering::Relaxed)) =>
+            {
+                ops.push(Op::Write {
+                    offset: c.offset,
+                    data: 0..len,
+                })
+            }
             _ => self.split_zero_runs(c.offset, &buf[..len], &mut ops),
         }
         Ok(ops)
@@ -440,24 +384,41 @@ impl Shared<'_> {
         (!self.plan.has_zero_init).then_some(Op::Zeroes { offset, len })
     }
 
-    fn execute(&self, ops: Vec<Op>, buf: &[u8]) -> Result<(), String> {
+    /// Make the writes; `Ok(false)` when the files refused an offloaded copy.
+    fn execute(&self, ops: Vec<Op>, buf: &[u8]) -> Result<bool, String> {
         let t = self.target;
         for op in ops {
             let (offset, r) = match op {
-                Op::Write { offset, data } => (offset, t.driver().write_at(&buf[data], offset)),
-                Op::Zeroes { offset, len } => (offset, t.driver().write_zeroes(offset, len, true)),
+                Op::Write { offset, data } => {
+                    self.throttle.admit(data.len() as u64);
+                    (offset, t.driver().write_at(&buf[data], offset))
+                }
+                Op::Zeroes { offset, len } => {
+                    self.throttle.admit(len);
+                    (offset, t.driver().write_zeroes(offset, len, true))
+                }
                 Op::Compressed {
                     offset,
                     data,
                     packed,
-                } => (
-                    offset,
-                    t.write_compressed_prepared(offset, &buf[data], &packed),
-                ),
+                } => {
+                    self.throttle.admit(data.len() as u64);
+                    let r = t.write_compressed_prepared(offset, &buf[data], &packed);
+                    (offset, r)
+                }
+                Op::Offload { offset, len } => {
+                    self.throttle.admit(len);
+                    // Any failure falls back to reading and writing, which reports
+                    // whatever is really wrong.
+                    if !self.src.copy_out(offset, len, t).unwrap_or(false) {
+                        return Ok(false);
+                    }
+                    continue;
+                }
             };
             r.map_err(|e| format!("error while writing at byte {offset}: {}", engine_msg(&e)))?;
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -491,6 +452,8 @@ pub fn copy(
         // A cluster is allocated whole anyway: no point in finer zero runs.
         zero_unit: sparse_unit.max(plan.cluster_size.unwrap_or(1)).min(CHUNK),
         target_size: target.driver().size(),
+        offload: AtomicBool::new(plan.offload),
+        throttle: Throttle::new(plan.rate_limit),
     };
     progress.start(src.size());
     let workers = if plan.compressed {

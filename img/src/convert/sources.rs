@@ -1,0 +1,192 @@
+//! The source images of `img convert`, concatenated: what each extent needs in the
+//! target (from block status), reads across their boundaries, and `--salvage`, which
+//! turns what cannot be read into zeroes with a warning instead of failing.
+
+use common::copy_offload::copy_range;
+use common::{open::Image, Allocation};
+
+use crate::errors::{engine_msg, io_msg};
+
+/// QEMU counts image lengths in 512-byte sectors.
+pub(super) const SECTOR: u64 = 512;
+
+/// What an extent of the sources needs in the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Read it and write what is not zero.
+    Data,
+    /// It reads as zeroes.
+    Zero,
+    /// The target's backing file provides it.
+    Backing,
+}
+
+/// The source images, concatenated. Each counts in whole sectors as in QEMU: bytes past a
+/// source's end, up to its next sector boundary, read as zeroes.
+pub struct Sources {
+    parts: Vec<Part>,
+    size: u64,
+}
+
+struct Part {
+    image: Image,
+    /// Where it starts in the concatenation.
+    start: u64,
+    /// Its length in the concatenation (whole sectors).
+    len: u64,
+    /// Its own size in bytes.
+    bytes: u64,
+}
+
+impl Sources {
+    /// The images in command-line order.
+    pub fn new(images: Vec<Image>) -> Sources {
+        let mut start = 0;
+        let parts = images
+            .into_iter()
+            .map(|image| {
+                let bytes = image.driver().size();
+                let len = bytes.next_multiple_of(SECTOR);
+                let p = Part {
+                    image,
+                    start,
+                    len,
+                    bytes,
+                };
+                start += len;
+                p
+            })
+            .collect();
+        Sources { parts, size: start }
+    }
+
+    /// Total length of the concatenation.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn part(&self, offset: u64) -> &Part {
+        let i = self.parts.partition_point(|p| p.start + p.len <= offset);
+        &self.parts[i]
+    }
+
+    /// What the run starting at `offset` is, and where it ends (never past a source's end).
+    /// With `top_only`, only a source's own layer counts as data or zeroes.
+    pub(super) fn status(
+        &self,
+        offset: u64,
+        top_only: bool,
+        limit: u64,
+    ) -> Result<(Kind, u64), String> {
+        let p = self.part(offset);
+        let rel = offset - p.start;
+        if rel >= p.bytes {
+            return Ok((Kind::Zero, p.start + p.len));
+        }
+        let st = p
+            .image
+            .driver()
+            .block_status(rel, (p.bytes - rel).min(limit))
+            .map_err(|e| {
+                format!(
+                    "error while reading block status at offset {offset}: {}",
+                    engine_msg(&e)
+                )
+            })?;
+        let kind = match st.allocation {
+            _ if top_only && st.depth > 0 => Kind::Backing,
+            Allocation::Data => Kind::Data,
+            // QEMU copies nothing that reads as zeroes, whatever is allocated there.
+            Allocation::Zero | Allocation::DataOverHole => Kind::Zero,
+            Allocation::Unallocated if top_only => Kind::Backing,
+            Allocation::Unallocated => Kind::Zero,
+        };
+        let end = if rel + st.len >= p.bytes {
+            p.start + p.len
+        } else {
+            offset + st.len
+        };
+        Ok((kind, end))
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the concatenation.
+    pub(super) fn read(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), String> {
+        while !buf.is_empty() {
+            let p = self.part(offset);
+            let rel = offset - p.start;
+            let n = buf.len().min((p.start + p.len - offset) as usize);
+            let (here, rest) = buf.split_at_mut(n);
+            let stored = (p.bytes.saturating_sub(rel) as usize).min(n);
+            p.image
+                .driver()
+                .read_at(&mut here[..stored], rel)
+                .map_err(|e| format!("error while reading at byte {offset}: {}", io_msg(&e)))?;
+            here[stored..].fill(0);
+            offset += n as u64;
+            buf = rest;
+        }
+        Ok(())
+    }
+}
+
+impl Sources {
+    /// Have the kernel copy `len` bytes at `offset` of the concatenation to the same
+    /// offset of `target` (`-C`); `Ok(false)` where the files do not allow it.
+    pub(super) fn copy_out(&self, offset: u64, len: u64, target: &Image) -> common::Result<bool> {
+        let p = self.part(offset);
+        let rel = offset - p.start;
+        if rel + len > p.bytes {
+            return Ok(false);
+        }
+        copy_range(p.image.driver(), rel, target, offset, len)
+    }
+
+    /// [`Sources::status`], but an error is retried on ever shorter ranges and, for a
+    /// single sector, passed to `warn` and taken for data (QEMU's `--salvage`).
+    pub(super) fn status_salvaging(
+        &self,
+        offset: u64,
+        top_only: bool,
+        warn: &dyn Fn(&str),
+    ) -> Result<(Kind, u64), String> {
+        let mut limit = u64::MAX;
+        loop {
+            match self.status(offset, top_only, limit) {
+                Ok(r) => return Ok(r),
+                Err(e) if limit <= SECTOR => {
+                    warn(&e);
+                    return Ok((Kind::Data, offset + SECTOR));
+                }
+                Err(_) => {
+                    let left = (self.size - offset).min(limit);
+                    limit = left.div_ceil(SECTOR).div_ceil(4) * SECTOR;
+                }
+            }
+        }
+    }
+
+    /// [`Sources::read`], but a range that fails is read again sector by sector, and a
+    /// sector that still fails is passed to `warn` and reads as zeroes.
+    pub(super) fn read_salvaging(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        warn: &dyn Fn(&str),
+    ) -> Result<(), String> {
+        if self.read(offset, buf).is_ok() {
+            return Ok(());
+        }
+        for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+            let at = offset + i as u64 * SECTOR;
+            let p = self.part(at);
+            let rel = at - p.start;
+            let stored = (p.bytes.saturating_sub(rel) as usize).min(sector.len());
+            sector[stored..].fill(0);
+            if let Err(e) = p.image.driver().read_at(&mut sector[..stored], rel) {
+                warn(&format!("error while reading offset {rel}: {}", io_msg(&e)));
+                sector[..stored].fill(0);
+            }
+        }
+        Ok(())
+    }
+}
