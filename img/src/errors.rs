@@ -44,10 +44,12 @@ pub fn engine_msg(e: &common::Error) -> String {
     strip_os_error(&e.to_string())
 }
 
-/// The error text qemu-img prints for a failed guest read: data the format cannot decode
-/// (a compressed cluster that does not inflate) fails there with EIO.
+/// The error text qemu-img prints for a failed guest read or write: the strerror alone,
+/// and EIO for data or metadata the format cannot use (a compressed cluster that does
+/// not inflate).
 pub fn io_msg(e: &common::Error) -> String {
     match e {
+        common::Error::Io { source, .. } => common::error::os_message(source),
         common::Error::Corrupt { .. } => "Input/output error".to_string(),
         _ => engine_msg(e),
     }

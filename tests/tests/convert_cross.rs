@@ -730,7 +730,10 @@ fn snapshots_convert_like_qemu() {
 }
 
 /// `-C`: the same output, allocation included (data copied whole, not scanned for
-/// zeroes), from every kind of source into raw and qcow2; `-r`: qemu-img's limit on the
+/// zeroes), from every kind of source into raw and qcow2 (but where a compressed cluster
+/// makes the copy fall back to reading and writing: which of qemu-img's chunks in flight
+/// still offload then depends on its I/O timing, img's never do, so there the contents
+/// are compared and not the allocation); `-r`: qemu-img's limit on the
 /// write rate; `--salvage`: an unreadable compressed cluster becomes zeroes with
 /// qemu-img's warnings, where without it the convert fails with qemu-img's error.
 #[test]
@@ -752,7 +755,9 @@ fn copy_offload_rate_limit_and_salvage() {
             if pair.both_succeeded() {
                 errs.extend(twin.compare_images(&out, Images::default()).err());
                 errs.extend(identical(twin.img_dir(), src, &out).err());
-                errs.extend(twin.compare_maps(&out, |m| m).err());
+                if !["zlib.qcow2", "top.qcow2"].contains(&src) {
+                    errs.extend(twin.compare_maps(&out, |m| m).err());
+                }
             }
             twin.remove(&out);
             f.record(&a.join(" "), pair.verdict(errs));
@@ -832,4 +837,38 @@ fn first_compressed_offset(img: &[u8]) -> u64 {
     assert!(entry & (1 << 62) != 0, "cluster 0 is not compressed");
     // 64 KiB clusters: the offset field is the low 62 - (16 - 8) = 54 bits.
     entry & ((1 << 54) - 1)
+}
+
+/// `-n -c` into a target whose clusters hold data: qemu-img's compressed writes never
+/// replace stored data and fail with EIO at the first such cluster; img fails the same way
+/// and leaves the target as qemu-img leaves it.
+#[test]
+fn compressed_writes_into_allocated_clusters_fail_like_qemu() {
+    let twin = Twin::new(|d| {
+        qemu_img_in(d, &["create", "-q", "-f", "qcow2", "src.qcow2", "1M"]).ok();
+        qemu_io_cmds(
+            &d.join("src.qcow2"),
+            "qcow2",
+            &["write -P 0x41 0 1M".into()],
+        );
+        for (name, cmds) in [
+            ("first.qcow2", &["write -P 7 0 64k"][..]),
+            ("later.qcow2", &["write -P 7 512k 64k", "write -z 0 64k"]),
+            ("zeroes.qcow2", &["write -z 0 1M"]),
+        ] {
+            qemu_img_in(d, &["create", "-q", "-f", "qcow2", name, "1M"]).ok();
+            let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+            qemu_io_cmds(&d.join(name), "qcow2", &cmds);
+        }
+    });
+    let mut f = Failures::new();
+    for target in ["first.qcow2", "later.qcow2", "zeroes.qcow2"] {
+        let a = args(&["convert", "-n", "-c", "-O", "qcow2", "src.qcow2", target]);
+        let pair = twin.run(&a);
+        let mut errs = pair.differences(Names::Prefix, verbatim);
+        errs.extend(twin.compare_images(target, Images::default()).err());
+        errs.extend(twin.compare_maps(target, |m| m).err());
+        f.record(&a.join(" "), pair.verdict(errs));
+    }
+    f.finish();
 }

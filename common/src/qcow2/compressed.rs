@@ -2,7 +2,7 @@
 //! packed byte by byte after the previous compressed cluster (see `Meta::alloc_bytes`).
 
 use super::compress;
-use super::entry::{CompressedRun, L2Entry};
+use super::entry::{CompressedRun, L2Entry, OFFSET_MASK};
 use super::header::CompressionType;
 use super::units::{Geometry, GuestOffset, HostOffset};
 use super::Qcow2Image;
@@ -80,6 +80,13 @@ impl Qcow2Image {
         let gc = g.guest_cluster(GuestOffset(offset));
         let mut m = self.meta_settled(gc, 1);
         let old = m.l2_entry(gc)?;
+        if old.word & OFFSET_MASK != 0 {
+            // As in QEMU: a compressed write never replaces stored data.
+            return Err(Error::io(
+                "Compressed writes cannot overwrite allocated clusters",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         let host: HostOffset = m.alloc_bytes(packed.len() as u64)?;
         m.inflight.add(gc, 1);
         drop(m);

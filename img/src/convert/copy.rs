@@ -11,7 +11,7 @@ use common::ops::CompressedCluster;
 
 use super::sources::{Kind, Sources, SECTOR};
 use super::throttle::Throttle;
-use crate::errors::engine_msg;
+use crate::errors::{engine_msg, io_msg};
 use crate::progress::Progress;
 
 /// The most bytes one request moves (qemu-img's buffer size); chunks never cross a
@@ -244,12 +244,14 @@ impl Shared<'_> {
                 }
                 r => r.map(drop),
             };
+            // A failed write stops the copy before the next chunk's turn comes: nothing is
+            // written past the first failure, as with qemu-img's in-order writes.
+            if let Err(e) = r {
+                return self.fail(e);
+            }
             if self.plan.in_order {
                 *self.turn.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 self.turn_changed.notify_all();
-            }
-            if let Err(e) = r {
-                return self.fail(e);
             }
             self.progress.advance(chunk.len);
         }
@@ -407,16 +409,20 @@ impl Shared<'_> {
                     (offset, r)
                 }
                 Op::Offload { offset, len } => {
-                    self.throttle.admit(len);
+                    // Decided in turn: after the first refusal no later chunk offloads.
                     // Any failure falls back to reading and writing, which reports
                     // whatever is really wrong.
+                    if !self.offload.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                    self.throttle.admit(len);
                     if !self.src.copy_out(offset, len, t).unwrap_or(false) {
                         return Ok(false);
                     }
                     continue;
                 }
             };
-            r.map_err(|e| format!("error while writing at byte {offset}: {}", engine_msg(&e)))?;
+            r.map_err(|e| format!("error while writing at byte {offset}: {}", io_msg(&e)))?;
         }
         Ok(true)
     }
