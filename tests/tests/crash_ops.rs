@@ -322,24 +322,18 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
                 chk.report()
             ));
         }
-        if flags_behind {
+        let repair = if flags_behind {
             copied_windows += 1;
-            let rep = img_in(d.path(), &["check", "-r", "all", "t.qcow2"]);
+            Some("all")
+        } else {
+            (chk.code == Some(3)).then_some("leaks")
+        };
+        if let Some(mode) = repair {
+            let rep = img_in(d.path(), &["check", "-r", mode, "t.qcow2"]);
             let again = qemu_img(&["check", s(&f)]);
             if !again.success() {
                 return Err(format!(
-                    "{} killed after {delay:?}: not clean after img check -r all:\n{}\n{}",
-                    op.name,
-                    rep.report(),
-                    again.report()
-                ));
-            }
-        } else if chk.code == Some(3) {
-            let rep = img_in(d.path(), &["check", "-r", "leaks", "t.qcow2"]);
-            let again = qemu_img(&["check", s(&f)]);
-            if !again.success() {
-                return Err(format!(
-                    "{} killed after {delay:?}: not clean after img check -r leaks:\n{}\n{}",
+                    "{} killed after {delay:?}: not clean after img check -r {mode}:\n{}\n{}",
                     op.name,
                     rep.report(),
                     again.report()

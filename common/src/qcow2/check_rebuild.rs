@@ -108,17 +108,7 @@ impl Meta {
                 break (start * cs, clusters);
             }
         };
-        let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
-        io(
-            "Could not write refcount table",
-            self.storage().write_at(&bytes, table_off),
-        )?;
-        self.sync()?;
-        self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = table_clusters as u32;
-        self.write_header()?;
-        self.sync()?;
-        self.reset_refcounts(table)?;
+        self.install_refcount_table(table, table_off, table_clusters, |_| {})?;
         let end = HostCluster(rc.nb_clusters);
         self.refs.end = self.refs.end.max(end);
         Ok(())

@@ -149,16 +149,31 @@ impl Meta {
                 storage.write_at(&block, off),
             )?;
         }
+        self.install_refcount_table(table, table_start * cs, table_clusters, |h| {
+            h.refcount_order = order;
+            h.incompatible_features &= !INCOMPAT_DIRTY;
+        })
+    }
+
+    /// Write the refcount `table` (`clusters` clusters at `offset`, its blocks already
+    /// written) and make it durable, then point the header at it, with `edit` applied in
+    /// the same header write, and count with it from now on.
+    pub(super) fn install_refcount_table(
+        &mut self,
+        table: Vec<u64>,
+        offset: u64,
+        clusters: u64,
+        edit: impl FnOnce(&mut super::header::Header),
+    ) -> Result<()> {
         let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
         io(
             "Could not write refcount table",
-            storage.write_at(&bytes, table_start * cs),
+            self.storage().write_at(&bytes, offset),
         )?;
         self.sync()?;
-        self.h.refcount_table_offset = table_start * cs;
-        self.h.refcount_table_clusters = table_clusters as u32;
-        self.h.refcount_order = order;
-        self.h.incompatible_features &= !INCOMPAT_DIRTY;
+        self.h.refcount_table_offset = offset;
+        self.h.refcount_table_clusters = clusters as u32;
+        edit(&mut self.h);
         self.write_header()?;
         self.sync()?;
         self.reset_refcounts(table)
