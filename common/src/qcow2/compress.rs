@@ -52,20 +52,37 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
 /// log2 of the deflate window QEMU uses for compressed clusters.
 const ZLIB_WINDOW_BITS: u8 = 12;
 
+thread_local! {
+    /// One deflate state per thread, reset for each cluster, with QEMU's parameters: raw
+    /// deflate, level 6, a 4 KiB window (windowBits -12; QEMU inflates with that window,
+    /// so a larger one makes clusters it cannot read). A state per call would churn the
+    /// allocator's per-thread arenas, and with them the peak memory.
+    static DEFLATE: std::cell::RefCell<flate2::Compress> =
+        std::cell::RefCell::new(new_deflate());
+}
+
+fn new_deflate() -> flate2::Compress {
+    flate2::Compress::new_with_window_bits(flate2::Compression::new(6), false, ZLIB_WINDOW_BITS)
+}
+
 /// Compress one cluster; `None` when compression does not save space (QEMU then writes it
 /// uncompressed).
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let out = match kind {
         CompressionType::Zlib => {
-            // QEMU's parameters: raw deflate, level 6, a 4 KiB window (windowBits -12);
-            // QEMU inflates with that window, so a larger one makes clusters it cannot read.
-            let mut c = flate2::Compress::new_with_window_bits(
-                flate2::Compression::new(6),
-                false,
-                ZLIB_WINDOW_BITS,
-            );
             let mut out = Vec::with_capacity(input.len());
-            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+            let status = DEFLATE.with(|c| {
+                let mut c = c.borrow_mut();
+                c.reset();
+                let status = c.compress_vec(input, &mut out, flate2::FlushCompress::Finish);
+                if !matches!(status, Ok(flate2::Status::StreamEnd)) {
+                    // A stream left unfinished (the cluster did not shrink) is not reused:
+                    // zlib-rs does not recover from it with a reset.
+                    *c = new_deflate();
+                }
+                status
+            });
+            match status {
                 Ok(flate2::Status::StreamEnd) => out,
                 Ok(_) => return Ok(None),
                 Err(e) => return Err(Error::invalid(format!("compression failed: {e}"))),
@@ -91,6 +108,30 @@ mod tests {
             decompress(kind, &c, &mut out).unwrap();
             assert_eq!(out, data);
             assert!(decompress(kind, &c[..c.len() / 3], &mut out).is_err());
+        }
+    }
+
+    /// One thread's deflate state serves cluster after cluster, incompressible ones (their
+    /// streams left unfinished) among them: every compressed cluster still inflates to
+    /// its data, and nothing panics.
+    #[test]
+    fn the_reused_deflate_state_survives_incompressible_clusters() {
+        let mut x = 0x9e37_79b9_u32;
+        let period: Vec<u8> = (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let data: Vec<u8> = period.iter().copied().cycle().take(1 << 20).collect();
+        for cluster in data.chunks(512) {
+            if let Some(c) = compress(CompressionType::Zlib, cluster).unwrap() {
+                let mut out = vec![0u8; cluster.len()];
+                decompress(CompressionType::Zlib, &c, &mut out).unwrap();
+                assert_eq!(out, cluster);
+            }
         }
     }
 
