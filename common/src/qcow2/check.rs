@@ -355,8 +355,9 @@ impl Meta {
                 }
             }
             let mut dirty = Vec::new();
+            let table = self.l2_table_bytes(l2)?;
             for j in 0..g.l2_entries() as usize {
-                let e = self.l2_get_any(l2, j)?;
+                let e = decode_entry(&table, j, g.extended_l2);
                 let data = e.word & OFFSET_MASK;
                 if e.word & COMPRESSED != 0 || data == 0 {
                     continue;

@@ -1,9 +1,10 @@
 //! One walk over every reference an image holds, in the order QEMU's check counts them:
 //! the header, the active L1 table, each of its entries' L2 table and that table's entries,
 //! then every snapshot's L1 table the same way, the snapshot table, the refcount table,
-//! the bitmaps (`walker_bitmaps`) and the refcount blocks. L2 tables are read through the metadata cache (so tables not yet
-//! written back are seen as they are), or straight from the file where the cache refuses
-//! them (unaligned or past the end; bytes past the end read as zeroes, as in QEMU).
+//! the bitmaps (`walker_bitmaps`) and the refcount blocks. An L2 table is read from the
+//! metadata cache when it is there (so tables not yet written back are seen as they are),
+//! else straight from the file without entering the cache (bytes past the end read as
+//! zeroes, as in QEMU).
 //!
 //! Check, refcount rebuild, snapshots, amend and measure all build on it. It reports each
 //! problem it meets as a [`Finding`] (in the order QEMU prints them) and carries on, unless
@@ -421,11 +422,13 @@ impl Meta {
         Ok(Flow::Continue)
     }
 
-    /// The bytes of the L2 table at `off`: through the cache where it can hold the
-    /// table, else straight from the file (zeroes past its end).
-    fn l2_table_bytes(&mut self, off: HostOffset) -> Result<Vec<u8>> {
-        if self.l2_location_problem(off).is_none() {
-            return self.l2_bytes(off);
+    /// The bytes of the L2 table at `off`: the cached copy where there is one (a table
+    /// not yet written back is seen as it is), else straight from the file (zeroes past
+    /// its end) without filling the cache, which a walk over every table would flush of
+    /// the working set and grow to its bound (QEMU's check reads them aside too).
+    pub(super) fn l2_table_bytes(&mut self, off: HostOffset) -> Result<Vec<u8>> {
+        if let Some(cached) = self.l2.peek(off.0) {
+            return Ok(cached.to_vec());
         }
         let mut buf = vec![0u8; self.geo().cluster_size() as usize];
         io(
