@@ -11,6 +11,7 @@ use crate::qcow2::Qcow2Image;
 pub use crate::prealloc::Preallocation;
 pub use crate::qcow2::create::Qcow2CreateOptions;
 pub use crate::qcow2::header::CompressionType;
+pub use crate::vpc::create::VpcCreateOptions;
 
 /// A new image, per format.
 #[derive(Debug, Clone)]
@@ -21,6 +22,7 @@ pub enum CreateOptions {
         preallocation: Preallocation,
     },
     Qcow2(Qcow2CreateOptions),
+    Vpc(VpcCreateOptions),
 }
 
 /// The values of QEMU creation options as a front end parsed them (`-o key=value,...`),
@@ -54,6 +56,22 @@ impl CreateOptions {
                 q.validate()?;
                 q.size = round_to_sector(size);
                 Ok(CreateOptions::Qcow2(q))
+            }
+            Format::Vpc => {
+                let fixed = match values.text("subformat") {
+                    None | Some("dynamic") => false,
+                    Some("fixed") => true,
+                    Some(other) => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'subformat' does not accept value '{other}'"
+                        )))
+                    }
+                };
+                Ok(CreateOptions::Vpc(VpcCreateOptions {
+                    size: round_to_sector(size),
+                    fixed,
+                    force_size: values.flag("force_size").unwrap_or(false),
+                }))
             }
         }
     }
@@ -131,6 +149,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             }
         }),
         CreateOptions::Qcow2(q) => crate::qcow2::create::create_qcow2(path, q),
+        CreateOptions::Vpc(v) => crate::vpc::create::create_vpc(path, v),
     }
 }
 

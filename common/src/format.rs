@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 pub enum Format {
     Raw,
     Qcow2,
+    Vpc,
 }
 
 impl Format {
@@ -15,6 +16,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vpc => "vpc",
         }
     }
 
@@ -23,6 +25,7 @@ impl Format {
         match name {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "vpc" => Ok(Format::Vpc),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }

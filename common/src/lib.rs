@@ -27,6 +27,8 @@ pub mod raw;
 pub mod storage;
 #[cfg(test)]
 mod test_tools;
+pub mod uuid;
+pub mod vpc;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus, Clusters};
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::vpc::VpcImage;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +45,7 @@ pub struct OpenOptions {
 pub enum Image {
     Raw(RawImage),
     Qcow2(Qcow2Image),
+    Vpc(VpcImage),
 }
 
 impl Image {
@@ -52,6 +54,7 @@ impl Image {
         match self {
             Image::Raw(r) => r,
             Image::Qcow2(q) => q,
+            Image::Vpc(v) => v,
         }
     }
 
@@ -60,13 +63,14 @@ impl Image {
         match self {
             Image::Raw(r) => Box::new(r),
             Image::Qcow2(q) => Box::new(q),
+            Image::Vpc(v) => Box::new(v),
         }
     }
 
     /// Check the image's consistency, repairing what `fix` allows.
     pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
         match self {
-            Image::Raw(_) => Err(Error::Unsupported("checks".into())),
+            Image::Raw(_) | Image::Vpc(_) => Err(Error::Unsupported("checks".into())),
             Image::Qcow2(q) => Ok(q.check(fix)),
         }
     }
@@ -76,6 +80,7 @@ impl Image {
         match self {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
+            Image::Vpc(_) => Format::Vpc,
         }
     }
 
@@ -91,7 +96,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) => None,
+            Image::Raw(_) | Image::Vpc(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
         }
     }
@@ -167,6 +172,7 @@ impl Chain {
             Format::Qcow2 => {
                 Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
             }
+            Format::Vpc => Image::Vpc(VpcImage::open(Box::new(storage), read_only)?),
         })
     }
 
