@@ -11,6 +11,7 @@ use crate::qcow2::Qcow2Image;
 pub use crate::prealloc::Preallocation;
 pub use crate::qcow2::create::Qcow2CreateOptions;
 pub use crate::qcow2::header::CompressionType;
+pub use crate::vdi::create::VdiCreateOptions;
 pub use crate::vpc::create::VpcCreateOptions;
 
 /// A new image, per format.
@@ -23,6 +24,7 @@ pub enum CreateOptions {
     },
     Qcow2(Qcow2CreateOptions),
     Vpc(VpcCreateOptions),
+    Vdi(VdiCreateOptions),
 }
 
 /// The values of QEMU creation options as a front end parsed them (`-o key=value,...`),
@@ -73,6 +75,10 @@ impl CreateOptions {
                     force_size: values.flag("force_size").unwrap_or(false),
                 }))
             }
+            Format::Vdi => Ok(CreateOptions::Vdi(VdiCreateOptions {
+                size: round_to_sector(size),
+                fixed: values.flag("static").unwrap_or(false),
+            })),
         }
     }
 }
@@ -150,6 +156,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         }),
         CreateOptions::Qcow2(q) => crate::qcow2::create::create_qcow2(path, q),
         CreateOptions::Vpc(v) => crate::vpc::create::create_vpc(path, v),
+        CreateOptions::Vdi(v) => crate::vdi::create::create_vdi(path, v),
     }
 }
 

@@ -8,6 +8,7 @@ pub enum Format {
     Raw,
     Qcow2,
     Vpc,
+    Vdi,
 }
 
 impl Format {
@@ -17,6 +18,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vpc => "vpc",
+            Format::Vdi => "vdi",
         }
     }
 
@@ -26,6 +28,7 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vpc" => Ok(Format::Vpc),
+            "vdi" => Ok(Format::Vdi),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::vdi::VdiImage;
 use crate::vpc::VpcImage;
 
 /// How to open an image.
@@ -46,6 +47,7 @@ pub enum Image {
     Raw(RawImage),
     Qcow2(Qcow2Image),
     Vpc(VpcImage),
+    Vdi(VdiImage),
 }
 
 impl Image {
@@ -55,6 +57,7 @@ impl Image {
             Image::Raw(r) => r,
             Image::Qcow2(q) => q,
             Image::Vpc(v) => v,
+            Image::Vdi(v) => v,
         }
     }
 
@@ -64,6 +67,7 @@ impl Image {
             Image::Raw(r) => Box::new(r),
             Image::Qcow2(q) => Box::new(q),
             Image::Vpc(v) => Box::new(v),
+            Image::Vdi(v) => Box::new(v),
         }
     }
 
@@ -72,6 +76,9 @@ impl Image {
         match self {
             Image::Raw(_) | Image::Vpc(_) => Err(Error::Unsupported("checks".into())),
             Image::Qcow2(q) => Ok(q.check(fix)),
+            // QEMU's vdi check repairs nothing, and says so for any repair mode.
+            Image::Vdi(_) if fix.any() => Err(Error::Unsupported("checks".into())),
+            Image::Vdi(v) => Ok(v.check()),
         }
     }
 
@@ -81,6 +88,7 @@ impl Image {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vpc(_) => Format::Vpc,
+            Image::Vdi(_) => Format::Vdi,
         }
     }
 
@@ -96,7 +104,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
         }
     }
@@ -173,6 +181,7 @@ impl Chain {
                 Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
             }
             Format::Vpc => Image::Vpc(VpcImage::open(Box::new(storage), read_only)?),
+            Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
         })
     }
 

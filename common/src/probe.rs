@@ -18,7 +18,7 @@ pub const VPC_COOKIE: [u8; 8] = *b"conectix";
 
 /// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
 /// and a version of at least 2 (QEMU's `qcow2_probe`), vpc for the footer cookie
-/// (`vpc_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
+/// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
 pub fn probe_bytes(first: &[u8]) -> Format {
     let qcow2 = first.len() >= 8
         && first[..4] == QCOW2_MAGIC
@@ -27,6 +27,8 @@ pub fn probe_bytes(first: &[u8]) -> Format {
         Format::Qcow2
     } else if first.len() >= 8 && first[..8] == VPC_COOKIE {
         Format::Vpc
+    } else if crate::vdi::header::probe(first) {
+        Format::Vdi
     } else {
         Format::Raw
     }
@@ -68,6 +70,16 @@ mod tests {
         assert_eq!(probe_bytes(&h), Format::Vpc);
         assert_eq!(probe_bytes(&h[..7]), Format::Raw, "too short");
         h[0] = b'C';
+        assert_eq!(probe_bytes(&h), Format::Raw);
+    }
+
+    #[test]
+    fn vdi_needs_a_whole_header_with_its_signature() {
+        let mut h = [0u8; 512];
+        h[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert_eq!(probe_bytes(&h), Format::Vdi);
+        assert_eq!(probe_bytes(&h[..511]), Format::Raw, "too short");
+        h[0x40] = 0;
         assert_eq!(probe_bytes(&h), Format::Raw);
     }
 }

@@ -117,12 +117,22 @@ pub const VPC_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// vdi's options followed by the file protocol's, in QEMU's order.
+pub const VDI_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("static", OptType::Bool, Some("off")),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
 /// The format a new image of format `name` is made in, if `img` can make it.
 pub fn creatable(name: &str) -> Option<Format> {
     match name {
         "raw" => Some(Format::Raw),
         "qcow2" => Some(Format::Qcow2),
         "vpc" => Some(Format::Vpc),
+        "vdi" => Some(Format::Vdi),
         _ => None,
     }
 }
@@ -133,6 +143,7 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Raw => RAW_OPTS,
         Format::Qcow2 => QCOW2_OPTS,
         Format::Vpc => VPC_OPTS,
+        Format::Vdi => VDI_OPTS,
     }
 }
 
@@ -142,6 +153,7 @@ pub fn help_text(format: &str) -> &'static str {
     match format {
         "qcow2" => QCOW2_HELP,
         "vpc" => VPC_HELP,
+        "vdi" => VDI_HELP,
         _ => RAW_HELP,
     }
 }
@@ -151,6 +163,7 @@ pub fn help_text_with_file(format: &str) -> &'static str {
     match format {
         "qcow2" => QCOW2_FILE_HELP,
         "vpc" => VPC_FILE_HELP,
+        "vdi" => VDI_FILE_HELP,
         _ => RAW_FILE_HELP,
     }
 }
@@ -254,6 +267,22 @@ const VPC_FILE_HELP: &str = concat!(
   size=<size>            - Virtual disk size\n",
     vpc_subformat_line!(),
 );
+
+const VDI_HELP: &str = "Supported vdi options:
+  size=<size>            - Virtual disk size
+  static=<bool (on/off)> - VDI static (pre-allocated) image
+
+The protocol level may support further options.
+Specify the target filename to include those options.
+";
+
+const VDI_FILE_HELP: &str = "Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  static=<bool (on/off)> - VDI static (pre-allocated) image
+";
 
 /// A parsed value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2658,11 +2658,13 @@ fn bitmap_structures_out_of_range() {
 }
 
 /// One hostile file of a format beside qcow2: its name, its bytes, and whether `img`
-/// may open it (QEMU does too) rather than refuse it.
+/// may open it rather than refuse it (qemu-img does the same unless `qemu_opens` says
+/// otherwise).
 struct Foreign {
     name: &'static str,
     bytes: Vec<u8>,
     opens: bool,
+    qemu_opens: Option<bool>,
 }
 
 fn put32(b: &mut [u8], at: usize, v: [u8; 4]) {
@@ -2718,26 +2720,31 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
             name: "vpc-truncated-header",
             bytes: d[..300].to_vec(),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-truncated-table",
             bytes: d[..1000].to_vec(),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-truncated-block",
             bytes: d[..d.len() - 4096].to_vec(),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-table-entries-near-2^32",
             bytes: with(&d, &|b| put32(b, 512 + 28, 0xffff_fff0u32.to_be_bytes())),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-table-entries-2^29-1",
             bytes: with(&d, &|b| put32(b, 512 + 28, 0x1fff_ffffu32.to_be_bytes())),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-table-past-the-end",
@@ -2745,26 +2752,31 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
                 b[512 + 16..512 + 24].copy_from_slice(&(1u64 << 40).to_be_bytes())
             }),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-block-near-2^32-sectors",
             bytes: with(&d, &|b| put32(b, 1536, 0xffff_fffeu32.to_be_bytes())),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-block-over-the-header",
             bytes: with(&d, &|b| put32(b, 1536 + 4, 0u32.to_be_bytes())),
             opens: true,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-block-size-2^31",
             bytes: with(&d, &|b| put32(b, 512 + 32, 0x8000_0000u32.to_be_bytes())),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-block-size-odd",
             bytes: with(&d, &|b| put32(b, 512 + 32, 0x0030_0000u32.to_be_bytes())),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-header-offset-2^64-1",
@@ -2773,6 +2785,7 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
                 resum(b, 0);
             }),
             opens: false,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-fixed-2040G-in-1M",
@@ -2782,6 +2795,7 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
                 resum(b, ff);
             }),
             opens: true,
+            qemu_opens: None,
         },
         Foreign {
             name: "vpc-fixed-size-2^64",
@@ -2791,6 +2805,102 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
                 resum(b, ff);
             }),
             opens: false,
+            qemu_opens: None,
+        },
+    ]
+}
+
+/// Hostile VDIs, from a dynamic image qemu-img made and qemu-io wrote.
+fn hostile_vdi(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", path.to_str().unwrap(), "10M"])
+        .check()
+        .unwrap();
+    qemu_io_cmds(&path, "vdi", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    vec![
+        Foreign {
+            name: "vdi-truncated-header",
+            bytes: d[..300].to_vec(),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-truncated-map",
+            bytes: d[..600].to_vec(),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-truncated-block",
+            bytes: d[..d.len() - 4096].to_vec(),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-blocks-near-2^32",
+            bytes: with(&|b| put32(b, 0x180, le(0xffff_fff0))),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-blocks-at-the-limit-map-past-the-end",
+            bytes: with(&|b| put32(b, 0x180, le(0x1fff_ff80))),
+            opens: false, // QEMU reads a block map past the end of the file as zeroes (allocating
+            // up to 2 GiB for it); img refuses it.
+            qemu_opens: Some(true),
+        },
+        Foreign {
+            name: "vdi-size-2^64",
+            bytes: with(&|b| b[0x170..0x178].copy_from_slice(&u64::MAX.to_le_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-map-offset-near-2^32",
+            bytes: with(&|b| put32(b, 0x154, le(0xffff_fe00))),
+            opens: false, // QEMU reads a block map past the end of the file as zeroes (allocating
+            // up to 2 GiB for it); img refuses it.
+            qemu_opens: Some(true),
+        },
+        Foreign {
+            name: "vdi-data-offset-near-2^32",
+            bytes: with(&|b| put32(b, 0x158, le(0xffff_fe00))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-entry-near-2^32",
+            bytes: with(&|b| put32(b, 512 + 4, le(0xffff_fffd))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-entries-share-a-block",
+            bytes: with(&|b| {
+                let e = [b[512 + 4], b[512 + 5], b[512 + 6], b[512 + 7]];
+                put32(b, 512 + 20, e);
+            }),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-count-wrong",
+            bytes: with(&|b| put32(b, 0x184, le(0))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-block-size-odd",
+            bytes: with(&|b| put32(b, 0x178, le(3 << 19))),
+            opens: false,
+            qemu_opens: None,
         },
     ]
 }
@@ -2807,6 +2917,7 @@ fn foreign_headers_out_of_range() {
     let d = dir.path();
     let mut cases = Vec::new();
     cases.extend(hostile_vpc(d).into_iter().map(|c| (c, "vpc")));
+    cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();
@@ -2828,7 +2939,9 @@ fn foreign_headers_out_of_range() {
             }
             if args[0] == "info" {
                 let q = qemu_img(&["info", "-f", fmt, fs_]);
-                if q.success() != case.opens || out.success() != case.opens {
+                if q.success() != case.qemu_opens.unwrap_or(case.opens)
+                    || out.success() != case.opens
+                {
                     failures.push(format!(
                         "{what}: expected to {}open\nqemu-img: {}\nimg: {}",
                         if case.opens { "" } else { "not " },
