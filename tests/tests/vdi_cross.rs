@@ -99,30 +99,23 @@ fn damaged_maps_checked_alike() {
         6,
     );
     let base = std::fs::read(dir.path().join("base.vdi")).unwrap();
-    let put = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let e0 = u32::from_le_bytes(base[512..516].try_into().unwrap());
     let mut f = Failures::new();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        (
-            "entry past the blocks",
-            Box::new(move |b| put(b, 512 + 4, 4000)),
-        ),
+    // (what, offset, little-endian value written there)
+    let cases: [(&str, usize, u32); 4] = [
+        ("entry past the blocks", 512 + 4, 4000),
         (
             "two entries, one block",
-            Box::new(move |b| {
-                let e = u32::from_le_bytes(b[512..516].try_into().unwrap());
-                put(b, 512 + 28, if e == u32::MAX { 0 } else { e })
-            }),
+            512 + 28,
+            if e0 == u32::MAX { 0 } else { e0 },
         ),
-        ("count too high", Box::new(move |b| put(b, 0x184, 100))),
-        (
-            "discarded entry",
-            Box::new(move |b| put(b, 512 + 8, 0xffff_fffe)),
-        ),
+        ("count too high", 0x184, 100),
+        ("discarded entry", 512 + 8, 0xffff_fffe),
     ];
     let img = Tool::img();
-    for (name, edit) in cases {
+    for (name, at, v) in cases {
         let mut b = base.clone();
-        edit(&mut b);
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
         std::fs::write(dir.path().join("d.vdi"), &b).unwrap();
         for args in [
             vec!["check", "d.vdi"],
