@@ -60,6 +60,7 @@ impl CreateOptions {
                 Ok(CreateOptions::Qcow2(q))
             }
             Format::Vpc => {
+                check_protocol_preallocation(values)?;
                 let fixed = match values.text("subformat") {
                     None | Some("dynamic") => false,
                     Some("fixed") => true,
@@ -75,11 +76,26 @@ impl CreateOptions {
                     force_size: values.flag("force_size").unwrap_or(false),
                 }))
             }
-            Format::Vdi => Ok(CreateOptions::Vdi(VdiCreateOptions {
-                size: round_to_sector(size),
-                fixed: values.flag("static").unwrap_or(false),
-            })),
+            Format::Vdi => {
+                check_protocol_preallocation(values)?;
+                Ok(CreateOptions::Vdi(VdiCreateOptions {
+                    size: round_to_sector(size),
+                    fixed: values.flag("static").unwrap_or(false),
+                }))
+            }
         }
+    }
+}
+
+/// vpc and vdi pass `preallocation` to the file they create, which QEMU then overwrites
+/// with the format's own layout: the value is only checked, as the file protocol does.
+fn check_protocol_preallocation(values: &dyn OptionValues) -> Result<()> {
+    match values.text("preallocation").map(Preallocation::from_name) {
+        Some(Ok(Preallocation::Metadata)) => Err(Error::Unsupported(
+            "Unsupported preallocation mode: metadata".into(),
+        )),
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
     }
 }
 

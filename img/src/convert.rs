@@ -11,7 +11,8 @@ use common::open::{Format, Image, OpenOptions};
 mod copy;
 
 use crate::create_opts::{
-    creatable, has_help_option, help_text_with_file, is_valid_option_list, opts_for, CreateOpts,
+    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list, opts_for,
+    CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -124,7 +125,13 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     }
     if let Some(list) = &options {
         if has_help_option(list) {
-            print!("{}", help_text_with_file(out_fmt));
+            // Like qemu-img, the protocol's options too only once an output file is named
+            // after a source.
+            if a.files.len() >= 2 {
+                print!("{}", help_text_with_file(out_fmt));
+            } else {
+                print!("{}", help_text(out_fmt));
+            }
             return Ok(0);
         }
     }

@@ -169,6 +169,26 @@ fn img_create_makes_what_qemu_img_makes() {
         &["create", "-f", "vdi", "-b", "x", "-F", "raw", "n.vdi", "1M"],
         &["create", "-f", "vdi", "-o", "help"],
         &["create", "-f", "vdi", "-o", "help", "n.vdi"],
+        &[
+            "create",
+            "-f",
+            "vdi",
+            "-o",
+            "preallocation=bogus",
+            "n.vdi",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vdi",
+            "-o",
+            "preallocation=metadata",
+            "n.vdi",
+            "1M",
+        ],
+        &["convert", "-O", "vdi", "-o", "help", "n.vdi"],
+        &["convert", "-O", "vdi", "-o", "help", "x.raw", "n.vdi"],
     ];
     for args in cases {
         f.record(

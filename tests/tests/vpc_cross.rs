@@ -175,6 +175,35 @@ fn img_create_makes_what_qemu_img_makes() {
         &["create", "-f", "vpc", "-b", "x", "-F", "raw", "n.vhd", "1M"],
         &["create", "-f", "vpc", "-o", "help"],
         &["create", "-f", "vpc", "-o", "help", "n.vhd"],
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "preallocation=bogus",
+            "n.vhd",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "preallocation=metadata",
+            "n.vhd",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "preallocation=falloc",
+            "n.vhd",
+            "1M",
+        ],
+        &["convert", "-O", "vpc", "-o", "help", "n.vhd"],
+        &["convert", "-O", "vpc", "-o", "help", "x.raw", "n.vhd"],
     ];
     for args in cases {
         f.record(
