@@ -180,7 +180,10 @@ impl Chain {
             Format::Qcow2 => {
                 Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
             }
-            Format::Vpc => Image::Vpc(VpcImage::open(Box::new(storage), read_only)?),
+            Format::Vpc => Image::Vpc(
+                VpcImage::open(Box::new(storage), read_only)
+                    .map_err(|e| name_bare_errno(e, path))?,
+            ),
             Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
         })
     }
@@ -231,6 +234,17 @@ impl Chain {
             image = above;
         }
         Ok(image)
+    }
+}
+
+/// An I/O error a format gave without words (QEMU's bare errno from a driver's open) as
+/// QEMU's block layer words it: "Could not open 'PATH': <strerror>".
+fn name_bare_errno(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Io { context, source } if context.is_empty() => {
+            Error::io(format!("Could not open '{}'", path.display()), source)
+        }
+        e => e,
     }
 }
 

@@ -49,6 +49,14 @@ impl Bat {
             )
         };
         let table_len = u64::from(entries) * 4;
+        // QEMU's largest single read (INT_MAX rounded down to whole sectors).
+        if table_len > (i32::MAX as u64) / 512 * 512 {
+            return Err(Error::corrupt_at(
+                Structure::Header,
+                table_offset,
+                "Error reading pagetable",
+            ));
+        }
         let table_end = table_offset.checked_add(table_len).ok_or_else(truncated)?;
         if table_end > file_len {
             return Err(truncated());

@@ -77,7 +77,11 @@ impl Footer {
             chs
         };
         if sectors > MAX_SECTORS {
-            return Err(Error::Unsupported("File too large".into()));
+            // QEMU's bare errno: the chain opener names the file.
+            return Err(Error::io(
+                "",
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            ));
         }
         Ok(Footer {
             data_offset: be64(&bytes, 16),

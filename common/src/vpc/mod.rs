@@ -37,7 +37,9 @@ fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 impl VpcImage {
-    /// Open the image on `storage` (opened and locked by the chain opener).
+    /// Open the image on `storage` (opened and locked by the chain opener). A failure QEMU
+    /// reports as a bare errno comes back as an I/O error without context, for the opener
+    /// to name the file in.
     pub fn open(storage: Box<dyn Storage>, read_only: bool) -> Result<VpcImage> {
         // QEMU counts the file in whole sectors (the tail reads as zeroes).
         let file_len = storage
@@ -97,7 +99,7 @@ impl VpcImage {
             return Err(Error::corrupt_at(
                 Structure::Header,
                 at,
-                "Error reading dynamic VHD header: Invalid argument",
+                "Error reading dynamic VHD header",
             ));
         }
         let mut raw = [0u8; DYN_HEADER_SIZE];
