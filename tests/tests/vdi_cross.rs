@@ -223,6 +223,25 @@ fn img_convert_writes_what_qemu_img_writes() {
             );
         }
     }
+    for source in ["a.qcow2", "b.raw"] {
+        for args in [
+            vec!["convert", "-S", "0", "-O", "vdi", source, "o.vdi"],
+            vec!["convert", "-m", "16", "-W", "-O", "vdi", source, "o.vdi"],
+            vec![
+                "dd",
+                "-O",
+                "vdi",
+                "bs=64k",
+                &format!("if={source}"),
+                "of=o.vdi",
+            ],
+        ] {
+            f.record(
+                &format!("{args:?}"),
+                twin_writes_agree(&twin, &args, "o.vdi", "vdi"),
+            );
+        }
+    }
     let d = twin.img_dir();
     let img = Tool::img();
     img.run(Some(d), &["convert", "-O", "vdi", "a.qcow2", "x.vdi"])

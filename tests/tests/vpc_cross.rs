@@ -243,6 +243,25 @@ fn img_convert_writes_what_qemu_img_writes() {
             );
         }
     }
+    for source in ["a.qcow2", "b.raw"] {
+        for args in [
+            vec!["convert", "-S", "0", "-O", "vpc", source, "o.vhd"],
+            vec!["convert", "-m", "16", "-W", "-O", "vpc", source, "o.vhd"],
+            vec![
+                "dd",
+                "-O",
+                "vpc",
+                "bs=64k",
+                &format!("if={source}"),
+                "of=o.vhd",
+            ],
+        ] {
+            f.record(
+                &format!("{args:?}"),
+                twin_writes_agree(&twin, &args, "o.vhd", "vpc"),
+            );
+        }
+    }
     // Through vpc and back: both directions through img, then qemu-img.
     let d = twin.img_dir();
     let img = Tool::img();
