@@ -2723,6 +2723,18 @@ fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
             qemu_opens: None,
         },
         Foreign {
+            name: "vpc-bad-checksum",
+            bytes: with(&d, &|b| b[40] ^= 0x10),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-fixed-bad-checksum",
+            bytes: with(&f, &|b| b[ff + 40] ^= 0x10),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
             name: "vpc-truncated-table",
             bytes: d[..1000].to_vec(),
             opens: false,
