@@ -11,6 +11,8 @@ use crate::qcow2::Qcow2Image;
 pub use crate::prealloc::Preallocation;
 pub use crate::qcow2::create::Qcow2CreateOptions;
 pub use crate::qcow2::header::CompressionType;
+pub use crate::vdi::create::VdiCreateOptions;
+pub use crate::vpc::create::VpcCreateOptions;
 
 /// A new image, per format.
 #[derive(Debug, Clone)]
@@ -21,6 +23,8 @@ pub enum CreateOptions {
         preallocation: Preallocation,
     },
     Qcow2(Qcow2CreateOptions),
+    Vpc(VpcCreateOptions),
+    Vdi(VdiCreateOptions),
 }
 
 /// The values of QEMU creation options as a front end parsed them (`-o key=value,...`),
@@ -55,7 +59,43 @@ impl CreateOptions {
                 q.size = round_to_sector(size);
                 Ok(CreateOptions::Qcow2(q))
             }
+            Format::Vpc => {
+                check_protocol_preallocation(values)?;
+                let fixed = match values.text("subformat") {
+                    None | Some("dynamic") => false,
+                    Some("fixed") => true,
+                    Some(other) => {
+                        return Err(Error::invalid(format!(
+                            "Parameter 'subformat' does not accept value '{other}'"
+                        )))
+                    }
+                };
+                Ok(CreateOptions::Vpc(VpcCreateOptions {
+                    size: round_to_sector(size),
+                    fixed,
+                    force_size: values.flag("force_size").unwrap_or(false),
+                }))
+            }
+            Format::Vdi => {
+                check_protocol_preallocation(values)?;
+                Ok(CreateOptions::Vdi(VdiCreateOptions {
+                    size: round_to_sector(size),
+                    fixed: values.flag("static").unwrap_or(false),
+                }))
+            }
         }
+    }
+}
+
+/// vpc and vdi pass `preallocation` to the file they create, which QEMU then overwrites
+/// with the format's own layout: the value is only checked, as the file protocol does.
+fn check_protocol_preallocation(values: &dyn OptionValues) -> Result<()> {
+    match values.text("preallocation").map(Preallocation::from_name) {
+        Some(Ok(Preallocation::Metadata)) => Err(Error::Unsupported(
+            "Unsupported preallocation mode: metadata".into(),
+        )),
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -131,6 +171,8 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             }
         }),
         CreateOptions::Qcow2(q) => crate::qcow2::create::create_qcow2(path, q),
+        CreateOptions::Vpc(v) => crate::vpc::create::create_vpc(path, v),
+        CreateOptions::Vdi(v) => crate::vdi::create::create_vdi(path, v),
     }
 }
 

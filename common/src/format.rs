@@ -7,6 +7,8 @@ use crate::error::{Error, Result};
 pub enum Format {
     Raw,
     Qcow2,
+    Vpc,
+    Vdi,
 }
 
 impl Format {
@@ -15,6 +17,8 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vpc => "vpc",
+            Format::Vdi => "vdi",
         }
     }
 
@@ -23,6 +27,8 @@ impl Format {
         match name {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "vpc" => Ok(Format::Vpc),
+            "vdi" => Ok(Format::Vdi),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }

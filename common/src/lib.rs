@@ -28,6 +28,9 @@ pub mod raw;
 pub mod storage;
 #[cfg(test)]
 mod test_tools;
+pub mod uuid;
+pub mod vdi;
+pub mod vpc;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus, Clusters};
 pub use error::{Error, Result};

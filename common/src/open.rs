@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::vdi::VdiImage;
+use crate::vpc::VpcImage;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +46,8 @@ pub struct OpenOptions {
 pub enum Image {
     Raw(RawImage),
     Qcow2(Qcow2Image),
+    Vpc(VpcImage),
+    Vdi(VdiImage),
 }
 
 impl Image {
@@ -52,6 +56,8 @@ impl Image {
         match self {
             Image::Raw(r) => r,
             Image::Qcow2(q) => q,
+            Image::Vpc(v) => v,
+            Image::Vdi(v) => v,
         }
     }
 
@@ -60,14 +66,19 @@ impl Image {
         match self {
             Image::Raw(r) => Box::new(r),
             Image::Qcow2(q) => Box::new(q),
+            Image::Vpc(v) => Box::new(v),
+            Image::Vdi(v) => Box::new(v),
         }
     }
 
     /// Check the image's consistency, repairing what `fix` allows.
     pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
         match self {
-            Image::Raw(_) => Err(Error::Unsupported("checks".into())),
+            Image::Raw(_) | Image::Vpc(_) => Err(Error::Unsupported("checks".into())),
             Image::Qcow2(q) => Ok(q.check(fix)),
+            // QEMU's vdi check repairs nothing, and says so for any repair mode.
+            Image::Vdi(_) if fix.any() => Err(Error::Unsupported("checks".into())),
+            Image::Vdi(v) => Ok(v.check()),
         }
     }
 
@@ -76,6 +87,8 @@ impl Image {
         match self {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
+            Image::Vpc(_) => Format::Vpc,
+            Image::Vdi(_) => Format::Vdi,
         }
     }
 
@@ -91,7 +104,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
         }
     }
@@ -167,6 +180,11 @@ impl Chain {
             Format::Qcow2 => {
                 Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
             }
+            Format::Vpc => Image::Vpc(
+                VpcImage::open(Box::new(storage), read_only)
+                    .map_err(|e| name_bare_errno(e, path))?,
+            ),
+            Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
         })
     }
 
@@ -216,6 +234,17 @@ impl Chain {
             image = above;
         }
         Ok(image)
+    }
+}
+
+/// An I/O error a format gave without words (QEMU's bare errno from a driver's open) as
+/// QEMU's block layer words it: "Could not open 'PATH': <strerror>".
+fn name_bare_errno(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Io { context, source } if context.is_empty() => {
+            Error::io(format!("Could not open '{}'", path.display()), source)
+        }
+        e => e,
     }
 }
 

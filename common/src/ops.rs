@@ -73,6 +73,18 @@ impl Image {
                 backing: None,
                 specific: None,
             }),
+            Image::Vdi(v) => Ok(FormatInfo {
+                cluster_size: Some(v.block_size()),
+                dirty: false,
+                backing: None,
+                specific: None,
+            }),
+            Image::Vpc(v) => Ok(FormatInfo {
+                cluster_size: v.block_size(),
+                dirty: false,
+                backing: None,
+                specific: None,
+            }),
             Image::Qcow2(q) => {
                 let h = q.header();
                 let v3 = h.version >= 3;
@@ -119,7 +131,9 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_create(name),
-            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+                Err(Error::Unsupported("Operation not supported".into()))
+            }
         }
     }
 
@@ -131,7 +145,7 @@ impl Image {
                 Err(Error::Unsupported("Device has active dirty bitmaps".into()))
             }
             Image::Qcow2(q) => q.snapshot_apply(key),
-            Image::Raw(_) => Err(Error::Unsupported(
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Block driver does not support snapshots".into(),
             )),
         }
@@ -142,11 +156,11 @@ impl Image {
     pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.load_snapshot(key),
-            Image::Raw(_) => Err(Error::Unsupported(
-                "Block format 'raw' used by device '' does not support temporarily loading \
-                 internal snapshots"
-                    .into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(format!(
+                "Block format '{}' used by device '' does not support temporarily loading \
+                 internal snapshots",
+                self.format().name()
+            ))),
         }
     }
 
@@ -154,7 +168,9 @@ impl Image {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
-            Image::Raw(_) => Err(Error::NotFound("snapshot not found".into())),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+                Err(Error::NotFound("snapshot not found".into()))
+            }
         }
     }
 
@@ -163,6 +179,9 @@ impl Image {
     pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
         match self {
             Image::Raw(r) => r.resize(size, mode),
+            Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
+                "Image format driver does not support resize".into(),
+            )),
             Image::Qcow2(q) => q.resize(size, mode),
         }
     }
@@ -172,9 +191,10 @@ impl Image {
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.amend(opts, progress),
-            Image::Raw(_) => Err(Error::Unsupported(
-                "Format driver 'raw' does not support option amendment".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(format!(
+                "Format driver '{}' does not support option amendment",
+                self.format().name()
+            ))),
         }
     }
 
@@ -183,7 +203,9 @@ impl Image {
     pub fn make_empty(&self) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.make_empty(),
-            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+                Err(Error::Unsupported("Operation not supported".into()))
+            }
         }
     }
 
@@ -197,7 +219,9 @@ impl Image {
         }
         match self {
             Image::Qcow2(q) => q.change_backing_file(backing),
-            Image::Raw(_) => Err(Error::Unsupported("Operation not supported".into())),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+                Err(Error::Unsupported("Operation not supported".into()))
+            }
         }
     }
 
@@ -205,6 +229,8 @@ impl Image {
     pub fn file_length(&self) -> Result<u64> {
         let storage = match self {
             Image::Raw(r) => r.storage(),
+            Image::Vpc(v) => v.storage(),
+            Image::Vdi(v) => v.storage(),
             Image::Qcow2(q) => q.storage(),
         };
         storage
@@ -217,7 +243,7 @@ impl Image {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
-            Image::Raw(_) => Err(Error::Unsupported(
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),
         }
@@ -271,11 +297,11 @@ impl Image {
                 storage: q.storage(),
                 header: Box::new(q.header()),
             },
-            Some(Image::Raw(_)) => BitmapSource::NoBitmaps,
+            Some(Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_)) => BitmapSource::NoBitmaps,
         };
         match self {
             Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
-            Image::Raw(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
                 // Raw images hold no bitmaps and can store none.
                 let error = match ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
@@ -322,7 +348,7 @@ impl Image {
     pub fn compress_cluster(&self, data: &[u8]) -> Result<CompressedCluster> {
         match self {
             Image::Qcow2(q) => Ok(CompressedCluster(q.compress_cluster(data)?)),
-            Image::Raw(_) => Err(Error::Unsupported(
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),
         }
@@ -338,7 +364,7 @@ impl Image {
     ) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
-            Image::Raw(_) => Err(Error::Unsupported(
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),
         }

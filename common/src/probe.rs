@@ -12,14 +12,23 @@ pub const PROBE_LEN: usize = 512;
 /// qcow2's magic, `QFI\xfb`.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
+/// A dynamic VHD's footer copy starts with this (a fixed VHD has its footer only at the end
+/// of the file, so it probes as raw, as in QEMU).
+pub const VPC_COOKIE: [u8; 8] = *b"conectix";
+
 /// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
-/// and a version of at least 2, as QEMU's `qcow2_probe`, else raw.
+/// and a version of at least 2 (QEMU's `qcow2_probe`), vpc for the footer cookie
+/// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
 pub fn probe_bytes(first: &[u8]) -> Format {
     let qcow2 = first.len() >= 8
         && first[..4] == QCOW2_MAGIC
         && u32::from_be_bytes([first[4], first[5], first[6], first[7]]) >= 2;
     if qcow2 {
         Format::Qcow2
+    } else if first.len() >= 8 && first[..8] == VPC_COOKIE {
+        Format::Vpc
+    } else if crate::vdi::header::probe(first) {
+        Format::Vdi
     } else {
         Format::Raw
     }
@@ -52,5 +61,25 @@ mod tests {
         h[7] = 2;
         assert_eq!(probe_bytes(&h), Format::Qcow2);
         assert_eq!(probe_bytes(&h[..7]), Format::Raw, "too short");
+    }
+
+    #[test]
+    fn vpc_needs_its_cookie_at_the_start() {
+        let mut h = [0u8; 512];
+        h[..8].copy_from_slice(&VPC_COOKIE);
+        assert_eq!(probe_bytes(&h), Format::Vpc);
+        assert_eq!(probe_bytes(&h[..7]), Format::Raw, "too short");
+        h[0] = b'C';
+        assert_eq!(probe_bytes(&h), Format::Raw);
+    }
+
+    #[test]
+    fn vdi_needs_a_whole_header_with_its_signature() {
+        let mut h = [0u8; 512];
+        h[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert_eq!(probe_bytes(&h), Format::Vdi);
+        assert_eq!(probe_bytes(&h[..511]), Format::Raw, "too short");
+        h[0x40] = 0;
+        assert_eq!(probe_bytes(&h), Format::Raw);
     }
 }

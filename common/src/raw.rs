@@ -255,28 +255,7 @@ impl BlockDriver for RawImage {
         if len == 0 {
             return Err(Error::invalid("block_status of an empty range"));
         }
-        let end = offset + len;
-        let next = self
-            .storage
-            .next_data(offset)
-            .map_err(|e| Error::io("Failed to query allocation", e))?;
-        let (allocation, run_end) = match next {
-            // Inside data (a data run starting at or before `offset`).
-            Some((start, stop)) if start <= offset && stop > offset => (Allocation::Data, stop),
-            // A hole up to the next data run.
-            Some((start, _)) => (Allocation::Zero, start.max(offset + 1)),
-            // A hole up to the end of the file.
-            None => (Allocation::Zero, end),
-        };
-        let run_end = run_end.min(end);
-        Ok(BlockStatus {
-            len: run_end - offset,
-            allocation,
-            depth: 0,
-            // Holes too: like QEMU, the offset in the file is the guest offset.
-            host_offset: Some(offset),
-            compressed: false,
-        })
+        file_status(self.storage.as_ref(), offset, len)
     }
 
     fn data_file(&self) -> Option<&std::fs::File> {
@@ -288,6 +267,33 @@ impl BlockDriver for RawImage {
             .allocated_size()
             .map_err(|e| Error::io("Failed to get the allocated file size", e))
     }
+}
+
+/// Status of `len` bytes of a file at `offset` (data or hole, from SEEK_DATA), with the
+/// file offset as host offset: what QEMU's file protocol answers, for raw and for formats
+/// that store guest data at its own offset (fixed VHD) or let the file refine it.
+pub(crate) fn file_status(storage: &dyn Storage, offset: u64, len: u64) -> Result<BlockStatus> {
+    let end = offset + len;
+    let next = storage
+        .next_data(offset)
+        .map_err(|e| Error::io("Failed to query allocation", e))?;
+    let (allocation, run_end) = match next {
+        // Inside data (a data run starting at or before `offset`).
+        Some((start, stop)) if start <= offset && stop > offset => (Allocation::Data, stop),
+        // A hole up to the next data run.
+        Some((start, _)) => (Allocation::Zero, start.max(offset + 1)),
+        // A hole up to the end of the file.
+        None => (Allocation::Zero, end),
+    };
+    let run_end = run_end.min(end);
+    Ok(BlockStatus {
+        len: run_end - offset,
+        allocation,
+        depth: 0,
+        // Holes too: like QEMU, the offset in the file is the guest offset.
+        host_offset: Some(offset),
+        compressed: false,
+    })
 }
 
 pub use crate::prealloc::Preallocation;

@@ -13,7 +13,8 @@ mod sources;
 mod throttle;
 
 use crate::create_opts::{
-    has_help_option, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS,
+    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list, opts_for,
+    CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -161,7 +162,13 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     }
     if let Some(list) = &options {
         if has_help_option(list) {
-            print!("{}", help_text_with_file(out_fmt));
+            // Like qemu-img, the protocol's options too only once an output file is named
+            // after a source.
+            if a.files.len() >= 2 {
+                print!("{}", help_text_with_file(out_fmt));
+            } else {
+                print!("{}", help_text(out_fmt));
+            }
             return Ok(0);
         }
     }
@@ -208,20 +215,14 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         images.push(image);
     }
     let sources = Sources::new(images);
-    let format = match out_fmt {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        other => return Err(Failure::msg(format!("Unknown file format '{other}'"))),
-    };
+    let format = creatable(out_fmt)
+        .ok_or_else(|| Failure::msg(format!("Unknown file format '{out_fmt}'")))?;
     let target = Target {
         name: dst,
         format,
         fmt_name: out_fmt,
     };
-    let mut opts = CreateOpts::new(match format {
-        Format::Raw => RAW_OPTS,
-        Format::Qcow2 => QCOW2_OPTS,
-    });
+    let mut opts = CreateOpts::new(opts_for(format));
     let mut backing = a.backing.clone();
     if !a.no_create {
         if let Some(list) = &options {
@@ -292,7 +293,11 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         backing_end: (!a.no_create && backing.is_some())
             .then(|| image.layer(1).map(|b| b.size()))
             .flatten(),
-        cluster_size: image.info().ok().and_then(|i| i.cluster_size),
+        // qcow2 allocates whole clusters (zero runs inside one save nothing); a VHD or VDI
+        // block's zero runs stay holes in the file, so they are skipped at `-S` granularity.
+        cluster_size: (image.format() == Format::Qcow2)
+            .then(|| image.info().ok().and_then(|i| i.cluster_size))
+            .flatten(),
         offload: a.copy_offload,
         salvage: a.salvage,
         quiet: a.quiet,

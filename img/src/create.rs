@@ -7,8 +7,8 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, OpenOptions};
 
 use crate::create_opts::{
-    has_help_option, help_text, help_text_with_file, is_valid_option_list, CreateOpts, QCOW2_OPTS,
-    RAW_OPTS,
+    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list, opts_for,
+    CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -106,15 +106,8 @@ struct Request<'a> {
 
 /// QEMU's `bdrv_img_create`; errors are the text after `img: FILE: `.
 fn img_create(r: &Request) -> Result<(), String> {
-    let format = match r.fmt {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        other => return Err(format!("Unknown file format '{other}'")),
-    };
-    let mut opts = CreateOpts::new(match format {
-        Format::Raw => RAW_OPTS,
-        Format::Qcow2 => QCOW2_OPTS,
-    });
+    let format = creatable(r.fmt).ok_or_else(|| format!("Unknown file format '{}'", r.fmt))?;
+    let mut opts = CreateOpts::new(opts_for(format));
     if let Some(list) = r.options {
         opts.parse_list(list)?;
     }
@@ -211,6 +204,7 @@ fn img_create(r: &Request) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::create_opts::QCOW2_OPTS;
 
     use common::create::{CompressionType, Preallocation, Qcow2CreateOptions};
 

@@ -3,6 +3,8 @@
 //! keys wins, `,,` escapes a comma, and the `Formatting ...` line lists options in the
 //! driver's declaration order with defaults filled in.
 
+use common::format::Format;
+
 use crate::size::{parse_c_u64, parse_size, SizeError};
 
 /// Type of an option value.
@@ -105,11 +107,53 @@ pub const RAW_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// vpc's options followed by the file protocol's, in QEMU's order.
+pub const VPC_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("subformat", OptType::Str, None),
+    opt("force_size", OptType::Bool, None),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
+/// vdi's options followed by the file protocol's, in QEMU's order.
+pub const VDI_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("static", OptType::Bool, Some("off")),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
+/// The format a new image of format `name` is made in, if `img` can make it.
+pub fn creatable(name: &str) -> Option<Format> {
+    match name {
+        "raw" => Some(Format::Raw),
+        "qcow2" => Some(Format::Qcow2),
+        "vpc" => Some(Format::Vpc),
+        "vdi" => Some(Format::Vdi),
+        _ => None,
+    }
+}
+
+/// The creation options of `format`, in QEMU's order.
+pub fn opts_for(format: Format) -> &'static [OptDesc] {
+    match format {
+        Format::Raw => RAW_OPTS,
+        Format::Qcow2 => QCOW2_OPTS,
+        Format::Vpc => VPC_OPTS,
+        Format::Vdi => VDI_OPTS,
+    }
+}
+
 /// `-o help` text for a format, without a file name (QEMU then lists only the format's
 /// own options).
 pub fn help_text(format: &str) -> &'static str {
     match format {
         "qcow2" => QCOW2_HELP,
+        "vpc" => VPC_HELP,
+        "vdi" => VDI_HELP,
         _ => RAW_HELP,
     }
 }
@@ -118,6 +162,8 @@ pub fn help_text(format: &str) -> &'static str {
 pub fn help_text_with_file(format: &str) -> &'static str {
     match format {
         "qcow2" => QCOW2_FILE_HELP,
+        "vpc" => VPC_FILE_HELP,
+        "vdi" => VDI_FILE_HELP,
         _ => RAW_FILE_HELP,
     }
 }
@@ -186,6 +232,56 @@ const RAW_FILE_HELP: &str = "Supported options:
   nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size
+";
+
+/// vpc's own option lines.
+macro_rules! vpc_force_size_line {
+    () => {
+        "  force_size=<bool (on/off)> - Force disk size calculation to use the actual size \
+         specified, rather than using the nearest CHS-based calculation\n"
+    };
+}
+macro_rules! vpc_subformat_line {
+    () => {
+        "  subformat=<str>        - Type of virtual hard disk format. Supported formats are \
+         {dynamic (default) | fixed} \n"
+    };
+}
+
+const VPC_HELP: &str = concat!(
+    "Supported vpc options:\n",
+    vpc_force_size_line!(),
+    "  size=<size>            - Virtual disk size\n",
+    vpc_subformat_line!(),
+    "\nThe protocol level may support further options.
+Specify the target filename to include those options.
+",
+);
+
+const VPC_FILE_HELP: &str = concat!(
+    "Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable\n",
+    vpc_force_size_line!(),
+    "  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size\n",
+    vpc_subformat_line!(),
+);
+
+const VDI_HELP: &str = "Supported vdi options:
+  size=<size>            - Virtual disk size
+  static=<bool (on/off)> - VDI static (pre-allocated) image
+
+The protocol level may support further options.
+Specify the target filename to include those options.
+";
+
+const VDI_FILE_HELP: &str = "Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  static=<bool (on/off)> - VDI static (pre-allocated) image
 ";
 
 /// A parsed value.

@@ -12,7 +12,7 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 use common::{Allocation, BlockDriver};
 
-use crate::create_opts::{CreateOpts, QCOW2_OPTS, RAW_OPTS};
+use crate::create_opts::{creatable, opts_for, CreateOpts};
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::{open_named, open_user_image};
 use crate::size::{cvtnum, cvtnum_full};
@@ -94,11 +94,8 @@ fn copy_range(input_size: u64, op: &Operands) -> (u64, u64, bool) {
 pub fn run(a: &DdArgs) -> CmdResult {
     let op = parse_operands(&a.operands).map_err(Failure::msg)?;
     let input = open_input(&op.input, a.format.as_deref(), a.force_share).map_err(Failure::msg)?;
-    let out_format = match a.output_format.as_deref().unwrap_or("raw") {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        _ => return Err(Failure::msg("Unknown file format")),
-    };
+    let out_format = creatable(a.output_format.as_deref().unwrap_or("raw"))
+        .ok_or_else(|| Failure::msg("Unknown file format"))?;
     // QEMU's block layer counts lengths in whole 512-byte sectors.
     let input_size = input.driver().size().next_multiple_of(512);
     let (start, end, past_end) = copy_range(input_size, &op);
@@ -139,10 +136,7 @@ fn open_input(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Image,
 
 /// Create the output image with the format's default options.
 fn create_output(name: &str, format: Format, size: u64) -> Result<(), String> {
-    let opts = CreateOpts::new(match format {
-        Format::Raw => RAW_OPTS,
-        Format::Qcow2 => QCOW2_OPTS,
-    });
+    let opts = CreateOpts::new(opts_for(format));
     let create_opts =
         CreateOptions::from_values(format, &opts, size).map_err(|e| engine_msg(&e))?;
     create(Path::new(name), &create_opts).map_err(|e| engine_msg(&e))

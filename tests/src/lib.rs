@@ -35,6 +35,7 @@ use std::time::Duration;
 
 pub mod engine;
 pub mod fake_kernel;
+pub mod foreign;
 pub mod kvm;
 pub mod mem_disk;
 pub mod process;

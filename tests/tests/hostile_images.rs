@@ -2656,3 +2656,324 @@ fn bitmap_structures_out_of_range() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// One hostile file of a format beside qcow2: its name, its bytes, and whether `img`
+/// may open it rather than refuse it (qemu-img does the same unless `qemu_opens` says
+/// otherwise).
+struct Foreign {
+    name: &'static str,
+    bytes: Vec<u8>,
+    opens: bool,
+    qemu_opens: Option<bool>,
+}
+
+fn put32(b: &mut [u8], at: usize, v: [u8; 4]) {
+    b[at..at + 4].copy_from_slice(&v);
+}
+
+/// Hostile VHDs, from a dynamic image qemu-img made and qemu-io wrote and a fixed one.
+fn hostile_vpc(dir: &Path) -> Vec<Foreign> {
+    let (dynamic, fixed) = (dir.join("d.vhd"), dir.join("f.vhd"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        dynamic.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&dynamic, "vpc", &["write -P 7 1M 1M".to_string()]);
+    let fx = fixed.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        fx,
+        "1M",
+    ])
+    .check()
+    .unwrap();
+    let d = fs::read(&dynamic).unwrap();
+    let f = fs::read(&fixed).unwrap();
+    // The footer's checksum redone after a change.
+    let resum = |b: &mut Vec<u8>, at: usize| {
+        let sum = b[at..at + 512]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(64..68).contains(i))
+            .fold(0u32, |s, (_, &x)| s.wrapping_add(u32::from(x)));
+        put32(b, at + 64, (!sum).to_be_bytes());
+    };
+    let with = |base: &Vec<u8>, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = base.clone();
+        edit(&mut b);
+        b
+    };
+    let ff = f.len() - 512;
+    vec![
+        Foreign {
+            name: "vpc-truncated-header",
+            bytes: d[..300].to_vec(),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-bad-checksum",
+            bytes: with(&d, &|b| b[40] ^= 0x10),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-fixed-bad-checksum",
+            bytes: with(&f, &|b| b[ff + 40] ^= 0x10),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-truncated-table",
+            bytes: d[..1000].to_vec(),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-truncated-block",
+            bytes: d[..d.len() - 4096].to_vec(),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-table-entries-near-2^32",
+            bytes: with(&d, &|b| put32(b, 512 + 28, 0xffff_fff0u32.to_be_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-table-entries-2^29-1",
+            bytes: with(&d, &|b| put32(b, 512 + 28, 0x1fff_ffffu32.to_be_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-table-past-the-end",
+            bytes: with(&d, &|b| {
+                b[512 + 16..512 + 24].copy_from_slice(&(1u64 << 40).to_be_bytes())
+            }),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-block-near-2^32-sectors",
+            bytes: with(&d, &|b| put32(b, 1536, 0xffff_fffeu32.to_be_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-block-over-the-header",
+            bytes: with(&d, &|b| put32(b, 1536 + 4, 0u32.to_be_bytes())),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-block-size-2^31",
+            bytes: with(&d, &|b| put32(b, 512 + 32, 0x8000_0000u32.to_be_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-block-size-odd",
+            bytes: with(&d, &|b| put32(b, 512 + 32, 0x0030_0000u32.to_be_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-header-offset-2^64-1",
+            bytes: with(&d, &|b| {
+                b[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+                resum(b, 0);
+            }),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-fixed-2040G-in-1M",
+            bytes: with(&f, &|b| {
+                b[ff + 28..ff + 32].copy_from_slice(b"qem2");
+                b[ff + 48..ff + 56].copy_from_slice(&(2040u64 << 30).to_be_bytes());
+                resum(b, ff);
+            }),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vpc-fixed-size-2^64",
+            bytes: with(&f, &|b| {
+                b[ff + 28..ff + 32].copy_from_slice(b"qem2");
+                b[ff + 48..ff + 56].copy_from_slice(&u64::MAX.to_be_bytes());
+                resum(b, ff);
+            }),
+            opens: false,
+            qemu_opens: None,
+        },
+    ]
+}
+
+/// Hostile VDIs, from a dynamic image qemu-img made and qemu-io wrote.
+fn hostile_vdi(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", path.to_str().unwrap(), "10M"])
+        .check()
+        .unwrap();
+    qemu_io_cmds(&path, "vdi", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    vec![
+        Foreign {
+            name: "vdi-truncated-header",
+            bytes: d[..300].to_vec(),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-truncated-map",
+            bytes: d[..600].to_vec(),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-truncated-block",
+            bytes: d[..d.len() - 4096].to_vec(),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-blocks-near-2^32",
+            bytes: with(&|b| put32(b, 0x180, le(0xffff_fff0))),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-blocks-at-the-limit-map-past-the-end",
+            bytes: with(&|b| put32(b, 0x180, le(0x1fff_ff80))),
+            opens: false, // QEMU reads a block map past the end of the file as zeroes (allocating
+            // up to 2 GiB for it); img refuses it.
+            qemu_opens: Some(true),
+        },
+        Foreign {
+            name: "vdi-size-2^64",
+            bytes: with(&|b| b[0x170..0x178].copy_from_slice(&u64::MAX.to_le_bytes())),
+            opens: false,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-map-offset-near-2^32",
+            bytes: with(&|b| put32(b, 0x154, le(0xffff_fe00))),
+            opens: false, // QEMU reads a block map past the end of the file as zeroes (allocating
+            // up to 2 GiB for it); img refuses it.
+            qemu_opens: Some(true),
+        },
+        Foreign {
+            name: "vdi-data-offset-near-2^32",
+            bytes: with(&|b| put32(b, 0x158, le(0xffff_fe00))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-entry-near-2^32",
+            bytes: with(&|b| put32(b, 512 + 4, le(0xffff_fffd))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-entries-share-a-block",
+            bytes: with(&|b| {
+                let e = [b[512 + 4], b[512 + 5], b[512 + 6], b[512 + 7]];
+                put32(b, 512 + 20, e);
+            }),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-count-wrong",
+            bytes: with(&|b| put32(b, 0x184, le(0))),
+            opens: true,
+            qemu_opens: None,
+        },
+        Foreign {
+            name: "vdi-block-size-odd",
+            bytes: with(&|b| put32(b, 0x178, le(3 << 19))),
+            opens: false,
+            qemu_opens: None,
+        },
+    ]
+}
+
+/// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
+/// `convert -n` into them, each in the sandbox (1 GiB address space, a deadline), exit on
+/// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
+/// refuses it (qemu-img's exit code must agree).
+#[test]
+fn foreign_headers_out_of_range() {
+    use integration_tests::{img_bin, tempdir};
+    const LIMITS: Sandbox = Sandbox::new(1 << 30, Duration::from_secs(20));
+    let dir = tempdir();
+    let d = dir.path();
+    let mut cases = Vec::new();
+    cases.extend(hostile_vpc(d).into_iter().map(|c| (c, "vpc")));
+    cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
+    let src = d.join("src.raw");
+    fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
+    let mut failures = Vec::new();
+    for (case, fmt) in &cases {
+        let file = d.join(format!("{}.img", case.name));
+        let fs_ = file.to_str().unwrap();
+        let runs: [&[&str]; 3] = [
+            &["info", "-f", fmt, fs_],
+            &["map", "-f", fmt, "--output=json", fs_],
+            &["convert", "-n", "-O", fmt, src.to_str().unwrap(), fs_],
+        ];
+        for args in runs {
+            fs::write(&file, &case.bytes).unwrap();
+            let out = LIMITS.run(Command::new(img_bin()).args(args));
+            let what = format!("{} {args:?}", case.name);
+            if out.timed_out || out.signal.is_some() || out.stderr.contains("panicked") {
+                failures.push(format!("{what}: did not exit on its own\n{}", out.report()));
+                continue;
+            }
+            if args[0] == "info" {
+                let q = qemu_img(&["info", "-f", fmt, fs_]);
+                // Refused by both: in qemu-img's words.
+                let words_differ = case.qemu_opens.is_none()
+                    && !q.success()
+                    && integration_tests::qemu_to_img_prefix(&q.stderr) != out.stderr;
+                if q.success() != case.qemu_opens.unwrap_or(case.opens)
+                    || out.success() != case.opens
+                    || words_differ
+                {
+                    failures.push(format!(
+                        "{what}: expected to {}open, in qemu-img's words\nqemu-img: {}\nimg: {}",
+                        if case.opens { "" } else { "not " },
+                        q.report(),
+                        out.report()
+                    ));
+                }
+            }
+            if !out.success() {
+                let lines: Vec<&str> = out.stderr.lines().collect();
+                if out.code != Some(1) || lines.len() != 1 || !lines[0].starts_with("img: ") {
+                    failures.push(format!("{what}: not one error line\n{}", out.report()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

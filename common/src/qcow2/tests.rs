@@ -24,7 +24,7 @@ fn open_rw(path: &Path) -> crate::Result<Qcow2Image> {
 pub(super) fn open_qcow2(path: &Path, opts: &OpenOptions) -> crate::Result<Qcow2Image> {
     match crate::open::open_image(path, opts)? {
         crate::open::Image::Qcow2(q) => Ok(q),
-        crate::open::Image::Raw(_) => panic!("{} is not qcow2", path.display()),
+        _ => panic!("{} is not qcow2", path.display()),
     }
 }
 

@@ -458,7 +458,11 @@ pub fn copy(
         // A cluster is allocated whole anyway: no point in finer zero runs.
         zero_unit: sparse_unit.max(plan.cluster_size.unwrap_or(1)).min(CHUNK),
         target_size: target.driver().size(),
-        offload: AtomicBool::new(plan.offload),
+        // QEMU's offloading reaches raw files and qcow2 images; into any other format it
+        // is refused at the first try, and the copy goes on as without it.
+        offload: AtomicBool::new(
+            plan.offload && matches!(target.format(), Format::Raw | Format::Qcow2),
+        ),
         throttle: Throttle::new(plan.rate_limit),
     };
     progress.start(src.size());
