@@ -2,15 +2,10 @@
 
 use std::path::PathBuf;
 
+use common::format::Format;
+
 /// Most vCPUs we describe to the guest.
 pub const MAX_CPUS: u8 = 64;
-
-/// Disk image format requested with `format=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DriveFormat {
-    Raw,
-    Qcow2,
-}
 
 /// Host cache mode requested with `cache=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,7 +26,8 @@ pub enum CacheMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
     pub path: PathBuf,
-    pub format: Option<DriveFormat>,
+    /// The image format requested with `format=` (probed when not given).
+    pub format: Option<Format>,
     pub read_only: bool,
     pub snapshot: bool,
     pub cache: CacheMode,
@@ -128,11 +124,9 @@ pub fn parse_drive(s: &str) -> Result<DriveConfig, String> {
                 have_file = true;
             }
             "format" => {
-                d.format = Some(match v {
-                    "raw" => DriveFormat::Raw,
-                    "qcow2" => DriveFormat::Qcow2,
-                    _ => return Err(format!("unsupported drive format '{v}' (use raw or qcow2)")),
-                })
+                d.format = Some(
+                    Format::from_name(v).map_err(|_| format!("unsupported drive format '{v}'"))?,
+                )
             }
             "readonly" => d.read_only = on_off(k, v)?,
             "snapshot" => d.snapshot = on_off(k, v)?,
@@ -196,7 +190,7 @@ mod tests {
     fn drives() {
         let d = parse_drive("file=/a,,b.img,format=qcow2,readonly=on,cache=none").unwrap();
         assert_eq!(d.path, PathBuf::from("/a,b.img"));
-        assert_eq!(d.format, Some(DriveFormat::Qcow2));
+        assert_eq!(d.format, Some(Format::Qcow2));
         assert!(d.read_only);
         assert_eq!(d.cache, CacheMode::None);
         assert!(parse_drive("format=raw").is_err());

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::create::{create_and_open, Qcow2CreateOptions};
-use common::open::{open_image, Format, OpenOptions};
+use common::open::{open_image, OpenOptions};
 use common::{BlockDriver, BlockStatus, Error, IoBuf, IoBufMut, Result};
 
-use crate::config::{CacheMode, DriveConfig, DriveFormat};
+use crate::config::{CacheMode, DriveConfig};
 
 /// A drive that could not be opened: which one, and the engine's error (whose kind callers
 /// match on, e.g. [`Error::Locked`] for an image in use).
@@ -47,13 +47,6 @@ pub fn open_drive(cfg: &DriveConfig) -> std::result::Result<Arc<dyn BlockDriver>
     Ok(drv)
 }
 
-fn drive_format(cfg: &DriveConfig) -> Option<Format> {
-    cfg.format.map(|f| match f {
-        DriveFormat::Raw => Format::Raw,
-        DriveFormat::Qcow2 => Format::Qcow2,
-    })
-}
-
 fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>> {
     Ok(open_image_of(cfg, read_only)?.into_driver())
 }
@@ -61,7 +54,7 @@ fn open_base(cfg: &DriveConfig, read_only: bool) -> Result<Box<dyn BlockDriver>>
 fn open_image_of(cfg: &DriveConfig, read_only: bool) -> Result<common::open::Image> {
     let opts = OpenOptions {
         read_only,
-        format: drive_format(cfg),
+        format: cfg.format,
         // cache=none: bypass the host page cache, as QEMU does.
         direct: matches!(cfg.cache, CacheMode::None | CacheMode::DirectSync),
         ..Default::default()
@@ -245,6 +238,48 @@ mod tests {
             let d = crate::config::parse_drive(&format!("file=x,cache={mode}")).unwrap();
             assert_eq!(d.cache, want);
         }
+    }
+
+    /// Disks in the engine's other formats, named with `format=` or probed: what the
+    /// guest writes, qemu-io reads back from the file.
+    #[test]
+    fn vpc_and_vdi_drives_are_written_through_the_engine() {
+        for (fmt, opts) in [
+            ("vpc", "subformat=dynamic"),
+            ("vpc", "subformat=fixed"),
+            ("vdi", "static=off"),
+        ] {
+            let p =
+                std::env::temp_dir().join(format!("vmm-disk-{}-{fmt}-{opts}", std::process::id()));
+            let ps = p.to_str().unwrap();
+            let made = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", fmt, "-o", opts, ps, "4M"])
+                .status()
+                .unwrap();
+            assert!(made.success());
+            // A fixed VHD probes as raw, as in QEMU: only `format=vpc` opens it as vpc.
+            for extra in [format!(",format={fmt}"), String::new()] {
+                let cfg = crate::config::parse_drive(&format!("file={ps}{extra}")).unwrap();
+                let d = open_drive(&cfg).unwrap();
+                if opts != "subformat=fixed" || !extra.is_empty() {
+                    assert_eq!(d.format_name(), fmt, "{opts}{extra}");
+                }
+                d.write_at(&[0x5a; 4096], 1 << 20).unwrap();
+                d.flush().unwrap();
+            }
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", fmt, "-c", "read -P 0x5a 1M 4k", ps])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !text.contains("Pattern verification failed"),
+                "{text}"
+            );
+            std::fs::remove_file(&p).unwrap();
+        }
+        let bad = crate::config::parse_drive("file=x,format=bogus").unwrap_err();
+        assert_eq!(bad, "unsupported drive format 'bogus'");
     }
 
     #[test]

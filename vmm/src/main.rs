@@ -50,7 +50,7 @@ struct RunArgs {
     /// Number of vCPUs (1 to 64).
     #[arg(long, default_value = "1")]
     cpus: String,
-    /// A disk: file=PATH[,format=raw|qcow2][,readonly=on][,snapshot=on]
+    /// A disk: file=PATH[,format=raw|qcow2|vpc|vdi][,readonly=on][,snapshot=on]
     /// [,cache=writeback|none|writethrough|directsync|unsafe][,serial=S]
     #[arg(long)]
     drive: Vec<String>,
