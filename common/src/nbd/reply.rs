@@ -154,7 +154,7 @@ pub fn chunk_len(tail: [u8; 4]) -> Result<u32> {
 pub fn decode_block_status(data: &[u8]) -> Result<(u32, Vec<Extent>)> {
     let mut f = Fields::new(data, "block status reply");
     let id = f.u32()?;
-    if f.remaining() == 0 || f.remaining() % 8 != 0 {
+    if f.remaining() == 0 || !f.remaining().is_multiple_of(8) {
         return Err(Error::Protocol(format!(
             "block status reply of {} bytes",
             data.len()
