@@ -226,3 +226,94 @@ impl RawClient {
         }
     }
 }
+
+/// What a [`FakeServer`] does after its handshake.
+#[derive(Clone, Copy, Debug)]
+pub enum FakeBehaviour {
+    /// Answer this many requests (reads with zeroes, others with success), then hang up.
+    HangUpAfter(usize),
+    /// Answer the first request with bytes that are no NBD reply.
+    Garbage,
+}
+
+/// A minimal NBD server on a unix socket, run on a thread for one client: simple replies
+/// only (it refuses structured replies), an export of `size` bytes, then `behaviour`.
+pub struct FakeServer {
+    pub path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeServer {
+    pub fn start(path: PathBuf, size: u64, behaviour: FakeBehaviour) -> FakeServer {
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let thread = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let _ = fake_session(&mut s, size, behaviour);
+        });
+        FakeServer {
+            path,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        Addr::Unix(self.path.clone()).uri()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        // Unblock an accept that never got its client.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fake_session(s: &mut UnixStream, size: u64, behaviour: FakeBehaviour) -> std::io::Result<()> {
+    use common::nbd::reply;
+    use common::nbd::request::Request;
+    s.write_all(&handshake::greeting())?;
+    let mut flags = [0u8; 4];
+    s.read_exact(&mut flags)?;
+    loop {
+        let Ok(opt) = handshake::read_option(s) else {
+            return Ok(());
+        };
+        match opt.option {
+            OPT_GO => {
+                let info = handshake::info_export(size, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH);
+                s.write_all(&handshake::option_reply(OPT_GO, REP_INFO, &info))?;
+                s.write_all(&handshake::option_reply(OPT_GO, REP_ACK, &[]))?;
+                break;
+            }
+            o => s.write_all(&handshake::option_reply(o, REP_ERR_UNSUP, &[]))?,
+        }
+    }
+    let mut answered = 0;
+    loop {
+        let mut head = [0u8; 28];
+        s.read_exact(&mut head)?;
+        let Ok(req) = Request::decode(&head) else {
+            return Ok(());
+        };
+        if let FakeBehaviour::Garbage = behaviour {
+            return s.write_all(&[0x5a; 64]);
+        }
+        if let FakeBehaviour::HangUpAfter(n) = behaviour {
+            if answered == n {
+                return Ok(());
+            }
+        }
+        let mut payload = vec![0u8; req.payload_len().unwrap_or(0)];
+        s.read_exact(&mut payload)?;
+        s.write_all(&reply::simple(req.cookie, 0))?;
+        if req.command == CMD_READ {
+            s.write_all(&vec![0u8; req.len as usize])?;
+        }
+        answered += 1;
+    }
+}
