@@ -13,7 +13,8 @@ use std::io::BufWriter;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::Args;
@@ -213,16 +214,71 @@ impl CacheMode {
     }
 }
 
+/// Set by SIGTERM, SIGINT or SIGHUP: stop serving, flush and exit, as qemu-nbd does.
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, Ordering::Release);
+}
+
+fn install_terminate_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_terminate as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+/// The clients being served, by id, so that termination can end their connections.
+#[derive(Default)]
+struct Clients {
+    conns: Mutex<Vec<(u64, Conn)>>,
+    active: AtomicUsize,
+}
+
+impl Clients {
+    fn add(&self, id: u64, conn: Conn) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, conn));
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _)| *i != id);
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn shutdown_all(&self) {
+        for (_, c) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            c.shutdown();
+        }
+    }
+}
+
 /// Accept clients, each served on its own thread, until (without `persistent`) the last
-/// one has gone. At most `shared` at once (0: no limit); the others wait to be accepted.
+/// one has gone, or a termination signal. At most `shared` at once (0: no limit); the
+/// others wait to be accepted.
 fn serve(export: &Export, listener: &Listener, shared: usize, persistent: bool) -> CmdResult {
-    let active = AtomicUsize::new(0);
-    let mut served = false;
+    install_terminate_handlers();
+    let clients = Clients::default();
+    let mut served = 0u64;
     std::thread::scope(|scope| {
-        loop {
-            let now = active.load(Ordering::Acquire);
-            if !persistent && served && now == 0 {
-                return Ok(0);
+        let result = loop {
+            if TERMINATE.load(Ordering::Acquire) {
+                break Ok(0);
+            }
+            let now = clients.active.load(Ordering::Acquire);
+            if !persistent && served > 0 && now == 0 {
+                break Ok(0);
             }
             if shared != 0 && now >= shared {
                 std::thread::sleep(POLL / 10);
@@ -232,23 +288,32 @@ fn serve(export: &Export, listener: &Listener, shared: usize, persistent: bool) 
                 Ok(Some(c)) => c,
                 Ok(None) => continue,
                 Err(e) => {
-                    return Err(Failure::msg(format!(
+                    break Err(Failure::msg(format!(
                         "Failed to accept a client: {}",
                         common::error::os_message(&e)
                     )))
                 }
             };
-            served = true;
-            active.fetch_add(1, Ordering::AcqRel);
-            let active = &active;
+            let id = served;
+            served += 1;
+            match conn.try_clone() {
+                Ok(c) => clients.add(id, c),
+                Err(_) => continue,
+            }
+            let clients = &clients;
             scope.spawn(move || {
                 if let Err(e) = client(export, conn) {
                     // The client is dropped; the server and the other clients go on.
-                    eprintln!("img: Disconnect client, due to: {}", engine_msg(&e));
+                    if !TERMINATE.load(Ordering::Acquire) {
+                        eprintln!("img: Disconnect client, due to: {}", engine_msg(&e));
+                    }
                 }
-                active.fetch_sub(1, Ordering::AcqRel);
+                clients.remove(id);
             });
-        }
+        };
+        // Ends the clients still connected; the scope then waits for their threads.
+        clients.shutdown_all();
+        result
     })
 }
 

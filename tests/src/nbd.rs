@@ -118,6 +118,12 @@ impl Server {
         }
     }
 
+    /// Send SIGTERM (a server ends its clients, flushes and exits).
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -647,3 +647,48 @@ fn bad_arguments_fail_like_qemu_nbd() {
         assert_eq!(out.stderr, err);
     }
 }
+
+#[test]
+fn sigterm_ends_the_clients_flushes_and_exits() {
+    let d = tempdir();
+    let image = make_image(d.path(), "qcow2");
+    let sock = d.path().join("s");
+    let mut srv = serve(
+        &["-t", "-e", "0", s(&image)],
+        Addr::Unix(sock.clone()),
+        d.path(),
+    );
+    qemu_io_uri(
+        &srv.addr.uri(),
+        &["write -P 0x61 6M 1M", "write -P 0x62 100k 8k"],
+    )
+    .unwrap();
+    // A client still connected when the signal comes.
+    let mut idle = RawClient::connect(&sock);
+    idle.go().unwrap();
+    srv.terminate();
+    let st = srv
+        .wait_exit(Duration::from_secs(10))
+        .expect("server exits on SIGTERM");
+    assert!(st.success(), "{st}: {}", srv.stderr());
+    assert!(
+        idle.closed_by_server(),
+        "the connected client was not ended"
+    );
+    assert!(!sock.exists(), "the socket file is left behind");
+    assert_qemu_check_clean(&image);
+    let out = qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x61 6M 1M",
+        "-c",
+        "read -P 0x62 100k 8k",
+        s(&image),
+    ]);
+    assert!(
+        out.success() && !out.stdout.contains("fail"),
+        "{}",
+        out.report()
+    );
+}

@@ -73,6 +73,14 @@ impl Conn {
         })
     }
 
+    /// End the connection both ways: a thread blocked reading it returns.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     /// Limit how long one read may wait (`None`: forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
