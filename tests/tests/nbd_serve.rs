@@ -692,3 +692,66 @@ fn sigterm_ends_the_clients_flushes_and_exits() {
         out.report()
     );
 }
+
+#[test]
+fn allocation_depth_matches_qemu_nbd() {
+    // qemu-img maps another meta context in place of base:allocation with the nbd
+    // driver's x-dirty-bitmap option: the qemu:allocation-depth values, run by run.
+    let d = tempdir();
+    let image = make_image(d.path(), "qcow2");
+    let depth_map = |sock: &Path| {
+        let opts = format!(
+            "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:allocation-depth",
+            sock.display()
+        );
+        qemu_img(&["map", "--output=json", "--image-opts", &opts])
+            .ok()
+            .stdout
+    };
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    let _ours = serve(
+        &["-t", "-r", "-A", s(&image)],
+        Addr::Unix(a.clone()),
+        d.path(),
+    );
+    let _theirs = Server::start(
+        Path::new("qemu-nbd"),
+        &["-t", "-r", "-A", s(&image)],
+        Addr::Unix(b.clone()),
+        d.path(),
+    );
+    let (ours, theirs) = (depth_map(&a), depth_map(&b));
+    assert!(theirs.lines().count() > 3, "too simple a map: {theirs}");
+    if let Some(diff) = text_diff("qemu-nbd", &theirs, "img serve", &ours) {
+        panic!("{diff}");
+    }
+}
+
+#[test]
+fn flags_without_structured_replies_match_qemu_nbd() {
+    // A client that goes straight to NBD_OPT_GO: no DF flag, the rest as qemu-nbd's.
+    let d = tempdir();
+    let image = make_image(d.path(), "qcow2");
+    for (i, opts) in [vec![], vec!["-r"], vec!["-e", "3"]]
+        .into_iter()
+        .enumerate()
+    {
+        let mut args = opts.clone();
+        args.push(s(&image));
+        let go = |srv: Server| {
+            let Addr::Unix(p) = &srv.addr else {
+                unreachable!()
+            };
+            RawClient::connect(p).go().unwrap()
+        };
+        let ours = go(serve(&args, unix(d.path(), &format!("a{i}")), d.path()));
+        let qemu = Path::new("qemu-nbd");
+        let theirs = go(Server::start(
+            qemu,
+            &args,
+            unix(d.path(), &format!("b{i}")),
+            d.path(),
+        ));
+        assert_eq!(ours, theirs, "{opts:?}: (size, flags)");
+    }
+}

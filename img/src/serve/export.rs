@@ -81,12 +81,15 @@ impl Export {
         self.driver().is_read_only()
     }
 
-    /// The transmission flags, as qemu-nbd sets them: multi-conn only when several
-    /// clients may connect (safe because they share one open image, so a flush on any
-    /// connection covers writes completed on all of them).
-    pub fn flags(&self) -> u16 {
-        let mut f =
-            FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_DF | FLAG_SEND_CACHE;
+    /// The transmission flags, as qemu-nbd sets them: DF only with structured replies
+    /// (`structured`); multi-conn only when several clients may connect (safe because
+    /// they share one open image, so a flush on any connection covers writes completed on
+    /// all of them).
+    pub fn flags(&self, structured: bool) -> u16 {
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+        if structured {
+            f |= FLAG_SEND_DF;
+        }
         if self.read_only() {
             f |= FLAG_READ_ONLY;
         } else {

@@ -44,7 +44,11 @@ pub fn negotiate(export: &Export, r: &mut impl Read, w: &mut impl Write) -> Resu
                 }
                 send(
                     w,
-                    &handshake::export_name_reply(export.size(), export.flags(), client.no_zeroes),
+                    &handshake::export_name_reply(
+                        export.size(),
+                        export.flags(session.structured),
+                        client.no_zeroes,
+                    ),
                 )?;
                 return Ok(Outcome::Transmission(session));
             }
@@ -100,7 +104,7 @@ pub fn negotiate(export: &Export, r: &mut impl Read, w: &mut impl Write) -> Resu
                 reply(
                     w,
                     REP_INFO,
-                    &handshake::info_export(export.size(), export.flags()),
+                    &handshake::info_export(export.size(), export.flags(session.structured)),
                 )?;
                 reply(w, REP_ACK, &[])?;
                 if o == OPT_GO {
