@@ -236,3 +236,39 @@ fn a_server_that_goes_away_or_sends_garbage_is_a_one_line_error() {
         }
     }
 }
+
+#[test]
+fn an_overlay_on_an_nbd_backing_file_is_described_as_qemu_img_does() {
+    let d = tempdir();
+    let (_, _, raw) = images(d.path());
+    let srv = Server::start(
+        Path::new("qemu-nbd"),
+        &["-t", "-r", "-e", "0", "-f", "raw", s(&raw)],
+        Addr::Unix(d.path().join("b")),
+        d.path(),
+    );
+    let uri = srv.addr.uri();
+    let twin = twin::Twin::new(|_| {});
+    let check = |pair: twin::Pair| {
+        let errs = pair.differences(twin::Names::Prefix, twin::verbatim);
+        if let Err(e) = pair.verdict(errs) {
+            panic!("{e}");
+        }
+    };
+    check(twin.run(&["create", "-f", "qcow2", "-b", &uri, "-F", "raw", "ov.qcow2"]));
+    for dir in [twin.img_dir(), twin.qemu_dir()] {
+        qemu_io_cmds(
+            &dir.join("ov.qcow2"),
+            "qcow2",
+            &["write -P 6 2M 64k".into()],
+        );
+    }
+    for args in [
+        &["info", "ov.qcow2"][..],
+        &["info", "--backing-chain", "ov.qcow2"],
+        &["map", "--output=json", "ov.qcow2"],
+        &["compare", "-F", "raw", "ov.qcow2", s(&raw)],
+    ] {
+        check(twin.run(args));
+    }
+}
