@@ -755,3 +755,54 @@ fn flags_without_structured_replies_match_qemu_nbd() {
         assert_eq!(ours, theirs, "{opts:?}: (size, flags)");
     }
 }
+
+#[test]
+fn export_name_option_opens_the_export_or_hangs_up() {
+    let d = tempdir();
+    let image = make_image(d.path(), "raw");
+    let sock = d.path().join("s");
+    let _srv = serve(
+        &["-t", "-e", "0", "-x", "disk", s(&image)],
+        Addr::Unix(sock.clone()),
+        d.path(),
+    );
+    for (name, ok) in [
+        (&b"disk"[..], true),
+        (b"other", false),
+        (b"\xffdisk", false),
+        (b"", false),
+    ] {
+        let mut c = RawClient::connect(&sock);
+        c.greet().unwrap();
+        c.send(
+            &OptionRequest {
+                option: OPT_EXPORT_NAME,
+                data: name.to_vec(),
+            }
+            .encode(),
+        )
+        .unwrap();
+        if ok {
+            // NO_ZEROES was set: size and flags only.
+            let mut reply = [0u8; 10];
+            std::io::Read::read_exact(&mut c.sock, &mut reply).unwrap();
+            assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 8 << 20);
+            let r = Request {
+                flags: 0,
+                command: CMD_READ,
+                cookie: 5,
+                offset: 0,
+                len: 4096,
+            };
+            c.send(&r.encode()).unwrap();
+            let mut head = [0u8; 16];
+            std::io::Read::read_exact(&mut c.sock, &mut head).unwrap();
+            assert_eq!(&head[4..8], &[0, 0, 0, 0], "read failed");
+            let mut data = vec![0u8; 4096];
+            std::io::Read::read_exact(&mut c.sock, &mut data).unwrap();
+            assert!(data.iter().all(|&b| b == 0x11), "wrong data");
+        } else {
+            assert!(c.closed_by_server(), "{name:?}: not refused");
+        }
+    }
+}

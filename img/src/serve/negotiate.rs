@@ -38,8 +38,7 @@ pub fn negotiate(export: &Export, r: &mut impl Read, w: &mut impl Write) -> Resu
         };
         match o {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8(opt.data).unwrap_or_default();
-                if name != export.name {
+                if opt.data != export.name.as_bytes() {
                     return Ok(Outcome::Closed);
                 }
                 send(
