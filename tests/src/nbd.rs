@@ -94,7 +94,7 @@ impl Server {
     /// Whether the socket is there to connect to.
     fn listening(&self) -> bool {
         match &self.addr {
-            Addr::Unix(p) => p.exists(),
+            Addr::Unix(p) => unix_listening(p),
             Addr::Tcp(port) => tcp_listening(*port),
         }
     }
@@ -137,6 +137,18 @@ impl Drop for Server {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Whether a socket listens at `path`, from /proc/net/unix (the file appears at bind,
+/// before listen, when a connection is still refused).
+pub fn unix_listening(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 7 && f[7] == path && f[3] == ACCEPTING
+    })
 }
 
 /// Whether something listens on 127.0.0.1:`port` (or any address), from /proc/net/tcp.

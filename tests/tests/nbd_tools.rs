@@ -4,7 +4,7 @@
 //! nbdkit exports as qemu-img does. Needs libnbd-bin and nbdkit
 //! (`fixtures/install-host-deps.sh`); without them the tests are skipped, but fail in CI.
 
-use integration_tests::nbd::{Addr, Server};
+use integration_tests::nbd::{unix_listening, Addr, Server};
 use integration_tests::*;
 use std::path::{Path, PathBuf};
 
@@ -205,7 +205,7 @@ fn img_reads_nbdkit_exports_as_qemu_img_does() {
             .spawn()
             .expect("start nbdkit");
         let start = std::time::Instant::now();
-        while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+        while !unix_listening(&sock) && start.elapsed() < std::time::Duration::from_secs(10) {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let uri = Addr::Unix(sock.clone()).uri();
