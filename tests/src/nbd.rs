@@ -42,6 +42,74 @@ impl Addr {
     }
 }
 
+/// `img serve ARGS` listening at `addr`.
+pub fn serve_img(args: &[&str], addr: Addr, dir: &Path) -> Server {
+    let mut full = vec!["serve"];
+    full.extend_from_slice(args);
+    Server::start(&crate::img_bin(), &full, addr, dir)
+}
+
+pub fn unix_at(dir: &Path, name: &str) -> Addr {
+    Addr::Unix(dir.join(name))
+}
+
+/// qemu-io commands over `uri` (as raw); the output, failing on any error line.
+pub fn qemu_io_uri(uri: &str, cmds: &[&str]) -> Result<String, String> {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = crate::qemu_io(&args);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    if !out.success() || text.contains("failed") || text.contains("error") {
+        return Err(out.report());
+    }
+    Ok(text)
+}
+
+/// A sparse image with data, zeroes, discards and (for qcow2) a backing file.
+pub fn sample_image(dir: &Path, fmt: &str) -> PathBuf {
+    let q = |args: &[&str]| crate::qemu_img_in(dir, args).ok();
+    let path = dir.join(format!("disk.{fmt}"));
+    let mut cmds: Vec<String> = vec![
+        "write -P 0x11 0 64k".into(),
+        "write -P 0x22 1M 192k".into(),
+        "write -z 2M 128k".into(),
+        "write -P 0x33 3M 64k".into(),
+        "discard 3M 32k".into(),
+        "write -P 0x44 7M 4k".into(),
+    ];
+    if fmt == "qcow2" {
+        q(&["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+        crate::qemu_io_cmds(
+            &dir.join("base.qcow2"),
+            "qcow2",
+            &[
+                "write -P 0x55 4M 256k".into(),
+                "write -P 0x66 6M 64k".into(),
+            ],
+        );
+        q(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "disk.qcow2",
+        ]);
+        cmds.push("write -z 6M 32k".into());
+        cmds.push("write -P 0x77 4M 4k".into());
+    } else {
+        q(&["create", "-q", "-f", "raw", "disk.raw", "8M"]);
+    }
+    crate::qemu_io_cmds(&path, fmt, &cmds);
+    path
+}
+
 /// A TCP port on 127.0.0.1 nobody listens on right now.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
