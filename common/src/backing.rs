@@ -15,7 +15,8 @@ pub struct BackingRef {
 /// relative names are relative to the overlay's directory.
 pub fn resolve_backing_path(overlay: &Path, backing: &str) -> PathBuf {
     let b = Path::new(backing);
-    if b.is_absolute() {
+    // An NBD URI names a server, not a file: QEMU leaves protocol names as they are.
+    if b.is_absolute() || crate::nbd::uri::is_nbd_uri(backing) {
         return b.to_path_buf();
     }
     match overlay.parent() {

@@ -50,6 +50,9 @@ pub enum Error {
     /// What was asked does not fit where the format keeps it (a backing file name in a
     /// full qcow2 header cluster): QEMU's `ENOSPC` from a header update.
     NoSpace(String),
+    /// A network peer broke the NBD protocol (bad magic, a length past the limits, a
+    /// reply that does not match the request).
+    Protocol(String),
 }
 
 impl Error {
@@ -123,6 +126,7 @@ impl Error {
             Error::InvalidArgument(m) => Error::InvalidArgument(pre(m)),
             Error::NotFound(m) => Error::NotFound(pre(m)),
             Error::NoSpace(m) => Error::NoSpace(pre(m)),
+            Error::Protocol(m) => Error::Protocol(pre(m)),
         }
     }
 
@@ -145,7 +149,8 @@ impl fmt::Display for Error {
             | Error::BackingLoop(m)
             | Error::InvalidArgument(m)
             | Error::NotFound(m)
-            | Error::NoSpace(m) => f.write_str(m),
+            | Error::NoSpace(m)
+            | Error::Protocol(m) => f.write_str(m),
             Error::ReadOnly => f.write_str("Image is read-only"),
         }
     }

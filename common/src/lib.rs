@@ -18,6 +18,7 @@ pub mod format;
 pub mod iovec;
 pub mod lock;
 pub mod measure;
+pub mod nbd;
 pub mod open;
 pub mod ops;
 pub mod option_list;

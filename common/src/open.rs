@@ -1,7 +1,10 @@
 //! Opening an image by name, with its whole backing chain. The chain is built here, not
 //! by the formats: for every layer, open its file and take QEMU's locks, probe its format,
 //! read the backing reference the format stores, resolve it as QEMU does, refuse loops and
-//! decide read-only or read-write; then hand each layer the opened layer below it.
+//! decide read-only or read-write; then hand each layer the opened layer below it. A name
+//! that is an NBD URI (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`) is
+//! opened on [`NbdStorage`](crate::nbd::storage::NbdStorage) instead of a file (no lock:
+//! the server holds it).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,6 +151,11 @@ impl Chain {
         check: bool,
         opts: &OpenOptions,
     ) -> Result<Image> {
+        if let Some(name) = path.to_str().filter(|n| crate::nbd::uri::is_nbd_uri(n)) {
+            let storage = crate::nbd::storage::NbdStorage::connect(&crate::nbd::uri::parse(name)?)?;
+            let read_only = read_only || storage.read_only();
+            return image_on(storage, format, read_only, check, path);
+        }
         let canonical = canonical(path)?;
         if self.seen.contains(&canonical) {
             return Err(Error::BackingLoop(format!(
@@ -162,30 +170,7 @@ impl Chain {
             storage = storage.ignoring_flushes();
         }
         crate::lock::lock_image(storage.file(), path, read_only, opts.force_share)?;
-        let probed = format.is_none();
-        let format = match format {
-            Some(f) => f,
-            None => crate::probe::probe_storage(&storage)
-                .map_err(|e| Error::io("Could not read image for determining its format", e))?,
-        };
-        Ok(match format {
-            Format::Raw => {
-                let mut raw = RawImage::from_storage(Box::new(storage), read_only)?;
-                if probed {
-                    // Like QEMU: a guest must not turn a probed raw image into another format.
-                    raw.set_probed();
-                }
-                Image::Raw(raw)
-            }
-            Format::Qcow2 => {
-                Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?)
-            }
-            Format::Vpc => Image::Vpc(
-                VpcImage::open(Box::new(storage), read_only)
-                    .map_err(|e| name_bare_errno(e, path))?,
-            ),
-            Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
-        })
+        image_on(storage, format, read_only, check, path)
     }
 
     /// Open every layer below `top` (which was opened from `path`) and attach each to the
@@ -235,6 +220,37 @@ impl Chain {
         }
         Ok(image)
     }
+}
+
+/// The image of `format` (probed when `None`) on `storage`, opened from `path`.
+fn image_on<S: crate::storage::Storage + 'static>(
+    storage: S,
+    format: Option<Format>,
+    read_only: bool,
+    check: bool,
+    path: &Path,
+) -> Result<Image> {
+    let probed = format.is_none();
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe::probe_storage(&storage)
+            .map_err(|e| Error::io("Could not read image for determining its format", e))?,
+    };
+    Ok(match format {
+        Format::Raw => {
+            let mut raw = RawImage::from_storage(Box::new(storage), read_only)?;
+            if probed {
+                // Like QEMU: a guest must not turn a probed raw image into another format.
+                raw.set_probed();
+            }
+            Image::Raw(raw)
+        }
+        Format::Qcow2 => Image::Qcow2(Qcow2Image::open_for(Arc::new(storage), read_only, check)?),
+        Format::Vpc => Image::Vpc(
+            VpcImage::open(Box::new(storage), read_only).map_err(|e| name_bare_errno(e, path))?,
+        ),
+        Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
+    })
 }
 
 /// An I/O error a format gave without words (QEMU's bare errno from a driver's open) as

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use clap::Args;
+use common::nbd::uri as nbd_uri;
 use common::open::{Format, OpenOptions};
 use common::ops::FormatSpecific as EngineSpecific;
 use common::storage::is_device;
@@ -125,33 +126,51 @@ pub fn image_info(
     )
     .map_err(open_err)?;
     let driver = image.driver();
+    // QEMU names an NBD export by its normalized URI, and the node under the format is
+    // the 'nbd' protocol driver, which knows neither allocation nor a dirty flag.
+    let nbd = nbd_uri::is_nbd_uri(filename);
+    let shown = match nbd_uri::parse(filename) {
+        Ok(t) if nbd => t.display_name(),
+        _ => filename.to_string(),
+    };
     let actual_size = driver.allocated_file_size().ok();
-    let file_type = std::fs::metadata(path)
-        .map(|m| m.file_type())
-        .map_err(|e| open_err(crate::errors::strip_os_error(&e.to_string())))?;
-    // QEMU opens devices with its 'host_device' protocol driver, files with 'file'.
-    let protocol = if is_device(&file_type) {
-        "host_device"
+    let protocol = if nbd {
+        "nbd"
     } else {
-        "file"
+        let file_type = std::fs::metadata(path)
+            .map(|m| m.file_type())
+            .map_err(|e| open_err(crate::errors::strip_os_error(&e.to_string())))?;
+        // QEMU opens devices with its 'host_device' protocol driver, files with 'file'.
+        if is_device(&file_type) {
+            "host_device"
+        } else {
+            "file"
+        }
     };
     // QEMU's block layer counts lengths in whole 512-byte sectors.
     let file_len = image
         .file_length()
         .map_err(|e| open_err(engine_msg(&e)))?
         .next_multiple_of(512);
-    let mut file = NodeInfo::new(filename, protocol, file_len);
+    let mut file = NodeInfo::new(&shown, protocol, file_len);
     file.actual_size = actual_size;
-    file.format_specific = Some(FormatSpecific::File);
+    if nbd {
+        file.dirty_flag = None;
+    } else {
+        file.format_specific = Some(FormatSpecific::File);
+    }
 
     let virtual_size = driver.size().next_multiple_of(512);
-    let mut node = NodeInfo::new(filename, driver.format_name(), virtual_size);
+    let mut node = NodeInfo::new(&shown, driver.format_name(), virtual_size);
     node.actual_size = actual_size;
     // Snapshots first: with both broken, qemu-img names the snapshot table.
     node.snapshots = image.snapshots().map_err(|e| open_err(engine_msg(&e)))?;
     let info = image.info().map_err(|e| open_err(engine_msg(&e)))?;
     node.cluster_size = info.cluster_size;
-    node.dirty_flag = info.dirty;
+    node.dirty_flag = Some(info.dirty);
+    if nbd && image.format() == Format::Raw {
+        node.dirty_flag = None;
+    }
     if let Some(b) = info.backing {
         node.full_backing_filename = Some(path_combine(filename, &b.name));
         node.backing_filename = Some(b.name);

@@ -34,7 +34,8 @@ fn bitmap_dict(b: &BitmapInfo) -> QDict {
 pub struct NodeInfo {
     pub filename: String,
     pub format: String,
-    pub dirty_flag: bool,
+    /// `None` when the format cannot tell (a raw image over NBD).
+    pub dirty_flag: Option<bool>,
     pub actual_size: Option<u64>,
     pub virtual_size: u64,
     pub cluster_size: Option<u64>,
@@ -55,7 +56,7 @@ impl NodeInfo {
         NodeInfo {
             filename: filename.to_string(),
             format: format.to_string(),
-            dirty_flag: false,
+            dirty_flag: Some(false),
             actual_size: None,
             virtual_size,
             cluster_size: None,
@@ -139,7 +140,9 @@ pub fn node_dict(n: &NodeInfo) -> QDict {
     let mut d = QDict::new();
     d.put_str("filename", &n.filename);
     d.put_str("format", &n.format);
-    d.put_bool("dirty-flag", n.dirty_flag);
+    if let Some(dirty) = n.dirty_flag {
+        d.put_bool("dirty-flag", dirty);
+    }
     if let Some(a) = n.actual_size {
         d.put_int("actual-size", a as i64);
     }
@@ -334,7 +337,7 @@ fn node_human(
     if let Some(c) = n.cluster_size {
         out.push_str(&format!("{ind}cluster_size: {c}\n"));
     }
-    if n.dirty_flag {
+    if n.dirty_flag == Some(true) {
         out.push_str(&format!("{ind}cleanly shut down: no\n"));
     }
     if let Some(b) = &n.backing_filename {
@@ -570,7 +573,7 @@ Child node '/file':
             data_file_raw: None,
             bitmaps: Vec::new(),
         }));
-        n.dirty_flag = true;
+        n.dirty_flag = Some(true);
         let h = render_human_with(&[n.clone()], &fixed_date);
         assert!(h.contains(
             "cluster_size: 65536\ncleanly shut down: no\nbacking file: v2.qcow2 (actual path: sub/v2.qcow2)\n"

@@ -27,6 +27,7 @@ mod progress;
 mod qjson;
 mod rebase;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 mod snapshot_param;
@@ -97,6 +98,9 @@ enum Command {
     /// Change the virtual size of an image
     #[command(args_override_self = true)]
     Resize(resize::ResizeArgs),
+    /// Export an image over NBD (as qemu-nbd)
+    #[command(args_override_self = true)]
+    Serve(serve::ServeArgs),
     /// List, create, apply or delete internal snapshots
     #[command(args_override_self = true)]
     Snapshot(snapshot::SnapshotArgs),
@@ -105,7 +109,7 @@ enum Command {
 /// Subcommand names, in qemu-img's list order.
 const COMMANDS: &[&str] = &[
     "amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create", "dd", "info",
-    "map", "measure", "rebase", "resize", "snapshot",
+    "map", "measure", "rebase", "resize", "serve", "snapshot",
 ];
 
 fn version_text() -> String {
@@ -254,6 +258,7 @@ fn run(args: Vec<String>) -> CmdResult {
         Command::Measure(a) => measure::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a, negative.as_deref()),
+        Command::Serve(a) => serve::run(a),
         Command::Snapshot(a) => snapshot::run(a),
     }
 }

@@ -104,7 +104,12 @@ struct Mapper<'a> {
 
 impl<'a> Mapper<'a> {
     fn new(image: &'a Image, top: &str) -> Mapper<'a> {
-        let mut names = vec![top.to_string()];
+        // An NBD export goes by QEMU's normalized URI.
+        let top = match common::nbd::uri::parse(top) {
+            Ok(t) if common::nbd::uri::is_nbd_uri(top) => t.display_name(),
+            _ => top.to_string(),
+        };
+        let mut names = vec![top];
         let mut layer = image.driver();
         while let (Some(below), Some(r)) = (layer.backing(), layer.backing_ref()) {
             let name = path_combine(names.last().expect("the top name"), &r.name);

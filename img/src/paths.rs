@@ -3,7 +3,7 @@
 /// QEMU's `path_combine`: `dest` relative to the directory of `base`, unless absolute.
 /// `path_combine("sub/ov.qcow2", "base.qcow2") == "sub/base.qcow2"`.
 pub fn path_combine(base: &str, dest: &str) -> String {
-    if dest.starts_with('/') {
+    if dest.starts_with('/') || common::nbd::uri::is_nbd_uri(dest) {
         return dest.to_string();
     }
     match base.rfind('/') {
@@ -24,5 +24,6 @@ mod tests {
         assert_eq!(path_combine("sub//ov.qcow2", "b"), "sub//b");
         assert_eq!(path_combine("sub/ov.qcow2", "/abs/b"), "/abs/b");
         assert_eq!(path_combine("/x/ov.qcow2", "../b"), "/x/../b");
+        assert_eq!(path_combine("/x/ov.qcow2", "nbd://h/e"), "nbd://h/e");
     }
 }

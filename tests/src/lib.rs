@@ -13,6 +13,7 @@
 //! - [`sandbox`]: run a child on hostile input with a memory and a time limit;
 //! - [`engine`]: thin adapters over `common`'s public API;
 //! - [`mem_disk`]: an in-memory [`common::BlockDriver`] for device tests;
+//! - [`nbd`]: an `img serve` or `qemu-nbd` server for a test's length, and a raw NBD client;
 //! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
 //! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed;
 //! - here: [`Rng`] and [`seed`] (seeded, replayable randomness), [`text_diff`] and
@@ -38,6 +39,7 @@ pub mod fake_kernel;
 pub mod foreign;
 pub mod kvm;
 pub mod mem_disk;
+pub mod nbd;
 pub mod process;
 pub mod qcow2_bitmaps;
 pub mod qcow2_layout;

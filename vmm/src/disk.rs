@@ -66,8 +66,12 @@ fn open_image_of(cfg: &DriveConfig, read_only: bool) -> Result<common::open::Ima
 /// image (opened read-only through the chain). The overlay file is unlinked as soon as it
 /// is open, so it goes away when vmm exits, however it exits.
 fn open_snapshot(cfg: &DriveConfig) -> Result<Box<dyn BlockDriver>> {
-    let base = std::fs::canonicalize(&cfg.path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", cfg.path.display()), e))?;
+    // The overlay names its backing file absolutely; an NBD URI already is.
+    let base = match cfg.path.to_str() {
+        Some(uri) if common::nbd::uri::is_nbd_uri(uri) => PathBuf::from(uri),
+        _ => std::fs::canonicalize(&cfg.path)
+            .map_err(|e| Error::io(format!("Could not open '{}'", cfg.path.display()), e))?,
+    };
     let (format, size) = {
         let image = open_image_of(cfg, true)?;
         (image.format(), image.driver().size())

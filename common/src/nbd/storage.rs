@@ -1,0 +1,204 @@
+//! An NBD export as [`Storage`]: every format works over it. Requests go one at a time
+//! over one connection; holes come from `base:allocation`, as qemu-img sees them.
+
+use std::io;
+use std::sync::Mutex;
+
+use super::client::Client;
+use super::consts::*;
+use super::uri::NbdTarget;
+use crate::error::Result;
+use crate::storage::Storage;
+
+/// An open NBD export.
+pub struct NbdStorage {
+    /// `None` once the connection broke: the stream is out of step with the replies.
+    client: Mutex<Option<Client>>,
+    size: u64,
+    flags: u16,
+    max: u32,
+}
+
+impl NbdStorage {
+    /// Connect to `target` and negotiate.
+    pub fn connect(target: &NbdTarget) -> Result<NbdStorage> {
+        let client = Client::connect(target)?;
+        Ok(NbdStorage {
+            size: client.size,
+            flags: client.flags,
+            max: client.max_payload,
+            client: Mutex::new(Some(client)),
+        })
+    }
+
+    /// Whether the server exports read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & FLAG_READ_ONLY != 0
+    }
+
+    /// Run `f` on the connection; a failure of the connection itself (not an error the
+    /// server reported for the request) closes it for good.
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> io::Result<T>) -> io::Result<T> {
+        let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(client) = guard.as_mut() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "Connection to the NBD server was lost",
+            ));
+        };
+        match f(client) {
+            Err(e) if !reported_by_server(&e) => {
+                *guard = None;
+                Err(match e.kind() {
+                    io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset => io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "Connection to the NBD server was lost",
+                    ),
+                    _ => e,
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Split `len` bytes at `offset` into requests of at most `max` bytes.
+    fn pieces(&self, offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+        let end = offset + len;
+        (0..)
+            .map(move |i| offset + i * max)
+            .take_while(move |&at| at < end)
+            .map(move |at| (at, max.min(end - at)))
+    }
+
+    fn past_end(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "request past the end of the NBD export",
+        )
+    }
+}
+
+/// Whether `e` is an error number the server sent for a request (the connection is
+/// still in step), as opposed to a broken connection.
+fn reported_by_server(e: &io::Error) -> bool {
+    let nbd = [
+        EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
+    ];
+    e.kind() != io::ErrorKind::InvalidData
+        && e.raw_os_error().is_some_and(|n| nbd.contains(&(n as u32)))
+}
+
+impl Drop for NbdStorage {
+    fn drop(&mut self) {
+        let _ = self.with(|c| {
+            c.disconnect();
+            Ok(())
+        });
+    }
+}
+
+impl Storage for NbdStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Past the end reads as zeroes.
+        let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        self.with(|c| {
+            let mut done = 0usize;
+            for (at, n) in self.pieces(offset, inside as u64, u64::from(self.max)) {
+                c.read(&mut buf[done..done + n as usize], at)?;
+                done += n as usize;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(self.past_end());
+        }
+        self.with(|c| {
+            let mut done = 0usize;
+            for (at, n) in self.pieces(offset, buf.len() as u64, u64::from(self.max)) {
+                c.command(CMD_WRITE, 0, at, n as u32, &buf[done..done + n as usize])?;
+                done += n as usize;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.flags & FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        self.with(|c| c.command(CMD_FLUSH, 0, 0, 0, &[]))
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.size)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len == self.size {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "Cannot resize an NBD export",
+        ))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = len.min(self.size.saturating_sub(offset));
+        if self.flags & FLAG_SEND_WRITE_ZEROES == 0 {
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            for (at, n) in self.pieces(offset, len, zeroes.len().max(1) as u64) {
+                self.write_at(&zeroes[..n as usize], at)?;
+            }
+            return Ok(());
+        }
+        self.with(|c| {
+            for (at, n) in self.pieces(offset, len, 1 << 30) {
+                c.command(CMD_WRITE_ZEROES, 0, at, n as u32, &[])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let mut at = offset;
+        while at < self.size {
+            let len = (self.size - at).min(1 << 31) as u32;
+            let extents = self.with(|c| c.block_status(at, len))?;
+            let mut data_start = None;
+            for e in extents.iter() {
+                let end = at + u64::from(e.len);
+                match (e.flags & STATE_HOLE != 0, data_start) {
+                    (false, None) => data_start = Some(at),
+                    (true, Some(s)) => return Ok(Some((s, at))),
+                    _ => {}
+                }
+                at = end.min(self.size);
+            }
+            if let Some(s) = data_start {
+                return Ok(Some((s, at)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn allocated_size(&self) -> io::Result<u64> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "NBD exports do not report their allocation",
+        ))
+    }
+}
