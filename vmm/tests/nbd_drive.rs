@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
+use common::format::Format;
 use integration_tests::nbd::{Addr, Server};
 use integration_tests::*;
-use vmm::config::{CacheMode, DriveConfig, DriveFormat};
+use vmm::config::{CacheMode, DriveConfig};
 use vmm::disk::open_drive;
 
 #[test]
@@ -27,7 +28,7 @@ fn a_drive_on_an_nbd_export_reads_as_the_file_and_snapshot_keeps_writes() {
     for snapshot in [false, true] {
         let cfg = DriveConfig {
             path: srv.addr.uri().into(),
-            format: Some(DriveFormat::Raw),
+            format: Some(Format::Raw),
             read_only: false,
             snapshot,
             cache: CacheMode::Writeback,
