@@ -83,6 +83,9 @@ impl CreateOptions {
                     fixed: values.flag("static").unwrap_or(false),
                 }))
             }
+            Format::Vmdk => Err(Error::Unsupported(
+                "Creating vmdk images is not supported yet".into(),
+            )),
         }
     }
 }

@@ -13,6 +13,7 @@ pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::vdi::VdiImage;
+use crate::vmdk::VmdkImage;
 use crate::vpc::VpcImage;
 
 /// How to open an image.
@@ -48,6 +49,7 @@ pub enum Image {
     Qcow2(Qcow2Image),
     Vpc(VpcImage),
     Vdi(VdiImage),
+    Vmdk(VmdkImage),
 }
 
 impl Image {
@@ -58,6 +60,7 @@ impl Image {
             Image::Qcow2(q) => q,
             Image::Vpc(v) => v,
             Image::Vdi(v) => v,
+            Image::Vmdk(v) => v,
         }
     }
 
@@ -68,13 +71,16 @@ impl Image {
             Image::Qcow2(q) => Box::new(q),
             Image::Vpc(v) => Box::new(v),
             Image::Vdi(v) => Box::new(v),
+            Image::Vmdk(v) => Box::new(v),
         }
     }
 
     /// Check the image's consistency, repairing what `fix` allows.
     pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) => Err(Error::Unsupported("checks".into())),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vmdk(_) => {
+                Err(Error::Unsupported("checks".into()))
+            }
             Image::Qcow2(q) => Ok(q.check(fix)),
             // QEMU's vdi check repairs nothing, and says so for any repair mode.
             Image::Vdi(_) if fix.any() => Err(Error::Unsupported("checks".into())),
@@ -89,6 +95,7 @@ impl Image {
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
+            Image::Vmdk(_) => Format::Vmdk,
         }
     }
 
@@ -104,7 +111,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
         }
     }
@@ -185,6 +192,21 @@ impl Chain {
                     .map_err(|e| name_bare_errno(e, path))?,
             ),
             Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
+            Format::Vmdk => {
+                let open_extent = |p: &Path| -> Result<Box<dyn crate::storage::Storage>> {
+                    let mut s = crate::storage::open_image_storage(p, read_only, opts.direct)?;
+                    if opts.no_flush {
+                        s = s.ignoring_flushes();
+                    }
+                    crate::lock::lock_image(s.file(), p, read_only, opts.force_share)?;
+                    Ok(Box::new(s))
+                };
+                let name = path.to_string_lossy();
+                Image::Vmdk(
+                    VmdkImage::open(Box::new(storage), &name, read_only, &open_extent)
+                        .map_err(|e| name_bare_errno(e, path))?,
+                )
+            }
         })
     }
 

@@ -126,6 +126,22 @@ pub const VDI_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// vmdk's options followed by the file protocol's, in QEMU's order.
+pub const VMDK_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("adapter_type", OptType::Str, None),
+    opt("backing_file", OptType::Str, None),
+    opt("backing_fmt", OptType::Str, None),
+    opt("compat6", OptType::Bool, Some("off")),
+    opt("hwversion", OptType::Str, None),
+    opt("toolsversion", OptType::Str, None),
+    opt("subformat", OptType::Str, None),
+    opt("zeroed_grain", OptType::Bool, Some("off")),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
 /// The format a new image of format `name` is made in, if `img` can make it.
 pub fn creatable(name: &str) -> Option<Format> {
     match name {
@@ -144,6 +160,7 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Qcow2 => QCOW2_OPTS,
         Format::Vpc => VPC_OPTS,
         Format::Vdi => VDI_OPTS,
+        Format::Vmdk => VMDK_OPTS,
     }
 }
 
