@@ -78,13 +78,14 @@ impl Image {
     /// Check the image's consistency, repairing what `fix` allows.
     pub fn check(&self, fix: crate::check::Fix) -> Result<crate::check::CheckReport> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) | Image::Vmdk(_) => {
-                Err(Error::Unsupported("checks".into()))
-            }
+            Image::Raw(_) | Image::Vpc(_) => Err(Error::Unsupported("checks".into())),
             Image::Qcow2(q) => Ok(q.check(fix)),
             // QEMU's vdi check repairs nothing, and says so for any repair mode.
             Image::Vdi(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vdi(v) => Ok(v.check()),
+            // QEMU's vmdk check repairs nothing either.
+            Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
+            Image::Vmdk(v) => Ok(v.check()),
         }
     }
 

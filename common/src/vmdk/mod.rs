@@ -6,6 +6,7 @@
 //!
 //! Concurrency: see `grain.rs`; flat extents and allocated grains move data without a lock.
 
+pub mod check;
 pub mod descriptor;
 pub mod grain;
 pub mod header;
@@ -342,12 +343,29 @@ impl VmdkImage {
         &*self.main
     }
 
-    /// The first extent's grain size when it is sparse, QEMU's cluster size.
+    /// QEMU's cluster size: the first extent's grain size when it is sparse and every
+    /// other extent is alike (compressed or not, the same grain size; a flat extent's
+    /// "grain" is the whole extent).
     pub fn cluster_size(&self) -> Option<u64> {
-        self.extents.first().and_then(|e| match &e.kind {
-            Kind::Flat { .. } => None,
-            Kind::Sparse { tables, .. } => Some(tables.grain_bytes()),
-        })
+        let shape = |e: &Extent| match &e.kind {
+            Kind::Flat { .. } => (false, e.len),
+            Kind::Sparse {
+                tables, compressed, ..
+            } => (*compressed, tables.grain_bytes()),
+        };
+        let first = self.extents.first()?;
+        let (compressed, grain) = shape(first);
+        let cluster = matches!(first.kind, Kind::Sparse { .. }).then_some(grain);
+        let alike = self.extents[1..].iter().all(|e| {
+            let (c, g) = shape(e);
+            c == compressed && cluster.is_none_or(|cs| cs == g)
+        });
+        cluster.filter(|_| alike)
+    }
+
+    /// Check the grains (`qemu-img check` for vmdk).
+    pub fn check(&self) -> crate::check::CheckReport {
+        check::check(self)
     }
 
     /// The format-specific information `info` shows.
@@ -547,9 +565,10 @@ impl BlockDriver for VmdkImage {
         self.zero_range(offset, len)
     }
 
-    /// QEMU's vmdk driver has no discard: the data stays.
+    /// Discarded bytes read as zeroes (the grains stay allocated: vmdk cannot free them).
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_write(offset, len)
+        self.check_write(offset, len)?;
+        self.zero_range(offset, len)
     }
 
     fn flush(&self) -> Result<()> {

@@ -1,0 +1,306 @@
+//! vmdk against qemu-img and qemu-io: images qemu-img made in every subformat
+//! (monolithicSparse with and without zeroed grains, streamOptimized, monolithicFlat,
+//! twoGbMaxExtentSparse/Flat over several extents) and qemu-io wrote read the same through
+//! `img` (`info` human/JSON with the extent child nodes, `map`, `check`, `compare`,
+//! `convert -O raw`); `convert -O qcow2 -c` of a streamOptimized image equals qemu-img's;
+//! a missing extent file is named as qemu-img names it; engine writes from several threads
+//! (the same grains allocated at once) read by qemu-img as a model says.
+
+use integration_tests::foreign::{qemu_io_random, qimg, read_only_commands_agree};
+use integration_tests::twin::{Names, Pair, Twin};
+use integration_tests::*;
+
+/// (subformat, extra options, size) of the images qemu-img makes for the read tests.
+const SHAPES: &[(&str, &str, &str)] = &[
+    ("monolithicSparse", "", "1"),
+    ("monolithicSparse", "", "5000001"),
+    ("monolithicSparse", "", "100M"),
+    ("monolithicSparse", "zeroed_grain=on", "33M"),
+    ("monolithicSparse", "compat6=on", "7M"),
+    ("monolithicFlat", "", "9000000"),
+    ("twoGbMaxExtentSparse", "", "5G"),
+    ("twoGbMaxExtentFlat", "", "40M"),
+];
+
+#[test]
+fn qemu_images_read_the_same() {
+    let seed = seed(0x766d_0001);
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng::new(seed);
+    let mut f = Failures::new();
+    for (i, (sub, extra, size)) in SHAPES.iter().enumerate() {
+        // One directory per image: extent files are named after the descriptor.
+        let dir = tempdir();
+        let file = format!("s{i}.vmdk");
+        let opts = if extra.is_empty() {
+            format!("subformat={sub}")
+        } else {
+            format!("subformat={sub},{extra}")
+        };
+        qimg(
+            dir.path(),
+            &format!("create -q -f vmdk -o {opts} {file} {size}"),
+        );
+        let virt = qemu_info_json(&dir.path().join(&file), &[])["virtual-size"]
+            .as_u64()
+            .unwrap();
+        // A big sparse image gets writes across its extent boundaries.
+        let writes = if virt > 1 << 30 { 4 } else { 12 };
+        qemu_io_random(&dir.path().join(&file), "vmdk", virt, &mut rng, writes);
+        if virt > 1 << 31 {
+            qemu_io_cmds(
+                &dir.path().join(&file),
+                "vmdk",
+                &["write -P 9 2147418112 131072".to_string()],
+            );
+        }
+        let what = format!("{opts} {size}");
+        f.record(&what, read_only_commands_agree(dir.path(), &file, "vmdk"));
+        let raw = format!("s{i}.raw");
+        qimg(dir.path(), &format!("convert -O raw {file} {raw}"));
+        let img = Tool::img();
+        for args in [
+            vec!["compare", &file, &raw],
+            vec!["compare", "-s", "-f", "vmdk", "-F", "raw", &file, &raw],
+            vec!["check", "-r", "all", &file],
+        ] {
+            let r = Pair::run(dir.path(), dir.path(), &img, &args)
+                .compare(Names::Prefix, twin::verbatim);
+            f.record(&format!("{what} {args:?}"), r);
+        }
+    }
+    f.finish();
+}
+
+/// A streamOptimized image (the OVA format) qemu-img converted from a seeded half-full
+/// source reads the same, and `convert -O qcow2 -c` of it equals qemu-img's result.
+#[test]
+fn stream_optimized_reads_and_converts_alike() {
+    let seed = seed(0x766d_0002);
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng::new(seed);
+    let src = tempdir();
+    qimg(src.path(), "create -q -f raw src.raw 24M");
+    qemu_io_random(&src.path().join("src.raw"), "raw", 24 << 20, &mut rng, 16);
+    qimg(
+        src.path(),
+        "convert -O vmdk -o subformat=streamOptimized src.raw so.vmdk",
+    );
+    let mut f = Failures::new();
+    f.record(
+        "read-only commands",
+        read_only_commands_agree(src.path(), "so.vmdk", "vmdk"),
+    );
+    let twin = Twin::copied_from(src.path());
+    for args in [
+        vec!["convert", "-O", "qcow2", "-c", "so.vmdk", "o.qcow2"],
+        vec!["convert", "-O", "qcow2", "so.vmdk", "o.qcow2"],
+    ] {
+        let pair = twin.run(&args);
+        let mut errs = pair.differences(Names::Prefix, twin::verbatim);
+        let cmp = qemu_img(&[
+            "compare",
+            s(&twin.qemu_dir().join("o.qcow2")),
+            s(&twin.img_dir().join("o.qcow2")),
+        ]);
+        if cmp.code != Some(0) {
+            errs.push(cmp.report());
+        }
+        if let Err(e) = qemu_check(&twin.img_dir().join("o.qcow2")) {
+            errs.push(e);
+        }
+        f.record(
+            &format!("{args:?}"),
+            if errs.is_empty() {
+                Ok(())
+            } else {
+                Err(errs.join("\n"))
+            },
+        );
+    }
+    f.finish();
+}
+
+/// Descriptor files: extent names relative to the descriptor, absolute ones, a missing
+/// extent file and malformed extent lines refused in qemu-img's words; a VMFS descriptor
+/// with a flat extent reads as qemu-img reads it.
+#[test]
+fn descriptors_resolved_and_refused_alike() {
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    qimg(d, "create -q -f raw sub/data.bin 3M");
+    qemu_io_cmds(
+        &d.join("sub/data.bin"),
+        "raw",
+        &["write -P 0x5a 100000 700000".to_string()],
+    );
+    let abs = d.join("sub/data.bin");
+    let desc = |ct: &str, line: &str| {
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"{ct}\"\n\n# Extent description\n{line}\n"
+        )
+    };
+    let cases = [
+        (
+            "rel.vmdk",
+            desc("monolithicFlat", "RW 6144 FLAT \"data.bin\" 0"),
+        ),
+        ("vmfs.vmdk", desc("vmfs", "RW 4096 VMFS \"data.bin\"")),
+        (
+            "abs.vmdk",
+            desc(
+                "monolithicFlat",
+                &format!("RW 2048 FLAT \"{}\" 2048", abs.display()),
+            ),
+        ),
+        (
+            "missing.vmdk",
+            desc("monolithicFlat", "RW 6144 FLAT \"nope.bin\" 0"),
+        ),
+        (
+            "badline.vmdk",
+            desc("monolithicFlat", "RW 6144 FLAT \"data.bin\""),
+        ),
+        (
+            "badtype.vmdk",
+            desc("streamOptimized", "RW 6144 FLAT \"data.bin\" 0"),
+        ),
+        (
+            "nocid.vmdk",
+            desc("monolithicFlat", "RW 6144 FLAT \"data.bin\" 0").replace("CID=12345678\n", ""),
+        ),
+    ];
+    let mut f = Failures::new();
+    let img = Tool::img();
+    for (name, text) in &cases {
+        std::fs::write(d.join("sub").join(name), text).unwrap();
+        let file = format!("sub/{name}");
+        for args in [
+            vec!["info", &file],
+            vec!["info", "--output=json", &file],
+            vec!["map", "--output=json", &file],
+            vec!["check", &file],
+        ] {
+            let r = Pair::run(d, d, &img, &args)
+                .compare(Names::Prefix, integration_tests::foreign::normalize_info);
+            f.record(&format!("{name} {args:?}"), r);
+        }
+        let q = qemu_img(&[
+            "convert",
+            "-O",
+            "raw",
+            s(&d.join(&file)),
+            s(&d.join("q.raw")),
+        ]);
+        let i = img.run(Some(d), &["convert", "-O", "raw", &file, "i.raw"]);
+        if q.success() != i.success() {
+            f.record(name, Err(format!("{}\n{}", q.report(), i.report())));
+        } else if q.success() {
+            let (a, b) = (
+                std::fs::read(d.join("q.raw")).unwrap(),
+                std::fs::read(d.join("i.raw")).unwrap(),
+            );
+            f.record(
+                &format!("{name} convert"),
+                first_mismatch(&a, &b).map_or(Ok(()), |m| Err(m.to_string())),
+            );
+        }
+    }
+    f.finish();
+}
+
+/// Writes through the engine from several threads, many of them into the same
+/// unallocated grains at once, then qemu-img reads what a model holds, finds the image
+/// clean, and no grain was allocated twice (the file holds one grain per guest grain
+/// written at most).
+#[test]
+fn concurrent_engine_writes_read_by_qemu_as_the_model() {
+    let seed = seed(0x766d_0003);
+    eprintln!("seed {seed:#x}");
+    let dir = tempdir();
+    let file = dir.path().join("m.vmdk");
+    qimg(dir.path(), "create -q -f vmdk m.vmdk 16M");
+    let img = engine::open_with(&file, false, Some("vmdk"), false).unwrap();
+    let size = img.driver().size();
+    let threads = 6u64;
+    // Each thread writes its own 512-byte sector of every 64 KiB grain of one region,
+    // so all threads allocate the same grains at the same time.
+    let grains = 64u64;
+    let pieces: Vec<Vec<(u64, Vec<u8>)>> = (0..threads)
+        .map(|t| {
+            let mut rng = Rng::new(seed ^ (t + 1));
+            let mut ops: Vec<(u64, Vec<u8>)> = (0..grains)
+                .map(|g| (g * 65536 + t * 512, rng.bytes(512)))
+                .collect();
+            // And some random writes into a thread's own slice of the rest.
+            let slice = (size / 2) / threads / 512 * 512;
+            for _ in 0..10 {
+                let len = rng.range(1, 100_000).min(slice);
+                let off = size / 2 + t * slice + rng.below(slice - len + 1);
+                ops.push((off, rng.bytes(len as usize)));
+            }
+            ops
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for ops in &pieces {
+            let drv = img.driver();
+            s.spawn(move || {
+                for (off, data) in ops {
+                    drv.write_at(data, *off).unwrap();
+                }
+            });
+        }
+    });
+    let mut model = vec![0u8; size as usize];
+    for ops in &pieces {
+        for (off, data) in ops {
+            model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+    }
+    img.driver().flush().unwrap();
+    drop(img);
+    let mut f = Failures::new();
+    let got = qemu_read_all(&file, Some("vmdk"), dir.path());
+    f.record(
+        "contents",
+        first_mismatch(&model, &got).map_or(Ok(()), |m| Err(format!("qemu-img reads {m}"))),
+    );
+    f.record("check", qemu_check(&file));
+    // Every guest grain written maps to its own host grain.
+    let map = qemu_img(&["map", "--output=json", "-f", "vmdk", s(&file)]);
+    let entries: serde_json::Value = serde_json::from_str(&map.stdout).unwrap();
+    let mut hosts = Vec::new();
+    for e in entries.as_array().unwrap() {
+        if let Some(o) = e["offset"].as_u64() {
+            let len = e["length"].as_u64().unwrap();
+            hosts.extend((0..len / 65536).map(|k| o + k * 65536));
+        }
+    }
+    let n = hosts.len();
+    hosts.sort_unstable();
+    hosts.dedup();
+    f.record(
+        "no grain shared",
+        if hosts.len() == n {
+            Ok(())
+        } else {
+            Err(format!("{} grains mapped twice", n - hosts.len()))
+        },
+    );
+    let file_len = std::fs::metadata(&file).unwrap().len();
+    let empty = {
+        qimg(dir.path(), "create -q -f vmdk e.vmdk 16M");
+        std::fs::metadata(dir.path().join("e.vmdk")).unwrap().len()
+    };
+    f.record(
+        "one allocation per grain",
+        if file_len <= empty + n as u64 * 65536 {
+            Ok(())
+        } else {
+            Err(format!("file {file_len} bytes for {n} grains over {empty}"))
+        },
+    );
+    f.finish();
+}
