@@ -304,3 +304,251 @@ fn concurrent_engine_writes_read_by_qemu_as_the_model() {
     );
     f.finish();
 }
+
+#[test]
+fn img_create_makes_what_qemu_img_makes() {
+    let twin = Twin::new(|_| {});
+    let mut f = Failures::new();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "vmdk", "n.vmdk", "100M"],
+        &["create", "-f", "vmdk", "n.vmdk", "1"],
+        &["create", "-f", "vmdk", "n.vmdk", "1000001"],
+        &["create", "-f", "vmdk", "n.vmdk", "3T"],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            "n.vmdk",
+            "7M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "adapter_type=lsilogic",
+            "n.vmdk",
+            "10G",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "adapter_type=buslogic,hwversion=7",
+            "n.vmdk",
+            "1G",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "adapter_type=legacyESX,toolsversion=9",
+            "n.vmdk",
+            "1M",
+        ],
+        &["create", "-f", "vmdk", "-o", "compat6=on", "n.vmdk", "20M"],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            "n.vmdk",
+            "20M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "hwversion=undefined",
+            "n.vmdk",
+            "2M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "n.vmdk",
+            "9M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "n.vmdk",
+            "5G",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentFlat",
+            "n.vmdk",
+            "4100M",
+        ],
+        &["create", "-q", "-f", "vmdk", "n.vmdk", "5M"],
+        // Refusals, word for word.
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "adapter_type=scsi",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=bogus",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "compat6=on,hwversion=7",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat,zeroed_grain=on",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "backing_fmt=raw",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "compat6=maybe",
+            "n.vmdk",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "preallocation=metadata",
+            "n.vmdk",
+            "1M",
+        ],
+        &["create", "-f", "vmdk", "n.vmdk"],
+        &["create", "-f", "vmdk", "-o", "help"],
+        &["create", "-f", "vmdk", "-o", "help", "n.vmdk"],
+    ];
+    for args in cases {
+        f.record(
+            &format!("{args:?}"),
+            integration_tests::foreign::twin_writes_agree(&twin, args, "n.vmdk", "vmdk"),
+        );
+    }
+    // An empty image, which QEMU then takes for a descriptor and refuses to open: the
+    // same bytes, and the same refusal.
+    let pair = twin.run(&["create", "-f", "vmdk", "z.vmdk", "0"]);
+    f.record("size 0", pair.compare(Names::Prefix, twin::verbatim));
+    let strip_cid = |p: &std::path::Path| {
+        // The CID is random and printed without leading zeroes: drop its digits.
+        let mut b = std::fs::read(p).unwrap();
+        let at = b.windows(4).position(|w| w == b"CID=").unwrap() + 4;
+        let n = b[at..].iter().position(|&c| c == b'\n').unwrap();
+        b.drain(at..at + n);
+        b
+    };
+    f.record(
+        "size 0 bytes",
+        match first_mismatch(
+            &strip_cid(&twin.qemu_dir().join("z.vmdk")),
+            &strip_cid(&twin.img_dir().join("z.vmdk")),
+        ) {
+            Some(m) => Err(m.to_string()),
+            None => Ok(()),
+        },
+    );
+    f.record(
+        "size 0 info",
+        twin.run(&["info", "z.vmdk"])
+            .compare(Names::Prefix, twin::verbatim),
+    );
+    f.finish();
+}
+
+#[test]
+fn img_convert_writes_what_qemu_img_writes() {
+    let seed = seed(0x766d_0004);
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng::new(seed);
+    let src = tempdir();
+    for (name, fmt, size) in [
+        ("a.qcow2", "qcow2", 9_000_000u64),
+        ("b.raw", "raw", 5_000_000),
+    ] {
+        qimg(src.path(), &format!("create -q -f {fmt} {name} {size}"));
+        qemu_io_random(&src.path().join(name), fmt, size, &mut rng, 10);
+    }
+    let twin = Twin::copied_from(src.path());
+    let mut f = Failures::new();
+    for source in ["a.qcow2", "b.raw"] {
+        for opts in [
+            "subformat=monolithicSparse",
+            "zeroed_grain=on",
+            "adapter_type=lsilogic,hwversion=8,toolsversion=1",
+            "compat6=on",
+            "subformat=monolithicFlat",
+            "subformat=twoGbMaxExtentSparse",
+        ] {
+            let args = ["convert", "-O", "vmdk", "-o", opts, source, "o.vmdk"];
+            f.record(
+                &format!("{source} {opts}"),
+                integration_tests::foreign::twin_writes_agree(&twin, &args, "o.vmdk", "vmdk"),
+            );
+        }
+        let args = ["convert", "-m", "16", "-W", "-O", "vmdk", source, "o.vmdk"];
+        f.record(
+            &format!("{args:?}"),
+            integration_tests::foreign::twin_writes_agree(&twin, &args, "o.vmdk", "vmdk"),
+        );
+    }
+    // img's image read back by img the same as qemu-img reads it.
+    let d = twin.img_dir();
+    let img = Tool::img();
+    img.run(Some(d), &["convert", "-O", "vmdk", "a.qcow2", "x.vmdk"])
+        .ok();
+    f.record(
+        "img's vmdk read alike",
+        read_only_commands_agree(d, "x.vmdk", "vmdk"),
+    );
+    img.run(Some(d), &["convert", "-O", "qcow2", "x.vmdk", "x.qcow2"])
+        .ok();
+    let cmp = qemu_img_in(d, &["compare", "a.qcow2", "x.qcow2"]);
+    f.record("qcow2 -> vmdk -> qcow2", cmp.check().map(drop));
+    f.finish();
+}

@@ -7,6 +7,7 @@
 //! Concurrency: see `grain.rs`; flat extents and allocated grains move data without a lock.
 
 pub mod check;
+pub mod create;
 pub mod descriptor;
 pub mod grain;
 pub mod header;
