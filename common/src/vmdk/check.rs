@@ -23,7 +23,7 @@ pub fn check(image: &VmdkImage) -> CheckReport {
             let rel = i * step;
             let sector = (e.start + rel) / 512;
             let host = match &e.kind {
-                Kind::Flat { offset } => Ok(Some(*offset)),
+                Kind::Flat { offset } => super::flat_host(*offset, 0).map(Some),
                 Kind::Sparse { tables, .. } => tables.lookup(&*e.file, rel).map(|g| match g {
                     Grain::At(h) => Some(h),
                     _ => None,

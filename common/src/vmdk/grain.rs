@@ -59,10 +59,12 @@ pub struct GrainTables {
     next_sector: Mutex<u64>,
 }
 
+/// Read a directory of `entries` at byte `offset`. Untrusted: it must lie inside the file
+/// (QEMU would read zeroes past the end; refusing keeps a hostile count from costing more
+/// memory than the file holds, and garbage entries from mapping petabytes).
 fn read_dir(storage: &dyn Storage, offset: u64, entries: u32, file_len: u64) -> Result<Vec<u32>> {
     let bytes = u64::from(entries) * 4;
-    // Untrusted: the directory must lie inside the file (this also bounds the allocation).
-    if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
+    if entries > 0 && offset.checked_add(bytes).is_none_or(|end| end > file_len) {
         return Err(Error::corrupt(format!(
             "Grain directory at offset {offset} ({entries} entries) is beyond the end of the file"
         )));
@@ -77,9 +79,11 @@ fn read_dir(storage: &dyn Storage, offset: u64, entries: u32, file_len: u64) -> 
 }
 
 impl GrainTables {
-    /// Load the directory (at sector `gd_sector`) and, when `writable`, the redundant one.
+    /// Load the directory (at sector `gd_sector`) and, when `writable`, the redundant one,
+    /// of the extent file `name`.
     pub fn load(
         storage: &dyn Storage,
+        name: &str,
         geo: Geometry,
         gd_sector: u64,
         rgd_sector: Option<u64>,
@@ -89,9 +93,14 @@ impl GrainTables {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("Could not get the file length", e))?;
+        // QEMU's shifted offset lands far past any file: its read fails with EIO.
         let at = |s: u64| {
-            s.checked_mul(512)
-                .ok_or_else(|| Error::corrupt("Grain directory offset out of range"))
+            s.checked_mul(512).ok_or_else(|| {
+                Error::io(
+                    format!("Could not read l1 table from extent '{name}'"),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                )
+            })
         };
         let gd = read_dir(storage, at(gd_sector)?, geo.gd_entries, file_len)?;
         let rgd = match rgd_sector {
@@ -147,7 +156,7 @@ impl GrainTables {
     fn indexes(&self, offset: u64) -> Result<(usize, usize)> {
         let sector = offset / 512;
         let gd_index = sector / u64::from(self.geo.gt_sectors);
-        if gd_index >= self.gd.len() as u64 {
+        if gd_index >= u64::from(self.geo.gd_entries) {
             return Err(Error::io(
                 "Grain directory too small for the image",
                 std::io::Error::from_raw_os_error(libc::EIO),
@@ -160,7 +169,7 @@ impl GrainTables {
     /// Where the grain holding extent byte `offset` is.
     pub fn lookup(&self, storage: &dyn Storage, offset: u64) -> Result<Grain> {
         let (gd_index, gt_index) = self.indexes(offset)?;
-        let gt = self.gd[gd_index];
+        let gt = self.gd.get(gd_index).copied().unwrap_or(0);
         if gt == 0 {
             return Ok(Grain::Unallocated);
         }
@@ -182,7 +191,7 @@ impl GrainTables {
             return Ok(None);
         }
         let (gd_index, gt_index) = self.indexes(offset)?;
-        let gt = self.gd[gd_index];
+        let gt = self.gd.get(gd_index).copied().unwrap_or(0);
         if gt == 0 {
             return Err(Error::Unsupported(
                 "Writing where the grain directory has no table".into(),
@@ -199,7 +208,7 @@ impl GrainTables {
         let entry = (sector as u32).to_le_bytes();
         let mut tables = vec![gt];
         if let Some(rgd) = &self.rgd {
-            tables.push(rgd[gd_index]);
+            tables.push(rgd.get(gd_index).copied().unwrap_or(0));
         }
         for t in tables.into_iter().filter(|&t| t != 0) {
             storage

@@ -29,9 +29,9 @@ use header::{SparseHeader, COWD_MAGIC, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN, G
 pub type ExtentOpener<'a> = &'a dyn Fn(&Path) -> Result<Box<dyn Storage>>;
 
 enum Kind {
-    Flat {
-        offset: u64,
-    },
+    /// Where the extent starts in its file (`None`: past any file, QEMU's shifted
+    /// offset wrapped; every access fails).
+    Flat { offset: Option<u64> },
     Sparse {
         tables: GrainTables,
         compressed: bool,
@@ -104,6 +104,19 @@ fn read_desc(s: &dyn Storage, offset: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The host offset of extent byte `rel` of a flat extent starting at `offset`.
+fn flat_host(offset: Option<u64>, rel: u64) -> Result<u64> {
+    offset
+        .and_then(|o| o.checked_add(rel))
+        .filter(|&h| h <= i64::MAX as u64)
+        .ok_or_else(|| {
+            Error::io(
+                "Flat extent offset out of range",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )
+        })
+}
+
 /// State gathered while opening.
 struct Opening<'a> {
     read_only: bool,
@@ -153,10 +166,12 @@ impl Opening<'_> {
             if nested {
                 return Err(Error::corrupt("Image not in VMDK format"));
             }
-            let at = h
-                .desc_offset
-                .checked_mul(512)
-                .ok_or_else(|| Error::corrupt("Descriptor offset out of range"))?;
+            let at = h.desc_offset.checked_mul(512).ok_or_else(|| {
+                Error::io(
+                    "Could not read from file",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                )
+            })?;
             let desc = read_desc(&*file, at)?;
             return self.open_descriptor(&desc, name);
         }
@@ -188,6 +203,7 @@ impl Opening<'_> {
         let rgd = (h.flags & FLAG_RGD != 0).then_some(h.rgd_offset);
         let tables = GrainTables::load(
             &*file,
+            name,
             geo,
             h.gd_offset,
             rgd.filter(|&s| s != 0),
@@ -254,10 +270,7 @@ impl Opening<'_> {
                                 .is_some_and(|e| e <= i64::MAX as u64)
                         })
                         .ok_or_else(|| Error::corrupt("Extent size out of range"))?;
-                    let offset = line
-                        .flat_offset
-                        .checked_mul(512)
-                        .ok_or_else(|| Error::corrupt("Extent offset out of range"))?;
+                    let offset = line.flat_offset.checked_mul(512);
                     self.extents.push(Extent {
                         start: self.next_start(),
                         len,
@@ -430,7 +443,10 @@ impl VmdkImage {
     fn read_piece(&self, e: &Extent, rel: u64, part: &[IoBufMut<'_>]) -> Result<()> {
         let io = |x| Error::io("Failed to read", x);
         match &e.kind {
-            Kind::Flat { offset } => e.file.read_vectored_at(part, offset + rel).map_err(io),
+            Kind::Flat { offset } => e
+                .file
+                .read_vectored_at(part, flat_host(*offset, rel)?)
+                .map_err(io),
             Kind::Sparse {
                 tables,
                 compressed,
@@ -475,7 +491,10 @@ impl VmdkImage {
             let Kind::Flat { offset } = e.kind else {
                 unreachable!()
             };
-            return e.file.write_vectored_at(part, offset + rel).map_err(io);
+            return e
+                .file
+                .write_vectored_at(part, flat_host(offset, rel)?)
+                .map_err(io);
         };
         if *compressed {
             return Err(Error::Unsupported(
@@ -606,7 +625,7 @@ impl BlockDriver for VmdkImage {
                 unreachable!()
             };
             // QEMU asks the file about a flat extent's data: a hole reads as zeroes.
-            let st = crate::raw::file_status(&*e.file, base + rel, n)?;
+            let st = crate::raw::file_status(&*e.file, flat_host(base, rel)?, n)?;
             return Ok(BlockStatus {
                 allocation: match st.allocation {
                     Allocation::Zero => Allocation::DataOverHole,
