@@ -3183,6 +3183,47 @@ fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
             false,
             None,
         ),
+        // Descriptors naming themselves: as a sparse extent (not one), and a sparse
+        // header whose embedded descriptor names its own file (QEMU recurses).
+        f(
+            "vmdk-desc-names-itself",
+            desc("RW 2048 SPARSE \"vmdk-desc-names-itself.img\""),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-embedded-desc-names-itself",
+            {
+                let mut b = with(&d, &|b| {
+                    put64(b, 12, 0);
+                    put64(b, 28, 1);
+                });
+                let text = desc("RW 2048 SPARSE \"vmdk-embedded-desc-names-itself.img\"")
+                    .iter()
+                    .map(|&c| if c == b'F' { b'F' } else { c })
+                    .collect::<Vec<u8>>();
+                let text = String::from_utf8(text)
+                    .unwrap()
+                    .replace("monolithicFlat", "twoGbMaxExtentSparse");
+                b[512..512 + text.len()].copy_from_slice(text.as_bytes());
+                b[512 + text.len()..1024].fill(0);
+                b
+            },
+            false,
+            Some(false),
+        ),
+        // 2 MiB of comment lines before the fields (QEMU reads the first MiB only).
+        f(
+            "vmdk-desc-2M",
+            {
+                let mut b = b"version=1\n".to_vec();
+                b.extend(std::iter::repeat_n(b"#comment\n".as_slice(), 1 << 18).flatten());
+                b.extend_from_slice(&desc("RW 2048 FLAT \"hostile-data.bin\" 0"));
+                b
+            },
+            false,
+            None,
+        ),
         // qemu-img fails an assertion.
         f("vmdk-desc-no-extents", desc(""), false, Some(false)),
         f(

@@ -123,6 +123,9 @@ struct Opening<'a> {
     extents: Vec<Extent>,
     create_type: Option<String>,
     open_extent: ExtentOpener<'a>,
+    /// Files opened so far by canonical path (the image's own first), so an extent
+    /// naming one of them shares it rather than locking the file a second time.
+    opened: Vec<(std::path::PathBuf, Arc<dyn Storage>)>,
 }
 
 impl Opening<'_> {
@@ -258,7 +261,22 @@ impl Opening<'_> {
             } else {
                 format!("{dir}{}", line.file)
             };
-            let file: Arc<dyn Storage> = Arc::from((self.open_extent)(Path::new(&path))?);
+            let canonical = std::fs::canonicalize(&path).ok();
+            let known = self
+                .opened
+                .iter()
+                .find(|(p, _)| Some(p) == canonical.as_ref())
+                .map(|(_, f)| f.clone());
+            let file = match known {
+                Some(f) => f,
+                None => {
+                    let f: Arc<dyn Storage> = Arc::from((self.open_extent)(Path::new(&path))?);
+                    if let Some(c) = canonical {
+                        self.opened.push((c, f.clone()));
+                    }
+                    f
+                }
+            };
             match line.kind.as_str() {
                 "FLAT" | "VMFS" => {
                     let len = line
@@ -312,6 +330,9 @@ impl VmdkImage {
             extents: Vec::new(),
             create_type: None,
             open_extent,
+            opened: std::fs::canonicalize(name)
+                .map(|p| vec![(p, main.clone())])
+                .unwrap_or_default(),
         };
         let desc_offset = if buf[..4] == MAGIC || buf[..4] == COWD_MAGIC {
             o.open_sparse(main.clone(), true, name, "", &buf, false)?;
