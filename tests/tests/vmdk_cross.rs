@@ -4,7 +4,7 @@
 //! `img` (`info` human/JSON with the extent child nodes, `map`, `check`, `compare`,
 //! `convert -O raw`); `convert -O qcow2 -c` of a streamOptimized image equals qemu-img's;
 //! a missing extent file is named as qemu-img names it; engine writes from several threads
-//! (the same grains allocated at once) read by qemu-img as a model says.
+//! (the same grains allocated at once) read by qemu-img as a model says, the CID renewed.
 
 use integration_tests::foreign::{qemu_io_random, qimg, read_only_commands_agree};
 use integration_tests::twin::{Names, Pair, Twin};
@@ -221,6 +221,9 @@ fn concurrent_engine_writes_read_by_qemu_as_the_model() {
     let dir = tempdir();
     let file = dir.path().join("m.vmdk");
     qimg(dir.path(), "create -q -f vmdk m.vmdk 16M");
+    let cid =
+        |f: &std::path::Path| qemu_info_json(f, &[])["format-specific"]["data"]["cid"].clone();
+    let cid_before = cid(&file);
     let img = engine::open_with(&file, false, Some("vmdk"), false).unwrap();
     let size = img.driver().size();
     let threads = 6u64;
@@ -262,6 +265,15 @@ fn concurrent_engine_writes_read_by_qemu_as_the_model() {
     img.driver().flush().unwrap();
     drop(img);
     let mut f = Failures::new();
+    // Like QEMU, the first write of an open gives the image a new CID.
+    f.record(
+        "new CID",
+        if cid(&file) != cid_before {
+            Ok(())
+        } else {
+            Err(format!("CID still {cid_before}"))
+        },
+    );
     let got = qemu_read_all(&file, Some("vmdk"), dir.path());
     f.record(
         "contents",

@@ -73,6 +73,29 @@ pub fn read_cid(desc: &[u8], parent: bool) -> Result<u32> {
         .ok_or_else(einval)
 }
 
+/// The descriptor sector run `desc` with its CID replaced by `cid`, as QEMU's
+/// `vmdk_write_cid` edits its buffer: the text after the first "CID=" becomes the new
+/// hex number, a newline, and the text from "parentCID" on (bytes past the new end stay).
+/// No "parentCID" is EINVAL.
+pub fn with_cid(desc: &[u8], cid: u32) -> Result<Vec<u8>> {
+    let mut d = desc[..desc.len().min(DESC_SIZE)].to_vec();
+    d.resize(DESC_SIZE, 0);
+    d[DESC_SIZE - 1] = 0;
+    let text = c_text(&d).to_vec();
+    let tail = find(&text, b"parentCID")
+        .map(|at| text[at..].to_vec())
+        .ok_or_else(einval)?;
+    if let Some(at) = find(&text, b"CID") {
+        let mut new = format!("{cid:x}\n").into_bytes();
+        new.extend_from_slice(&tail);
+        let at = at + 4;
+        let n = new.len().min(DESC_SIZE - 1 - at.min(DESC_SIZE - 1));
+        d[at..at + n].copy_from_slice(&new[..n]);
+        d[at + n] = 0;
+    }
+    Ok(d)
+}
+
 /// A bare EINVAL, which the opener names the file for.
 pub fn einval() -> Error {
     Error::io("", std::io::Error::from_raw_os_error(libc::EINVAL))
@@ -244,6 +267,19 @@ mod tests {
         assert!(read_cid(b"version=1\n", false).is_err());
         assert!(read_cid(b"CID=zz", false).is_err());
         assert_eq!(read_cid(b"CID=0x1ffffffff", false).unwrap(), 0xffff_ffff);
+    }
+
+    #[test]
+    fn cid_rewritten_as_qemu_does() {
+        let mut d = b"version=1\nCID=a1d80f92\nparentCID=ffffffff\nx=1\n".to_vec();
+        d.resize(DESC_SIZE, 0);
+        let n = with_cid(&d, 0x12).unwrap();
+        assert_eq!(c_text(&n), b"version=1\nCID=12\nparentCID=ffffffff\nx=1\n");
+        // The old text's last bytes stay past the new end, as in QEMU's buffer.
+        assert_eq!(n[40], 0);
+        assert_eq!(&n[41..46], &d[41..46]);
+        assert_ne!(&d[41..46], &[0u8; 5]);
+        assert!(with_cid(b"CID=1\n", 2).is_err());
     }
 
     #[test]

@@ -86,6 +86,11 @@ pub struct VmdkImage {
     create_type: String,
     cid: u32,
     parent_cid: u32,
+    /// Where the descriptor is in the image's own file (0x200 in a sparse file).
+    desc_offset: u64,
+    /// Whether this open already gave the descriptor a new CID (QEMU does on the first
+    /// write of every open, so tools comparing CIDs see the change); held while doing it.
+    cid_updated: std::sync::Mutex<bool>,
 }
 
 fn file_len(s: &dyn Storage) -> Result<u64> {
@@ -370,7 +375,35 @@ impl VmdkImage {
             create_type: o.create_type.unwrap_or_default(),
             cid,
             parent_cid,
+            desc_offset,
+            cid_updated: std::sync::Mutex::new(false),
         })
+    }
+
+    /// Give the descriptor a new random CID once per open, before the first write, as
+    /// QEMU does (the sector run rewritten up to the end of the file's last sector).
+    fn update_cid(&self) -> Result<()> {
+        let mut done = self.cid_updated.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return Ok(());
+        }
+        let mut desc = vec![0u8; DESC_SIZE];
+        read_padded(
+            &*self.main,
+            &mut desc,
+            self.desc_offset,
+            "Could not read the descriptor",
+        )?;
+        let mut cid = [0u8; 4];
+        cid.copy_from_slice(&crate::uuid::random_v4()?[..4]);
+        let new = descriptor::with_cid(&desc, u32::from_le_bytes(cid))?;
+        let end = file_len(&*self.main)?.next_multiple_of(512);
+        let n = (end.saturating_sub(self.desc_offset) as usize).min(DESC_SIZE);
+        self.main
+            .write_at(&new[..n], self.desc_offset)
+            .map_err(|e| Error::io("Could not write the descriptor", e))?;
+        *done = true;
+        Ok(())
     }
 
     /// The image's own file (the descriptor, or the sparse file holding it).
@@ -458,7 +491,8 @@ impl VmdkImage {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.size)
+        check_range(offset, len, self.size)?;
+        self.update_cid()
     }
 
     fn read_piece(&self, e: &Extent, rel: u64, part: &[IoBufMut<'_>]) -> Result<()> {
