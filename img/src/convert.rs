@@ -267,7 +267,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         ))
     })?;
     let image = target.open(direct, cache_ignores_flushes(a.cache.as_deref()))?;
-    if a.compress && image.format() != Format::Qcow2 {
+    if a.compress && !matches!(image.format(), Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
             "Compression not supported for this file format",
         ));
@@ -277,7 +277,9 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         return Err(Failure::msg("output file is smaller than input file"));
     }
     let plan = CopyPlan {
-        compressed: a.compress,
+        // QEMU's vmdk takes compressed writes into any subformat and stores them plainly
+        // in the ones that do not compress (the only ones `img` writes).
+        compressed: a.compress && image.format() == Format::Qcow2,
         min_sparse,
         in_order: !a.out_of_order,
         in_flight,
@@ -363,7 +365,7 @@ fn set_old_style(
 
 /// qemu-img's checks of `-c` against the output format and its options.
 fn check_compressible(opts: &CreateOpts, format: Format) -> Result<(), Failure> {
-    if format != Format::Qcow2 {
+    if !matches!(format, Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
             "Compression not supported for this file format",
         ));

@@ -543,6 +543,12 @@ fn img_convert_writes_what_qemu_img_writes() {
                 integration_tests::foreign::twin_writes_agree(&twin, &args, "o.vmdk", "vmdk"),
             );
         }
+        // -c into a subformat that does not compress writes plainly, as QEMU does.
+        let args = ["convert", "-c", "-O", "vmdk", source, "o.vmdk"];
+        f.record(
+            &format!("{args:?}"),
+            integration_tests::foreign::twin_writes_agree(&twin, &args, "o.vmdk", "vmdk"),
+        );
         let args = ["convert", "-m", "16", "-W", "-O", "vmdk", source, "o.vmdk"];
         f.record(
             &format!("{args:?}"),
