@@ -255,9 +255,10 @@ impl Image {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Vmdk(v) => v.write_compressed(offset, data, None),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
+                "Compression not supported for this file format".into(),
+            )),
         }
     }
 }
@@ -362,9 +363,13 @@ impl Image {
     pub fn compress_cluster(&self, data: &[u8]) -> Result<CompressedCluster> {
         match self {
             Image::Qcow2(q) => Ok(CompressedCluster(q.compress_cluster(data)?)),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Vmdk(v) if v.needs_compressed_writes() => {
+                Ok(CompressedCluster(Some(v.compress_grain(data)?)))
+            }
+            Image::Vmdk(_) => Ok(CompressedCluster(None)),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
+                "Compression not supported for this file format".into(),
+            )),
         }
     }
 
@@ -378,9 +383,10 @@ impl Image {
     ) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Vmdk(v) => v.write_compressed(offset, data, c.0.as_deref()),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
+                "Compression not supported for this file format".into(),
+            )),
         }
     }
 }

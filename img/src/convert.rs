@@ -276,10 +276,14 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     if a.no_create && target_size < sources.size() {
         return Err(Failure::msg("output file is smaller than input file"));
     }
+    // A streamOptimized vmdk takes only compressed grains, with or without -c (QEMU's
+    // needs_compressed_writes); into other vmdk subformats -c writes plainly.
+    let stream = matches!(
+        image.info().ok().and_then(|i| i.specific),
+        Some(common::ops::FormatSpecific::Vmdk(v)) if v.create_type == "streamOptimized"
+    );
     let plan = CopyPlan {
-        // QEMU's vmdk takes compressed writes into any subformat and stores them plainly
-        // in the ones that do not compress (the only ones `img` writes).
-        compressed: a.compress && image.format() == Format::Qcow2,
+        compressed: (a.compress && image.format() == Format::Qcow2) || stream,
         min_sparse,
         in_order: !a.out_of_order,
         in_flight,
@@ -297,7 +301,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             .flatten(),
         // qcow2 allocates whole clusters (zero runs inside one save nothing); a VHD or VDI
         // block's zero runs stay holes in the file, so they are skipped at `-S` granularity.
-        cluster_size: (image.format() == Format::Qcow2)
+        cluster_size: (image.format() == Format::Qcow2 || stream)
             .then(|| image.info().ok().and_then(|i| i.cluster_size))
             .flatten(),
         offload: a.copy_offload,

@@ -10,7 +10,10 @@ use crate::create::OptionValues;
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
 
-use super::header::{SparseHeader, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN};
+use super::header::{
+    SparseHeader, COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD,
+    FLAG_ZERO_GRAIN,
+};
 
 /// The subformats `img` creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +22,7 @@ pub enum Subformat {
     MonolithicFlat,
     TwoGbMaxExtentSparse,
     TwoGbMaxExtentFlat,
+    StreamOptimized,
 }
 
 impl Subformat {
@@ -28,6 +32,7 @@ impl Subformat {
             Subformat::MonolithicFlat => "monolithicFlat",
             Subformat::TwoGbMaxExtentSparse => "twoGbMaxExtentSparse",
             Subformat::TwoGbMaxExtentFlat => "twoGbMaxExtentFlat",
+            Subformat::StreamOptimized => "streamOptimized",
         }
     }
 
@@ -84,11 +89,7 @@ pub fn from_values(size: u64, values: &dyn OptionValues) -> Result<VmdkCreateOpt
         Some("monolithicFlat") => Subformat::MonolithicFlat,
         Some("twoGbMaxExtentSparse") => Subformat::TwoGbMaxExtentSparse,
         Some("twoGbMaxExtentFlat") => Subformat::TwoGbMaxExtentFlat,
-        Some("streamOptimized") => {
-            return Err(Error::Unsupported(
-                "Creating streamOptimized vmdk images is not supported".into(),
-            ))
-        }
+        Some("streamOptimized") => Subformat::StreamOptimized,
         Some(other) => return Err(bad(other)),
     };
     let hwversion = hwversion.filter(|&h| h != "undefined");
@@ -128,7 +129,7 @@ pub fn from_values(size: u64, values: &dyn OptionValues) -> Result<VmdkCreateOpt
 
 /// The header of a new sparse extent of `bytes` and the sector of its first grain table
 /// after each directory, as QEMU lays them out.
-fn sparse_layout(bytes: u64, zeroed_grain: bool) -> (SparseHeader, u64, u64) {
+fn sparse_layout(bytes: u64, zeroed_grain: bool, compress: bool) -> (SparseHeader, u64, u64) {
     let capacity = bytes / 512;
     let grains = capacity.div_ceil(128);
     let gt_sectors = 4u64;
@@ -138,8 +139,19 @@ fn sparse_layout(bytes: u64, zeroed_grain: bool) -> (SparseHeader, u64, u64) {
     let gd_offset = rgd_offset + gd_sectors + gt_sectors * gt_count;
     let grain_offset = (gd_offset + gd_sectors + gt_sectors * gt_count).next_multiple_of(128);
     let h = SparseHeader {
-        version: if zeroed_grain { 2 } else { 1 },
-        flags: FLAG_RGD | FLAG_NL_DETECT | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
+        version: match (compress, zeroed_grain) {
+            (true, _) => 3,
+            (false, true) => 2,
+            (false, false) => 1,
+        },
+        flags: FLAG_RGD
+            | FLAG_NL_DETECT
+            | if compress {
+                FLAG_COMPRESS | FLAG_MARKER
+            } else {
+                0
+            }
+            | if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 },
         capacity,
         granularity: 128,
         desc_offset: 1,
@@ -148,7 +160,7 @@ fn sparse_layout(bytes: u64, zeroed_grain: bool) -> (SparseHeader, u64, u64) {
         rgd_offset,
         gd_offset,
         grain_offset,
-        compress_algorithm: 0,
+        compress_algorithm: if compress { COMPRESSION_DEFLATE } else { 0 },
     };
     (h, gt_count, gd_sectors)
 }
@@ -158,8 +170,14 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 }
 
 /// Write a new sparse extent of `bytes` into `storage` (empty).
-fn init_sparse(storage: &dyn Storage, path: &Path, bytes: u64, zeroed_grain: bool) -> Result<()> {
-    let (h, gt_count, gd_sectors) = sparse_layout(bytes, zeroed_grain);
+fn init_sparse(
+    storage: &dyn Storage,
+    path: &Path,
+    bytes: u64,
+    zeroed_grain: bool,
+    compress: bool,
+) -> Result<()> {
+    let (h, gt_count, gd_sectors) = sparse_layout(bytes, zeroed_grain, compress);
     storage.write_at(&h.encode()[..512], 0).map_err(io(path))?;
     storage.set_len(h.grain_offset * 512).map_err(io(path))?;
     for dir in [h.rgd_offset, h.gd_offset] {
@@ -198,8 +216,13 @@ pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
         let tail = if sub.flat() { " 0" } else { "" };
         lines.push_str(&format!("RW {sectors} {kind} \"{file}\"{tail}\n"));
     };
-    if sub == Subformat::MonolithicSparse {
-        init_sparse(&main, path, o.size, o.zeroed_grain)?;
+    let single = matches!(
+        sub,
+        Subformat::MonolithicSparse | Subformat::StreamOptimized
+    );
+    if single {
+        let compress = sub == Subformat::StreamOptimized;
+        init_sparse(&main, path, o.size, o.zeroed_grain, compress)?;
         line(o.size.div_ceil(512), base);
     } else {
         let extent = if sub.split() {
@@ -223,7 +246,7 @@ pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
             if sub.flat() {
                 s.set_len(cur).map_err(io(epath))?;
             } else {
-                init_sparse(&s, epath, cur, o.zeroed_grain)?;
+                init_sparse(&s, epath, cur, o.zeroed_grain, false)?;
             }
             s.flush().map_err(io(epath))?;
             line(cur.div_ceil(512), &file);
@@ -247,7 +270,7 @@ pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
         o.adapter_type,
         o.tools_version,
     );
-    if sub == Subformat::MonolithicSparse {
+    if single {
         main.write_at(desc.as_bytes(), 0x200).map_err(io(path))?;
     } else {
         main.write_at(desc.as_bytes(), 0).map_err(io(path))?;
@@ -263,11 +286,13 @@ mod tests {
     #[test]
     fn layout_as_qemu() {
         // qemu-img create -f vmdk 10M: GD at 26, grains at 128.
-        let (h, gts, gds) = sparse_layout(10 << 20, false);
+        let (h, gts, gds) = sparse_layout(10 << 20, false, false);
         assert_eq!((h.rgd_offset, h.gd_offset, h.grain_offset), (21, 26, 128));
         assert_eq!((gts, gds), (1, 1));
-        let (h, _, _) = sparse_layout(0, true);
+        let (h, _, _) = sparse_layout(0, true, false);
         assert_eq!((h.version, h.flags & FLAG_ZERO_GRAIN), (2, FLAG_ZERO_GRAIN));
+        let (h, _, _) = sparse_layout(0, false, true);
+        assert_eq!((h.version, h.compress_algorithm), (3, COMPRESSION_DEFLATE));
     }
 
     #[test]

@@ -181,15 +181,30 @@ impl GrainTables {
         })
     }
 
-    /// Allocate the grain holding extent byte `offset` and write `data` (the whole grain,
-    /// or the extent's tail grain) into it, then point both tables at it. Returns the
-    /// host offset; a grain another writer allocated meanwhile is returned untouched
-    /// (`None` data written), as `Err` never leaves an entry pointing at unwritten data.
-    pub fn allocate(&self, storage: &dyn Storage, offset: u64, data: &[u8]) -> Result<Option<u64>> {
+    /// Append a compressed grain (`encoded`: marker and stream, whole sectors) for extent
+    /// byte `offset` at the end of the file and point both tables at it, as QEMU writes
+    /// streams: a grain already written is refused.
+    pub fn append_compressed(
+        &self,
+        storage: &dyn Storage,
+        offset: u64,
+        encoded: &[u8],
+    ) -> Result<()> {
         let mut next = self.next_sector.lock().unwrap_or_else(|e| e.into_inner());
         if let Grain::At(_) = self.lookup(storage, offset)? {
-            return Ok(None);
+            return Err(Error::io(
+                "Could not write to allocated cluster for streamOptimized",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
+        let sector = *next;
+        self.point(storage, offset, sector, encoded)?;
+        *next = sector + (encoded.len() as u64).div_ceil(512);
+        Ok(())
+    }
+
+    /// Write `data` at `sector`, then the grain's entry in both tables.
+    fn point(&self, storage: &dyn Storage, offset: u64, sector: u64, data: &[u8]) -> Result<()> {
         let (gd_index, gt_index) = self.indexes(offset)?;
         let gt = self.gd.get(gd_index).copied().unwrap_or(0);
         if gt == 0 {
@@ -197,13 +212,11 @@ impl GrainTables {
                 "Writing where the grain directory has no table".into(),
             ));
         }
-        if *next >= MAX_SECTORS {
+        if sector >= MAX_SECTORS {
             return Err(Error::NoSpace("The extent is full".into()));
         }
-        let sector = *next;
-        let host = sector * 512;
         storage
-            .write_at(data, host)
+            .write_at(data, sector * 512)
             .map_err(|e| Error::io("Failed to write", e))?;
         let entry = (sector as u32).to_le_bytes();
         let mut tables = vec![gt];
@@ -216,7 +229,21 @@ impl GrainTables {
                 .map_err(|e| Error::io("Failed to write grain table", e))?;
         }
         self.table(storage, gt)?[gt_index].store(sector as u32, Ordering::Release);
+        Ok(())
+    }
+
+    /// Allocate the grain holding extent byte `offset` and write `data` (the whole grain,
+    /// or the extent's tail grain) into it, then point both tables at it. Returns the
+    /// host offset; a grain another writer allocated meanwhile is returned untouched
+    /// (`None` data written), as `Err` never leaves an entry pointing at unwritten data.
+    pub fn allocate(&self, storage: &dyn Storage, offset: u64, data: &[u8]) -> Result<Option<u64>> {
+        let mut next = self.next_sector.lock().unwrap_or_else(|e| e.into_inner());
+        if let Grain::At(_) = self.lookup(storage, offset)? {
+            return Ok(None);
+        }
+        let sector = *next;
+        self.point(storage, offset, sector, data)?;
         *next = sector + self.geo.grain_sectors;
-        Ok(Some(host))
+        Ok(Some(sector * 512))
     }
 }

@@ -551,12 +551,16 @@ impl VmdkImage {
                 .write_vectored_at(part, flat_host(offset, rel)?)
                 .map_err(io);
         };
-        if *compressed {
-            return Err(Error::Unsupported(
-                "Writing to streamOptimized images is not supported".into(),
-            ));
-        }
         let g = tables.grain_bytes();
+        if *compressed {
+            let mut data = vec![0u8; iovec::total_len(part)];
+            let mut at = 0;
+            for b in part {
+                b.copy_to(&mut data[at..at + b.len()]);
+                at += b.len();
+            }
+            return self.write_grain_compressed(e, rel, &data, None);
+        }
         loop {
             if let Grain::At(h) = tables.lookup(&*e.file, rel)? {
                 return e.file.write_vectored_at(part, h + rel % g).map_err(io);
@@ -570,6 +574,73 @@ impl VmdkImage {
             if tables.allocate(&*e.file, rel, &whole)?.is_some() {
                 return Ok(());
             }
+        }
+    }
+
+    /// Append one grain compressed (`z`: its zlib stream, when made beforehand), as
+    /// QEMU writes streams: whole grains only (or the extent's tail), each once.
+    fn write_grain_compressed(
+        &self,
+        e: &Extent,
+        rel: u64,
+        data: &[u8],
+        z: Option<&[u8]>,
+    ) -> Result<()> {
+        let Kind::Sparse { tables, marker, .. } = &e.kind else {
+            return Err(einval());
+        };
+        let g = tables.grain_bytes();
+        let n = data.len() as u64;
+        if !*marker || !rel.is_multiple_of(g) || n > g || (n < g && rel + n != e.len) {
+            return Err(Error::io(
+                "Failed to write a compressed grain",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let owned;
+        let z = match z {
+            Some(z) => z,
+            None => {
+                owned = stream::deflate(data)?;
+                &owned
+            }
+        };
+        let framed = stream::frame((e.start + rel) / 512, z);
+        tables.append_compressed(&*e.file, rel, &framed)
+    }
+
+    /// Whether writes must be whole compressed grains (a streamOptimized image).
+    pub fn needs_compressed_writes(&self) -> bool {
+        self.extents.first().is_some_and(|e| {
+            matches!(
+                e.kind,
+                Kind::Sparse {
+                    compressed: true,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// The zlib stream of one grain's `data`, made without any lock, for
+    /// [`VmdkImage::write_compressed`].
+    pub fn compress_grain(&self, data: &[u8]) -> Result<Vec<u8>> {
+        stream::deflate(data)
+    }
+
+    /// Write one grain at guest `offset`: compressed (from `z` when given) into a
+    /// compressing extent, plainly into any other, as QEMU's compressed writes do.
+    pub fn write_compressed(&self, offset: u64, data: &[u8], z: Option<&[u8]>) -> Result<()> {
+        self.check_write(offset, data.len() as u64)?;
+        let (e, rel, n) = self.piece(offset, offset + data.len() as u64);
+        match &e.kind {
+            Kind::Sparse {
+                compressed: true, ..
+            } if n == data.len() as u64 => self.write_grain_compressed(e, rel, data, z),
+            Kind::Sparse {
+                compressed: true, ..
+            } => Err(einval()),
+            _ => self.write_at(data, offset),
         }
     }
 

@@ -43,23 +43,31 @@ pub fn read_grain(
     }
 }
 
-/// Deflate one grain into a marker and zlib stream for guest sector `lba`, padded to a
-/// whole number of sectors.
-pub fn encode_grain(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
+/// One grain's zlib stream (QEMU's `compress()`, level 6).
+pub fn deflate(data: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write;
     let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data)
-        .and_then(|_| e.flush())
         .map_err(|e| Error::io("Could not compress a grain", e))?;
-    let z = e
-        .finish()
-        .map_err(|e| Error::io("Could not compress a grain", e))?;
+    e.finish()
+        .map_err(|e| Error::io("Could not compress a grain", e))
+}
+
+/// A grain's marker for guest sector `lba` and its zlib stream `z`, padded to a whole
+/// number of sectors.
+pub fn frame(lba: u64, z: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(MARKER_LEN + z.len() + 512);
     out.extend_from_slice(&lba.to_le_bytes());
     out.extend_from_slice(&(z.len() as u32).to_le_bytes());
-    out.extend_from_slice(&z);
+    out.extend_from_slice(z);
     out.resize(out.len().next_multiple_of(512), 0);
-    Ok(out)
+    out
+}
+
+/// [`deflate`] and [`frame`] together.
+#[cfg(test)]
+fn encode_grain(lba: u64, data: &[u8]) -> Result<Vec<u8>> {
+    Ok(frame(lba, &deflate(data)?))
 }
 
 #[cfg(test)]
