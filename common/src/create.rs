@@ -12,6 +12,7 @@ pub use crate::prealloc::Preallocation;
 pub use crate::qcow2::create::Qcow2CreateOptions;
 pub use crate::qcow2::header::CompressionType;
 pub use crate::vdi::create::VdiCreateOptions;
+pub use crate::vmdk::create::VmdkCreateOptions;
 pub use crate::vpc::create::VpcCreateOptions;
 
 /// A new image, per format.
@@ -25,6 +26,7 @@ pub enum CreateOptions {
     Qcow2(Qcow2CreateOptions),
     Vpc(VpcCreateOptions),
     Vdi(VdiCreateOptions),
+    Vmdk(VmdkCreateOptions),
 }
 
 /// The values of QEMU creation options as a front end parsed them (`-o key=value,...`),
@@ -82,6 +84,11 @@ impl CreateOptions {
                     size: round_to_sector(size),
                     fixed: values.flag("static").unwrap_or(false),
                 }))
+            }
+            Format::Vmdk => {
+                let o = crate::vmdk::create::from_values(round_to_sector(size), values)?;
+                check_protocol_preallocation(values)?;
+                Ok(CreateOptions::Vmdk(o))
             }
         }
     }
@@ -173,6 +180,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         CreateOptions::Qcow2(q) => crate::qcow2::create::create_qcow2(path, q),
         CreateOptions::Vpc(v) => crate::vpc::create::create_vpc(path, v),
         CreateOptions::Vdi(v) => crate::vdi::create::create_vdi(path, v),
+        CreateOptions::Vmdk(v) => crate::vmdk::create::create_vmdk(path, v),
     }
 }
 

@@ -109,6 +109,12 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The file holding this layer's guest byte at `offset` when that is not the layer's
+    /// own file (a vmdk extent file), as QEMU names it: what `map` shows for its data.
+    fn extent_file_name(&self, _offset: u64) -> Option<String> {
+        None
+    }
+
     /// The backing file this layer names, as stored (unresolved), if it names one.
     fn backing_ref(&self) -> Option<BackingRef> {
         None

@@ -9,6 +9,7 @@ pub enum Format {
     Qcow2,
     Vpc,
     Vdi,
+    Vmdk,
 }
 
 impl Format {
@@ -19,6 +20,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Vpc => "vpc",
             Format::Vdi => "vdi",
+            Format::Vmdk => "vmdk",
         }
     }
 
@@ -29,6 +31,7 @@ impl Format {
             "qcow2" => Ok(Format::Qcow2),
             "vpc" => Ok(Format::Vpc),
             "vdi" => Ok(Format::Vdi),
+            "vmdk" => Ok(Format::Vmdk),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }

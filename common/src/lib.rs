@@ -31,6 +31,7 @@ pub mod storage;
 mod test_tools;
 pub mod uuid;
 pub mod vdi;
+pub mod vmdk;
 pub mod vpc;
 
 pub use driver::{Allocation, BlockDriver, BlockStatus, Clusters};

@@ -16,6 +16,7 @@ pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::vdi::VdiImage;
+use crate::vmdk::VmdkImage;
 use crate::vpc::VpcImage;
 
 /// How to open an image.
@@ -51,6 +52,7 @@ pub enum Image {
     Qcow2(Qcow2Image),
     Vpc(VpcImage),
     Vdi(VdiImage),
+    Vmdk(VmdkImage),
 }
 
 impl Image {
@@ -61,6 +63,7 @@ impl Image {
             Image::Qcow2(q) => q,
             Image::Vpc(v) => v,
             Image::Vdi(v) => v,
+            Image::Vmdk(v) => v,
         }
     }
 
@@ -71,6 +74,7 @@ impl Image {
             Image::Qcow2(q) => Box::new(q),
             Image::Vpc(v) => Box::new(v),
             Image::Vdi(v) => Box::new(v),
+            Image::Vmdk(v) => Box::new(v),
         }
     }
 
@@ -82,6 +86,9 @@ impl Image {
             // QEMU's vdi check repairs nothing, and says so for any repair mode.
             Image::Vdi(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vdi(v) => Ok(v.check()),
+            // QEMU's vmdk check repairs nothing either.
+            Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
+            Image::Vmdk(v) => Ok(v.check()),
         }
     }
 
@@ -92,6 +99,7 @@ impl Image {
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
+            Image::Vmdk(_) => Format::Vmdk,
         }
     }
 
@@ -107,7 +115,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
         }
     }
@@ -154,7 +162,7 @@ impl Chain {
         if let Some(name) = path.to_str().filter(|n| crate::nbd::uri::is_nbd_uri(n)) {
             let storage = crate::nbd::storage::NbdStorage::connect(&crate::nbd::uri::parse(name)?)?;
             let read_only = read_only || storage.read_only();
-            return image_on(storage, format, read_only, check, path);
+            return image_on(storage, format, read_only, check, (path, opts));
         }
         let canonical = canonical(path)?;
         if self.seen.contains(&canonical) {
@@ -170,7 +178,7 @@ impl Chain {
             storage = storage.ignoring_flushes();
         }
         crate::lock::lock_image(storage.file(), path, read_only, opts.force_share)?;
-        image_on(storage, format, read_only, check, path)
+        image_on(storage, format, read_only, check, (path, opts))
     }
 
     /// Open every layer below `top` (which was opened from `path`) and attach each to the
@@ -222,13 +230,14 @@ impl Chain {
     }
 }
 
-/// The image of `format` (probed when `None`) on `storage`, opened from `path`.
+/// The image of `format` (probed when `None`) on `storage`, opened from `path` with
+/// `opts` (which a vmdk's extent files are opened with too).
 fn image_on<S: crate::storage::Storage + 'static>(
     storage: S,
     format: Option<Format>,
     read_only: bool,
     check: bool,
-    path: &Path,
+    (path, opts): (&Path, &OpenOptions),
 ) -> Result<Image> {
     let probed = format.is_none();
     let format = match format {
@@ -250,6 +259,21 @@ fn image_on<S: crate::storage::Storage + 'static>(
             VpcImage::open(Box::new(storage), read_only).map_err(|e| name_bare_errno(e, path))?,
         ),
         Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
+        Format::Vmdk => {
+            let open_extent = |p: &Path| -> Result<Box<dyn crate::storage::Storage>> {
+                let mut s = crate::storage::open_image_storage(p, read_only, opts.direct)?;
+                if opts.no_flush {
+                    s = s.ignoring_flushes();
+                }
+                crate::lock::lock_image(s.file(), p, read_only, opts.force_share)?;
+                Ok(Box::new(s))
+            };
+            let name = path.to_string_lossy();
+            Image::Vmdk(
+                VmdkImage::open(Box::new(storage), &name, read_only, &open_extent)
+                    .map_err(|e| name_bare_errno(e, path))?,
+            )
+        }
     })
 }
 

@@ -27,6 +27,7 @@ pub struct FormatInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatSpecific {
     Qcow2(Qcow2Info),
+    Vmdk(crate::vmdk::VmdkInfo),
 }
 
 /// qcow2's fields (QAPI `ImageInfoSpecificQCow2`); the optional ones only exist for
@@ -78,6 +79,12 @@ impl Image {
                 dirty: false,
                 backing: None,
                 specific: None,
+            }),
+            Image::Vmdk(v) => Ok(FormatInfo {
+                cluster_size: v.cluster_size(),
+                dirty: false,
+                backing: None,
+                specific: Some(FormatSpecific::Vmdk(v.info())),
             }),
             Image::Vpc(v) => Ok(FormatInfo {
                 cluster_size: v.block_size(),
@@ -131,7 +138,7 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_create(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -145,9 +152,9 @@ impl Image {
                 Err(Error::Unsupported("Device has active dirty bitmaps".into()))
             }
             Image::Qcow2(q) => q.snapshot_apply(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Block driver does not support snapshots".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
+                Error::Unsupported("Block driver does not support snapshots".into()),
+            ),
         }
     }
 
@@ -156,11 +163,13 @@ impl Image {
     pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.load_snapshot(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(format!(
-                "Block format '{}' used by device '' does not support temporarily loading \
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+                Err(Error::Unsupported(format!(
+                    "Block format '{}' used by device '' does not support temporarily loading \
                  internal snapshots",
-                self.format().name()
-            ))),
+                    self.format().name()
+                )))
+            }
         }
     }
 
@@ -168,7 +177,7 @@ impl Image {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
                 Err(Error::NotFound("snapshot not found".into()))
             }
         }
@@ -179,7 +188,7 @@ impl Image {
     pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
         match self {
             Image::Raw(r) => r.resize(size, mode),
-            Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
+            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(Error::Unsupported(
                 "Image format driver does not support resize".into(),
             )),
             Image::Qcow2(q) => q.resize(size, mode),
@@ -191,10 +200,12 @@ impl Image {
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.amend(opts, progress),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(format!(
-                "Format driver '{}' does not support option amendment",
-                self.format().name()
-            ))),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+                Err(Error::Unsupported(format!(
+                    "Format driver '{}' does not support option amendment",
+                    self.format().name()
+                )))
+            }
         }
     }
 
@@ -203,7 +214,7 @@ impl Image {
     pub fn make_empty(&self) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.make_empty(),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -219,7 +230,7 @@ impl Image {
         }
         match self {
             Image::Qcow2(q) => q.change_backing_file(backing),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -231,6 +242,7 @@ impl Image {
             Image::Raw(r) => r.storage(),
             Image::Vpc(v) => v.storage(),
             Image::Vdi(v) => v.storage(),
+            Image::Vmdk(v) => v.storage(),
             Image::Qcow2(q) => q.storage(),
         };
         storage
@@ -243,6 +255,7 @@ impl Image {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
+            Image::Vmdk(v) => v.write_compressed(offset, data, None),
             Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),
@@ -297,11 +310,13 @@ impl Image {
                 storage: q.storage(),
                 header: Box::new(q.header()),
             },
-            Some(Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_)) => BitmapSource::NoBitmaps,
+            Some(Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_)) => {
+                BitmapSource::NoBitmaps
+            }
         };
         match self {
             Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
                 // Raw images hold no bitmaps and can store none.
                 let error = match ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
@@ -348,6 +363,10 @@ impl Image {
     pub fn compress_cluster(&self, data: &[u8]) -> Result<CompressedCluster> {
         match self {
             Image::Qcow2(q) => Ok(CompressedCluster(q.compress_cluster(data)?)),
+            Image::Vmdk(v) if v.needs_compressed_writes() => {
+                Ok(CompressedCluster(Some(v.compress_grain(data)?)))
+            }
+            Image::Vmdk(_) => Ok(CompressedCluster(None)),
             Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),
@@ -364,6 +383,7 @@ impl Image {
     ) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
+            Image::Vmdk(v) => v.write_compressed(offset, data, c.0.as_deref()),
             Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
                 "Compression not supported for this file format".into(),
             )),

@@ -29,9 +29,52 @@ pub fn probe_bytes(first: &[u8]) -> Format {
         Format::Vpc
     } else if crate::vdi::header::probe(first) {
         Format::Vdi
+    } else if vmdk_probe(first) {
+        Format::Vmdk
     } else {
         Format::Raw
     }
+}
+
+/// QEMU's `vmdk_probe`: a sparse extent's magic (`KDMV`, `COWD`), or a descriptor whose
+/// first line that is neither a comment nor blank is `version=1`, `2` or `3`.
+fn vmdk_probe(first: &[u8]) -> bool {
+    if first.len() < 4 {
+        return false;
+    }
+    if first[..4] == *b"KDMV" || first[..4] == *b"COWD" {
+        return true;
+    }
+    let mut p = first;
+    while let Some(&c) = p.first() {
+        match c {
+            b'#' => {
+                let n = p
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(p.len(), |i| i + 1);
+                p = &p[n..];
+            }
+            b' ' => {
+                let mut i = p.iter().take_while(|&&b| b == b' ').count();
+                if p.get(i) == Some(&b'\r') {
+                    i += 1;
+                }
+                if p.get(i) != Some(&b'\n') {
+                    return false;
+                }
+                p = &p[i + 1..];
+            }
+            _ => {
+                return [b"1", b"2", b"3"].iter().any(|v| {
+                    let line = [b"version=".as_slice(), v.as_slice()].concat();
+                    p.starts_with(&[line.as_slice(), b"\n"].concat())
+                        || p.starts_with(&[line.as_slice(), b"\r\n"].concat())
+                });
+            }
+        }
+    }
+    false
 }
 
 /// Probe the format of the file at `path` (opened read-only, without blocking on a FIFO).
@@ -71,6 +114,19 @@ mod tests {
         assert_eq!(probe_bytes(&h[..7]), Format::Raw, "too short");
         h[0] = b'C';
         assert_eq!(probe_bytes(&h), Format::Raw);
+    }
+
+    #[test]
+    fn vmdk_magic_or_descriptor_version() {
+        assert_eq!(probe_bytes(b"KDMV\x01"), Format::Vmdk);
+        assert_eq!(
+            probe_bytes(b"# Disk DescriptorFile\n  \r\nversion=1\nCID=1"),
+            Format::Vmdk
+        );
+        assert_eq!(probe_bytes(b"#x\nversion=3\r\n"), Format::Vmdk);
+        assert_eq!(probe_bytes(b"#x\nversion=4\n"), Format::Raw);
+        assert_eq!(probe_bytes(b"  x\nversion=1\n"), Format::Raw);
+        assert_eq!(probe_bytes(b"version=1"), Format::Raw, "no newline");
     }
 
     #[test]

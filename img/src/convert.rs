@@ -267,7 +267,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         ))
     })?;
     let image = target.open(direct, cache_ignores_flushes(a.cache.as_deref()))?;
-    if a.compress && image.format() != Format::Qcow2 {
+    if a.compress && !matches!(image.format(), Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
             "Compression not supported for this file format",
         ));
@@ -276,8 +276,14 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     if a.no_create && target_size < sources.size() {
         return Err(Failure::msg("output file is smaller than input file"));
     }
+    // A streamOptimized vmdk takes only compressed grains, with or without -c (QEMU's
+    // needs_compressed_writes); into other vmdk subformats -c writes plainly.
+    let stream = matches!(
+        image.info().ok().and_then(|i| i.specific),
+        Some(common::ops::FormatSpecific::Vmdk(v)) if v.create_type == "streamOptimized"
+    );
     let plan = CopyPlan {
-        compressed: a.compress,
+        compressed: (a.compress && image.format() == Format::Qcow2) || stream,
         min_sparse,
         in_order: !a.out_of_order,
         in_flight,
@@ -295,7 +301,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             .flatten(),
         // qcow2 allocates whole clusters (zero runs inside one save nothing); a VHD or VDI
         // block's zero runs stay holes in the file, so they are skipped at `-S` granularity.
-        cluster_size: (image.format() == Format::Qcow2)
+        cluster_size: (image.format() == Format::Qcow2 || stream)
             .then(|| image.info().ok().and_then(|i| i.cluster_size))
             .flatten(),
         offload: a.copy_offload,
@@ -363,7 +369,7 @@ fn set_old_style(
 
 /// qemu-img's checks of `-c` against the output format and its options.
 fn check_compressible(opts: &CreateOpts, format: Format) -> Result<(), Failure> {
-    if format != Format::Qcow2 {
+    if !matches!(format, Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
             "Compression not supported for this file format",
         ));

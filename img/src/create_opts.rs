@@ -126,6 +126,22 @@ pub const VDI_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// vmdk's options followed by the file protocol's, in QEMU's order.
+pub const VMDK_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("adapter_type", OptType::Str, None),
+    opt("backing_file", OptType::Str, None),
+    opt("backing_fmt", OptType::Str, None),
+    opt("compat6", OptType::Bool, Some("off")),
+    opt("hwversion", OptType::Str, Some("undefined")),
+    opt("toolsversion", OptType::Str, None),
+    opt("subformat", OptType::Str, None),
+    opt("zeroed_grain", OptType::Bool, None),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
 /// The format a new image of format `name` is made in, if `img` can make it.
 pub fn creatable(name: &str) -> Option<Format> {
     match name {
@@ -133,6 +149,7 @@ pub fn creatable(name: &str) -> Option<Format> {
         "qcow2" => Some(Format::Qcow2),
         "vpc" => Some(Format::Vpc),
         "vdi" => Some(Format::Vdi),
+        "vmdk" => Some(Format::Vmdk),
         _ => None,
     }
 }
@@ -144,6 +161,7 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Qcow2 => QCOW2_OPTS,
         Format::Vpc => VPC_OPTS,
         Format::Vdi => VDI_OPTS,
+        Format::Vmdk => VMDK_OPTS,
     }
 }
 
@@ -154,6 +172,7 @@ pub fn help_text(format: &str) -> &'static str {
         "qcow2" => QCOW2_HELP,
         "vpc" => VPC_HELP,
         "vdi" => VDI_HELP,
+        "vmdk" => VMDK_HELP,
         _ => RAW_HELP,
     }
 }
@@ -164,6 +183,7 @@ pub fn help_text_with_file(format: &str) -> &'static str {
         "qcow2" => QCOW2_FILE_HELP,
         "vpc" => VPC_FILE_HELP,
         "vdi" => VDI_FILE_HELP,
+        "vmdk" => VMDK_FILE_HELP,
         _ => RAW_FILE_HELP,
     }
 }
@@ -480,6 +500,36 @@ impl common::create::OptionValues for CreateOpts {
         self.get_int(name)
     }
 }
+
+const VMDK_HELP: &str = "Supported vmdk options:
+  adapter_type=<str>     - Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Must be 'vmdk' if present
+  compat6=<bool (on/off)> - VMDK version 6 image
+  hwversion=<str>        - VMDK hardware version
+  size=<size>            - Virtual disk size
+  subformat=<str>        - VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} 
+  toolsversion=<str>     - VMware guest tools version
+  zeroed_grain=<bool (on/off)> - Enable efficient zero writes using the zeroed-grain GTE feature
+
+The protocol level may support further options.
+Specify the target filename to include those options.
+";
+
+const VMDK_FILE_HELP: &str = "Supported options:
+  adapter_type=<str>     - Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Must be 'vmdk' if present
+  compat6=<bool (on/off)> - VMDK version 6 image
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  hwversion=<str>        - VMDK hardware version
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  subformat=<str>        - VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} 
+  toolsversion=<str>     - VMware guest tools version
+  zeroed_grain=<bool (on/off)> - Enable efficient zero writes using the zeroed-grain GTE feature
+";
 
 #[cfg(test)]
 mod tests {

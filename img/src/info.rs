@@ -176,9 +176,24 @@ pub fn image_info(
         node.backing_filename = Some(b.name);
         node.backing_filename_format = b.format;
     }
-    if let Some(EngineSpecific::Qcow2(q)) = info.specific {
-        node.format_specific = Some(FormatSpecific::Qcow2(q));
-    }
+    node.format_specific = match info.specific {
+        Some(EngineSpecific::Qcow2(q)) => Some(FormatSpecific::Qcow2(q)),
+        Some(EngineSpecific::Vmdk(v)) => Some(FormatSpecific::Vmdk(v)),
+        None => None,
+    };
     node.children = vec![("file".to_string(), file)];
+    if let Some(FormatSpecific::Vmdk(v)) = &node.format_specific {
+        // QEMU lists extent files as child nodes, the last opened first, and the file
+        // node's size is the descriptor's own.
+        node.children[0].1.actual_size = v.file_allocated;
+        for (i, e) in v.extents.iter().enumerate() {
+            if let Some((len, allocated)) = e.own_node {
+                let mut n = NodeInfo::new(&e.filename, "file", len.next_multiple_of(512));
+                n.actual_size = allocated;
+                n.format_specific = Some(FormatSpecific::File);
+                node.children.insert(0, (format!("extents.{i}"), n));
+            }
+        }
+    }
     Ok(node)
 }

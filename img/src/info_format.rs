@@ -2,6 +2,7 @@
 //! (`bdrv_node_info_dump`) and its JSON (`BlockGraphInfo`).
 
 use common::ops::{BitmapInfo, Qcow2Info, SnapshotInfo};
+use common::vmdk::VmdkInfo;
 
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::size_to_str;
@@ -10,6 +11,7 @@ use crate::size::size_to_str;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatSpecific {
     Qcow2(Qcow2Info),
+    Vmdk(VmdkInfo),
     /// The `file` protocol node (no data on ordinary filesystems).
     File,
 }
@@ -88,8 +90,38 @@ fn snapshot_dict(s: &SnapshotInfo) -> QDict {
     d
 }
 
+/// vmdk's `data` member (QAPI `ImageInfoSpecificVmdk`), in schema order.
+fn vmdk_data(v: &VmdkInfo) -> QDict {
+    let mut d = QDict::new();
+    d.put_str("create-type", &v.create_type);
+    d.put_int("cid", i64::from(v.cid));
+    d.put_int("parent-cid", i64::from(v.parent_cid));
+    let extents = v
+        .extents
+        .iter()
+        .map(|e| {
+            let mut x = QDict::new();
+            x.put_str("filename", &e.filename);
+            x.put_str("format", &e.format);
+            x.put_int("virtual-size", e.virtual_size as i64);
+            if let Some(c) = e.cluster_size {
+                x.put_int("cluster-size", c as i64);
+            }
+            if let Some(c) = e.compressed {
+                x.put_bool("compressed", c);
+            }
+            QValue::Dict(x)
+        })
+        .collect();
+    d.put("extents", QValue::List(extents));
+    d
+}
+
 /// The `data` member of the format-specific information, in schema order.
 fn format_specific_data(f: &FormatSpecific) -> QDict {
+    if let FormatSpecific::Vmdk(v) = f {
+        return vmdk_data(v);
+    }
     let mut d = QDict::new();
     if let FormatSpecific::Qcow2(q) = f {
         d.put_str("compat", q.compat);
@@ -128,6 +160,7 @@ fn format_specific_dict(f: &FormatSpecific) -> QDict {
         "type",
         match f {
             FormatSpecific::Qcow2(_) => "qcow2",
+            FormatSpecific::Vmdk(_) => "vmdk",
             FormatSpecific::File => "file",
         },
     );

@@ -165,9 +165,14 @@ impl<'a> Mapper<'a> {
 
     /// Name the file of the entry's layer when the entry has an offset in it.
     fn with_file(&self, e: MapEntry) -> MapEntry {
+        let extent = || {
+            self.image
+                .layer(e.depth)
+                .and_then(|l| l.extent_file_name(e.start))
+        };
         let filename = e
             .offset
-            .and_then(|_| self.names.get(e.depth as usize).cloned());
+            .and_then(|_| extent().or_else(|| self.names.get(e.depth as usize).cloned()));
         MapEntry { filename, ..e }
     }
 }

@@ -2917,6 +2917,324 @@ fn hostile_vdi(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile VMDKs, from a monolithicSparse image qemu-img made and qemu-io wrote (GD at
+/// sector 26, its table at 27, grains from 128), a streamOptimized one, and descriptors.
+fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", path.to_str().unwrap(), "10M"])
+        .check()
+        .unwrap();
+    qemu_io_cmds(&path, "vmdk", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let raw = dir.join("vmdk-src.raw");
+    fs::write(&raw, vec![0x5au8; 1 << 20]).unwrap();
+    let so = dir.join("so.vmdk");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().unwrap(),
+        so.to_str().unwrap(),
+    ])
+    .check()
+    .unwrap();
+    let st = fs::read(&so).unwrap();
+    fs::write(dir.join("hostile-data.bin"), vec![1u8; 1 << 20]).unwrap();
+    let le = |v: u32| v.to_le_bytes();
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let with = |base: &Vec<u8>, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = base.clone();
+        edit(&mut b);
+        b
+    };
+    let footed = {
+        let mut b = st.clone();
+        let mut marker = vec![0u8; 512];
+        marker[12] = 3;
+        b.extend_from_slice(&marker);
+        b.extend_from_slice(&st[..512]);
+        b.extend_from_slice(&[0u8; 512]);
+        put64(&mut b, 56, u64::MAX);
+        b
+    };
+    // The first grain of the stream: its marker is at the header's grain offset.
+    let first_grain = u64::from_le_bytes(st[64..72].try_into().unwrap()) as usize * 512;
+    let desc = |line: &str| {
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n{line}\n"
+        )
+        .into_bytes()
+    };
+    let f = |name, bytes, opens, qemu_opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens,
+    };
+    vec![
+        // Its directory past the end: QEMU reads zeroes, then misses the CID; img
+        // refuses a directory past the end of the file first.
+        f(
+            "vmdk-truncated-header",
+            d[..60].to_vec(),
+            false,
+            Some(false),
+        ),
+        f("vmdk-truncated-tables", d[..40000].to_vec(), false, None),
+        f(
+            "vmdk-truncated-grain",
+            d[..d.len() - 4096].to_vec(),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-gtes-513",
+            with(&d, &|b| put32(b, 44, le(513))),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-gtes-0",
+            with(&d, &|b| put32(b, 44, le(0))),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-grain-1G-plus",
+            with(&d, &|b| {
+                put64(b, 20, 0x20_0001);
+                put32(b, 44, le(1));
+            }),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-version-4",
+            with(&d, &|b| put32(b, 4, le(4))),
+            false,
+            None,
+        ),
+        // QEMU opens it, then cannot size it.
+        f(
+            "vmdk-capacity-2^63",
+            with(&d, &|b| put64(b, 12, 1 << 63)),
+            false,
+            Some(false),
+        ),
+        // A directory of 2^24 entries past the end of a small file: QEMU reads zeroes
+        // (and garbage entries, the file's own tables and grains, mapping 512 TiB).
+        f(
+            "vmdk-gd-16M-entries",
+            with(&d, &|b| put64(b, 12, 1 << 40)),
+            false,
+            Some(true),
+        ),
+        f(
+            "vmdk-gd-33M-entries",
+            with(&d, &|b| put64(b, 12, 33 << 36)),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-gd-offset-2^64",
+            with(&d, &|b| put64(b, 56, u64::MAX - 1)),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-gd-entry-past-the-end",
+            with(&d, &|b| put32(b, 26 * 512, le(0xffff_fff0))),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-gt-entry-past-the-end",
+            with(&d, &|b| put32(b, 27 * 512 + 64, le(0xffff_fff0))),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-gt-entry-over-the-header",
+            with(&d, &|b| put32(b, 27 * 512 + 64, le(0))),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-grain-offset-past-the-end",
+            with(&d, &|b| put64(b, 64, 1 << 40)),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-desc-offset-2^64",
+            with(&d, &|b| {
+                put64(b, 12, 0);
+                put64(b, 28, u64::MAX);
+            }),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-no-cid",
+            with(&d, &|b| b[0x200..0x200 + 1024].fill(b' ')),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-stream-grain-size-2^32",
+            with(&st, &|b| put32(b, first_grain + 8, le(u32::MAX))),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-stream-grain-garbage",
+            with(&st, &|b| b[first_grain + 12..first_grain + 200].fill(0xa5)),
+            true,
+            None,
+        ),
+        // The header sending readers to a footer (footer marker, the header again with
+        // the directory, end-of-stream marker), as VMware ends a stream.
+        f("vmdk-stream-footer", footed.clone(), true, None),
+        f(
+            "vmdk-stream-footer-bad-magic",
+            with(&footed, &|b| {
+                let at = b.len() - 1024;
+                b[at] ^= 0xff;
+            }),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-stream-footer-bad-eos",
+            with(&footed, &|b| {
+                let at = b.len() - 512 + 12;
+                b[at] = 3;
+            }),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-stream-footer-gtes-513",
+            with(&footed, &|b| {
+                let at = b.len() - 1024 + 44;
+                put32(b, at, le(513));
+            }),
+            false,
+            None,
+        ),
+        // QEMU's own streams have no footer.
+        f(
+            "vmdk-stream-no-footer",
+            with(&st, &|b| put64(b, 56, u64::MAX)),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-stream-truncated",
+            st[..st.len() - 1024].to_vec(),
+            true,
+            None,
+        ),
+        f("vmdk-stream-1k", st[..1024].to_vec(), false, None),
+        f(
+            "vmdk-desc-line-600",
+            desc(&format!("RW 2048 FLAT \"{}\" 0", "a".repeat(600))),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-desc-no-offset",
+            desc("RW 2048 FLAT \"hostile-data.bin\""),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-desc-sectors-2^62",
+            desc("RW 4611686018427387904 FLAT \"hostile-data.bin\" 0"),
+            false,
+            // QEMU opens it, then cannot size it.
+            Some(false),
+        ),
+        f(
+            "vmdk-desc-offset-2^62",
+            desc("RW 2048 FLAT \"hostile-data.bin\" 4611686018427387904"),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-desc-past-the-data",
+            desc("RW 409600 FLAT \"hostile-data.bin\" 0"),
+            true,
+            None,
+        ),
+        f(
+            "vmdk-desc-missing-extent",
+            desc("RW 2048 FLAT \"no-such-file.bin\" 0"),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-desc-sparse-not-vmdk",
+            desc("RW 2048 SPARSE \"hostile-data.bin\""),
+            false,
+            None,
+        ),
+        // Descriptors naming themselves: as a sparse extent (not one), and a sparse
+        // header whose embedded descriptor names its own file (QEMU recurses).
+        f(
+            "vmdk-desc-names-itself",
+            desc("RW 2048 SPARSE \"vmdk-desc-names-itself.img\""),
+            false,
+            None,
+        ),
+        f(
+            "vmdk-embedded-desc-names-itself",
+            {
+                let mut b = with(&d, &|b| {
+                    put64(b, 12, 0);
+                    put64(b, 28, 1);
+                });
+                let text = desc("RW 2048 SPARSE \"vmdk-embedded-desc-names-itself.img\"")
+                    .iter()
+                    .map(|&c| if c == b'F' { b'F' } else { c })
+                    .collect::<Vec<u8>>();
+                let text = String::from_utf8(text)
+                    .unwrap()
+                    .replace("monolithicFlat", "twoGbMaxExtentSparse");
+                b[512..512 + text.len()].copy_from_slice(text.as_bytes());
+                b[512 + text.len()..1024].fill(0);
+                b
+            },
+            false,
+            Some(false),
+        ),
+        // 2 MiB of comment lines before the fields (QEMU reads the first MiB only).
+        f(
+            "vmdk-desc-2M",
+            {
+                let mut b = b"version=1\n".to_vec();
+                b.extend(std::iter::repeat_n(b"#comment\n".as_slice(), 1 << 18).flatten());
+                b.extend_from_slice(&desc("RW 2048 FLAT \"hostile-data.bin\" 0"));
+                b
+            },
+            false,
+            None,
+        ),
+        // qemu-img fails an assertion.
+        f("vmdk-desc-no-extents", desc(""), false, Some(false)),
+        f(
+            "vmdk-desc-unterminated",
+            b"version=1\ncreateType=\"monolithicFlat".to_vec(),
+            false,
+            None,
+        ),
+    ]
+}
+
 /// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
 /// `convert -n` into them, each in the sandbox (1 GiB address space, a deadline), exit on
 /// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
@@ -2930,6 +3248,7 @@ fn foreign_headers_out_of_range() {
     let mut cases = Vec::new();
     cases.extend(hostile_vpc(d).into_iter().map(|c| (c, "vpc")));
     cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
+    cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();
