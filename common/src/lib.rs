@@ -6,6 +6,7 @@
 //! inject failures below them.
 
 pub mod backing;
+mod block_map;
 pub mod check;
 pub mod copy_offload;
 pub mod create;

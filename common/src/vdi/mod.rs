@@ -13,6 +13,7 @@ pub mod header;
 
 use std::sync::{RwLock, RwLockReadGuard};
 
+use crate::block_map::{pieces, stored_data_status, zero_stored};
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
 use crate::error::{Error, Result};
 use crate::iovec::{self, IoBuf, IoBufMut};
@@ -80,37 +81,14 @@ impl VdiImage {
         check_range(offset, len, self.size)
     }
 
-    /// Split `[offset, offset + len)` at block boundaries: `(offset, len)` pieces.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-        let (bs, end) = (self.block_size, offset + len);
-        let mut pos = offset;
-        std::iter::from_fn(move || {
-            (pos < end).then(|| {
-                let n = (bs - pos % bs).min(end - pos);
-                let p = (pos, n);
-                pos += n;
-                p
-            })
-        })
-    }
-
     /// Zero (punching holes when `unmap`) the allocated parts of a guest range; the rest
     /// reads as zeroes already.
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        for (pos, n) in self.pieces(offset, len) {
+        for (pos, n) in pieces(self.block_size, offset, len) {
             let Some(h) = self.map().host_offset(pos) else {
                 continue;
             };
-            if unmap {
-                self.storage
-                    .punch_hole(h, n)
-                    .map_err(io_err("Failed to write zeroes"))?;
-            } else {
-                let zeros = vec![0u8; n as usize];
-                self.storage
-                    .write_at(&zeros, h)
-                    .map_err(io_err("Failed to write zeroes"))?;
-            }
+            zero_stored(&*self.storage, h, n, unmap)?;
         }
         Ok(())
     }
@@ -138,7 +116,7 @@ impl BlockDriver for VdiImage {
         let len = iovec::total_len(bufs) as u64;
         check_range(offset, len, self.size)?;
         let mut front = iovec::Front::new(bufs);
-        for (pos, n) in self.pieces(offset, len) {
+        for (pos, n) in pieces(self.block_size, offset, len) {
             let part = front.take(n as usize);
             match self.map().host_offset(pos) {
                 None => iovec::zero(&part),
@@ -155,7 +133,7 @@ impl BlockDriver for VdiImage {
         let len = iovec::total_len(bufs) as u64;
         self.check_write(offset, len)?;
         let mut front = iovec::Front::new(bufs);
-        for (pos, n) in self.pieces(offset, len) {
+        for (pos, n) in pieces(self.block_size, offset, len) {
             let part = front.take(n as usize);
             let host = self.map().host_offset(pos);
             let host = match host {
@@ -200,7 +178,7 @@ impl BlockDriver for VdiImage {
             return Err(Error::invalid("block_status of an empty range"));
         }
         let map = self.map();
-        let mut pieces = self.pieces(offset, len);
+        let mut pieces = pieces(self.block_size, offset, len);
         let (pos, n) = pieces.next().expect("len > 0");
         if let Some(h) = map.host_offset(pos) {
             if !self.is_static {
@@ -213,14 +191,7 @@ impl BlockDriver for VdiImage {
                 });
             }
             // QEMU asks the file about a static image's data: a hole reads as zeroes.
-            let st = crate::raw::file_status(&*self.storage, h, n)?;
-            return Ok(BlockStatus {
-                allocation: match st.allocation {
-                    Allocation::Zero => Allocation::DataOverHole,
-                    a => a,
-                },
-                ..st
-            });
+            return stored_data_status(&*self.storage, h, n);
         }
         let mut run = n;
         for (p, n) in pieces {

@@ -544,14 +544,7 @@ impl BlockDriver for VmdkImage {
                 unreachable!()
             };
             // QEMU asks the file about a flat extent's data: a hole reads as zeroes.
-            let st = crate::raw::file_status(&*e.file, flat_host(base, rel)?, n)?;
-            return Ok(BlockStatus {
-                allocation: match st.allocation {
-                    Allocation::Zero => Allocation::DataOverHole,
-                    a => a,
-                },
-                ..st
-            });
+            return crate::block_map::stored_data_status(&*e.file, flat_host(base, rel)?, n);
         };
         let g = tables.grain_bytes();
         let first = tables.lookup(&*e.file, rel)?;

@@ -12,6 +12,7 @@ pub mod footer;
 
 use std::sync::Mutex;
 
+use crate::block_map::{pieces, stored_data_status, zero_stored};
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
 use crate::error::{Error, Result, Structure};
 use crate::iovec::{self, IoBuf, IoBufMut};
@@ -161,45 +162,14 @@ impl VpcImage {
         Ok(())
     }
 
-    /// Split `[offset, offset + len)` at multiples of `block_size`: `(offset, len)` pieces.
-    fn pieces(block_size: u64, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-        let end = offset + len;
-        let mut pos = offset;
-        std::iter::from_fn(move || {
-            (pos < end).then(|| {
-                let n = (block_size - pos % block_size).min(end - pos);
-                let p = (pos, n);
-                pos += n;
-                p
-            })
-        })
-    }
-
     /// Zero (punching holes when `unmap`) the stored parts of a guest range.
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        let zero_host = |at: u64, n: u64| -> Result<()> {
-            if unmap {
-                return self
-                    .storage
-                    .punch_hole(at, n)
-                    .map_err(io_err("Failed to write zeroes"));
-            }
-            let zeros = vec![0u8; n.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < n {
-                let k = (n - done).min(zeros.len() as u64);
-                self.storage
-                    .write_at(&zeros[..k as usize], at + done)
-                    .map_err(io_err("Failed to write zeroes"))?;
-                done += k;
-            }
-            Ok(())
-        };
+        let zero_host = |at, n| zero_stored(&*self.storage, at, n, unmap);
         let Some(bat) = &self.bat else {
             return zero_host(offset, len);
         };
         let bs = self.lock(bat).block_size;
-        for (pos, n) in Self::pieces(bs, offset, len) {
+        for (pos, n) in pieces(bs, offset, len) {
             // An unallocated block reads as zeroes already.
             let host = self.lock(bat).host_offset(pos);
             if let Some(h) = host {
@@ -234,7 +204,7 @@ impl BlockDriver for VpcImage {
         };
         let bs = self.lock(bat).block_size;
         let mut front = iovec::Front::new(bufs);
-        for (pos, n) in Self::pieces(bs, offset, len) {
+        for (pos, n) in pieces(bs, offset, len) {
             let part = front.take(n as usize);
             let host = self.lock(bat).host_offset(pos);
             match host {
@@ -259,7 +229,7 @@ impl BlockDriver for VpcImage {
         };
         let bs = self.lock(bat).block_size;
         let mut front = iovec::Front::new(bufs);
-        for (pos, n) in Self::pieces(bs, offset, len) {
+        for (pos, n) in pieces(bs, offset, len) {
             let part = front.take(n as usize);
             // Allocation happens under the lock, so two writers never both allocate one
             // block; the data goes to the file outside it.
@@ -295,14 +265,10 @@ impl BlockDriver for VpcImage {
         let Some(bat) = &self.bat else {
             // Data at its own offset, refined by the file (QEMU's "recurse"): a hole in
             // the file is data that reads as zeroes.
-            let mut st = crate::raw::file_status(&*self.storage, offset, len)?;
-            if st.allocation == Allocation::Zero {
-                st.allocation = Allocation::DataOverHole;
-            }
-            return Ok(st);
+            return stored_data_status(&*self.storage, offset, len);
         };
         let bat = self.lock(bat);
-        let mut pieces = Self::pieces(bat.block_size, offset, len);
+        let mut pieces = pieces(bat.block_size, offset, len);
         let (pos, n) = pieces.next().expect("len > 0");
         if let Some(h) = bat.host_offset(pos) {
             return Ok(BlockStatus {
