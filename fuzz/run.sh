@@ -6,7 +6,7 @@
 #   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
 #
 # FUZZ_OUT (default /tmp/img-fuzz) holds the seeds and AFL's findings; CARGO_TARGET_DIR is
-# honoured (default fuzz/target).
+# honoured (default fuzz/target), FUZZ_PROFILE picks the cargo profile (default release).
 set -euo pipefail
 
 secs="${1:-60}"
@@ -17,9 +17,10 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(open_read check qcow2_parts diskboot virtio_blk)
 out="${FUZZ_OUT:-/tmp/img-fuzz}"
 target_dir="${CARGO_TARGET_DIR:-$here/target}"
+profile="${FUZZ_PROFILE:-release}"
 
 cargo afl --version >/dev/null 2>&1 || cargo install --locked cargo-afl
-cargo afl build --release
+cargo afl build --profile "$profile"
 ./make-seeds.sh "$out/seeds" >/dev/null
 
 failed=0
@@ -28,7 +29,7 @@ for t in "${targets[@]}"; do
     # -t: an input taking over 1 s is a hang; -m: over 2 GiB of address space is a crash.
     AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
         cargo afl fuzz -i "$out/seeds/$t" -o "$out/$t" -t 1000 -m 2048 -V "$secs" \
-        "$target_dir/release/$t" >"$out/$t.log" 2>&1 || {
+        "$target_dir/$profile/$t" >"$out/$t.log" 2>&1 || {
         echo "$t: afl-fuzz failed, see $out/$t.log"
         tail -5 "$out/$t.log"
         failed=1
