@@ -273,7 +273,21 @@ impl Meta {
         rebuild: &mut bool,
     ) -> u64 {
         let mut highest = 0;
-        for i in 0..rc.nb_clusters {
+        let mut next = 0;
+        while next < rc.nb_clusters {
+            // A refcount block's worth of clusters with no block stored and nothing
+            // recounted agrees everywhere: skipped whole, so that a reference or a repair
+            // far past the data (a refcount block at 2^40) costs no per-cluster loop.
+            // Clusters with no refcount block stored and nothing recounted agree: skipped
+            // a block's worth at a time, so that a reference or a repair far past the data
+            // (a refcount block at 2^50) costs no loop over every cluster up to it.
+            let counted = rc.counts.next_counted(next).unwrap_or(u64::MAX);
+            let i = self.next_with_refblock(HostCluster(next), counted.min(rc.nb_clusters));
+            if i >= rc.nb_clusters {
+                break;
+            }
+            next = i;
+            next += 1;
             let r1 = match self.refcount(HostCluster(i)) {
                 Ok(v) => v,
                 Err(e) => {
