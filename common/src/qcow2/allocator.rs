@@ -157,6 +157,33 @@ impl Meta {
         self.refs.end_cluster()
     }
 
+    /// The first cluster from `c` on that a stored refcount block covers (every cluster
+    /// before it has refcount 0), or `limit` if none comes before it. Scans the table no
+    /// further than `limit`, so that a walk over the clusters costs a step per block
+    /// where there is none.
+    pub(super) fn next_with_refblock(&self, c: HostCluster, limit: u64) -> u64 {
+        let g = self.geo();
+        let per_rb = 1u64 << g.refblock_bits();
+        let stored = |rt: u64| {
+            usize::try_from(rt)
+                .ok()
+                .and_then(|rt| self.refs.table.get(rt))
+                .is_some_and(|&e| e != 0)
+        };
+        let first = g.reftable_index(c) as u64;
+        if stored(first) {
+            return c.0.min(limit);
+        }
+        let mut rt = first + 1;
+        while rt.saturating_mul(per_rb) < limit && rt < self.refs.table.len() as u64 {
+            if stored(rt) {
+                return rt * per_rb;
+            }
+            rt += 1;
+        }
+        limit
+    }
+
     /// Refcount of host cluster `c`.
     pub fn refcount(&mut self, c: HostCluster) -> Result<u64> {
         let g = self.geo();

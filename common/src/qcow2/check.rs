@@ -116,6 +116,10 @@ impl Meta {
         let mut next_contiguous = 0u64;
         let mut table_of: Option<(L1Source, usize)> = None;
         let mut resize_error: Option<Error> = None;
+        // The file grows to a refcount block past its end only where the refcount table
+        // could describe it: a block beyond that (a hostile offset) cannot be a real one, and
+        // growing to it would make every later pass step through nothing for ever.
+        let describable = (self.refs.table.len() as u64) << (g.refblock_bits() + g.cluster_bits);
         self.walk(&mut |visit| {
             match visit {
                 Visit::Structure {
@@ -129,7 +133,12 @@ impl Meta {
                         let verb = if fix.errors { "Repairing" } else { "ERROR" };
                         ck.say(format!("{verb} refcount block {i} is outside image"));
                         if fix.errors {
-                            match storage.set_len(offset.0 + cs) {
+                            let grown = if offset.0 + cs > describable {
+                                Err(std::io::Error::from_raw_os_error(libc::EFBIG))
+                            } else {
+                                storage.set_len(offset.0 + cs)
+                            };
+                            match grown {
                                 Ok(()) => {
                                     rc.nb_clusters = rc.nb_clusters.max(c + 1);
                                     ck.t.corruptions -= 1;
@@ -273,7 +282,21 @@ impl Meta {
         rebuild: &mut bool,
     ) -> u64 {
         let mut highest = 0;
-        for i in 0..rc.nb_clusters {
+        let mut next = 0;
+        while next < rc.nb_clusters {
+            // A refcount block's worth of clusters with no block stored and nothing
+            // recounted agrees everywhere: skipped whole, so that a reference or a repair
+            // far past the data (a refcount block at 2^40) costs no per-cluster loop.
+            // Clusters with no refcount block stored and nothing recounted agree: skipped
+            // a block's worth at a time, so that a reference or a repair far past the data
+            // (a refcount block at 2^50) costs no loop over every cluster up to it.
+            let counted = rc.counts.next_counted(next).unwrap_or(u64::MAX);
+            let i = self.next_with_refblock(HostCluster(next), counted.min(rc.nb_clusters));
+            if i >= rc.nb_clusters {
+                break;
+            }
+            next = i;
+            next += 1;
             let r1 = match self.refcount(HostCluster(i)) {
                 Ok(v) => v,
                 Err(e) => {

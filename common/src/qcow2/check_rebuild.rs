@@ -7,7 +7,7 @@ use super::check::Recount;
 use super::meta::Meta;
 use super::refcount;
 use super::units::HostCluster;
-use crate::error::{io, Result};
+use crate::error::{io, Error, Result, Structure};
 
 impl Recount {
     /// QEMU's `alloc_clusters_imrt`: the first run of `n` free clusters from
@@ -57,6 +57,11 @@ impl Meta {
         let mut grown = false;
         let mut c = first;
         while c < end {
+            // Past the recounted references by whole blocks at once.
+            match rc.counts.next_counted(c) {
+                Some(n) if n < end => c = n,
+                _ => break,
+            }
             if rc.get(c) == 0 {
                 c += 1;
                 continue;
@@ -71,6 +76,13 @@ impl Meta {
                     end = end.max(b + 1);
                     if table.len() as u64 <= rbi {
                         let entries = ((rbi + 1) * 8).next_multiple_of(cs) / 8;
+                        if entries * 8 > super::header::MAX_REFTABLE_BYTES {
+                            return Err(Error::corrupt_at(
+                                Structure::RefcountTable,
+                                self.h.refcount_table_offset,
+                                "rebuilt refcount table would be too large",
+                            ));
+                        }
                         table.resize(entries as usize, 0);
                         grown = true;
                     }

@@ -60,6 +60,14 @@ impl ClusterCounts {
             .map_or(0, |ch| u64::from(ch[(c.0 & (size - 1)) as usize]))
     }
 
+    /// The first cluster at or after `c` whose chunk of `1 << chunk_bits` clusters holds
+    /// any reference (`c` itself when its own chunk does), if there is one.
+    pub fn next_counted(&self, c: u64) -> Option<u64> {
+        let first = c >> self.chunk_bits;
+        let (&i, _) = self.chunks.range(first..).next()?;
+        Some(if i == first { c } else { i << self.chunk_bits })
+    }
+
     /// The chunks that hold any reference, in order: (chunk index, counts).
     pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u32])> {
         self.chunks.iter().map(|(&i, c)| (i, &c[..]))

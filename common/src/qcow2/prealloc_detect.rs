@@ -32,13 +32,18 @@ impl Meta {
         let real = allocated / cs;
         let threshold = (real * 10 / 9).max(real + 2);
         let mut in_use = 0;
-        for c in 0..file_len.div_ceil(cs) {
-            if in_use >= threshold {
+        let end = file_len.div_ceil(cs);
+        let mut c = 0;
+        while in_use < threshold {
+            // Clusters no refcount block covers are free: skipped a block at a time.
+            c = self.next_with_refblock(HostCluster(c), end);
+            if c >= end {
                 break;
             }
             if self.refcount(HostCluster(c))? != 0 {
                 in_use += 1;
             }
+            c += 1;
         }
         Ok(in_use >= threshold)
     }

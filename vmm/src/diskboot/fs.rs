@@ -14,6 +14,45 @@ use super::partitions::Partition;
 /// ext2/3/4 superblock magic, at byte 56 of the superblock (which starts at byte 1024).
 const EXT_MAGIC: u16 = 0xef53;
 
+/// Most block groups a filesystem may have (a 128 TiB filesystem of 4 KiB blocks): ext4-view
+/// sizes its descriptor list from the superblock before reading any descriptor.
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// The superblock's geometry checked against the partition before ext4-view sizes anything
+/// from it, as the Linux kernel checks it on mount: the block count within the partition,
+/// and at most [`MAX_BLOCK_GROUPS`] groups of at most 8 blocks per byte of a block.
+fn check_geometry(disk: &dyn BlockDriver, start: u64, len: u64) -> Result<(), String> {
+    let mut sb = [0u8; 1024];
+    disk.read_at(&mut sb, start + 1024)
+        .map_err(|e| format!("cannot read the superblock: {e}"))?;
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
+    let log_block = u32_at(0x18);
+    if log_block > 6 {
+        return Err(format!(
+            "ext2/3/4 block size 2^{} is invalid",
+            log_block + 10
+        ));
+    }
+    let block = 1024u64 << log_block;
+    // ext4-view reads the high half of the count whatever the 64bit feature says.
+    let blocks = (u32_at(0x150) << 32) | u32_at(0x4);
+    if blocks > len / block {
+        return Err(format!(
+            "ext2/3/4 block count {blocks} exceeds the partition ({} blocks)",
+            len / block
+        ));
+    }
+    let per_group = u32_at(0x20);
+    if per_group == 0 || per_group > 8 * block {
+        return Err(format!("ext2/3/4 blocks per group {per_group} is invalid"));
+    }
+    let groups = blocks.saturating_sub(u32_at(0x14)).div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(format!("ext2/3/4 block group count {groups} is too large"));
+    }
+    Ok(())
+}
+
 /// A byte range of the disk (a partition) as ext4-view reads it.
 struct PartReader {
     disk: Arc<dyn BlockDriver>,
@@ -72,6 +111,7 @@ impl Fs {
         if !is_ext(&*disk, start, len) {
             return Ok(None);
         }
+        check_geometry(&*disk, start, len).map_err(|e| format!("{}: {e}", where_(&part)))?;
         let reader = PartReader { disk, start, len };
         let ext4 = Ext4::load(Box::new(reader)).map_err(|e| format!("{}: {e}", where_(&part)))?;
         Ok(Some(Fs {

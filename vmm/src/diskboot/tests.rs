@@ -507,3 +507,39 @@ fn huge_fat_geometry_is_bounded() {
         }
     }
 }
+
+/// An ext2 superblock whose block count and blocks per group make 2^32 block groups (the
+/// diskboot fuzz target's find): refused with one line before ext4-view sizes a descriptor
+/// list from it (it allocated 64 GiB and aborted).
+#[test]
+fn ext_superblock_with_huge_group_count_is_refused() {
+    let mut disk = vec![0u8; 64 << 10];
+    let sb = &mut disk[1024..2048];
+    sb[0x4..0x8].copy_from_slice(&u32::MAX.to_le_bytes()); // blocks, low half
+    sb[0x14..0x18].copy_from_slice(&1u32.to_le_bytes()); // first data block
+    sb[0x20..0x24].copy_from_slice(&1u32.to_le_bytes()); // blocks per group
+    sb[0x28..0x2c].copy_from_slice(&8u32.to_le_bytes()); // inodes per group
+    sb[0x38..0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+    let err = DiskBoot::find(Arc::new(super::partitions::tests::mem(&disk)))
+        .err()
+        .expect("a disk whose only filesystem is unreadable has no boot entry");
+    assert!(
+        err.contains("block count 4294967295 exceeds the partition (64 blocks)"),
+        "{err}"
+    );
+    // Within the partition but in far too many groups of one block each.
+    let mut disk = vec![0u8; 2 << 20];
+    disk[1024..2048].copy_from_slice(&{
+        let mut sb = [0u8; 1024];
+        sb[0x4..0x8].copy_from_slice(&2048u32.to_le_bytes());
+        sb[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        sb[0x20..0x24].copy_from_slice(&0u32.to_le_bytes());
+        sb[0x28..0x2c].copy_from_slice(&8u32.to_le_bytes());
+        sb[0x38..0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+        sb
+    });
+    let err = DiskBoot::find(Arc::new(super::partitions::tests::mem(&disk)))
+        .err()
+        .unwrap();
+    assert!(err.contains("blocks per group 0 is invalid"), "{err}");
+}
