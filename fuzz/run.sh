@@ -5,6 +5,7 @@
 #
 #   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
 #
+# FUZZ_HANG_MS (default 1000) is how long one input may take before AFL calls it a hang.
 # FUZZ_OUT (default /tmp/img-fuzz) holds the seeds and AFL's findings; CARGO_TARGET_DIR is
 # honoured (default fuzz/target), FUZZ_PROFILE picks the cargo profile (default release).
 set -euo pipefail
@@ -26,9 +27,10 @@ cargo afl build --profile "$profile"
 failed=0
 for t in "${targets[@]}"; do
     rm -rf "$out/$t"
-    # -t: an input taking over 1 s is a hang; -m: over 2 GiB of address space is a crash.
+    # -t: an input taking over FUZZ_HANG_MS (1 s) is a hang; -m: over 2 GiB of address
+    # space is a crash.
     AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
-        cargo afl fuzz -i "$out/seeds/$t" -o "$out/$t" -t 1000 -m 2048 -V "$secs" \
+        cargo afl fuzz -i "$out/seeds/$t" -o "$out/$t" -t "${FUZZ_HANG_MS:-1000}" -m 2048 -V "$secs" \
         "$target_dir/$profile/$t" >"$out/$t.log" 2>&1 || {
         echo "$t: afl-fuzz failed, see $out/$t.log"
         tail -5 "$out/$t.log"
