@@ -161,6 +161,11 @@ pub(crate) fn io<T>(what: &str, r: io::Result<T>) -> Result<T> {
     r.map_err(|e| Error::io(what, e))
 }
 
+/// [`io`] as a `map_err` argument: the I/O error wrapped with what was being done.
+pub(crate) fn io_err(what: &str) -> impl Fn(io::Error) -> Error + '_ {
+    move |e| Error::io(what, e)
+}
+
 /// An I/O error's text the way C's strerror puts it, without Rust's "(os error N)" suffix.
 pub fn os_message(e: &io::Error) -> String {
     let text = e.to_string();

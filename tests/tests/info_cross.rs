@@ -12,30 +12,10 @@ use integration_tests::twin::{Names, Pair};
 use integration_tests::*;
 use std::path::Path;
 
-/// Blank out the host-dependent values.
-fn normalize(out: &str) -> String {
-    out.lines()
-        .map(|l| {
-            let t = l.trim_start();
-            let ind = &l[..l.len() - t.len()];
-            if t.starts_with("disk size:") {
-                format!("{ind}disk size: <ignored>")
-            } else if t.starts_with("\"actual-size\":") {
-                let comma = if t.ends_with(',') { "," } else { "" };
-                format!("{ind}\"actual-size\": <ignored>{comma}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + if out.ends_with('\n') { "\n" } else { "" }
-}
-
 fn compare_info(dir: &Path, args: &[&str]) -> Result<(), String> {
     let mut full = vec!["info"];
     full.extend_from_slice(args);
-    Pair::run(dir, dir, &Tool::img(), &full).compare(Names::Prefix, normalize)
+    Pair::run(dir, dir, &Tool::img(), &full).compare(Names::Prefix, foreign::normalize_info)
 }
 
 /// Every flavour of `info` invocation for one image.

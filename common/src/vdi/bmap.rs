@@ -1,7 +1,7 @@
 //! A VDI's block map: which image block holds each guest block, and appending new blocks
 //! (data first, then the header's count and the map sector that changed, as QEMU does).
 
-use crate::error::{Error, Result, Structure};
+use crate::error::{io_err, Error, Result, Structure};
 use crate::storage::Storage;
 
 use super::header::{set_blocks_allocated, Header, HEADER_SIZE};
@@ -10,10 +10,6 @@ use super::header::{set_blocks_allocated, Header, HEADER_SIZE};
 const FIRST_UNALLOCATED: u32 = 0xffff_fffe;
 /// The entry of a block that is not allocated.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::io(what, e)
-}
 
 /// The map as stored (whole sectors, entries little-endian) and what allocation needs.
 pub struct Bmap {

@@ -15,7 +15,7 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use crate::block_map::{pieces, stored_data_status, zero_stored};
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
-use crate::error::{Error, Result};
+use crate::error::{io_err, Error, Result};
 use crate::iovec::{self, IoBuf, IoBufMut};
 use crate::storage::Storage;
 
@@ -30,10 +30,6 @@ pub struct VdiImage {
     is_static: bool,
     read_only: bool,
     bmap: RwLock<Bmap>,
-}
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::io(what, e)
 }
 
 impl VdiImage {

@@ -2,7 +2,7 @@
 //! new blocks at the end of the file (sector bitmap, then the footer moved past the block,
 //! then the table entry, each durable before the next, as QEMU orders them).
 
-use crate::error::{Error, Result, Structure};
+use crate::error::{io_err, Error, Result, Structure};
 use crate::storage::Storage;
 
 use super::footer::FOOTER_SIZE;
@@ -24,10 +24,6 @@ pub struct Bat {
     metadata_end: u64,
     pub block_size: u64,
     pub bitmap_size: u64,
-}
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::io(what, e)
 }
 
 impl Bat {

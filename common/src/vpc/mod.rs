@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use crate::block_map::{pieces, stored_data_status, zero_stored};
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
-use crate::error::{Error, Result, Structure};
+use crate::error::{io_err, Error, Result, Structure};
 use crate::iovec::{self, IoBuf, IoBufMut};
 use crate::storage::Storage;
 
@@ -31,10 +31,6 @@ pub struct VpcImage {
     bat: Option<Mutex<Bat>>,
     /// Where a fixed disk's footer starts: no guest write may reach it.
     footer_at: u64,
-}
-
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::io(what, e)
 }
 
 impl VpcImage {
