@@ -253,3 +253,28 @@ fn errors_match_qemu() {
     }
     f.finish();
 }
+
+/// A source whose L2 table holds an unaligned data offset: the walker finds fault with it,
+/// so measure falls back to block status, which refuses it, and img fails as qemu-img does
+/// (exit 1, one line) instead of measuring what the damaged table seems to say.
+#[test]
+fn damaged_sources_fail_like_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    qimg(d, "create -q -f qcow2 bad.qcow2 4M");
+    qio(d, "bad.qcow2", &["write -P 1 0 64k", "write -P 2 1M 64k"]);
+    let p = d.join("bad.qcow2");
+    let mut b = std::fs::read(&p).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l2 = (be(&b, be(&b, 40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let e = be(&b, l2 + 16 * 8);
+    b[l2 + 16 * 8..l2 + 17 * 8].copy_from_slice(&(e + 512).to_be_bytes());
+    std::fs::write(&p, b).unwrap();
+    let q = qemu_img_in(d, &["measure", "-O", "qcow2", "bad.qcow2"]);
+    let i = Tool::img().run(Some(d), &["measure", "-O", "qcow2", "bad.qcow2"]);
+    assert_eq!(q.code, Some(1), "{}", q.report());
+    assert_eq!(i.code, q.code, "{}", i.report());
+    assert!(i.stdout.is_empty(), "{}", i.report());
+    assert_eq!(i.stderr.lines().count(), 1, "{}", i.report());
+    assert!(i.stderr.contains("unaligned"), "{}", i.report());
+}
