@@ -1,5 +1,7 @@
 //! `img check`: check (and with `-r` repair) an image's consistency, like `qemu-img check`.
 
+use std::io::Write;
+
 use clap::Args;
 use common::check::{CheckReport, Fix};
 use common::open::OpenOptions;
@@ -118,8 +120,11 @@ pub fn run(a: &CheckArgs) -> CmdResult {
     })
 }
 
+/// The check's messages on stderr, buffered: a damaged image can have a hundred thousand.
 fn print_messages(r: &CheckReport) {
+    let mut err = std::io::BufWriter::new(std::io::stderr().lock());
     for m in &r.messages {
-        eprintln!("{m}");
+        let _ = writeln!(err, "{m}");
     }
+    let _ = err.flush();
 }

@@ -352,6 +352,7 @@ impl Meta {
         let repair =
             fix.errors || (fix.leaks && t.check_errors == 0 && t.corruptions == 0 && t.leaks == 0);
         let verb = if repair { "Repairing" } else { "ERROR" };
+        let file_len = self.file_len()?;
         for i in 0..self.l1.entries.len() {
             let l1e = self.l1.entries[i];
             let l2 = HostOffset(l1e & OFFSET_MASK);
@@ -378,7 +379,7 @@ impl Meta {
                 }
             }
             let mut dirty = Vec::new();
-            let table = self.l2_table_bytes(l2)?;
+            let table = self.l2_table_bytes(l2, file_len)?;
             for j in 0..g.l2_entries() as usize {
                 let e = decode_entry(&table, j, g.extended_l2);
                 let data = e.word & OFFSET_MASK;

@@ -458,3 +458,86 @@ fn loaded_snapshot_reads_like_qemu() {
         .load_snapshot(&SnapshotKey::IdOrName("s1".into()))
         .is_err());
 }
+
+/// A storage that counts reads starting at or past its end.
+struct PastEndReads {
+    inner: FaultStorage,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl crate::storage::Storage for PastEndReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset >= self.inner.len()? {
+            self.count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> std::io::Result<Option<(u64, u64)>> {
+        self.inner.next_data(offset)
+    }
+    fn allocated_size(&self) -> std::io::Result<u64> {
+        self.inner.allocated_size()
+    }
+}
+
+/// An L1 table naming thousands of L2 tables past the end of the file (a fuzzer's slow
+/// input): each is reported, and walked as zeroes without a read of the file for it.
+#[test]
+fn walker_reads_no_l2_table_past_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("far.qcow2");
+    let f = p.to_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            f,
+            "1G",
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 7 0 4k", f]);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let h = super::read_header(&FaultStorage::with_content(bytes.clone())).unwrap();
+    let l1 = h.l1_table_offset as usize;
+    let far: usize = 400;
+    for i in 1..=far {
+        let e = (1u64 << 40) + (i as u64) * 4096;
+        bytes[l1 + 8 * i..l1 + 8 * i + 8].copy_from_slice(&e.to_be_bytes());
+    }
+    let storage = Arc::new(PastEndReads {
+        inner: FaultStorage::with_content(bytes),
+        count: Default::default(),
+    });
+    let h = super::read_header(&*storage).unwrap();
+    let mut m = Meta::load(storage.clone(), h, true).unwrap();
+    let beyond = visits(&mut m)
+        .iter()
+        .filter(|v| matches!(v, Visit::Finding(Finding::BeyondEnd { .. })))
+        .count();
+    assert_eq!(beyond, far);
+    assert_eq!(storage.count.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
