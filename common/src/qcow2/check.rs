@@ -379,7 +379,9 @@ impl Meta {
                 }
             }
             let mut dirty = Vec::new();
-            let table = self.l2_table_bytes(l2, file_len)?;
+            let Some(table) = self.l2_table_bytes(l2, file_len)? else {
+                continue;
+            };
             for j in 0..g.l2_entries() as usize {
                 let e = decode_entry(&table, j, g.extended_l2);
                 let data = e.word & OFFSET_MASK;

@@ -424,22 +424,27 @@ impl Meta {
 
     /// The bytes of the L2 table at `off`: the cached copy where there is one (a table
     /// not yet written back is seen as it is), else straight from the file (zeroes past
-    /// its end, without a read when it starts there: a hostile L1 can name thousands of
-    /// such tables) without filling the cache, which a walk over every table would flush
-    /// of the working set and grow to its bound (QEMU's check reads them aside too).
-    pub(super) fn l2_table_bytes(&mut self, off: HostOffset, file_len: u64) -> Result<Vec<u8>> {
+    /// its end) without filling the cache, which a walk over every table would flush of
+    /// the working set and grow to its bound (QEMU's check reads them aside too). `None`
+    /// for a table that starts past the end (all zeroes, nothing in it), without a read:
+    /// a hostile L1 can name thousands of those.
+    pub(super) fn l2_table_bytes(
+        &mut self,
+        off: HostOffset,
+        file_len: u64,
+    ) -> Result<Option<Vec<u8>>> {
         if let Some(cached) = self.l2.peek(off.0) {
-            return Ok(cached.to_vec());
+            return Ok(Some(cached.to_vec()));
+        }
+        if off.0 >= file_len {
+            return Ok(None);
         }
         let mut buf = vec![0u8; self.geo().cluster_size() as usize];
-        if off.0 >= file_len {
-            return Ok(buf);
-        }
         io(
             "Could not read L2 table",
             self.storage().read_at(&mut buf, off.0),
         )?;
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// The entries of the table at `off`, which L1 entry `index` points at; `mode` is
@@ -454,11 +459,16 @@ impl Meta {
     ) -> Result<Flow> {
         let (file_len, uses) = mode;
         let g = self.geo();
-        let bytes = self.l2_table_bytes(off, file_len)?;
+        let Some(bytes) = self.l2_table_bytes(off, file_len)? else {
+            return Ok(Flow::Continue);
+        };
         let first = g.first_cluster_of_l1(index);
         let cs = g.cluster_size();
         for i in 0..g.l2_entries() as usize {
             let e = decode_entry(&bytes, i, g.extended_l2);
+            if e.word == 0 && e.bitmap == 0 {
+                continue;
+            }
             let offset = e.word & OFFSET_MASK;
             let compressed = e.word & COMPRESSED != 0;
             let mut findings = Vec::new();
