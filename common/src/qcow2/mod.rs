@@ -288,6 +288,29 @@ impl Qcow2Image {
         self.meta().check(fix)
     }
 
+    /// Copy `len` bytes at `from_offset` of `from` to guest `offset`, the kernel moving
+    /// the bytes into the clusters they land in (convert's copy offloading). `Ok(false)`
+    /// where it cannot (the image file is not a plain file, or its data lives apart), for
+    /// the caller to write instead.
+    pub fn copy_in(
+        &self,
+        from: &std::fs::File,
+        from_offset: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        crate::driver::check_range(offset, len, self.size())?;
+        if self.external_data || self.storage.file().is_none() {
+            return Ok(false);
+        }
+        self.before_guest_write(offset, len)?;
+        self.copy_in_impl(from, from_offset, offset, len)?;
+        Ok(true)
+    }
+
     /// Flush and mark the image clean (clears the dirty bit of lazy-refcount images).
     /// Writes recorded for persistent bitmaps are stored into them first.
     pub fn close(&self) -> Result<()> {

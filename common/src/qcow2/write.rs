@@ -5,6 +5,8 @@
 //! it, then takes the lock again to point the L2 entries at the new clusters. Other
 //! requests for guest clusters in flight wait until the mapping is settled.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::MutexGuard;
 
 use super::entry::{CompressedRun, Kind, L2Entry, ALL_ALLOCATED, COPIED, ZERO};
@@ -13,6 +15,7 @@ use super::units::{ClusterCount, GuestCluster, GuestOffset, HostOffset};
 use super::Qcow2Image;
 use crate::error::{io, Result};
 use crate::iovec::{self, IoBuf, IoBufMut};
+use crate::storage::{copy_between, Storage};
 
 /// Largest run of whole clusters one allocating write takes at once.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -40,6 +43,76 @@ struct CowPlan {
     buf_len: usize,
 }
 
+/// Where the bytes of a guest write come from.
+enum Payload<'a, 'b> {
+    Bufs(iovec::Front<'a, IoBuf<'b>>),
+    /// `left` bytes of a file from `at` (convert's copy offloading).
+    File {
+        from: &'a File,
+        at: u64,
+        left: u64,
+    },
+}
+
+/// Bytes taken off a [`Payload`] for a copy-on-write.
+enum Taken<'b> {
+    Bufs(Vec<IoBuf<'b>>),
+    Read(Vec<u8>),
+}
+
+impl Taken<'_> {
+    fn bufs(&self) -> Vec<IoBuf<'_>> {
+        match self {
+            Taken::Bufs(b) => b.clone(),
+            Taken::Read(v) => vec![IoBuf::from(&v[..])],
+        }
+    }
+}
+
+impl<'b> Payload<'_, 'b> {
+    fn remaining(&self) -> u64 {
+        match self {
+            Payload::Bufs(f) => f.remaining() as u64,
+            Payload::File { left, .. } => *left,
+        }
+    }
+
+    /// Write the next `n` bytes at `host` of `storage`: by the kernel from a file where
+    /// both files allow it, else through a buffer.
+    fn put(&mut self, storage: &dyn Storage, host: u64, n: u64) -> Result<()> {
+        if let Payload::File { from, at, left } = self {
+            if let Some(to) = storage.file() {
+                let copied = copy_between(from, *at, to, host, n);
+                if io("Could not write image data", copied)? {
+                    (*at, *left) = (*at + n, *left - n);
+                    return Ok(());
+                }
+            }
+        }
+        let bytes = self.take(n)?;
+        io(
+            "Could not write image data",
+            storage.write_vectored_at(&bytes.bufs(), host),
+        )
+    }
+
+    /// The next `n` bytes, read in from a file.
+    fn take(&mut self, n: u64) -> Result<Taken<'b>> {
+        match self {
+            Payload::Bufs(f) => Ok(Taken::Bufs(f.take(n as usize))),
+            Payload::File { from, at, left } => {
+                let mut v = vec![0u8; n as usize];
+                io(
+                    "Could not read source data",
+                    from.read_exact_at(&mut v, *at),
+                )?;
+                (*at, *left) = (*at + n, *left - n);
+                Ok(Taken::Read(v))
+            }
+        }
+    }
+}
+
 impl Qcow2Image {
     /// Lock the metadata once no allocation is in flight for guest clusters `gc..gc + n`.
     pub(super) fn meta_settled(&self, gc: GuestCluster, n: u64) -> MutexGuard<'_, Meta> {
@@ -56,31 +129,45 @@ impl Qcow2Image {
     }
 
     pub(super) fn write_impl(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        self.write_payload(Payload::Bufs(iovec::Front::new(bufs)), offset)
+    }
+
+    /// Copy `len` bytes at `at` of `from` to guest `offset`, the kernel moving the bytes
+    /// wherever whole clusters go (convert's copy offloading); a partial cluster is read
+    /// in and written as any write.
+    pub(super) fn copy_in_impl(&self, from: &File, at: u64, offset: u64, len: u64) -> Result<()> {
+        self.write_payload(
+            Payload::File {
+                from,
+                at,
+                left: len,
+            },
+            offset,
+        )
+    }
+
+    fn write_payload(&self, mut data: Payload<'_, '_>, offset: u64) -> Result<()> {
         let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        let total = iovec::total_len(bufs);
-        let mut front = iovec::Front::new(bufs);
-        while front.remaining() > 0 {
-            let left = front.remaining() as u64;
-            let pos = offset + (total as u64 - left);
+        let total = data.remaining();
+        while data.remaining() > 0 {
+            let left = data.remaining();
+            let pos = offset + (total - left);
             let mut m = self.meta_settled(self.geo().guest_cluster(GuestOffset(pos)), 1);
             let cs = m.geo().cluster_size();
             let n = (cs - pos % cs).min(left);
             if let Some(host) = Self::overwrite_in_place(&mut m, pos, n)? {
                 let n = Self::extend_in_place(&mut m, pos + n, host + n, left - n)? + n;
                 drop(m);
-                let data = front.take(n as usize);
-                io(
-                    "Could not write image data",
-                    self.storage.write_vectored_at(&data, host),
-                )?;
+                data.put(&*self.storage, host, n)?;
                 continue;
             }
             if pos.is_multiple_of(cs) && left >= cs {
-                self.write_whole_clusters(m, pos, &mut front)?;
+                self.write_whole_clusters(m, pos, &mut data)?;
             } else {
                 let plan = self.plan_cow(&mut m, pos, n)?;
                 drop(m);
-                self.run_cow(plan, &front.take(n as usize), pos)?;
+                let bytes = data.take(n)?;
+                self.run_cow(plan, &bytes.bufs(), pos)?;
             }
         }
         Ok(())
@@ -142,12 +229,12 @@ impl Qcow2Image {
         &self,
         mut m: MutexGuard<'_, Meta>,
         pos: u64,
-        data: &mut iovec::Front<'_, IoBuf<'_>>,
+        data: &mut Payload<'_, '_>,
     ) -> Result<()> {
         let g = m.geo();
         let cs = g.cluster_size();
         let gc = g.guest_cluster(GuestOffset(pos));
-        let max = (data.remaining() as u64 / cs)
+        let max = (data.remaining() / cs)
             .min(MAX_RUN_BYTES / cs)
             .min(g.l2_entries() - g.l2_index(gc) as u64)
             .max(1);
@@ -166,11 +253,7 @@ impl Qcow2Image {
         m.inflight.add(gc, k);
         drop(m);
         let host = g.host_offset(first).0;
-        let wrote = io(
-            "Could not write image data",
-            self.storage
-                .write_vectored_at(&data.take((k * cs) as usize), host),
-        );
+        let wrote = data.put(&*self.storage, host, k * cs);
         let mut m = self.meta();
         let mut result = wrote;
         if result.is_ok() {

@@ -283,10 +283,11 @@ impl Shared<'_> {
                 buf.clear();
                 buf.resize(len, 0);
             }
-            // The kernel copies into raw files; into other formats the data is written
-            // whole, as QEMU's copy offloading into qcow2 leaves it.
+            // The kernel copies into raw files and into qcow2's clusters, as QEMU's copy
+            // offloading does.
             Kind::Data
-                if self.offload.load(Ordering::Relaxed) && self.target.format() == Format::Raw =>
+                if self.offload.load(Ordering::Relaxed)
+                    && matches!(self.target.format(), Format::Raw | Format::Qcow2) =>
             {
                 return Ok(vec![Op::Offload {
                     offset: c.offset,
@@ -333,14 +334,10 @@ impl Shared<'_> {
                     }
                 }
             }
-            _ if plan.min_sparse == 0
-                || (c.kind == Kind::Data && self.offload.load(Ordering::Relaxed)) =>
-            {
-                ops.push(Op::Write {
-                    offset: c.offset,
-                    data: 0..len,
-                })
-            }
+            _ if plan.min_sparse == 0 => ops.push(Op::Write {
+                offset: c.offset,
+                data: 0..len,
+            }),
             _ => self.split_zero_runs(c.offset, &buf[..len], &mut ops),
         }
         Ok(ops)
