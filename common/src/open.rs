@@ -115,15 +115,24 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
+            Image::Vmdk(v) => BlockDriver::backing_ref(v),
         }
     }
 
     /// Attach the opened layer below. Only formats that name a backing file get one.
-    fn set_backing(&mut self, below: Box<dyn BlockDriver>) {
-        if let Image::Qcow2(q) = self {
-            q.set_backing(below);
+    fn set_backing(&mut self, below: Image) {
+        match self {
+            Image::Qcow2(q) => q.set_backing(below.into_driver()),
+            Image::Vmdk(v) => {
+                let cid = match &below {
+                    Image::Vmdk(p) => Some(p.cid()),
+                    _ => None,
+                };
+                v.set_backing(below.into_driver(), cid);
+            }
+            _ => {}
         }
     }
 }
@@ -223,7 +232,7 @@ impl Chain {
         }
         let mut image = layers.pop().expect("the chain has its top layer");
         while let Some(mut above) = layers.pop() {
-            above.set_backing(image.into_driver());
+            above.set_backing(image);
             image = above;
         }
         Ok(image)

@@ -83,7 +83,7 @@ impl Image {
             Image::Vmdk(v) => Ok(FormatInfo {
                 cluster_size: v.cluster_size(),
                 dirty: false,
-                backing: None,
+                backing: self.backing_ref(),
                 specific: Some(FormatSpecific::Vmdk(v.info())),
             }),
             Image::Vpc(v) => Ok(FormatInfo {

@@ -95,22 +95,6 @@ impl Qcow2Image {
         })
     }
 
-    /// Read guest bytes at `pos` that this layer does not have: from the backing file
-    /// (zeroes past its end), or zeroes without one.
-    pub(super) fn read_backing(&self, bufs: &[IoBufMut<'_>], pos: u64) -> Result<()> {
-        let len = iovec::total_len(bufs);
-        let avail = match &self.backing {
-            Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
-            None => 0,
-        };
-        let mut front = iovec::Front::new(bufs);
-        if let (Some(b), true) = (&self.backing, avail > 0) {
-            b.read_vectored_at(&front.take(avail), pos)?;
-        }
-        iovec::zero(&front.take(len - avail));
-        Ok(())
-    }
-
     /// The decompressed cluster stored at `run`, from a one-entry cache: small sequential
     /// reads of a compressed cluster decompress it once. The cache is dropped whenever
     /// freed clusters may become reusable (at flush), so it never outlives the data.
@@ -153,7 +137,9 @@ impl Qcow2Image {
             };
             let part = front.take(run.len as usize);
             match run.kind {
-                Kind::Unallocated => self.read_backing(&part, pos)?,
+                Kind::Unallocated => {
+                    crate::backing::read_below(self.backing.as_deref(), &part, pos)?
+                }
                 Kind::Zero { .. } => iovec::zero(&part),
                 Kind::Data { host } => io(
                     "Could not read image data",
@@ -207,17 +193,10 @@ impl Qcow2Image {
                 ..status(Allocation::Data, None)
             },
             Kind::Zero { host } => status(Allocation::Zero, host.map(|h| h.0)),
-            Kind::Unallocated => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    let mut s = b.block_status(offset, run.len.min(b.size() - offset))?;
-                    s.depth += 1;
-                    if s.allocation == Allocation::Unallocated {
-                        s.depth = 0;
-                    }
-                    s
-                }
-                _ => status(Allocation::Unallocated, run.reserved.map(|h| h.0)),
-            },
+            Kind::Unallocated => {
+                crate::backing::status_below(self.backing.as_deref(), offset, run.len)?
+                    .unwrap_or_else(|| status(Allocation::Unallocated, run.reserved.map(|h| h.0)))
+            }
         })
     }
 

@@ -413,7 +413,11 @@ impl Qcow2Image {
         for &(at, len, src) in &plan.fills {
             let dst = &mut buf[at..at + len];
             match src {
-                Source::Backing(guest) => self.read_backing(&[IoBufMut::from(dst)], guest)?,
+                Source::Backing(guest) => crate::backing::read_below(
+                    self.backing.as_deref(),
+                    &[IoBufMut::from(dst)],
+                    guest,
+                )?,
                 Source::Zero => dst.fill(0),
                 Source::Host(host) => {
                     io("Could not read image data", self.storage.read_at(dst, host))?

@@ -63,6 +63,8 @@ pub struct VmdkCreateOptions {
     pub hw_version: String,
     pub tools_version: String,
     pub zeroed_grain: bool,
+    /// The parent image (`backing_file`, a vmdk), as its name is to be stored.
+    pub backing_file: Option<String>,
 }
 
 /// The checks QEMU makes while reading the options, in its order, and the options.
@@ -112,11 +114,6 @@ pub fn from_values(size: u64, values: &dyn OptionValues) -> Result<VmdkCreateOpt
             "Flat image can't enable zeroed grain".into(),
         ));
     }
-    if backing_file.is_some() {
-        return Err(Error::Unsupported(
-            "vmdk images with a backing file are not supported".into(),
-        ));
-    }
     Ok(VmdkCreateOptions {
         size,
         subformat,
@@ -124,6 +121,7 @@ pub fn from_values(size: u64, values: &dyn OptionValues) -> Result<VmdkCreateOpt
         hw_version: hw_version.to_string(),
         tools_version: toolsversion.unwrap_or("2147483647").to_string(),
         zeroed_grain,
+        backing_file: backing_file.map(str::to_string),
     })
 }
 
@@ -197,6 +195,22 @@ fn new_file(path: &Path) -> Result<FileStorage> {
     Ok(s)
 }
 
+/// The CID of the parent `backing` (named as stored in the new image at `path`), which
+/// must open as a vmdk.
+fn parent_cid(path: &Path, backing: &str) -> Result<u32> {
+    let opts = crate::open::OpenOptions {
+        read_only: true,
+        format: Some(crate::format::Format::Vmdk),
+        no_backing: true,
+        ..Default::default()
+    };
+    let at = crate::backing::resolve_backing_path(path, backing);
+    match crate::open::open_image(&at, &opts)? {
+        crate::open::Image::Vmdk(v) => Ok(v.cid()),
+        _ => Err(Error::invalid("backing_file must be a vmdk image")),
+    }
+}
+
 /// Create (or overwrite) a VMDK whose descriptor is at `path`.
 pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
     let name = path.to_string_lossy();
@@ -207,6 +221,10 @@ pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
     let (prefix, postfix) = match base.rfind('.') {
         Some(i) => (&base[..i], &base[i..]),
         None => (base, ""),
+    };
+    let parent = match &o.backing_file {
+        Some(b) => Some((b.as_str(), parent_cid(path, b)?)),
+        None => None,
     };
     let sub = o.subformat;
     let main = new_file(path)?;
@@ -257,9 +275,13 @@ pub fn create_vmdk(path: &Path, o: &VmdkCreateOptions) -> Result<()> {
     let heads: u64 = if o.adapter_type == "ide" { 16 } else { 255 };
     let mut cid = [0u8; 4];
     cid.copy_from_slice(&crate::uuid::random_v4()?[..4]);
+    let (parent_cid, parent_line) = match parent {
+        Some((name, cid)) => (cid, format!("parentFileNameHint=\"{name}\"")),
+        None => (u32::MAX, String::new()),
+    };
     let desc = format!(
-        "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID=ffffffff\ncreateType=\"{}\"\n\n\
-         # Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\n\
+        "# Disk DescriptorFile\nversion=1\nCID={:x}\nparentCID={parent_cid:x}\ncreateType=\"{}\"\n\
+         {parent_line}\n# Extent description\n{lines}\n# The Disk Data Base\n#DDB\n\n\
          ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{}\"\n\
          ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\n\
          ddb.adapterType = \"{}\"\nddb.toolsVersion = \"{}\"\n",

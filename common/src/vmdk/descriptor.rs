@@ -73,6 +73,23 @@ pub fn read_cid(desc: &[u8], parent: bool) -> Result<u32> {
         .ok_or_else(einval)
 }
 
+/// The parent image the descriptor names (`parentFileNameHint`), as QEMU's
+/// `vmdk_parent_open` reads it: the name starts 20 bytes after the key (past `="`) and runs
+/// to the next quote; no closing quote, or a name of 4096 bytes or more, is EINVAL.
+pub fn parent_hint(desc: &[u8]) -> Result<Option<String>> {
+    let text = c_text(&desc[..desc.len().min(DESC_SIZE - 1)]);
+    let key: &[u8] = b"parentFileNameHint";
+    let Some(at) = find(text, key) else {
+        return Ok(None);
+    };
+    let name = text.get(at + key.len() + 2..).unwrap_or(&[]);
+    let end = name.iter().position(|&b| b == b'"').ok_or_else(einval)?;
+    if end >= 4096 {
+        return Err(einval());
+    }
+    Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+}
+
 /// The descriptor sector run `desc` with its CID replaced by `cid`, as QEMU's
 /// `vmdk_write_cid` edits its buffer: the text after the first "CID=" becomes the new
 /// hex number, a newline, and the text from "parentCID" on (bytes past the new end stay).
@@ -304,5 +321,16 @@ mod tests {
         let err = extents(b"RW 10 FLAT \"a\"\n").unwrap_err();
         assert_eq!(err.to_string(), "Invalid extent line: RW 10 FLAT \"a\"");
         assert!(extents(b"RW 10 SPARSE \"a\" 5\n").is_err());
+    }
+
+    #[test]
+    fn parent_hint_as_qemu_reads_it() {
+        let d = b"CID=1\nparentCID=2\nparentFileNameHint=\"../base.vmdk\"\n";
+        assert_eq!(parent_hint(d).unwrap().as_deref(), Some("../base.vmdk"));
+        assert_eq!(parent_hint(b"CID=1\nparentCID=ffffffff\n").unwrap(), None);
+        // No closing quote, or a name too long for QEMU's buffer.
+        assert!(parent_hint(b"parentFileNameHint=\"base.vmdk\n").is_err());
+        let long = format!("parentFileNameHint=\"{}\"", "a".repeat(4096));
+        assert!(parent_hint(long.as_bytes()).is_err());
     }
 }

@@ -17,6 +17,7 @@ pub mod stream;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::backing::BackingRef;
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
 use crate::error::{Error, Result};
 use crate::iovec::{self, IoBuf, IoBufMut};
@@ -93,6 +94,10 @@ pub struct VmdkImage {
     /// Whether this open already gave the descriptor a new CID (QEMU does on the first
     /// write of every open, so tools comparing CIDs see the change); held while doing it.
     cid_updated: std::sync::Mutex<bool>,
+    /// The parent image the descriptor names (`parentFileNameHint`).
+    parent: Option<String>,
+    /// The parent, once the chain opener attached it, and its CID if it is a vmdk.
+    backing: Option<(Box<dyn BlockDriver>, Option<u32>)>,
 }
 
 fn file_len(s: &dyn Storage) -> Result<u64> {
@@ -146,14 +151,7 @@ impl VmdkImage {
             desc_offset,
             "Could not read the descriptor",
         )?;
-        if descriptor::c_text(&desc)
-            .windows(18)
-            .any(|w| w == b"parentFileNameHint")
-        {
-            return Err(Error::Unsupported(
-                "vmdk images with a parent (parentFileNameHint) are not supported".into(),
-            ));
-        }
+        let parent = descriptor::parent_hint(&desc)?;
         let cid = descriptor::read_cid(&desc, false)?;
         let parent_cid = descriptor::read_cid(&desc, true)?;
         if o.extents.is_empty() {
@@ -170,7 +168,38 @@ impl VmdkImage {
             parent_cid,
             desc_offset,
             cid_updated: std::sync::Mutex::new(false),
+            parent,
+            backing: None,
         })
+    }
+
+    /// The image's CID (`info`'s `cid`; an overlay's parent CID names it).
+    pub fn cid(&self) -> u32 {
+        self.cid
+    }
+
+    /// Attach the parent image; `parent_cid` is its CID when it is a vmdk.
+    pub fn set_backing(&mut self, below: Box<dyn BlockDriver>, parent_cid: Option<u32>) {
+        self.backing = Some((below, parent_cid));
+    }
+
+    fn below(&self) -> Option<&dyn BlockDriver> {
+        self.backing.as_ref().map(|(b, _)| &**b)
+    }
+
+    /// Read what an unallocated grain shows from the parent, which must still be the
+    /// image this one was made over: a vmdk whose CID is our parent CID (else EINVAL,
+    /// as QEMU's `vmdk_is_cid_valid`).
+    fn read_parent(&self, part: &[IoBufMut<'_>], pos: u64) -> Result<()> {
+        if let Some((_, cid)) = &self.backing {
+            if *cid != Some(self.parent_cid) {
+                return Err(Error::io(
+                    "Failed to read",
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            }
+        }
+        crate::backing::read_below(self.below(), part, pos)
     }
 
     /// Give the descriptor a new random CID once per open, before the first write, as
@@ -300,7 +329,8 @@ impl VmdkImage {
                 compressed,
                 marker,
             } => match tables.lookup(&*e.file, rel)? {
-                Grain::Unallocated | Grain::Zeroed => {
+                Grain::Unallocated => self.read_parent(part, e.start + rel),
+                Grain::Zeroed => {
                     iovec::zero(part);
                     Ok(())
                 }
@@ -355,10 +385,17 @@ impl VmdkImage {
             return self.write_grain_compressed(e, rel, &data, None);
         }
         loop {
-            if let Grain::At(h) = tables.lookup(&*e.file, rel)? {
+            let grain = tables.lookup(&*e.file, rel)?;
+            if let Grain::At(h) = grain {
                 return e.file.write_vectored_at(part, h + rel % g).map_err(io);
             }
+            // A new grain starts as what it showed: the parent's bytes (QEMU copies them
+            // without the CID check its reads make), or zeroes.
             let mut whole = vec![0u8; g as usize];
+            if grain == Grain::Unallocated {
+                let start = e.start + rel - rel % g;
+                crate::backing::read_below(self.below(), &[(&mut whole[..]).into()], start)?;
+            }
             let mut at = (rel % g) as usize;
             for b in part {
                 b.copy_to(&mut whole[at..at + b.len()]);
@@ -444,9 +481,12 @@ impl VmdkImage {
             let (e, rel, n) = self.piece(pos, end);
             let allocated = match &e.kind {
                 Kind::Flat { .. } => true,
-                Kind::Sparse { tables, .. } => {
-                    matches!(tables.lookup(&*e.file, rel)?, Grain::At(_))
-                }
+                // Unallocated shows the parent, if any: zeroes must be written there.
+                Kind::Sparse { tables, .. } => match tables.lookup(&*e.file, rel)? {
+                    Grain::At(_) => true,
+                    Grain::Unallocated => self.backing.is_some(),
+                    Grain::Zeroed => false,
+                },
             };
             if allocated {
                 let zeros = vec![0u8; n as usize];
@@ -565,7 +605,8 @@ impl BlockDriver for VmdkImage {
             run += g.min(end.min(extent_end) - (offset + run));
         }
         Ok(match first {
-            Grain::Unallocated => status(Allocation::Unallocated, run, None, false),
+            Grain::Unallocated => crate::backing::status_below(self.below(), offset, run)?
+                .unwrap_or_else(|| status(Allocation::Unallocated, run, None, false)),
             Grain::Zeroed => status(Allocation::Zero, run, None, false),
             Grain::At(_) if *compressed => status(Allocation::Data, run, None, true),
             Grain::At(h) => status(Allocation::Data, run, Some(h + rel % g), false),
@@ -576,6 +617,18 @@ impl BlockDriver for VmdkImage {
         self.cluster_size().map(|c| Clusters {
             cluster: c,
             subcluster: c,
+        })
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDriver> {
+        self.below()
+    }
+
+    fn backing_ref(&self) -> Option<BackingRef> {
+        // QEMU opens a vmdk's parent as a vmdk, and reports that format.
+        self.parent.clone().map(|name| BackingRef {
+            name,
+            format: Some("vmdk".into()),
         })
     }
 
