@@ -1,6 +1,6 @@
 //! An NBD client connection: the fixed newstyle handshake (structured replies and
-//! `base:allocation` when the server has them, then NBD_OPT_GO), and requests sent one at a
-//! time with their replies checked against what was asked.
+//! `base:allocation` when the server has them, then NBD_OPT_GO), after which the
+//! connection becomes a [`Pipeline`] for the transmission phase.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
@@ -8,13 +8,12 @@ use std::os::unix::net::UnixStream;
 
 use super::consts::*;
 use super::handshake::{self, BlockSizes, Info, InfoRequest, MetaRequest, OptionRequest};
-use super::reply::{self, Extent, ReplyHeader};
-use super::request::Request;
+use super::pipeline::Pipeline;
 use super::uri::{Endpoint, NbdTarget};
 use crate::error::{Error, Result};
 
 /// A connected socket of either kind.
-enum Stream {
+pub(super) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
@@ -51,23 +50,22 @@ impl Write for Stream {
 }
 
 /// A protocol violation by the server, as an I/O error of kind `InvalidData`.
-fn broken(msg: impl Into<String>) -> io::Error {
+pub(super) fn broken(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
 /// An engine error from the handshake as an I/O error.
-fn to_io(e: Error) -> io::Error {
+pub(super) fn to_io(e: Error) -> io::Error {
     match e {
         Error::Io { source, .. } => source,
         e => broken(e.to_string()),
     }
 }
 
-/// One connection in the transmission phase.
+/// One connection during the handshake.
 pub struct Client {
     r: BufReader<Stream>,
     w: BufWriter<Stream>,
-    cookie: u64,
     /// Export size in bytes.
     pub size: u64,
     /// Transmission flags.
@@ -99,7 +97,6 @@ impl Client {
         let mut c = Client {
             r: BufReader::new(stream),
             w: BufWriter::with_capacity(64 << 10, clone),
-            cookie: 0,
             size: 0,
             flags: 0,
             base_allocation: None,
@@ -220,186 +217,8 @@ impl Client {
             .map_err(|e| Error::io("sending to the NBD server", e))
     }
 
-    /// Send a request (and a write's payload); its cookie.
-    fn request(
-        &mut self,
-        command: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> io::Result<u64> {
-        self.cookie += 1;
-        let req = Request {
-            flags,
-            command,
-            cookie: self.cookie,
-            offset,
-            len,
-        };
-        self.w.write_all(&req.encode())?;
-        self.w.write_all(data)?;
-        self.w.flush()?;
-        Ok(self.cookie)
-    }
-
-    /// The reply header of request `cookie`, and for a chunk its payload length.
-    fn reply_head(&mut self, cookie: u64) -> io::Result<(ReplyHeader, u32)> {
-        let mut head = [0u8; 16];
-        self.r.read_exact(&mut head)?;
-        let h = reply::decode_reply(&head).map_err(to_io)?;
-        let (got, len) = match h {
-            ReplyHeader::Simple { cookie, .. } => (cookie, 0),
-            ReplyHeader::Chunk { cookie, .. } => {
-                let mut tail = [0u8; 4];
-                self.r.read_exact(&mut tail)?;
-                (cookie, reply::chunk_len(tail).map_err(to_io)?)
-            }
-        };
-        if got != cookie {
-            return Err(broken(format!(
-                "reply for request {got}, expected {cookie}"
-            )));
-        }
-        Ok((h, len))
-    }
-
-    /// A chunk's payload, `len` bytes (already checked against the limit).
-    fn payload(&mut self, len: u32) -> io::Result<Vec<u8>> {
-        let mut v = vec![0u8; len as usize];
-        self.r.read_exact(&mut v)?;
-        Ok(v)
-    }
-
-    /// An error chunk's payload as the error it reports.
-    fn chunk_error(&mut self, len: u32) -> io::Error {
-        match self.payload(len) {
-            Ok(data) => match reply::decode_error(&data) {
-                Ok((errno, _)) => io::Error::from_raw_os_error(errno as i32),
-                Err(e) => to_io(e),
-            },
-            Err(e) => e,
-        }
-    }
-
-    /// A command answered with success or an error.
-    pub fn command(
-        &mut self,
-        command: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> io::Result<()> {
-        let cookie = self.request(command, flags, offset, len, data)?;
-        let mut result = Ok(());
-        loop {
-            let (h, len) = self.reply_head(cookie)?;
-            match h {
-                ReplyHeader::Simple { error: 0, .. } => return result,
-                ReplyHeader::Simple { error, .. } => {
-                    return Err(io::Error::from_raw_os_error(error as i32))
-                }
-                ReplyHeader::Chunk { flags, kind, .. } => {
-                    if kind & (1 << 15) != 0 {
-                        result = Err(self.chunk_error(len));
-                    } else {
-                        self.payload(len)?;
-                    }
-                    if flags & REPLY_FLAG_DONE != 0 {
-                        return result;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Read `buf.len()` (at most `max_payload`) bytes at `offset`.
-    pub fn read(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let cookie = self.request(CMD_READ, 0, offset, buf.len() as u32, &[])?;
-        let mut result = Ok(());
-        loop {
-            let (h, len) = self.reply_head(cookie)?;
-            let (flags, kind) = match h {
-                ReplyHeader::Simple { error: 0, .. } => return self.r.read_exact(buf),
-                ReplyHeader::Simple { error, .. } => {
-                    return Err(io::Error::from_raw_os_error(error as i32))
-                }
-                ReplyHeader::Chunk { flags, kind, .. } => (flags, kind),
-            };
-            let within = |at: u64, n: u64| -> io::Result<usize> {
-                match at.checked_sub(offset) {
-                    Some(rel) if rel + n <= buf.len() as u64 => Ok(rel as usize),
-                    _ => Err(broken("read reply chunk outside the request")),
-                }
-            };
-            match kind {
-                REPLY_TYPE_OFFSET_DATA if len >= 8 => {
-                    let mut at = [0u8; 8];
-                    self.r.read_exact(&mut at)?;
-                    let n = (len - 8) as usize;
-                    let rel = within(u64::from_be_bytes(at), n as u64)?;
-                    self.r.read_exact(&mut buf[rel..rel + n])?;
-                }
-                REPLY_TYPE_OFFSET_HOLE if len == 12 => {
-                    let data = self.payload(len)?;
-                    let at = u64::from_be_bytes(data[..8].try_into().unwrap());
-                    let n = u32::from_be_bytes(data[8..].try_into().unwrap()) as usize;
-                    let rel = within(at, n as u64)?;
-                    buf[rel..rel + n].fill(0);
-                }
-                REPLY_TYPE_NONE if len == 0 => {}
-                k if k & (1 << 15) != 0 => result = Err(self.chunk_error(len)),
-                k => return Err(broken(format!("unexpected read reply chunk type {k}"))),
-            }
-            if flags & REPLY_FLAG_DONE != 0 {
-                return result;
-            }
-        }
-    }
-
-    /// `base:allocation` descriptors from `offset` over at most `len` bytes.
-    pub fn block_status(&mut self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        let Some(id) = self.base_allocation else {
-            return Ok(vec![Extent { len, flags: 0 }]);
-        };
-        let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
-        let mut extents = Vec::new();
-        let mut result = Ok(());
-        loop {
-            let (h, n) = self.reply_head(cookie)?;
-            let (flags, kind) = match h {
-                ReplyHeader::Simple { error, .. } if error != 0 => {
-                    return Err(io::Error::from_raw_os_error(error as i32))
-                }
-                ReplyHeader::Simple { .. } => return Err(broken("block status without chunks")),
-                ReplyHeader::Chunk { flags, kind, .. } => (flags, kind),
-            };
-            match kind {
-                REPLY_TYPE_BLOCK_STATUS => {
-                    let data = self.payload(n)?;
-                    let (ctx, ext) = reply::decode_block_status(&data).map_err(to_io)?;
-                    if ctx == id {
-                        extents = ext;
-                    }
-                }
-                k if k & (1 << 15) != 0 => result = Err(self.chunk_error(n)),
-                _ => {
-                    self.payload(n)?;
-                }
-            }
-            if flags & REPLY_FLAG_DONE != 0 {
-                result?;
-                if extents.is_empty() || extents.iter().any(|e| e.len == 0) {
-                    return Err(broken("block status reply without usable extents"));
-                }
-                return Ok(extents);
-            }
-        }
-    }
-
-    /// Say goodbye (NBD_CMD_DISC); the server sends no reply.
-    pub fn disconnect(&mut self) {
-        let _ = self.request(CMD_DISC, 0, 0, 0, &[]);
+    /// The transmission phase: requests in flight from many threads at once.
+    pub fn into_pipeline(self) -> Pipeline {
+        Pipeline::new(self.r, self.w, self.base_allocation)
     }
 }

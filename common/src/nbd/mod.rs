@@ -7,6 +7,7 @@ pub mod client;
 pub mod consts;
 pub mod fields;
 pub mod handshake;
+pub mod pipeline;
 pub mod reply;
 pub mod request;
 pub mod storage;

@@ -1,19 +1,19 @@
-//! An NBD export as [`Storage`]: every format works over it. Requests go one at a time
-//! over one connection; holes come from `base:allocation`, as qemu-img sees them.
+//! An NBD export as [`Storage`]: every format works over it. Requests from many threads
+//! are in flight at once on one connection ([`Pipeline`]); holes come from
+//! `base:allocation`, as qemu-img sees them.
 
 use std::io;
-use std::sync::Mutex;
 
 use super::client::Client;
 use super::consts::*;
+use super::pipeline::Pipeline;
 use super::uri::NbdTarget;
 use crate::error::Result;
 use crate::storage::Storage;
 
 /// An open NBD export.
 pub struct NbdStorage {
-    /// `None` once the connection broke: the stream is out of step with the replies.
-    client: Mutex<Option<Client>>,
+    conn: Pipeline,
     size: u64,
     flags: u16,
     max: u32,
@@ -27,40 +27,13 @@ impl NbdStorage {
             size: client.size,
             flags: client.flags,
             max: client.max_payload,
-            client: Mutex::new(Some(client)),
+            conn: client.into_pipeline(),
         })
     }
 
     /// Whether the server exports read-only.
     pub fn read_only(&self) -> bool {
         self.flags & FLAG_READ_ONLY != 0
-    }
-
-    /// Run `f` on the connection; a failure of the connection itself (not an error the
-    /// server reported for the request) closes it for good.
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> io::Result<T>) -> io::Result<T> {
-        let mut guard = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(client) = guard.as_mut() else {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "Connection to the NBD server was lost",
-            ));
-        };
-        match f(client) {
-            Err(e) if !reported_by_server(&e) => {
-                *guard = None;
-                Err(match e.kind() {
-                    io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionReset => io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "Connection to the NBD server was lost",
-                    ),
-                    _ => e,
-                })
-            }
-            r => r,
-        }
     }
 
     /// Split `len` bytes at `offset` into requests of at most `max` bytes.
@@ -80,22 +53,9 @@ impl NbdStorage {
     }
 }
 
-/// Whether `e` is an error number the server sent for a request (the connection is
-/// still in step), as opposed to a broken connection.
-fn reported_by_server(e: &io::Error) -> bool {
-    let nbd = [
-        EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN,
-    ];
-    e.kind() != io::ErrorKind::InvalidData
-        && e.raw_os_error().is_some_and(|n| nbd.contains(&(n as u32)))
-}
-
 impl Drop for NbdStorage {
     fn drop(&mut self) {
-        let _ = self.with(|c| {
-            c.disconnect();
-            Ok(())
-        });
+        self.conn.disconnect();
     }
 }
 
@@ -104,14 +64,12 @@ impl Storage for NbdStorage {
         // Past the end reads as zeroes.
         let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[inside..].fill(0);
-        self.with(|c| {
-            let mut done = 0usize;
-            for (at, n) in self.pieces(offset, inside as u64, u64::from(self.max)) {
-                c.read(&mut buf[done..done + n as usize], at)?;
-                done += n as usize;
-            }
-            Ok(())
-        })
+        let mut done = 0usize;
+        for (at, n) in self.pieces(offset, inside as u64, u64::from(self.max)) {
+            self.conn.read(&mut buf[done..done + n as usize], at)?;
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -121,21 +79,20 @@ impl Storage for NbdStorage {
         {
             return Err(self.past_end());
         }
-        self.with(|c| {
-            let mut done = 0usize;
-            for (at, n) in self.pieces(offset, buf.len() as u64, u64::from(self.max)) {
-                c.command(CMD_WRITE, 0, at, n as u32, &buf[done..done + n as usize])?;
-                done += n as usize;
-            }
-            Ok(())
-        })
+        let mut done = 0usize;
+        for (at, n) in self.pieces(offset, buf.len() as u64, u64::from(self.max)) {
+            let data = &buf[done..done + n as usize];
+            self.conn.command(CMD_WRITE, 0, at, n as u32, data)?;
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
         if self.flags & FLAG_SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.with(|c| c.command(CMD_FLUSH, 0, 0, 0, &[]))
+        self.conn.command(CMD_FLUSH, 0, 0, 0, &[])
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -161,12 +118,10 @@ impl Storage for NbdStorage {
             }
             return Ok(());
         }
-        self.with(|c| {
-            for (at, n) in self.pieces(offset, len, 1 << 30) {
-                c.command(CMD_WRITE_ZEROES, 0, at, n as u32, &[])?;
-            }
-            Ok(())
-        })
+        for (at, n) in self.pieces(offset, len, 1 << 30) {
+            self.conn.command(CMD_WRITE_ZEROES, 0, at, n as u32, &[])?;
+        }
+        Ok(())
     }
 
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
@@ -177,7 +132,7 @@ impl Storage for NbdStorage {
         let mut at = offset;
         while at < self.size {
             let len = (self.size - at).min(1 << 31) as u32;
-            let extents = self.with(|c| c.block_status(at, len))?;
+            let extents = self.conn.block_status(at, len)?;
             let mut data_start = None;
             for e in extents.iter() {
                 let end = at + u64::from(e.len);

@@ -1,0 +1,540 @@
+//! Many requests in flight on one NBD connection, as QEMU's client keeps them. A thread
+//! registers its request, sends it under the send lock and waits; whichever waiter finds
+//! nobody reading takes the next reply message off the socket and hands it to the request
+//! it answers (chunks of structured replies to different requests may interleave), then
+//! passes the turn on. A broken connection fails every request in flight and every later
+//! one; an error the server reports fails only its request.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use super::client::{broken, to_io, Stream};
+use super::consts::*;
+use super::reply::{self, Extent, ReplyHeader};
+use super::request::Request;
+
+/// The connection's two directions and the requests waiting for replies.
+pub struct Pipeline {
+    tx: Mutex<Sender>,
+    rx: Mutex<BufReader<Stream>>,
+    state: Mutex<State>,
+    /// Signalled when a request is answered or the reading turn is free.
+    turn: Condvar,
+    base_allocation: Option<u32>,
+}
+
+struct Sender {
+    w: BufWriter<Stream>,
+    cookie: u64,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<u64, Slot>,
+    /// A waiter is reading a reply message.
+    reading: bool,
+    /// Why the connection broke; from then on every request fails.
+    lost: Option<(io::ErrorKind, String)>,
+}
+
+/// Where a request's reply goes.
+enum Want {
+    /// A read of `len` bytes at `offset`, whose data lands at `buf` (the waiting
+    /// caller's buffer, untouched by it until the request is done).
+    Read {
+        buf: *mut u8,
+        len: usize,
+        offset: u64,
+    },
+    /// `base:allocation` descriptors from context `id`.
+    Status {
+        id: u32,
+    },
+    Command,
+}
+
+struct Slot {
+    want: Want,
+    /// The error the server reported (the request still runs to its last chunk).
+    error: Option<io::Error>,
+    extents: Vec<Extent>,
+    done: bool,
+}
+
+// SAFETY: the raw buffer pointer of a `Want::Read` is written only by the thread holding
+// the reading turn, while its owner waits for the request to be done and touches nothing.
+unsafe impl Send for Slot {}
+
+/// One reply message: the request it answers, and whether it ends that request.
+struct Answer {
+    cookie: u64,
+    last: bool,
+    error: Option<io::Error>,
+    extents: Option<Vec<Extent>>,
+}
+
+fn lost_error(kind: io::ErrorKind, msg: &str) -> io::Error {
+    match kind {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::NotConnected => io::Error::new(
+            io::ErrorKind::NotConnected,
+            "Connection to the NBD server was lost",
+        ),
+        _ => io::Error::new(kind, msg.to_string()),
+    }
+}
+
+impl Pipeline {
+    /// The transmission phase on a negotiated connection.
+    pub(super) fn new(
+        r: BufReader<Stream>,
+        w: BufWriter<Stream>,
+        base_allocation: Option<u32>,
+    ) -> Pipeline {
+        Pipeline {
+            tx: Mutex::new(Sender { w, cookie: 0 }),
+            rx: Mutex::new(r),
+            state: Mutex::new(State::default()),
+            turn: Condvar::new(),
+            base_allocation,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read `buf.len()` (at most the export's largest payload) bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let want = Want::Read {
+            buf: buf.as_mut_ptr(),
+            len: buf.len(),
+            offset,
+        };
+        self.call(CMD_READ, 0, offset, buf.len() as u32, &[], want)
+            .map(drop)
+    }
+
+    /// A command answered with success or an error (a write sends `data`).
+    pub fn command(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
+        self.call(command, flags, offset, len, data, Want::Command)
+            .map(drop)
+    }
+
+    /// `base:allocation` descriptors from `offset` over at most `len` bytes (all data
+    /// when the server has no such context).
+    pub fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+        let Some(id) = self.base_allocation else {
+            return Ok(vec![Extent { len, flags: 0 }]);
+        };
+        self.call(CMD_BLOCK_STATUS, 0, offset, len, &[], Want::Status { id })
+    }
+
+    /// Say goodbye (NBD_CMD_DISC, which has no reply), unless the connection is gone.
+    pub fn disconnect(&self) {
+        if self.state().lost.is_none() {
+            let _ = self.send(CMD_DISC, 0, 0, 0, &[], None);
+        }
+    }
+
+    fn call(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        want: Want,
+    ) -> io::Result<Vec<Extent>> {
+        let cookie = self.send(command, flags, offset, len, data, Some(want))?;
+        self.wait(cookie)
+    }
+
+    /// Register (with `want`) and send a request; its cookie.
+    fn send(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        want: Option<Want>,
+    ) -> io::Result<u64> {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.cookie += 1;
+        let cookie = tx.cookie;
+        {
+            let mut st = self.state();
+            if let Some((kind, msg)) = &st.lost {
+                return Err(lost_error(*kind, msg));
+            }
+            if let Some(want) = want {
+                let slot = Slot {
+                    want,
+                    error: None,
+                    extents: Vec::new(),
+                    done: false,
+                };
+                st.slots.insert(cookie, slot);
+            }
+        }
+        let req = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        };
+        let sent =
+            tx.w.write_all(&req.encode())
+                .and_then(|()| tx.w.write_all(data))
+                .and_then(|()| tx.w.flush());
+        drop(tx);
+        if let Err(e) = sent {
+            let mut st = self.state();
+            self.lose(&mut st, &e);
+            st.slots.remove(&cookie);
+            return Err(lost_error(e.kind(), &e.to_string()));
+        }
+        Ok(cookie)
+    }
+
+    /// Wait for request `cookie` to be answered, reading replies while nobody else does.
+    fn wait(&self, cookie: u64) -> io::Result<Vec<Extent>> {
+        let mut st = self.state();
+        loop {
+            if st.slots.get(&cookie).is_none_or(|s| s.done) {
+                let slot = st
+                    .slots
+                    .remove(&cookie)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "request lost"))?;
+                return match slot.error {
+                    Some(e) => Err(e),
+                    None => Ok(slot.extents),
+                };
+            }
+            if st.reading {
+                st = self.turn.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.reading = true;
+            drop(st);
+            let answer = self.read_answer();
+            st = self.state();
+            st.reading = false;
+            match answer {
+                Ok(a) => Self::apply(&mut st, a),
+                Err(e) => self.lose(&mut st, &e),
+            }
+            self.turn.notify_all();
+        }
+    }
+
+    fn apply(st: &mut State, a: Answer) {
+        if let Some(slot) = st.slots.get_mut(&a.cookie) {
+            if a.error.is_some() {
+                slot.error = a.error;
+            }
+            if let Some(ext) = a.extents {
+                slot.extents = ext;
+            }
+            slot.done |= a.last;
+        }
+    }
+
+    /// The connection broke with `e`: every request in flight fails.
+    fn lose(&self, st: &mut State, e: &io::Error) {
+        if st.lost.is_none() {
+            st.lost = Some((e.kind(), e.to_string()));
+        }
+        let (kind, msg) = st.lost.clone().expect("set above");
+        for slot in st.slots.values_mut().filter(|s| !s.done) {
+            slot.error = Some(lost_error(kind, &msg));
+            slot.done = true;
+        }
+        self.turn.notify_all();
+    }
+
+    /// How request `cookie` wants its reply, copied out of its slot.
+    fn want_of(&self, cookie: u64) -> io::Result<WantCopy> {
+        let st = self.state();
+        match st.slots.get(&cookie) {
+            Some(s) if !s.done => Ok(match s.want {
+                Want::Read { buf, len, offset } => WantCopy::Read { buf, len, offset },
+                Want::Status { id } => WantCopy::Status { id },
+                Want::Command => WantCopy::Command,
+            }),
+            _ => Err(broken(format!("reply for unknown request {cookie}"))),
+        }
+    }
+
+    /// Read one reply message (a simple reply or one chunk) off the socket, data going
+    /// straight into the buffer of the read it answers. An `Err` breaks the connection.
+    fn read_answer(&self) -> io::Result<Answer> {
+        let mut guard = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let r = &mut *guard;
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head)?;
+        let h = reply::decode_reply(&head).map_err(to_io)?;
+        let (cookie, chunk) = match h {
+            ReplyHeader::Simple { cookie, .. } => (cookie, None),
+            ReplyHeader::Chunk {
+                cookie,
+                flags,
+                kind,
+            } => {
+                let mut tail = [0u8; 4];
+                r.read_exact(&mut tail)?;
+                (
+                    cookie,
+                    Some((flags, kind, reply::chunk_len(tail).map_err(to_io)?)),
+                )
+            }
+        };
+        let want = self.want_of(cookie)?;
+        let mut a = Answer {
+            cookie,
+            last: true,
+            error: None,
+            extents: None,
+        };
+        let Some((flags, kind, len)) = chunk else {
+            let ReplyHeader::Simple { error, .. } = h else {
+                unreachable!("a chunk has its length")
+            };
+            match (error, want) {
+                (0, WantCopy::Read { buf, len, .. }) => {
+                    // SAFETY: see `Want::Read`: the owner waits and `len` is its buffer's.
+                    r.read_exact(unsafe { std::slice::from_raw_parts_mut(buf, len) })?;
+                }
+                (0, WantCopy::Status { .. }) => return Err(broken("block status without chunks")),
+                (0, WantCopy::Command) => {}
+                (e, _) => a.error = Some(io::Error::from_raw_os_error(e as i32)),
+            }
+            return Ok(a);
+        };
+        a.last = flags & REPLY_FLAG_DONE != 0;
+        if kind & (1 << 15) != 0 {
+            let data = payload(r, len)?;
+            let (errno, _) = reply::decode_error(&data).map_err(to_io)?;
+            a.error = Some(io::Error::from_raw_os_error(errno as i32));
+            return Ok(a);
+        }
+        match want {
+            WantCopy::Read {
+                buf,
+                len: n,
+                offset,
+            } => {
+                // SAFETY: see `Want::Read`.
+                let buf = unsafe { std::slice::from_raw_parts_mut(buf, n) };
+                read_chunk(r, kind, len, buf, offset)?;
+            }
+            WantCopy::Status { id } if kind == REPLY_TYPE_BLOCK_STATUS => {
+                let data = payload(r, len)?;
+                let (ctx, ext) = reply::decode_block_status(&data).map_err(to_io)?;
+                if ctx == id {
+                    a.extents = Some(ext);
+                }
+            }
+            WantCopy::Status { .. } | WantCopy::Command => drop(payload(r, len)?),
+        }
+        if a.last && matches!(want, WantCopy::Status { .. }) {
+            self.check_extents(cookie, a.extents.as_deref())?;
+        }
+        Ok(a)
+    }
+
+    /// A block status request ends with usable extents (from this chunk or an earlier one).
+    fn check_extents(&self, cookie: u64, now: Option<&[Extent]>) -> io::Result<()> {
+        let st = self.state();
+        let earlier = st.slots.get(&cookie).map(|s| &s.extents[..]);
+        let ext = now.or(earlier).unwrap_or(&[]);
+        let failed = st.slots.get(&cookie).is_some_and(|s| s.error.is_some());
+        if !failed && (ext.is_empty() || ext.iter().any(|e| e.len == 0)) {
+            return Err(broken("block status reply without usable extents"));
+        }
+        Ok(())
+    }
+}
+
+/// [`Want`] copied out of its slot for the reader.
+#[derive(Clone, Copy)]
+enum WantCopy {
+    Read {
+        buf: *mut u8,
+        len: usize,
+        offset: u64,
+    },
+    Status {
+        id: u32,
+    },
+    Command,
+}
+
+/// A chunk's payload, `len` bytes (already checked against the limit).
+fn payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; len as usize];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+/// A read reply chunk of type `kind` and `len` payload bytes into `buf`, the buffer of
+/// the read at `offset`: data and holes must lie inside it.
+fn read_chunk(
+    r: &mut impl Read,
+    kind: u16,
+    len: u32,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<()> {
+    let within = |at: u64, n: u64| -> io::Result<usize> {
+        match at.checked_sub(offset) {
+            Some(rel) if rel + n <= buf.len() as u64 => Ok(rel as usize),
+            _ => Err(broken("read reply chunk outside the request")),
+        }
+    };
+    match kind {
+        REPLY_TYPE_OFFSET_DATA if len >= 8 => {
+            let mut at = [0u8; 8];
+            r.read_exact(&mut at)?;
+            let n = (len - 8) as usize;
+            let rel = within(u64::from_be_bytes(at), n as u64)?;
+            r.read_exact(&mut buf[rel..rel + n])
+        }
+        REPLY_TYPE_OFFSET_HOLE if len == 12 => {
+            let data = payload(r, len)?;
+            let at = u64::from_be_bytes(data[..8].try_into().expect("12 bytes"));
+            let n = u32::from_be_bytes(data[8..].try_into().expect("12 bytes")) as usize;
+            let rel = within(at, n as u64)?;
+            buf[rel..rel + n].fill(0);
+            Ok(())
+        }
+        REPLY_TYPE_NONE if len == 0 => Ok(()),
+        k => Err(broken(format!("unexpected read reply chunk type {k}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::request::REQUEST_LEN;
+    use std::os::unix::net::UnixStream;
+
+    /// The byte at `at` of the fake export.
+    fn byte(at: u64) -> u8 {
+        (at % 251) as u8
+    }
+
+    /// Six threads read at once; the server answers only when all six requests are in,
+    /// in reverse order, each read split in two chunks that interleave with the others'
+    /// (first halves newest first, then second halves oldest first), and one read failing
+    /// with an error chunk: every thread gets its own bytes or its own error.
+    #[test]
+    fn interleaved_replies_reach_their_requests() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let p = Pipeline::new(
+            BufReader::new(Stream::Unix(ours.try_clone().unwrap())),
+            BufWriter::new(Stream::Unix(ours)),
+            None,
+        );
+        let n = 6;
+        let server = std::thread::spawn(move || {
+            let mut s = theirs;
+            let mut reqs = Vec::new();
+            for _ in 0..n {
+                let mut b = [0u8; REQUEST_LEN];
+                s.read_exact(&mut b).unwrap();
+                reqs.push(Request::decode(&b).unwrap());
+            }
+            let half = |r: &Request, second: bool| {
+                let h = u64::from(r.len / 2);
+                let (at, len) = if second {
+                    (r.offset + h, u64::from(r.len) - h)
+                } else {
+                    (r.offset, h)
+                };
+                let mut m = reply::data_chunk(r.cookie, at, len as u32, second).to_vec();
+                m.extend((at..at + len).map(byte));
+                m
+            };
+            for r in reqs.iter().rev() {
+                s.write_all(&half(r, false)).unwrap();
+            }
+            for r in &reqs {
+                let last = if r.offset == 3 << 20 {
+                    reply::error_chunk(r.cookie, EIO, "bad sector", None)
+                } else {
+                    half(r, true)
+                };
+                s.write_all(&last).unwrap();
+            }
+        });
+        std::thread::scope(|sc| {
+            for t in 0..n as u64 {
+                let p = &p;
+                sc.spawn(move || {
+                    let offset = t << 20;
+                    let mut buf = vec![0u8; 4096 + t as usize * 1000];
+                    let r = p.read(&mut buf, offset);
+                    if t == 3 {
+                        assert_eq!(r.unwrap_err().raw_os_error(), Some(EIO as i32));
+                    } else {
+                        r.unwrap();
+                        let want: Vec<u8> = (offset..offset + buf.len() as u64).map(byte).collect();
+                        assert_eq!(buf, want, "thread {t}");
+                    }
+                });
+            }
+        });
+        server.join().unwrap();
+        // The server is gone: the next request fails as a lost connection, at once.
+        let mut buf = [0u8; 512];
+        let e = p.read(&mut buf, 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
+        let e = p.command(CMD_FLUSH, 0, 0, 0, &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
+    }
+
+    /// A reply naming a request nobody sent breaks the connection: every waiting
+    /// request fails instead of hanging.
+    #[test]
+    fn a_reply_to_an_unknown_request_fails_everything_in_flight() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let p = Pipeline::new(
+            BufReader::new(Stream::Unix(ours.try_clone().unwrap())),
+            BufWriter::new(Stream::Unix(ours)),
+            None,
+        );
+        let server = std::thread::spawn(move || {
+            let mut s = theirs;
+            for _ in 0..3 {
+                let mut b = [0u8; REQUEST_LEN];
+                s.read_exact(&mut b).unwrap();
+            }
+            s.write_all(&reply::simple(999, 0)).unwrap();
+            // Keep the socket open: only the bad reply may end the requests.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        });
+        std::thread::scope(|sc| {
+            for _ in 0..3 {
+                let p = &p;
+                sc.spawn(move || {
+                    let e = p.command(CMD_FLUSH, 0, 0, 0, &[]).unwrap_err();
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                });
+            }
+        });
+        server.join().unwrap();
+    }
+}
