@@ -7,6 +7,9 @@ use common::{open::Image, Allocation};
 
 use crate::errors::{engine_msg, io_msg};
 
+/// The longest run of compressed source data one chunk copies.
+const COMPRESSED_RUN: u64 = 256 << 10;
+
 /// QEMU counts image lengths in 512-byte sectors.
 pub(super) const SECTOR: u64 = 512;
 
@@ -101,10 +104,17 @@ impl Sources {
             Allocation::Unallocated if top_only => Kind::Backing,
             Allocation::Unallocated => Kind::Zero,
         };
-        let end = if rel + st.len >= p.bytes {
+        // Compressed data is copied in short runs, as qemu-img reads it a cluster at a
+        // time: the workers' buffers stay small (8 x 2 MiB would double its memory).
+        let len = if st.compressed {
+            st.len.min(COMPRESSED_RUN)
+        } else {
+            st.len
+        };
+        let end = if rel + len >= p.bytes {
             p.start + p.len
         } else {
-            offset + st.len
+            offset + len
         };
         Ok((kind, end))
     }
