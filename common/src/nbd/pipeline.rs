@@ -6,13 +6,15 @@
 //! one; an error the server reports fails only its request.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::client::{broken, to_io, Stream};
 use super::consts::*;
 use super::reply::{self, Extent, ReplyHeader};
 use super::request::Request;
+use crate::iovec::{self, IoBufMut, Segment};
 
 /// The connection's two directions and the requests waiting for replies.
 pub struct Pipeline {
@@ -40,11 +42,10 @@ struct State {
 
 /// Where a request's reply goes.
 enum Want {
-    /// A read of `len` bytes at `offset`, whose data lands at `buf` (the waiting
-    /// caller's buffer, untouched by it until the request is done).
+    /// A read of the bytes at `offset` that land in `bufs` (the waiting caller's
+    /// buffers, untouched by it until the request is done).
     Read {
-        buf: *mut u8,
-        len: usize,
+        bufs: Vec<IoBufMut<'static>>,
         offset: u64,
     },
     /// `base:allocation` descriptors from context `id`.
@@ -62,8 +63,8 @@ struct Slot {
     done: bool,
 }
 
-// SAFETY: the raw buffer pointer of a `Want::Read` is written only by the thread holding
-// the reading turn, while its owner waits for the request to be done and touches nothing.
+// SAFETY: the buffers of a `Want::Read` are written only by the thread holding the
+// reading turn, while their owner waits for the request to be done.
 unsafe impl Send for Slot {}
 
 /// One reply message: the request it answers, and whether it ends that request.
@@ -107,14 +108,18 @@ impl Pipeline {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Read `buf.len()` (at most the export's largest payload) bytes at `offset`.
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let want = Want::Read {
-            buf: buf.as_mut_ptr(),
-            len: buf.len(),
-            offset,
-        };
-        self.call(CMD_READ, 0, offset, buf.len() as u32, &[], want)
+    /// Fill `bufs` (at most the export's largest payload in all) from `offset`; the
+    /// data goes from the socket straight into them.
+    pub fn read(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
+        let len = iovec::total_len(bufs);
+        // SAFETY: the same memory, its lifetime erased for the slot: `call` returns only
+        // once the request is done, and nothing writes into a done request's buffers.
+        let bufs = bufs
+            .iter()
+            .map(|b| unsafe { IoBufMut::new(b.as_mut_ptr(), b.len()) })
+            .collect();
+        let want = Want::Read { bufs, offset };
+        self.call(CMD_READ, 0, offset, len as u32, &[], want)
             .map(drop)
     }
 
@@ -269,9 +274,16 @@ impl Pipeline {
     fn want_of(&self, cookie: u64) -> io::Result<WantCopy> {
         let st = self.state();
         match st.slots.get(&cookie) {
-            Some(s) if !s.done => Ok(match s.want {
-                Want::Read { buf, len, offset } => WantCopy::Read { buf, len, offset },
-                Want::Status { id } => WantCopy::Status { id },
+            Some(s) if !s.done => Ok(match &s.want {
+                Want::Read { bufs, offset } => WantCopy::Read {
+                    // SAFETY: the slot's buffers, under the same contract.
+                    bufs: bufs
+                        .iter()
+                        .map(|b| unsafe { IoBufMut::new(b.as_mut_ptr(), b.len()) })
+                        .collect(),
+                    offset: *offset,
+                },
+                Want::Status { id } => WantCopy::Status { id: *id },
                 Want::Command => WantCopy::Command,
             }),
             _ => Err(broken(format!("reply for unknown request {cookie}"))),
@@ -313,9 +325,10 @@ impl Pipeline {
                 unreachable!("a chunk has its length")
             };
             match (error, want) {
-                (0, WantCopy::Read { buf, len, .. }) => {
-                    // SAFETY: see `Want::Read`: the owner waits and `len` is its buffer's.
-                    r.read_exact(unsafe { std::slice::from_raw_parts_mut(buf, len) })?;
+                (0, WantCopy::Read { bufs, .. }) => {
+                    for b in &bufs {
+                        read_raw(r, *b)?;
+                    }
                 }
                 (0, WantCopy::Status { .. }) => return Err(broken("block status without chunks")),
                 (0, WantCopy::Command) => {}
@@ -330,16 +343,9 @@ impl Pipeline {
             a.error = Some(io::Error::from_raw_os_error(errno as i32));
             return Ok(a);
         }
+        let status = matches!(want, WantCopy::Status { .. });
         match want {
-            WantCopy::Read {
-                buf,
-                len: n,
-                offset,
-            } => {
-                // SAFETY: see `Want::Read`.
-                let buf = unsafe { std::slice::from_raw_parts_mut(buf, n) };
-                read_chunk(r, kind, len, buf, offset)?;
-            }
+            WantCopy::Read { bufs, offset } => read_chunk(r, kind, len, &bufs, offset)?,
             WantCopy::Status { id } if kind == REPLY_TYPE_BLOCK_STATUS => {
                 let data = payload(r, len)?;
                 let (ctx, ext) = reply::decode_block_status(&data).map_err(to_io)?;
@@ -349,7 +355,7 @@ impl Pipeline {
             }
             WantCopy::Status { .. } | WantCopy::Command => drop(payload(r, len)?),
         }
-        if a.last && matches!(want, WantCopy::Status { .. }) {
+        if a.last && status {
             self.check_extents(cookie, a.extents.as_deref())?;
         }
         Ok(a)
@@ -369,11 +375,9 @@ impl Pipeline {
 }
 
 /// [`Want`] copied out of its slot for the reader.
-#[derive(Clone, Copy)]
 enum WantCopy {
     Read {
-        buf: *mut u8,
-        len: usize,
+        bufs: Vec<IoBufMut<'static>>,
         offset: u64,
     },
     Status {
@@ -389,18 +393,23 @@ fn payload(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// A read reply chunk of type `kind` and `len` payload bytes into `buf`, the buffer of
-/// the read at `offset`: data and holes must lie inside it.
+/// A read reply chunk of type `kind` and `len` payload bytes into `bufs`, the buffers of
+/// the read at `offset`: data and holes must lie inside them.
 fn read_chunk(
-    r: &mut impl Read,
+    r: &mut BufReader<Stream>,
     kind: u16,
     len: u32,
-    buf: &mut [u8],
+    bufs: &[IoBufMut<'_>],
     offset: u64,
 ) -> io::Result<()> {
-    let within = |at: u64, n: u64| -> io::Result<usize> {
+    let total = iovec::total_len(bufs) as u64;
+    let within = |at: u64, n: u64| -> io::Result<Vec<IoBufMut<'_>>> {
         match at.checked_sub(offset) {
-            Some(rel) if rel + n <= buf.len() as u64 => Ok(rel as usize),
+            Some(rel) if rel + n <= total => {
+                let mut f = iovec::Front::new(bufs);
+                f.take(rel as usize);
+                Ok(f.take(n as usize))
+            }
             _ => Err(broken("read reply chunk outside the request")),
         }
     };
@@ -408,21 +417,48 @@ fn read_chunk(
         REPLY_TYPE_OFFSET_DATA if len >= 8 => {
             let mut at = [0u8; 8];
             r.read_exact(&mut at)?;
-            let n = (len - 8) as usize;
-            let rel = within(u64::from_be_bytes(at), n as u64)?;
-            r.read_exact(&mut buf[rel..rel + n])
+            for b in within(u64::from_be_bytes(at), u64::from(len - 8))? {
+                read_raw(r, b)?;
+            }
+            Ok(())
         }
         REPLY_TYPE_OFFSET_HOLE if len == 12 => {
             let data = payload(r, len)?;
             let at = u64::from_be_bytes(data[..8].try_into().expect("12 bytes"));
-            let n = u32::from_be_bytes(data[8..].try_into().expect("12 bytes")) as usize;
-            let rel = within(at, n as u64)?;
-            buf[rel..rel + n].fill(0);
+            let n = u32::from_be_bytes(data[8..].try_into().expect("12 bytes"));
+            iovec::zero(&within(at, u64::from(n))?);
             Ok(())
         }
         REPLY_TYPE_NONE if len == 0 => Ok(()),
         k => Err(broken(format!("unexpected read reply chunk type {k}"))),
     }
+}
+
+/// Fill `dst` from the socket: what the reader holds buffered, then straight from the
+/// file descriptor into the buffer (no copy through this process's memory).
+fn read_raw(r: &mut BufReader<Stream>, dst: IoBufMut<'_>) -> io::Result<()> {
+    let held = r.buffer();
+    let mut done = held.len().min(dst.len());
+    dst.sub(0, done).copy_from(&held[..done]);
+    r.consume(done);
+    let fd = r.get_ref().as_raw_fd();
+    while done < dst.len() {
+        let rest = dst.sub(done, dst.len() - done);
+        // SAFETY: `rest` is writable memory of that length (IoBufMut's contract); the
+        // kernel writes into it and no reference to it is formed.
+        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -486,7 +522,7 @@ mod tests {
                 sc.spawn(move || {
                     let offset = t << 20;
                     let mut buf = vec![0u8; 4096 + t as usize * 1000];
-                    let r = p.read(&mut buf, offset);
+                    let r = p.read(&[(&mut buf[..]).into()], offset);
                     if t == 3 {
                         assert_eq!(r.unwrap_err().raw_os_error(), Some(EIO as i32));
                     } else {
@@ -500,7 +536,7 @@ mod tests {
         server.join().unwrap();
         // The server is gone: the next request fails as a lost connection, at once.
         let mut buf = [0u8; 512];
-        let e = p.read(&mut buf, 0).unwrap_err();
+        let e = p.read(&[(&mut buf[..]).into()], 0).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
         let e = p.command(CMD_FLUSH, 0, 0, 0, &[]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");

@@ -9,6 +9,7 @@ use super::consts::*;
 use super::pipeline::Pipeline;
 use super::uri::NbdTarget;
 use crate::error::Result;
+use crate::iovec::{self, IoBufMut};
 use crate::storage::Storage;
 
 /// An open NBD export.
@@ -61,14 +62,19 @@ impl Drop for NbdStorage {
 
 impl Storage for NbdStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_vectored_at(&[buf.into()], offset)
+    }
+
+    /// Each request's data goes from the socket straight into `bufs`.
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> io::Result<()> {
         // Past the end reads as zeroes.
-        let inside = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[inside..].fill(0);
-        let mut done = 0usize;
+        let len = iovec::total_len(bufs);
+        let inside = self.size.saturating_sub(offset).min(len as u64) as usize;
+        let mut front = iovec::Front::new(bufs);
         for (at, n) in self.pieces(offset, inside as u64, u64::from(self.max)) {
-            self.conn.read(&mut buf[done..done + n as usize], at)?;
-            done += n as usize;
+            self.conn.read(&front.take(n as usize), at)?;
         }
+        iovec::zero(&front.take(len - inside));
         Ok(())
     }
 
