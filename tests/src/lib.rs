@@ -46,6 +46,7 @@ pub mod qcow2_layout;
 pub mod sandbox;
 pub mod tools;
 pub mod twin;
+pub mod write_log;
 
 pub use process::{run, Output, TIMEOUT};
 pub use tempfile::TempDir;
