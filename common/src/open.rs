@@ -19,6 +19,17 @@ use crate::vdi::VdiImage;
 use crate::vmdk::VmdkImage;
 use crate::vpc::VpcImage;
 
+/// The most backing files a chain may have below the image. A read recurses once per layer
+/// it falls through, so the depth bounds the stack a reading thread needs: QEMU has no such
+/// bound and overflows its stack on a chain of 1000 (qemu-img 10.0.2 segfaults); past this
+/// one the chain is refused with an error.
+pub const MAX_CHAIN_DEPTH: usize = 1024;
+
+/// The stack of a thread that reads or writes images (convert's workers, serve's clients,
+/// vmm's block worker): the main thread's default, which a read through
+/// [`MAX_CHAIN_DEPTH`] layers fits in with room to spare (a debug build needs under 4 MiB).
+pub const IO_THREAD_STACK: usize = 8 << 20;
+
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -206,6 +217,11 @@ impl Chain {
                 break;
             }
             let depth = layers.len() as u32;
+            if layers.len() > MAX_CHAIN_DEPTH {
+                return Err(Error::invalid(format!(
+                    "Backing chain too deep: more than {MAX_CHAIN_DEPTH} backing files"
+                )));
+            }
             let below = resolve_backing_path(&path, &r.name);
             let layer = r
                 .format

@@ -301,15 +301,21 @@ fn serve(export: &Export, listener: &Listener, shared: usize, persistent: bool) 
                 Err(_) => continue,
             }
             let clients = &clients;
-            scope.spawn(move || {
-                if let Err(e) = client(export, conn) {
-                    // The client is dropped; the server and the other clients go on.
-                    if !TERMINATE.load(Ordering::Acquire) {
-                        eprintln!("img: Disconnect client, due to: {}", engine_msg(&e));
+            let started = std::thread::Builder::new()
+                .stack_size(common::open::IO_THREAD_STACK)
+                .spawn_scoped(scope, move || {
+                    if let Err(e) = client(export, conn) {
+                        // The client is dropped; the server and the other clients go on.
+                        if !TERMINATE.load(Ordering::Acquire) {
+                            eprintln!("img: Disconnect client, due to: {}", engine_msg(&e));
+                        }
                     }
-                }
+                    clients.remove(id);
+                });
+            if let Err(e) = started {
+                eprintln!("img: Disconnect client, due to: cannot start its thread: {e}");
                 clients.remove(id);
-            });
+            }
         };
         // Ends the clients still connected; the scope then waits for their threads.
         clients.shutdown_all();

@@ -25,7 +25,7 @@ pub fn for_each_piece<T: Sync, S>(
     let first_error = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| {
+            let worker = || {
                 let mut state = init();
                 while !failed.load(Ordering::SeqCst) {
                     let i = next.fetch_add(1, Ordering::SeqCst);
@@ -36,7 +36,11 @@ pub fn for_each_piece<T: Sync, S>(
                         slot.get_or_insert(e);
                     }
                 }
-            });
+            };
+            std::thread::Builder::new()
+                .stack_size(common::open::IO_THREAD_STACK)
+                .spawn_scoped(s, worker)
+                .expect("start a worker thread");
         }
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {

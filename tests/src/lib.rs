@@ -14,6 +14,8 @@
 //! - [`engine`]: thin adapters over `common`'s public API;
 //! - [`mem_disk`]: an in-memory [`common::BlockDriver`] for device tests;
 //! - [`nbd`]: an `img serve` or `qemu-nbd` server for a test's length, and a raw NBD client;
+//! - [`write_log`]: the write log of a multi-threaded workload and the model of what an image
+//!   may read after a crash or at any moment of it;
 //! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
 //! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed;
 //! - here: [`Rng`] and [`seed`] (seeded, replayable randomness), [`text_diff`] and
@@ -46,6 +48,7 @@ pub mod qcow2_layout;
 pub mod sandbox;
 pub mod tools;
 pub mod twin;
+pub mod write_log;
 
 pub use process::{run, Output, TIMEOUT};
 pub use tempfile::TempDir;

@@ -23,7 +23,10 @@
 //! cluster-aligned slices of one image; `prop_concurrent_overlapping_writers` has 2 to 4
 //! threads write small pieces of their own bytes where the bytes of different threads share
 //! clusters and subclusters (with and without extended L2, through the page cache and with
-//! O_DIRECT), and checks that no write was lost.
+//! O_DIRECT), and checks that no write was lost; `prop_concurrent_overlapping_ops` has 2 to
+//! 4 threads write, zero, discard, read and flush the same bytes at once, checked against
+//! the write-log model of `integration_tests::write_log` (operations in flight together land
+//! in either order), every read as well as the end result, over many seeds.
 //!
 //! Reproduce: the seed is printed; `TEST_SEED=<seed>` replays it, `PROP_SEQUENCES=<n>` sets
 //! the sequences per configuration (default 2), `PROP_OPS=<n>` the ops per sequence (default 60).
@@ -1183,6 +1186,208 @@ fn prop_concurrent_overlapping_writers() {
             &format!("{} (TEST_SEED={seed:#x}, sequence seed {s:#x})", cfg.name()),
             r,
         );
+    }
+    f.finish();
+}
+
+/// The log of [`run_overlapping_ops`]: records appended under one lock (so their order is
+/// the order they happened in), and how many there are.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<(String, usize)>);
+
+impl Recorder {
+    /// Append `line`; the number of records then.
+    fn record(&self, line: String) -> usize {
+        let mut g = self.0.lock().unwrap();
+        g.0 += &line;
+        g.1 += 1;
+        g.1
+    }
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// A read one thread made: where, what it got, and the records before it began and once it
+/// returned.
+struct SeenRead {
+    off: u64,
+    got: Vec<u8>,
+    began_after: usize,
+    ended_before: usize,
+}
+
+/// 2 to 4 threads issue random writes (some vectored), zero writes, discards, reads and
+/// flushes on one open image, half of them in a window of four clusters they all share, so
+/// that operations on the same bytes overlap in time. Checked against the write log model
+/// ([`integration_tests::write_log`]: overlapping operations in flight together land in
+/// either order, per byte): every read, the image through the same open once every thread
+/// is done, and after close `qemu-img check` clean and `qemu-img convert` reading the same.
+fn run_overlapping_ops(
+    cfg: &Config,
+    dir: &Path,
+    seed: u64,
+    nops: usize,
+    idx: usize,
+) -> Result<(), String> {
+    use integration_tests::write_log::{data, Kind, Log, Moment};
+    let mut rng = Rng::new(seed);
+    let (path, before) = make_image(cfg, dir, &mut rng, idx);
+    let size = cfg.size();
+    let threads = rng.range(2, 4) as usize;
+    let window = (4 * cfg.cluster).min(size);
+    let img = engine::open(&path, false).map_err(|e| format!("open_image (rw) failed: {e}"))?;
+    let d = img.driver();
+    let rec = Recorder::default();
+    let seeds: Vec<u64> = (0..threads).map(|_| rng.next_u64()).collect();
+    let results: Vec<Result<Vec<SeenRead>, String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (rec, seed) = (&rec, seeds[t]);
+                sc.spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    let mut reads = Vec::new();
+                    for n in 0..nops {
+                        let id = (t as u64) << 40 | n as u64;
+                        let span = if rng.chance(1, 2) { window } else { size };
+                        let op = gen_op(&mut rng, span, cfg.cluster, None);
+                        let logged = |kind: Kind, off: u64, len: u64, seed: u64| {
+                            rec.record(format!("B {id} {} {off} {len} {seed}\n", kind.code()));
+                        };
+                        let r = match op {
+                            Op::Write {
+                                off,
+                                len,
+                                fill,
+                                split,
+                            } => {
+                                logged(Kind::Write, off, len, fill);
+                                write_split(d, &data(fill, off, len), off, split)
+                            }
+                            Op::Zero { off, len, unmap } => {
+                                let kind = if unmap { Kind::ZeroUnmap } else { Kind::Zero };
+                                logged(kind, off, len, 0);
+                                d.write_zeroes(off, len, unmap)
+                            }
+                            Op::Discard { off, len } => {
+                                logged(Kind::Discard, off, len, 0);
+                                d.discard(off, len)
+                            }
+                            Op::Read { off, len, split } => {
+                                let began_after = rec.count();
+                                let mut got = vec![0xa5u8; len as usize];
+                                let r = read_split(d, &mut got, off, split);
+                                reads.push(SeenRead {
+                                    off,
+                                    got,
+                                    began_after,
+                                    ended_before: rec.count() + 1,
+                                });
+                                r.map_err(|e| format!("thread {t}: read {off:#x}+{len:#x}: {e}"))?;
+                                continue;
+                            }
+                            Op::Flush => {
+                                rec.record(format!("F {id}\n"));
+                                d.flush().map_err(|e| format!("thread {t}: flush: {e}"))?;
+                                rec.record(format!("G {id}\n"));
+                                continue;
+                            }
+                            Op::Resize { .. } | Op::MakeEmpty => unreachable!("not generated"),
+                        };
+                        r.map_err(|e| format!("thread {t}: {op:?}: {e}"))?;
+                        rec.record(format!("E {id}\n"));
+                    }
+                    Ok(reads)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread panicked"))
+            .collect()
+    });
+    let text = rec.0.lock().unwrap().0.clone();
+    let log = Log::parse(&text, cfg.cluster)?;
+    let ctx = |m: String| format!("{threads} threads, {} records: {m}", log.begun);
+    for (t, r) in results.into_iter().enumerate() {
+        for read in r? {
+            let moment = Moment {
+                must: &|p| {
+                    p.effect != integration_tests::write_log::Effect::MaybeZeroes
+                        && p.end.is_some_and(|e| e <= read.began_after)
+                },
+                may: &|p| p.begin < read.ended_before,
+            };
+            log.verify_range(read.off, &before, &read.got, &moment)
+                .map_err(|m| {
+                    ctx(format!(
+                        "thread {t}: read {:#x}+{:#x} (after record {}): {m}",
+                        read.off,
+                        read.got.len(),
+                        read.began_after
+                    ))
+                })?;
+        }
+    }
+    let done = Moment {
+        must: &|p| p.effect != integration_tests::write_log::Effect::MaybeZeroes,
+        may: &|_| true,
+    };
+    let all = engine::read_all(d, 1 << 20, 0).map_err(|e| format!("final read failed: {e}"))?;
+    log.verify_range(0, &before, &all, &done)
+        .map_err(|m| ctx(format!("the image once every thread is done: {m}")))?;
+    d.flush().map_err(|e| format!("final flush failed: {e}"))?;
+    drop(img);
+    qemu_check(&path)?;
+    let raw = qemu_convert_raw(&path, Some("qcow2"), &dir.join(format!("ops-{idx}.raw")))?;
+    let _ = std::fs::remove_file(dir.join(format!("ops-{idx}.raw")));
+    ensure(raw == all, || {
+        ctx(format!(
+            "qemu-img convert reads otherwise than the engine did before close: {}",
+            first_mismatch(&all, &raw).unwrap_or_default()
+        ))
+    })
+}
+
+/// [`run_overlapping_ops`] over many seeds (`PROP_SEQUENCES`, default 4 per
+/// configuration; `PROP_OPS` operations per thread, default 60).
+#[test]
+fn prop_concurrent_overlapping_ops() {
+    let seed = seed(0x0e71_0b5e);
+    let seqs = env_usize("PROP_SEQUENCES", 4);
+    let nops = env_usize("PROP_OPS", 60);
+    let tmp = tempdir();
+    let mut f = Failures::new();
+    let c = |cluster, refcount_bits, extended_l2, backing, extra| Config {
+        cluster,
+        refcount_bits,
+        extended_l2,
+        backing,
+        extra,
+    };
+    let mut idx = 2000;
+    for cfg in [
+        c(512, 1, false, true, ""),
+        c(4096, 16, false, false, "lazy_refcounts=on"),
+        c(65536, 64, true, true, ""),
+        c(65536, 16, false, false, ""),
+        c(2 << 20, 16, true, true, ""),
+    ] {
+        for k in 0..seqs {
+            idx += 1;
+            let s = seed.wrapping_mul(31).wrapping_add(idx as u64);
+            let dir = tmp.path().to_path_buf();
+            let r = with_deadline(SEQ_DEADLINE, move || {
+                run_overlapping_ops(&cfg, &dir, s, nops, idx)
+            });
+            f.record(
+                &format!(
+                    "{} overlapping ops {k} (TEST_SEED={seed:#x}, sequence seed {s:#x})",
+                    cfg.name()
+                ),
+                r,
+            );
+        }
     }
     f.finish();
 }

@@ -472,7 +472,10 @@ pub fn copy(
     };
     std::thread::scope(|s| {
         for _ in 0..workers {
-            s.spawn(|| shared.worker());
+            std::thread::Builder::new()
+                .stack_size(common::open::IO_THREAD_STACK)
+                .spawn_scoped(s, || shared.worker())
+                .expect("start a copy worker thread");
         }
     });
     if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {

@@ -116,6 +116,7 @@ impl VirtioDevice for Block {
         };
         let h = std::thread::Builder::new()
             .name("virtio-blk".into())
+            .stack_size(common::open::IO_THREAD_STACK)
             .spawn(move || worker.run(stop2))
             .map_err(|e| format!("cannot start I/O thread: {e}"))?;
         self.worker = Some((stop, h));
