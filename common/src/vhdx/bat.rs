@@ -157,10 +157,7 @@ impl Bat {
             }
             if payblocks > 0 {
                 payblocks -= 1;
-                if !regions.is_free(offset, bs) {
-                    // QEMU counts it without a message.
-                    found.push(String::new());
-                }
+                found.extend(regions.overlap(offset, bs));
             } else {
                 payblocks = chunk_ratio(bs);
             }

@@ -8,8 +8,8 @@ use crate::storage::Storage;
 use super::{errno, guid, le32, le64};
 
 const SIGNATURE: &[u8; 8] = b"metadata";
-/// QEMU reads this much of the table (2047 entries after the header).
-const TABLE_MAX: usize = 32 * 2047;
+/// QEMU reads this much of the table (the header and up to 2047 entries).
+const TABLE_MAX: usize = 64 << 10;
 /// Where QEMU puts the items, from the start of the region.
 pub const ITEMS_AT: u32 = 64 << 10;
 /// Item flags.

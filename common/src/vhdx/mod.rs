@@ -148,11 +148,7 @@ impl VhdxImage {
         )?;
         if !check {
             if let Some(m) = bat.check(file_len, &regions, true).into_iter().next() {
-                return Err(if m.is_empty() {
-                    errno(libc::EINVAL)
-                } else {
-                    Error::corrupt(m)
-                });
+                return Err(Error::corrupt(m));
             }
         }
         Ok(VhdxImage {

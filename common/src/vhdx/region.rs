@@ -2,7 +2,7 @@
 //! Every region, the log's too, is registered so that none overlaps another (QEMU's
 //! `vhdx_region_check`); BAT entries are checked against them.
 
-use crate::error::{io_err, Result};
+use crate::error::{io_err, Error, Result};
 use crate::storage::Storage;
 
 use super::{crc, errno, guid, le32, le64};
@@ -42,10 +42,14 @@ pub struct Region {
 pub struct Regions(Vec<(u64, u64)>);
 
 impl Regions {
-    /// Whether `[start, start + len)` overlaps no registered region.
-    pub fn is_free(&self, start: u64, len: u64) -> bool {
+    /// QEMU's words for the first registered region `[start, start + len)` overlaps, if
+    /// any.
+    pub fn overlap(&self, start: u64, len: u64) -> Option<String> {
         let end = start.saturating_add(len);
-        self.0.iter().all(|&(s, e)| start >= e || end <= s)
+        self.0
+            .iter()
+            .find(|&&(s, e)| !(start >= e || end <= s))
+            .map(|(s, e)| format!("VHDX region {start}-{end} overlaps with region {s}-{e}"))
     }
 
     pub fn register(&mut self, start: u64, len: u64) {
@@ -72,8 +76,8 @@ pub fn load(storage: &dyn Storage, regions: &mut Regions) -> Result<(Region, Reg
             offset: le64(e, 16),
             length: le32(e, 24),
         };
-        if !regions.is_free(r.offset, u64::from(r.length)) {
-            return Err(errno(libc::EINVAL));
+        if let Some(m) = regions.overlap(r.offset, u64::from(r.length)) {
+            return Err(Error::corrupt(m));
         }
         regions.register(r.offset, u64::from(r.length));
         let slot = if e[..16] == BAT_GUID {
