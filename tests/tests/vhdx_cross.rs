@@ -90,6 +90,59 @@ fn qemu_images_read_the_same() {
     f.finish();
 }
 
+/// A change to an image's bytes.
+type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+
+/// Damaged BATs (a block past the end of the file, a block over the BAT, a truncated
+/// last block): `img check` says what `qemu-img check` says, with its exit code. (Other
+/// opens refuse them: tests/hostile_images.rs.)
+#[test]
+fn damaged_bats_checked_alike() {
+    let dir = tempdir();
+    qimg(
+        dir.path(),
+        "create -q -f vhdx -o block_size=1M base.vhdx 10M",
+    );
+    qemu_io_cmds(
+        &dir.path().join("base.vhdx"),
+        "vhdx",
+        &["write -P 1 0 3M".to_string()],
+    );
+    let base = std::fs::read(dir.path().join("base.vhdx")).unwrap();
+    const BAT: usize = 2 << 20;
+    let mut f = Failures::new();
+    let edits: [(&str, Edit); 3] = [
+        (
+            "block past the end",
+            Box::new(|b| b[BAT..BAT + 8].copy_from_slice(&((1u64 << 40) | 6).to_le_bytes())),
+        ),
+        (
+            "block over the BAT",
+            Box::new(|b| b[BAT + 8..BAT + 16].copy_from_slice(&((2u64 << 20) | 6).to_le_bytes())),
+        ),
+        (
+            "last block cut short",
+            Box::new(|b| b.truncate(b.len() - 4096)),
+        ),
+    ];
+    let img = Tool::img();
+    for (name, edit) in &edits {
+        let mut b = base.clone();
+        edit(&mut b);
+        std::fs::write(dir.path().join("d.vhdx"), &b).unwrap();
+        for args in [
+            vec!["check", "d.vhdx"],
+            vec!["check", "--output=json", "d.vhdx"],
+            vec!["check", "-r", "all", "d.vhdx"],
+        ] {
+            let r = Pair::run(dir.path(), dir.path(), &img, &args)
+                .compare(Names::Prefix, twin::verbatim);
+            f.record(&format!("{name} {args:?}"), r);
+        }
+    }
+    f.finish();
+}
+
 #[test]
 fn img_create_makes_what_qemu_img_makes() {
     let twin = Twin::new(|_| {});

@@ -15,7 +15,7 @@ pub fn check(bat: &Bat, file_len: u64, regions: &Regions, log_replayed: bool) ->
     }
     for m in bat.check(file_len, regions, false) {
         r.corruptions += 1;
-        r.messages.push(m);
+        r.messages.push(format!("img: {m}"));
     }
     r
 }
