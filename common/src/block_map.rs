@@ -1,5 +1,5 @@
 //! What formats that map fixed-size guest blocks to places in a file share (vpc, vdi,
-//! vmdk): cutting a guest range at block boundaries, zeroing stored bytes, and asking the
+//! vmdk, vhdx): cutting a guest range at block boundaries, zeroing stored bytes, and asking the
 //! file whether data stored at its own offset is a hole.
 
 use crate::driver::{Allocation, BlockStatus};

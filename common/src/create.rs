@@ -12,6 +12,7 @@ pub use crate::prealloc::Preallocation;
 pub use crate::qcow2::create::Qcow2CreateOptions;
 pub use crate::qcow2::header::CompressionType;
 pub use crate::vdi::create::VdiCreateOptions;
+pub use crate::vhdx::create::VhdxCreateOptions;
 pub use crate::vmdk::create::VmdkCreateOptions;
 pub use crate::vpc::create::VpcCreateOptions;
 
@@ -27,6 +28,7 @@ pub enum CreateOptions {
     Vpc(VpcCreateOptions),
     Vdi(VdiCreateOptions),
     Vmdk(VmdkCreateOptions),
+    Vhdx(VhdxCreateOptions),
 }
 
 /// The values of QEMU creation options as a front end parsed them (`-o key=value,...`),
@@ -63,15 +65,7 @@ impl CreateOptions {
             }
             Format::Vpc => {
                 check_protocol_preallocation(values)?;
-                let fixed = match values.text("subformat") {
-                    None | Some("dynamic") => false,
-                    Some("fixed") => true,
-                    Some(other) => {
-                        return Err(Error::invalid(format!(
-                            "Parameter 'subformat' does not accept value '{other}'"
-                        )))
-                    }
-                };
+                let fixed = fixed_subformat(values)?;
                 Ok(CreateOptions::Vpc(VpcCreateOptions {
                     size: round_to_sector(size),
                     fixed,
@@ -90,7 +84,23 @@ impl CreateOptions {
                 check_protocol_preallocation(values)?;
                 Ok(CreateOptions::Vmdk(o))
             }
+            Format::Vhdx => {
+                let o = crate::vhdx::create::from_values(round_to_sector(size), values)?;
+                check_protocol_preallocation(values)?;
+                Ok(CreateOptions::Vhdx(o))
+            }
         }
+    }
+}
+
+/// `subformat=dynamic|fixed` of vpc and vhdx: whether it is fixed.
+pub(crate) fn fixed_subformat(values: &dyn OptionValues) -> Result<bool> {
+    match values.text("subformat") {
+        None | Some("dynamic") => Ok(false),
+        Some("fixed") => Ok(true),
+        Some(other) => Err(Error::invalid(format!(
+            "Parameter 'subformat' does not accept value '{other}'"
+        ))),
     }
 }
 
@@ -181,6 +191,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         CreateOptions::Vpc(v) => crate::vpc::create::create_vpc(path, v),
         CreateOptions::Vdi(v) => crate::vdi::create::create_vdi(path, v),
         CreateOptions::Vmdk(v) => crate::vmdk::create::create_vmdk(path, v),
+        CreateOptions::Vhdx(v) => crate::vhdx::create::create_vhdx(path, v),
     }
 }
 

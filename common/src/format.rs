@@ -10,6 +10,7 @@ pub enum Format {
     Vpc,
     Vdi,
     Vmdk,
+    Vhdx,
 }
 
 impl Format {
@@ -21,6 +22,7 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vdi => "vdi",
             Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -32,6 +34,7 @@ impl Format {
             "vpc" => Ok(Format::Vpc),
             "vdi" => Ok(Format::Vdi),
             "vmdk" => Ok(Format::Vmdk),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }

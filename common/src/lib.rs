@@ -32,6 +32,7 @@ pub mod storage;
 mod test_tools;
 pub mod uuid;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 

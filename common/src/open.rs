@@ -16,6 +16,7 @@ pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
 use crate::vdi::VdiImage;
+use crate::vhdx::VhdxImage;
 use crate::vmdk::VmdkImage;
 use crate::vpc::VpcImage;
 
@@ -64,6 +65,7 @@ pub enum Image {
     Vpc(VpcImage),
     Vdi(VdiImage),
     Vmdk(VmdkImage),
+    Vhdx(VhdxImage),
 }
 
 impl Image {
@@ -75,6 +77,7 @@ impl Image {
             Image::Vpc(v) => v,
             Image::Vdi(v) => v,
             Image::Vmdk(v) => v,
+            Image::Vhdx(v) => v,
         }
     }
 
@@ -86,6 +89,7 @@ impl Image {
             Image::Vpc(v) => Box::new(v),
             Image::Vdi(v) => Box::new(v),
             Image::Vmdk(v) => Box::new(v),
+            Image::Vhdx(v) => Box::new(v),
         }
     }
 
@@ -100,6 +104,7 @@ impl Image {
             // QEMU's vmdk check repairs nothing either.
             Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vmdk(v) => Ok(v.check()),
+            Image::Vhdx(v) => v.check(),
         }
     }
 
@@ -111,6 +116,7 @@ impl Image {
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::Vhdx(_) => Format::Vhdx,
         }
     }
 
@@ -126,7 +132,7 @@ impl Image {
     /// The backing file this layer names, as stored.
     pub(crate) fn backing_ref(&self) -> Option<BackingRef> {
         match self {
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => None,
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
             Image::Vmdk(v) => BlockDriver::backing_ref(v),
         }
@@ -284,6 +290,10 @@ fn image_on<S: crate::storage::Storage + 'static>(
             VpcImage::open(Box::new(storage), read_only).map_err(|e| name_bare_errno(e, path))?,
         ),
         Format::Vdi => Image::Vdi(VdiImage::open(Box::new(storage), read_only)?),
+        Format::Vhdx => Image::Vhdx(
+            VhdxImage::open(Box::new(storage), &path.to_string_lossy(), read_only, check)
+                .map_err(|e| name_bare_errno(e, path))?,
+        ),
         Format::Vmdk => {
             let open_extent = |p: &Path| -> Result<Box<dyn crate::storage::Storage>> {
                 let mut s = crate::storage::open_image_storage(p, read_only, opts.direct)?;

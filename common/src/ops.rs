@@ -74,6 +74,12 @@ impl Image {
                 backing: None,
                 specific: None,
             }),
+            Image::Vhdx(v) => Ok(FormatInfo {
+                cluster_size: Some(v.block_size()),
+                dirty: false,
+                backing: None,
+                specific: None,
+            }),
             Image::Vdi(v) => Ok(FormatInfo {
                 cluster_size: Some(v.block_size()),
                 dirty: false,
@@ -138,7 +144,7 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_create(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -152,7 +158,7 @@ impl Image {
                 Err(Error::Unsupported("Device has active dirty bitmaps".into()))
             }
             Image::Qcow2(q) => q.snapshot_apply(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => Err(
                 Error::Unsupported("Block driver does not support snapshots".into()),
             ),
         }
@@ -163,7 +169,7 @@ impl Image {
     pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.load_snapshot(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::Unsupported(format!(
                     "Block format '{}' used by device '' does not support temporarily loading \
                  internal snapshots",
@@ -177,7 +183,7 @@ impl Image {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::NotFound("snapshot not found".into()))
             }
         }
@@ -188,9 +194,9 @@ impl Image {
     pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
         match self {
             Image::Raw(r) => r.resize(size, mode),
-            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(Error::Unsupported(
-                "Image format driver does not support resize".into(),
-            )),
+            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => Err(
+                Error::Unsupported("Image format driver does not support resize".into()),
+            ),
             Image::Qcow2(q) => q.resize(size, mode),
         }
     }
@@ -200,7 +206,7 @@ impl Image {
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.amend(opts, progress),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::Unsupported(format!(
                     "Format driver '{}' does not support option amendment",
                     self.format().name()
@@ -214,7 +220,7 @@ impl Image {
     pub fn make_empty(&self) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.make_empty(),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -230,7 +236,7 @@ impl Image {
         }
         match self {
             Image::Qcow2(q) => q.change_backing_file(backing),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -243,6 +249,7 @@ impl Image {
             Image::Vpc(v) => v.storage(),
             Image::Vdi(v) => v.storage(),
             Image::Vmdk(v) => v.storage(),
+            Image::Vhdx(v) => v.storage(),
             Image::Qcow2(q) => q.storage(),
         };
         storage
@@ -256,9 +263,9 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
             Image::Vmdk(v) => v.write_compressed(offset, data, None),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 }
@@ -310,13 +317,13 @@ impl Image {
                 storage: q.storage(),
                 header: Box::new(q.header()),
             },
-            Some(Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_)) => {
-                BitmapSource::NoBitmaps
-            }
+            Some(
+                Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_),
+            ) => BitmapSource::NoBitmaps,
         };
         match self {
             Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
                 // Raw images hold no bitmaps and can store none.
                 let error = match ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
@@ -367,9 +374,9 @@ impl Image {
                 Ok(CompressedCluster(Some(v.compress_grain(data)?)))
             }
             Image::Vmdk(_) => Ok(CompressedCluster(None)),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 
@@ -384,9 +391,9 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
             Image::Vmdk(v) => v.write_compressed(offset, data, c.0.as_deref()),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 }

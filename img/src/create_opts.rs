@@ -142,6 +142,18 @@ pub const VMDK_OPTS: &[OptDesc] = &[
     opt("extent_size_hint", OptType::Size, None),
 ];
 
+/// vhdx's options followed by the file protocol's, in QEMU's order.
+pub const VHDX_OPTS: &[OptDesc] = &[
+    opt("size", OptType::Size, None),
+    opt("log_size", OptType::Size, Some("1048576")),
+    opt("block_size", OptType::Size, Some("0")),
+    opt("subformat", OptType::Str, None),
+    opt("block_state_zero", OptType::Bool, None),
+    opt("nocow", OptType::Bool, None),
+    opt("preallocation", OptType::Str, None),
+    opt("extent_size_hint", OptType::Size, None),
+];
+
 /// The format a new image of format `name` is made in, if `img` can make it.
 pub fn creatable(name: &str) -> Option<Format> {
     match name {
@@ -150,6 +162,7 @@ pub fn creatable(name: &str) -> Option<Format> {
         "vpc" => Some(Format::Vpc),
         "vdi" => Some(Format::Vdi),
         "vmdk" => Some(Format::Vmdk),
+        "vhdx" => Some(Format::Vhdx),
         _ => None,
     }
 }
@@ -162,6 +175,7 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Vpc => VPC_OPTS,
         Format::Vdi => VDI_OPTS,
         Format::Vmdk => VMDK_OPTS,
+        Format::Vhdx => VHDX_OPTS,
     }
 }
 
@@ -173,6 +187,7 @@ pub fn help_text(format: &str) -> &'static str {
         "vpc" => VPC_HELP,
         "vdi" => VDI_HELP,
         "vmdk" => VMDK_HELP,
+        "vhdx" => VHDX_HELP,
         _ => RAW_HELP,
     }
 }
@@ -184,6 +199,7 @@ pub fn help_text_with_file(format: &str) -> &'static str {
         "vpc" => VPC_FILE_HELP,
         "vdi" => VDI_FILE_HELP,
         "vmdk" => VMDK_FILE_HELP,
+        "vhdx" => VHDX_FILE_HELP,
         _ => RAW_FILE_HELP,
     }
 }
@@ -286,6 +302,43 @@ const VPC_FILE_HELP: &str = concat!(
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size\n",
     vpc_subformat_line!(),
+);
+
+/// vhdx's own options, as `-o help` lists them.
+macro_rules! vhdx_option_lines {
+    (block) => {
+        "  block_size=<size>      - Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.
+  block_state_zero=<bool (on/off)> - Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic.
+"
+    };
+    (log) => {
+        "  log_size=<size>        - Log size; min 1MB.\n"
+    };
+    (size) => {
+        "  size=<size>            - Virtual disk size; max of 64TB.
+  subformat=<str>        - VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.
+"
+    };
+}
+
+const VHDX_HELP: &str = concat!(
+    "Supported vhdx options:\n",
+    vhdx_option_lines!(block),
+    vhdx_option_lines!(log),
+    vhdx_option_lines!(size),
+    "\nThe protocol level may support further options.
+Specify the target filename to include those options.
+",
+);
+
+const VHDX_FILE_HELP: &str = concat!(
+    "Supported options:\n",
+    vhdx_option_lines!(block),
+    "  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable\n",
+    vhdx_option_lines!(log),
+    "  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)\n",
+    vhdx_option_lines!(size),
 );
 
 const VDI_HELP: &str = "Supported vdi options:

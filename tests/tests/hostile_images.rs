@@ -2917,6 +2917,267 @@ fn hostile_vdi(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile VHDXs, from a dynamic image qemu-img made and qemu-io wrote: headers at 64 and
+/// 128 KiB, the region table at 192 KiB, the log at 1 MiB, the BAT at 2 MiB, the metadata
+/// table at 3 MiB with its items 64 KiB further. Edited structures are sealed again with
+/// their CRC-32C unless the case is about the checksum. (A log entry as long as the log
+/// with a bad checksum, which QEMU reads over and over: common's vhdx unit tests.)
+fn hostile_vhdx(dir: &Path) -> Vec<Foreign> {
+    use common::vhdx::crc::seal;
+    let path = dir.join("d.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", path.to_str().unwrap(), "10M"])
+        .check()
+        .unwrap();
+    qemu_io_cmds(&path, "vhdx", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    const H: [usize; 2] = [64 << 10, 128 << 10];
+    const RT: usize = 192 << 10;
+    const LOG: usize = 1 << 20;
+    const BAT: usize = 2 << 20;
+    const MD: usize = 3 << 20;
+    const ITEMS: usize = MD + (64 << 10);
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    // Edit both headers (whichever is current), then seal them.
+    let headers = |b: &mut Vec<u8>, edit: &dyn Fn(&mut [u8])| {
+        for h in H {
+            edit(&mut b[h..h + 4096]);
+            seal(&mut b[h..h + 4096], 4);
+        }
+    };
+    let region = |b: &mut Vec<u8>, edit: &dyn Fn(&mut [u8])| {
+        edit(&mut b[RT..RT + (64 << 10)]);
+        seal(&mut b[RT..RT + (64 << 10)], 4);
+    };
+    let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let dirty = |b: &mut [u8]| b[48..64].copy_from_slice(b"dirty-log-guid!!");
+    // A log entry header for the dirty GUID at the start of the log.
+    let entry = |b: &mut Vec<u8>, len: u32, descriptors: u32| {
+        let e = &mut b[LOG..LOG + 64];
+        e[..4].copy_from_slice(b"loge");
+        e[8..12].copy_from_slice(&len.to_le_bytes());
+        e[16..24].copy_from_slice(&1u64.to_le_bytes());
+        e[24..28].copy_from_slice(&descriptors.to_le_bytes());
+        e[32..48].copy_from_slice(b"dirty-log-guid!!");
+    };
+    let case = |name, bytes, opens, qemu_opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens,
+    };
+    vec![
+        case(
+            "vhdx-truncated-headers",
+            d[..100 << 10].to_vec(),
+            false,
+            None,
+        ),
+        case("vhdx-truncated-bat", d[..BAT + 100].to_vec(), false, None),
+        case(
+            "vhdx-headers-bad-crc",
+            with(&|b| {
+                b[H[0] + 100] ^= 1;
+                b[H[1] + 100] ^= 1;
+            }),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-headers-same-sequence",
+            with(&|b| headers(b, &|h| put64(h, 8, 5))),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-region-table-bad-crc",
+            with(&|b| b[RT + 40] ^= 1),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-region-entries-near-2^32",
+            with(&|b| {
+                region(b, &|r| {
+                    r[8..12].copy_from_slice(&0xffff_fff0u32.to_le_bytes())
+                })
+            }),
+            false,
+            None,
+        ),
+        // QEMU names the overlapping regions on a line before its open error; img on one.
+        case(
+            "vhdx-bat-over-metadata",
+            with(&|b| region(b, &|r| put64(r, 32, MD as u64))),
+            false,
+            Some(false),
+        ),
+        case(
+            "vhdx-bat-over-log",
+            with(&|b| region(b, &|r| put64(r, 32, LOG as u64))),
+            false,
+            Some(false),
+        ),
+        case(
+            "vhdx-bat-length-near-2^32",
+            with(&|b| {
+                region(b, &|r| {
+                    r[40..44].copy_from_slice(&0xfff0_0000u32.to_le_bytes())
+                })
+            }),
+            false,
+            Some(false),
+        ),
+        // QEMU reads a BAT past the end of the file as zeroes; img refuses it.
+        case(
+            "vhdx-bat-past-the-end",
+            with(&|b| region(b, &|r| put64(r, 32, 1 << 40))),
+            false,
+            Some(true),
+        ),
+        case(
+            "vhdx-metadata-past-the-end",
+            with(&|b| region(b, &|r| put64(r, 64, 1 << 40))),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-metadata-entries-2047",
+            with(&|b| b[MD + 10..MD + 12].copy_from_slice(&2047u16.to_le_bytes())),
+            true,
+            None,
+        ),
+        case(
+            "vhdx-metadata-item-twice",
+            with(&|b| {
+                let first = b[MD + 32..MD + 48].to_vec();
+                b[MD + 64..MD + 80].copy_from_slice(&first);
+            }),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-metadata-item-offset-near-2^32",
+            with(&|b| b[MD + 64 + 16..MD + 64 + 20].copy_from_slice(&0xffff_fff0u32.to_le_bytes())),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-block-size-odd",
+            with(&|b| b[ITEMS..ITEMS + 4].copy_from_slice(&(3u32 << 20).to_le_bytes())),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-block-size-0",
+            with(&|b| b[ITEMS..ITEMS + 4].copy_from_slice(&0u32.to_le_bytes())),
+            false,
+            None,
+        ),
+        case("vhdx-has-parent", with(&|b| b[ITEMS + 4] |= 2), false, None),
+        case(
+            "vhdx-size-2^64",
+            with(&|b| put64(b, ITEMS + 8, u64::MAX)),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-blocks-near-2^32",
+            with(&|b| put64(b, ITEMS + 8, 0xffff_fff0 << 23)),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-sector-4096",
+            with(&|b| b[ITEMS + 32..ITEMS + 36].copy_from_slice(&4096u32.to_le_bytes())),
+            false,
+            None,
+        ),
+        // QEMU says where the block lies on a line before its open error; img on one.
+        case(
+            "vhdx-block-past-the-end",
+            with(&|b| put64(b, BAT, (1u64 << 40) | 6)),
+            false,
+            Some(false),
+        ),
+        case(
+            "vhdx-block-offset-near-2^64",
+            with(&|b| put64(b, BAT, 0xffff_ffff_fff0_0006)),
+            false,
+            Some(false),
+        ),
+        case(
+            "vhdx-block-over-the-bat",
+            with(&|b| put64(b, BAT, BAT as u64 | 6)),
+            false,
+            Some(false),
+        ),
+        case(
+            "vhdx-block-partially-present",
+            with(&|b| b[BAT] |= 7),
+            true,
+            None,
+        ),
+        case(
+            "vhdx-log-offset-0",
+            with(&|b| headers(b, &|h| put64(h, 72, 0))),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-log-length-odd",
+            with(&|b| {
+                headers(b, &|h| {
+                    dirty(h);
+                    h[68..72].copy_from_slice(&12345u32.to_le_bytes());
+                })
+            }),
+            false,
+            None,
+        ),
+        case(
+            "vhdx-log-length-near-2^32",
+            with(&|b| {
+                headers(b, &|h| {
+                    dirty(h);
+                    h[68..72].copy_from_slice(&0xfff0_0000u32.to_le_bytes());
+                })
+            }),
+            false,
+            Some(false),
+        ),
+        // Entries that lie about their length or descriptors are not valid: nothing to
+        // replay, the image opens.
+        case(
+            "vhdx-log-entry-longer-than-the-log",
+            with(&|b| {
+                headers(b, &dirty);
+                entry(b, 0xffff_f000, 1);
+            }),
+            true,
+            None,
+        ),
+        case(
+            "vhdx-log-entry-descriptors-near-2^32",
+            with(&|b| {
+                headers(b, &dirty);
+                entry(b, 8192, 0xffff_fff0);
+            }),
+            true,
+            None,
+        ),
+        case(
+            "vhdx-metadata-entries-2048",
+            with(&|b| b[MD + 10..MD + 12].copy_from_slice(&2048u16.to_le_bytes())),
+            false,
+            None,
+        ),
+    ]
+}
+
 /// Hostile VMDKs, from a monolithicSparse image qemu-img made and qemu-io wrote (GD at
 /// sector 26, its table at 27, grains from 128), a streamOptimized one, and descriptors.
 fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
@@ -3249,6 +3510,7 @@ fn foreign_headers_out_of_range() {
     cases.extend(hostile_vpc(d).into_iter().map(|c| (c, "vpc")));
     cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
     cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
+    cases.extend(hostile_vhdx(d).into_iter().map(|c| (c, "vhdx")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();

@@ -244,14 +244,16 @@ mod tests {
         }
     }
 
-    /// Disks in the engine's other formats, named with `format=` or probed: what the
-    /// guest writes, qemu-io reads back from the file.
+    /// Disks in the engine's other formats (vpc, vdi, vhdx), named with `format=` or
+    /// probed: what the guest writes, qemu-io reads back from the file.
     #[test]
     fn vpc_and_vdi_drives_are_written_through_the_engine() {
         for (fmt, opts) in [
             ("vpc", "subformat=dynamic"),
             ("vpc", "subformat=fixed"),
             ("vdi", "static=off"),
+            ("vhdx", "subformat=dynamic"),
+            ("vhdx", "subformat=fixed"),
         ] {
             let p =
                 std::env::temp_dir().join(format!("vmm-disk-{}-{fmt}-{opts}", std::process::id()));
@@ -265,7 +267,7 @@ mod tests {
             for extra in [format!(",format={fmt}"), String::new()] {
                 let cfg = crate::config::parse_drive(&format!("file={ps}{extra}")).unwrap();
                 let d = open_drive(&cfg).unwrap();
-                if opts != "subformat=fixed" || !extra.is_empty() {
+                if fmt != "vpc" || opts != "subformat=fixed" || !extra.is_empty() {
                     assert_eq!(d.format_name(), fmt, "{opts}{extra}");
                 }
                 d.write_at(&[0x5a; 4096], 1 << 20).unwrap();
