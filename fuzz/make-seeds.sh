@@ -73,6 +73,9 @@ done
 qemu-img convert -O vpc -o subformat=dynamic,force_size=on data.raw vpc-force.vhd
 qemu-img convert -O vdi data.raw vdi-dynamic.vdi
 qemu-img convert -O vdi -o static=on data.raw vdi-static.vdi
+qemu-img convert -O qed -o cluster_size=4k,table_size=2 data.raw qed-plain.qed
+qemu-img create -q -f qed -b data.raw -F raw qed-backing.qed 2M
+qemu-io -f qed -c "write -P 0x5a 64k 8k" -c "write -z 1m 64k" qed-backing.qed >/dev/null
 cp data.raw raw.img
 
 keep() { # keep TARGET PREFIX_BYTE FILE: a seed unless over 1 MiB
@@ -85,7 +88,7 @@ keep_plain() {
     cp "$2" "$out/$1/$(basename "$2")"
 }
 
-for f in *.qcow2 *.vhd *.vdi raw.img; do
+for f in *.qcow2 *.vhd *.vdi *.qed raw.img; do
     keep open_read 0 "$f"
 done
 for f in *.qcow2; do
@@ -95,6 +98,7 @@ done
 for f in *.vdi; do keep check 1 "$f"; done
 for f in *.vhd; do keep open_read 3 "$f"; done
 for f in *.vdi; do keep open_read 4 "$f"; done
+for f in *.qed; do keep open_read 5 "$f"; done
 
 # diskboot: GPT + ext2 with grub.cfg, MBR + ext2 with extlinux and BLS, MBR + FAT with
 # systemd-boot entries, a bare FAT volume, a bare ext2 filesystem with /vmlinuz.

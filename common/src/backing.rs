@@ -24,3 +24,41 @@ pub fn resolve_backing_path(overlay: &Path, backing: &str) -> PathBuf {
         _ => b.to_path_buf(),
     }
 }
+
+/// Read guest bytes at `pos` that a layer does not hold from the layer `below` it: past
+/// the end of that layer (or with none) they read as zeroes, as in QEMU.
+pub(crate) fn read_below(
+    below: Option<&dyn crate::BlockDriver>,
+    bufs: &[crate::IoBufMut<'_>],
+    pos: u64,
+) -> crate::Result<()> {
+    let len = crate::iovec::total_len(bufs);
+    let avail = below.map_or(0, |b| b.size().saturating_sub(pos).min(len as u64) as usize);
+    let mut front = crate::iovec::Front::new(bufs);
+    if let (Some(b), true) = (below, avail > 0) {
+        b.read_vectored_at(&front.take(avail), pos)?;
+    }
+    crate::iovec::zero(&front.take(len - avail));
+    Ok(())
+}
+
+/// The status of guest bytes at `offset` that a layer does not hold (`own`, of the run's
+/// length): the layer below's, one deeper, where it reaches; unallocated at this layer
+/// past its end or in none.
+pub(crate) fn status_below(
+    below: Option<&dyn crate::BlockDriver>,
+    offset: u64,
+    own: crate::BlockStatus,
+) -> crate::Result<crate::BlockStatus> {
+    match below {
+        Some(b) if offset < b.size() => {
+            let mut s = b.block_status(offset, own.len.min(b.size() - offset))?;
+            s.depth += 1;
+            if s.allocation == crate::Allocation::Unallocated {
+                s.depth = 0;
+            }
+            Ok(s)
+        }
+        _ => Ok(own),
+    }
+}

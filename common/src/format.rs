@@ -10,6 +10,8 @@ pub enum Format {
     Vpc,
     Vdi,
     Vmdk,
+    /// Read only.
+    Qed,
 }
 
 impl Format {
@@ -21,6 +23,7 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vdi => "vdi",
             Format::Vmdk => "vmdk",
+            Format::Qed => "qed",
         }
     }
 
@@ -32,7 +35,22 @@ impl Format {
             "vpc" => Ok(Format::Vpc),
             "vdi" => Ok(Format::Vdi),
             "vmdk" => Ok(Format::Vmdk),
+            "qed" => Ok(Format::Qed),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
+    }
+
+    /// Whether the engine only reads the format (it neither creates nor writes it).
+    pub fn is_read_only(self) -> bool {
+        matches!(self, Format::Qed)
+    }
+
+    /// Why an image of a read-only format cannot be created or opened for writing.
+    pub fn read_only_error(self) -> Error {
+        Error::Unsupported(format!(
+            "The {} format is read-only in img: it reads such images but does not create \
+             or write them",
+            self.name()
+        ))
     }
 }

@@ -26,7 +26,9 @@ pub mod option_list;
 pub mod prealloc;
 pub mod probe;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
+pub mod readonly;
 pub mod storage;
 #[cfg(test)]
 mod test_tools;

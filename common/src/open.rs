@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::readonly::ReadOnlyImage;
 use crate::vdi::VdiImage;
 use crate::vmdk::VmdkImage;
 use crate::vpc::VpcImage;
@@ -53,6 +54,8 @@ pub enum Image {
     Vpc(VpcImage),
     Vdi(VdiImage),
     Vmdk(VmdkImage),
+    /// qed, qcow (version 1), parallels: read only.
+    ReadOnly(ReadOnlyImage),
 }
 
 impl Image {
@@ -64,6 +67,7 @@ impl Image {
             Image::Vpc(v) => v,
             Image::Vdi(v) => v,
             Image::Vmdk(v) => v,
+            Image::ReadOnly(r) => r,
         }
     }
 
@@ -75,6 +79,7 @@ impl Image {
             Image::Vpc(v) => Box::new(v),
             Image::Vdi(v) => Box::new(v),
             Image::Vmdk(v) => Box::new(v),
+            Image::ReadOnly(r) => Box::new(r),
         }
     }
 
@@ -89,6 +94,12 @@ impl Image {
             // QEMU's vmdk check repairs nothing either.
             Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vmdk(v) => Ok(v.check()),
+            // Repairs need writing, which the engine does not do to these formats.
+            Image::ReadOnly(r) if fix.any() => Err(Error::Unsupported(format!(
+                "The {} format is read-only in img: it cannot repair images",
+                r.format().name()
+            ))),
+            Image::ReadOnly(r) => r.check().ok_or(Error::Unsupported("checks".into())),
         }
     }
 
@@ -100,6 +111,7 @@ impl Image {
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::ReadOnly(r) => r.format(),
         }
     }
 
@@ -117,13 +129,16 @@ impl Image {
         match self {
             Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
+            Image::ReadOnly(r) => r.backing_ref(),
         }
     }
 
     /// Attach the opened layer below. Only formats that name a backing file get one.
     fn set_backing(&mut self, below: Box<dyn BlockDriver>) {
-        if let Image::Qcow2(q) = self {
-            q.set_backing(below);
+        match self {
+            Image::Qcow2(q) => q.set_backing(below),
+            Image::ReadOnly(r) => r.set_backing(below),
+            _ => {}
         }
     }
 }
@@ -273,6 +288,10 @@ fn image_on<S: crate::storage::Storage + 'static>(
                 VmdkImage::open(Box::new(storage), &name, read_only, &open_extent)
                     .map_err(|e| name_bare_errno(e, path))?,
             )
+        }
+        Format::Qed => {
+            let opened = crate::qed::open(&storage).map_err(|e| name_bare_errno(e, path))?;
+            Image::ReadOnly(ReadOnlyImage::new(Box::new(storage), opened, read_only)?)
         }
     })
 }

@@ -86,6 +86,12 @@ impl Image {
                 backing: None,
                 specific: Some(FormatSpecific::Vmdk(v.info())),
             }),
+            Image::ReadOnly(r) => Ok(FormatInfo {
+                cluster_size: Some(r.cluster_size()),
+                dirty: false,
+                backing: crate::BlockDriver::backing_ref(r),
+                specific: None,
+            }),
             Image::Vpc(v) => Ok(FormatInfo {
                 cluster_size: v.block_size(),
                 dirty: false,
@@ -138,7 +144,7 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_create(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -152,9 +158,11 @@ impl Image {
                 Err(Error::Unsupported("Device has active dirty bitmaps".into()))
             }
             Image::Qcow2(q) => q.snapshot_apply(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(
-                Error::Unsupported("Block driver does not support snapshots".into()),
-            ),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
+                Err(Error::Unsupported(
+                    "Block driver does not support snapshots".into(),
+                ))
+            }
         }
     }
 
@@ -163,7 +171,7 @@ impl Image {
     pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.load_snapshot(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::Unsupported(format!(
                     "Block format '{}' used by device '' does not support temporarily loading \
                  internal snapshots",
@@ -177,7 +185,7 @@ impl Image {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::NotFound("snapshot not found".into()))
             }
         }
@@ -188,9 +196,9 @@ impl Image {
     pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
         match self {
             Image::Raw(r) => r.resize(size, mode),
-            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => Err(Error::Unsupported(
-                "Image format driver does not support resize".into(),
-            )),
+            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => Err(
+                Error::Unsupported("Image format driver does not support resize".into()),
+            ),
             Image::Qcow2(q) => q.resize(size, mode),
         }
     }
@@ -200,7 +208,7 @@ impl Image {
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.amend(opts, progress),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::Unsupported(format!(
                     "Format driver '{}' does not support option amendment",
                     self.format().name()
@@ -214,7 +222,7 @@ impl Image {
     pub fn make_empty(&self) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.make_empty(),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -230,7 +238,7 @@ impl Image {
         }
         match self {
             Image::Qcow2(q) => q.change_backing_file(backing),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 Err(Error::Unsupported("Operation not supported".into()))
             }
         }
@@ -242,6 +250,7 @@ impl Image {
             Image::Raw(r) => r.storage(),
             Image::Vpc(v) => v.storage(),
             Image::Vdi(v) => v.storage(),
+            Image::ReadOnly(r) => r.storage(),
             Image::Vmdk(v) => v.storage(),
             Image::Qcow2(q) => q.storage(),
         };
@@ -256,9 +265,9 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
             Image::Vmdk(v) => v.write_compressed(offset, data, None),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::ReadOnly(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 }
@@ -310,13 +319,13 @@ impl Image {
                 storage: q.storage(),
                 header: Box::new(q.header()),
             },
-            Some(Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_)) => {
-                BitmapSource::NoBitmaps
-            }
+            Some(
+                Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_),
+            ) => BitmapSource::NoBitmaps,
         };
         match self {
             Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) => {
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::ReadOnly(_) => {
                 // Raw images hold no bitmaps and can store none.
                 let error = match ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
@@ -367,9 +376,9 @@ impl Image {
                 Ok(CompressedCluster(Some(v.compress_grain(data)?)))
             }
             Image::Vmdk(_) => Ok(CompressedCluster(None)),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::ReadOnly(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 
@@ -384,9 +393,9 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
             Image::Vmdk(v) => v.write_compressed(offset, data, c.0.as_deref()),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) => Err(Error::Unsupported(
-                "Compression not supported for this file format".into(),
-            )),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::ReadOnly(_) => Err(
+                Error::Unsupported("Compression not supported for this file format".into()),
+            ),
         }
     }
 }

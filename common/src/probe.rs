@@ -18,7 +18,8 @@ pub const VPC_COOKIE: [u8; 8] = *b"conectix";
 
 /// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
 /// and a version of at least 2 (QEMU's `qcow2_probe`), vpc for the footer cookie
-/// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
+/// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), vmdk, qed for
+/// a whole header with its magic (`bdrv_qed_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
 pub fn probe_bytes(first: &[u8]) -> Format {
     let qcow2 = first.len() >= 8
         && first[..4] == QCOW2_MAGIC
@@ -31,6 +32,8 @@ pub fn probe_bytes(first: &[u8]) -> Format {
         Format::Vdi
     } else if vmdk_probe(first) {
         Format::Vmdk
+    } else if crate::qed::probe(first) {
+        Format::Qed
     } else {
         Format::Raw
     }
@@ -127,6 +130,16 @@ mod tests {
         assert_eq!(probe_bytes(b"#x\nversion=4\n"), Format::Raw);
         assert_eq!(probe_bytes(b"  x\nversion=1\n"), Format::Raw);
         assert_eq!(probe_bytes(b"version=1"), Format::Raw, "no newline");
+    }
+
+    #[test]
+    fn qed_needs_a_whole_header_with_its_magic() {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(b"QED\0");
+        assert_eq!(probe_bytes(&h), Format::Qed);
+        assert_eq!(probe_bytes(&h[..63]), Format::Raw, "too short");
+        h[3] = 1;
+        assert_eq!(probe_bytes(&h), Format::Raw);
     }
 
     #[test]

@@ -56,12 +56,13 @@ impl Drop for Scratch {
 
 /// The format the first input byte selects: probed, or one of the engine's formats.
 pub fn pick_format(b: u8) -> Option<Format> {
-    match b % 5 {
+    match b % 6 {
         0 => None,
         1 => Some(Format::Raw),
         2 => Some(Format::Qcow2),
         3 => Some(Format::Vpc),
-        _ => Some(Format::Vdi),
+        4 => Some(Format::Vdi),
+        _ => Some(Format::Qed),
     }
 }
 

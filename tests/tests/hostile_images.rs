@@ -24,7 +24,7 @@
 //! integration-tests --test hostile_images <fuzz test name> -- --nocapture` reruns one case,
 //! and every failing case's mutated image is saved under `target/tmp/hostile_images/`.
 
-use common::open::{open_image, Image, OpenOptions};
+use common::open::{open_image, Format, Image, OpenOptions};
 use common::qcow2::header::Header;
 use integration_tests::qcow2_layout::{
     be32, be64, get_be, put_be, put_refcount, round_up, Field, Layout, Patch, BACKING_FILE_OFFSET,
@@ -3235,8 +3235,119 @@ fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile qed images, from one qemu-img made (64 KiB clusters, 4-cluster tables, the
+/// L1 table at 64 KiB) and qemu-io wrote, with a backing file name.
+fn hostile_qed(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.qed");
+    let base = dir.join("qed-base.raw");
+    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "qed", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let l1 = u64::from_le_bytes(d[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(d[l1..l1 + 8].try_into().unwrap()) as usize;
+    // The L2 entry of guest offset 1 MiB (cluster 16), which qemu-io wrote.
+    let e = l2 + 16 * 8;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("qed-truncated-header", d[..30].to_vec(), false),
+        f("qed-truncated-l1", d[..l1 + 100].to_vec(), false),
+        f("qed-truncated-data", d[..d.len() - 65536].to_vec(), true),
+        f(
+            "qed-cluster-2^31",
+            with(&|b| put32(b, 4, le(1 << 31))),
+            false,
+        ),
+        f(
+            "qed-table-size-near-2^32",
+            with(&|b| put32(b, 8, le(0xffff_fff0))),
+            false,
+        ),
+        f(
+            "qed-header-size-near-2^32",
+            with(&|b| put32(b, 12, le(0xffff_ffff))),
+            false,
+        ),
+        f("qed-unknown-feature", with(&|b| b[16] |= 0x10), false),
+        f("qed-need-check", with(&|b| b[16] |= 2), true),
+        f(
+            "qed-l1-past-the-end",
+            with(&|b| put64(b, 40, 1 << 40)),
+            false,
+        ),
+        f(
+            "qed-l1-offset-near-2^64",
+            with(&|b| put64(b, 40, u64::MAX - 0xffff)),
+            false,
+        ),
+        f(
+            "qed-size-near-2^64",
+            with(&|b| put64(b, 48, u64::MAX - 511)),
+            false,
+        ),
+        f(
+            "qed-backing-name-length-2^32",
+            with(&|b| put32(b, 60, le(u32::MAX))),
+            false,
+        ),
+        f(
+            "qed-backing-name-length-5000",
+            with(&|b| put32(b, 60, le(5000))),
+            false,
+        ),
+        f(
+            "qed-l2-past-the-end",
+            with(&|b| put64(b, l1, 1 << 40)),
+            true,
+        ),
+        f(
+            "qed-l2-unaligned",
+            with(&|b| put64(b, l1, l2 as u64 + 8)),
+            true,
+        ),
+        f(
+            "qed-data-past-the-end",
+            with(&|b| put64(b, e, 1 << 40)),
+            true,
+        ),
+        f("qed-data-in-the-header", with(&|b| put64(b, e, 0)), true),
+        f(
+            "qed-data-near-2^64",
+            with(&|b| put64(b, e, u64::MAX - 0xffff)),
+            true,
+        ),
+        f("qed-l2-is-the-l1", with(&|b| put64(b, l1, l1 as u64)), true),
+    ]
+}
+
 /// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
-/// `convert -n` into them, each in the sandbox (1 GiB address space, a deadline), exit on
+/// `convert -n` into them (a `convert -O raw` out of those `img` only reads), each in the sandbox (1 GiB address space, a deadline), exit on
 /// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
 /// refuses it (qemu-img's exit code must agree).
 #[test]
@@ -3249,16 +3360,32 @@ fn foreign_headers_out_of_range() {
     cases.extend(hostile_vpc(d).into_iter().map(|c| (c, "vpc")));
     cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
     cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
+    cases.extend(hostile_qed(d).into_iter().map(|c| (c, "qed")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();
     for (case, fmt) in &cases {
         let file = d.join(format!("{}.img", case.name));
         let fs_ = file.to_str().unwrap();
+        let out_raw = d.join("out.raw");
+        // A format img only reads is read instead of written.
+        let write_or_read: &[&str] = if Format::from_name(fmt).unwrap().is_read_only() {
+            &[
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                fs_,
+                out_raw.to_str().unwrap(),
+            ]
+        } else {
+            &["convert", "-n", "-O", fmt, src.to_str().unwrap(), fs_]
+        };
         let runs: [&[&str]; 3] = [
             &["info", "-f", fmt, fs_],
             &["map", "-f", fmt, "--output=json", fs_],
-            &["convert", "-n", "-O", fmt, src.to_str().unwrap(), fs_],
+            write_or_read,
         ];
         for args in runs {
             fs::write(&file, &case.bytes).unwrap();

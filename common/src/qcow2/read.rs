@@ -98,17 +98,7 @@ impl Qcow2Image {
     /// Read guest bytes at `pos` that this layer does not have: from the backing file
     /// (zeroes past its end), or zeroes without one.
     pub(super) fn read_backing(&self, bufs: &[IoBufMut<'_>], pos: u64) -> Result<()> {
-        let len = iovec::total_len(bufs);
-        let avail = match &self.backing {
-            Some(b) => b.size().saturating_sub(pos).min(len as u64) as usize,
-            None => 0,
-        };
-        let mut front = iovec::Front::new(bufs);
-        if let (Some(b), true) = (&self.backing, avail > 0) {
-            b.read_vectored_at(&front.take(avail), pos)?;
-        }
-        iovec::zero(&front.take(len - avail));
-        Ok(())
+        crate::backing::read_below(self.backing.as_deref(), bufs, pos)
     }
 
     /// The decompressed cluster stored at `run`, from a one-entry cache: small sequential
@@ -207,17 +197,11 @@ impl Qcow2Image {
                 ..status(Allocation::Data, None)
             },
             Kind::Zero { host } => status(Allocation::Zero, host.map(|h| h.0)),
-            Kind::Unallocated => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    let mut s = b.block_status(offset, run.len.min(b.size() - offset))?;
-                    s.depth += 1;
-                    if s.allocation == Allocation::Unallocated {
-                        s.depth = 0;
-                    }
-                    s
-                }
-                _ => status(Allocation::Unallocated, run.reserved.map(|h| h.0)),
-            },
+            Kind::Unallocated => crate::backing::status_below(
+                self.backing.as_deref(),
+                offset,
+                status(Allocation::Unallocated, run.reserved.map(|h| h.0)),
+            )?,
         })
     }
 
