@@ -118,6 +118,14 @@ impl StoredTable {
             .unwrap_or(0)
     }
 
+    /// How many entries from `i` on (at most `max`) are zero.
+    pub(crate) fn zero_run(&self, i: u64, max: u64) -> u64 {
+        let stored = self.entries.len() as u64;
+        (0..max)
+            .find(|&n| i + n < stored && self.entries[(i + n) as usize] != 0)
+            .unwrap_or(max)
+    }
+
     /// The stored entries, in order (the rest are zero).
     pub(crate) fn stored(&self) -> &[u64] {
         &self.entries

@@ -90,7 +90,7 @@ impl CreateOptions {
                 check_protocol_preallocation(values)?;
                 Ok(CreateOptions::Vmdk(o))
             }
-            Format::Qed => Err(format.read_only_error()),
+            Format::Qed | Format::Qcow | Format::Parallels => Err(format.read_only_error()),
         }
     }
 }

@@ -10,8 +10,11 @@ pub enum Format {
     Vpc,
     Vdi,
     Vmdk,
-    /// Read only.
+    /// Read only, as the next two.
     Qed,
+    /// qcow version 1.
+    Qcow,
+    Parallels,
 }
 
 impl Format {
@@ -24,6 +27,8 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vmdk => "vmdk",
             Format::Qed => "qed",
+            Format::Qcow => "qcow",
+            Format::Parallels => "parallels",
         }
     }
 
@@ -36,13 +41,15 @@ impl Format {
             "vdi" => Ok(Format::Vdi),
             "vmdk" => Ok(Format::Vmdk),
             "qed" => Ok(Format::Qed),
+            "qcow" => Ok(Format::Qcow),
+            "parallels" => Ok(Format::Parallels),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
     }
 
     /// Whether the engine only reads the format (it neither creates nor writes it).
     pub fn is_read_only(self) -> bool {
-        matches!(self, Format::Qed)
+        matches!(self, Format::Qed | Format::Qcow | Format::Parallels)
     }
 
     /// Why an image of a read-only format cannot be created or opened for writing.

@@ -150,7 +150,12 @@ pub fn measure(
             })
         }
         Format::Qcow2 => measure_qcow2(&Qcow2Target::from_values(values)?, size, source),
-        Format::Vpc | Format::Vdi | Format::Vmdk | Format::Qed => Err(Error::Unsupported(format!(
+        Format::Vpc
+        | Format::Vdi
+        | Format::Vmdk
+        | Format::Qed
+        | Format::Qcow
+        | Format::Parallels => Err(Error::Unsupported(format!(
             "Block driver '{}' does not support size measurement",
             target.name()
         ))),

@@ -289,8 +289,13 @@ fn image_on<S: crate::storage::Storage + 'static>(
                     .map_err(|e| name_bare_errno(e, path))?,
             )
         }
-        Format::Qed => {
-            let opened = crate::qed::open(&storage).map_err(|e| name_bare_errno(e, path))?;
+        Format::Qed | Format::Qcow | Format::Parallels => {
+            let opened = match format {
+                Format::Qed => crate::qed::open(&storage),
+                Format::Qcow => crate::qcow1::open(&storage),
+                _ => crate::parallels::open(&storage),
+            }
+            .map_err(|e| name_bare_errno(e, path))?;
             Image::ReadOnly(ReadOnlyImage::new(Box::new(storage), opened, read_only)?)
         }
     })

@@ -15,8 +15,9 @@ pub use crate::qcow2::snapshot_ops::SnapshotKey;
 pub struct FormatInfo {
     /// Cluster size, for formats that have clusters.
     pub cluster_size: Option<u64>,
-    /// The image was not closed cleanly (qcow2's dirty bit).
-    pub dirty: bool,
+    /// The image was not closed cleanly (qcow2's dirty bit); `None` for a format that
+    /// gives no driver information (QEMU's `bdrv_get_info` fails: parallels).
+    pub dirty: Option<bool>,
     /// The backing file the image names.
     pub backing: Option<BackingRef>,
     /// The format's own fields (QAPI `ImageInfoSpecific`), for formats that have any.
@@ -70,31 +71,32 @@ impl Image {
         match self {
             Image::Raw(_) => Ok(FormatInfo {
                 cluster_size: None,
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
             Image::Vdi(v) => Ok(FormatInfo {
                 cluster_size: Some(v.block_size()),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
             Image::Vmdk(v) => Ok(FormatInfo {
                 cluster_size: v.cluster_size(),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: Some(FormatSpecific::Vmdk(v.info())),
             }),
             Image::ReadOnly(r) => Ok(FormatInfo {
-                cluster_size: Some(r.cluster_size()),
-                dirty: false,
+                cluster_size: r.info_cluster_size(),
+                // Both come from QEMU's driver information, which some formats lack.
+                dirty: r.info_cluster_size().map(|_| false),
                 backing: crate::BlockDriver::backing_ref(r),
                 specific: None,
             }),
             Image::Vpc(v) => Ok(FormatInfo {
                 cluster_size: v.block_size(),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
@@ -103,7 +105,7 @@ impl Image {
                 let v3 = h.version >= 3;
                 Ok(FormatInfo {
                     cluster_size: Some(h.cluster_size()),
-                    dirty: h.is_dirty(),
+                    dirty: Some(h.is_dirty()),
                     backing: q.backing_ref(),
                     specific: Some(FormatSpecific::Qcow2(Qcow2Info {
                         compat: h.compat_name(),

@@ -19,7 +19,9 @@ pub const VPC_COOKIE: [u8; 8] = *b"conectix";
 /// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
 /// and a version of at least 2 (QEMU's `qcow2_probe`), vpc for the footer cookie
 /// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), vmdk, qed for
-/// a whole header with its magic (`bdrv_qed_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
+/// a whole header with its magic (`bdrv_qed_probe`), qcow for its magic and version 1
+/// (`qcow_probe`), parallels for either magic and version 2 (`parallels_probe`),
+/// else raw. The magics exclude each other, so QEMU's scores need no order.
 pub fn probe_bytes(first: &[u8]) -> Format {
     let qcow2 = first.len() >= 8
         && first[..4] == QCOW2_MAGIC
@@ -34,6 +36,10 @@ pub fn probe_bytes(first: &[u8]) -> Format {
         Format::Vmdk
     } else if crate::qed::probe(first) {
         Format::Qed
+    } else if crate::qcow1::probe(first) {
+        Format::Qcow
+    } else if crate::parallels::probe(first) {
+        Format::Parallels
     } else {
         Format::Raw
     }

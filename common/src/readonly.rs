@@ -30,8 +30,14 @@ pub trait GuestMap: Send + Sync {
     /// `len`) the same holds (contiguous host bytes for data).
     fn lookup(&self, storage: &dyn Storage, pos: u64, len: u64) -> Result<(Mapped, u64)>;
 
-    /// The cluster (block) size, as `info` prints it.
+    /// The cluster (block) size.
     fn cluster_size(&self) -> u64;
+
+    /// The cluster size `info` prints, or `None` for a format that gives QEMU no driver
+    /// information (nor, then, a dirty flag).
+    fn info_cluster_size(&self) -> Option<u64> {
+        Some(self.cluster_size())
+    }
 
     /// `qemu-img check` for the format, or `None` where QEMU has no check.
     fn check(&self, _storage: &dyn Storage, _size: u64) -> Option<CheckReport> {
@@ -77,9 +83,14 @@ impl ReadOnlyImage {
         &*self.storage
     }
 
-    /// The cluster size, for `info`.
+    /// The cluster size.
     pub fn cluster_size(&self) -> u64 {
         self.opened.map.cluster_size()
+    }
+
+    /// The cluster size `info` prints, if it prints one.
+    pub fn info_cluster_size(&self) -> Option<u64> {
+        self.opened.map.info_cluster_size()
     }
 
     /// Attach the opened backing file (the chain opener does).

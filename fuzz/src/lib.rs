@@ -56,13 +56,14 @@ impl Drop for Scratch {
 
 /// The format the first input byte selects: probed, or one of the engine's formats.
 pub fn pick_format(b: u8) -> Option<Format> {
-    match b % 6 {
+    match b % 7 {
         0 => None,
         1 => Some(Format::Raw),
         2 => Some(Format::Qcow2),
         3 => Some(Format::Vpc),
         4 => Some(Format::Vdi),
-        _ => Some(Format::Qed),
+        5 => Some(Format::Qed),
+        _ => Some(Format::Qcow),
     }
 }
 

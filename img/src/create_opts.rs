@@ -172,7 +172,7 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Vdi => VDI_OPTS,
         Format::Vmdk => VMDK_OPTS,
         // Never created: `creatable` refuses them.
-        Format::Qed => &[],
+        Format::Qed | Format::Qcow | Format::Parallels => &[],
     }
 }
 

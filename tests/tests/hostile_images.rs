@@ -3346,6 +3346,126 @@ fn hostile_qed(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile qcow (version 1) images, from one qemu-img made (4 KiB clusters, 512-entry L2
+/// tables, a backing file name) and qemu-io wrote, and one with deflated clusters.
+fn hostile_qcow(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.qcow");
+    let base = dir.join("qcow-base.raw");
+    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "qcow", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    let cluster_bits = d[32];
+    let cover = 1usize << (cluster_bits + d[33]);
+    let l1 = be64(&d, 40) as usize;
+    // The L1 and L2 entries of guest offset 1 MiB, which qemu-io wrote.
+    let l1e = l1 + (1 << 20) / cover * 8;
+    let l2 = be64(&d, l1e) as usize;
+    let e = l2 + (1 << 20) % cover / (1 << cluster_bits) * 8;
+    let compressed = 1u64 << 63;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("qcow-truncated-header", d[..30].to_vec(), false),
+        f("qcow-truncated-l1", d[..l1 + 4].to_vec(), true),
+        f("qcow-truncated-data", d[..d.len() - 8192].to_vec(), true),
+        f("qcow-version-7", with(&|b| b[7] = 7), false),
+        f("qcow-size-1", with(&|b| put64(b, 24, 1)), false),
+        f(
+            "qcow-size-near-2^64",
+            with(&|b| put64(b, 24, u64::MAX - 100)),
+            false,
+        ),
+        f(
+            "qcow-l1-near-2^31-bytes",
+            with(&|b| {
+                b[32] = 9;
+                b[33] = 6;
+                put64(b, 24, ((1u64 << 28) - 1) << 15);
+            }),
+            false,
+        ),
+        f("qcow-cluster-bits-17", with(&|b| b[32] = 17), false),
+        f("qcow-l2-bits-14", with(&|b| b[33] = 14), false),
+        f("qcow-crypt-2", with(&|b| b[39] = 2), false),
+        f(
+            "qcow-backing-name-length-2^32",
+            with(&|b| put32(b, 16, u32::MAX.to_be_bytes())),
+            false,
+        ),
+        f(
+            "qcow-backing-name-past-the-end",
+            with(&|b| put64(b, 8, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l1-past-the-end",
+            with(&|b| put64(b, 40, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l1-near-2^64",
+            with(&|b| put64(b, 40, u64::MAX - 7)),
+            false,
+        ),
+        f(
+            "qcow-l2-past-the-end",
+            with(&|b| put64(b, l1e, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l2-near-2^64",
+            with(&|b| put64(b, l1e, u64::MAX - 7)),
+            true,
+        ),
+        f(
+            "qcow-data-past-the-end",
+            with(&|b| put64(b, e, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-data-near-2^64",
+            with(&|b| put64(b, e, (1 << 63) - 8)),
+            true,
+        ),
+        f(
+            "qcow-compressed-garbage",
+            with(&|b| put64(b, e, compressed | (4000 << (63 - cluster_bits)) | 512)),
+            true,
+        ),
+        f(
+            "qcow-compressed-past-the-end",
+            with(&|b| put64(b, e, compressed | (100 << (63 - cluster_bits)) | (1 << 40))),
+            true,
+        ),
+    ]
+}
+
 /// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
 /// `convert -n` into them (a `convert -O raw` out of those `img` only reads), each in the sandbox (1 GiB address space, a deadline), exit on
 /// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
@@ -3361,6 +3481,7 @@ fn foreign_headers_out_of_range() {
     cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
     cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
     cases.extend(hostile_qed(d).into_iter().map(|c| (c, "qed")));
+    cases.extend(hostile_qcow(d).into_iter().map(|c| (c, "qcow")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();

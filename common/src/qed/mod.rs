@@ -169,11 +169,14 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
 impl GuestMap for QedMap {
     fn lookup(&self, storage: &dyn Storage, pos: u64, len: u64) -> Result<(Mapped, u64)> {
         let cover = self.l2_coverage();
-        let len = len.min(cover - pos % cover);
         let l2 = self.l1.get(pos / cover);
         if l2 == 0 {
-            return Ok((Mapped::Unallocated, len));
+            // One run over every L2 table that is not there (a hostile L1 may be huge).
+            let tables = (pos % cover + len).div_ceil(cover);
+            let run = self.l1.zero_run(pos / cover, tables) * cover - pos % cover;
+            return Ok((Mapped::Unallocated, len.min(run)));
         }
+        let len = len.min(cover - pos % cover);
         if !self.table_ok(l2) {
             return Err(Error::corrupt_at(
                 Structure::L1Table,
