@@ -94,9 +94,12 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
     if 64 + entries * 4 > MAX_REQUEST {
         return Err(Error::io("", std::io::Error::from_raw_os_error(libc::EIO)));
     }
-    if entries < sectors.div_ceil(tracks) {
-        return Err(Error::invalid(
-            "Invalid image: Catalog size too small for advertised disk size",
+    // QEMU's block layer refuses a size it cannot count in bytes (a table shorter than the
+    // size is read as unallocated past its end).
+    if sectors > i64::MAX as u64 / 512 {
+        return Err(Error::io(
+            "Could not refresh total sector count",
+            std::io::Error::from_raw_os_error(libc::EFBIG),
         ));
     }
     let ext_off = le64(&h, 56);
@@ -160,8 +163,9 @@ fn check(m: &ParallelsMap, storage: &dyn Storage) -> CheckReport {
         total_clusters: m.entries,
         ..Default::default()
     };
+    // QEMU counts the file in whole sectors.
     let size = match storage.len() {
-        Ok(s) => s,
+        Ok(s) => s.next_multiple_of(512),
         Err(e) => {
             r.check_errors += 1;
             r.failure = Some(e);
@@ -201,4 +205,90 @@ fn check(m: &ParallelsMap, storage: &dyn Storage) -> CheckReport {
         r.leaks += leaked.div_ceil(cs);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(magic: &[u8; 16], tracks: u32, entries: u32, sectors: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[..16].copy_from_slice(magic);
+        b[16..20].copy_from_slice(&VERSION.to_le_bytes());
+        b[28..32].copy_from_slice(&tracks.to_le_bytes());
+        b[32..36].copy_from_slice(&entries.to_le_bytes());
+        b[36..44].copy_from_slice(&sectors.to_le_bytes());
+        b
+    }
+
+    fn open_bytes(b: &[u8]) -> Result<Opened> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.hds");
+        std::fs::write(&p, b).unwrap();
+        open(&crate::storage::FileStorage::new(
+            std::fs::File::open(&p).unwrap(),
+        ))
+    }
+
+    fn err(b: &[u8]) -> String {
+        open_bytes(b).err().expect("must not open").to_string()
+    }
+
+    #[test]
+    fn open_errors_in_qemus_words() {
+        assert_eq!(err(&[0u8; 4096]), "Image not in Parallels format");
+        let mut b = header(MAGIC_EXT, 8, 1, 8);
+        b[16] = 3;
+        assert_eq!(err(&b), "Image not in Parallels format");
+        assert!(!probe(&b));
+        assert_eq!(
+            err(&header(MAGIC_EXT, 0, 1, 8)),
+            "Invalid image: Zero sectors per track"
+        );
+        assert_eq!(
+            err(&header(MAGIC_EXT, 1 << 22, 1, 8)),
+            "Invalid image: Too big cluster"
+        );
+        assert_eq!(err(&header(MAGIC_EXT, 8, 1 << 30, 8)), "Catalog too large");
+        let mut b = header(MAGIC_EXT, 8, 1, 8);
+        b[56..64].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert_eq!(err(&b), "Invalid image: Too big offset");
+        assert!(err(&header(MAGIC_EXT, 8, 1, u64::MAX)).contains("File too large"));
+    }
+
+    #[test]
+    fn old_images_count_entries_in_sectors_and_32_bit_sizes() {
+        // Cluster 0 at sector 16 (old: entry 16; new: entry 2 of 8-sector clusters).
+        let mut b = header(MAGIC, 8, 2, (1 << 32) | 16);
+        b[64..68].copy_from_slice(&16u32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.hds");
+        std::fs::write(&p, &b).unwrap();
+        let s = crate::storage::FileStorage::new(std::fs::File::open(&p).unwrap());
+        let o = open(&s).unwrap();
+        assert_eq!(o.size, 16 * 512, "only the low half of the size counts");
+        assert_eq!(
+            o.map.lookup(&s, 100, 10_000).unwrap(),
+            (Mapped::Data(8192 + 100), 3996)
+        );
+        assert_eq!(
+            o.map.lookup(&s, 4096, 4096).unwrap(),
+            (Mapped::Unallocated, 4096)
+        );
+        b[..16].copy_from_slice(MAGIC_EXT);
+        b[64..68].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let s = crate::storage::FileStorage::new(std::fs::File::open(&p).unwrap());
+        let o = open(&s).unwrap();
+        assert_eq!(o.size, ((1u64 << 32) | 16) * 512);
+        assert_eq!(
+            o.map.lookup(&s, 100, 10).unwrap(),
+            (Mapped::Data(8192 + 100), 10)
+        );
+        // Past the table: unallocated, in one run.
+        assert_eq!(
+            o.map.lookup(&s, 8192, 1 << 30).unwrap(),
+            (Mapped::Unallocated, 1 << 30)
+        );
+    }
 }

@@ -149,6 +149,22 @@ mod tests {
     }
 
     #[test]
+    fn qcow_version_1_and_parallels() {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(&QCOW2_MAGIC);
+        h[7] = 1;
+        assert_eq!(probe_bytes(&h), Format::Qcow);
+        assert_eq!(probe_bytes(&h[..47]), Format::Raw, "too short");
+        h[..16].copy_from_slice(b"WithouFreSpacExt");
+        h[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(probe_bytes(&h), Format::Parallels);
+        h[..16].copy_from_slice(b"WithoutFreeSpace");
+        assert_eq!(probe_bytes(&h), Format::Parallels);
+        h[16] = 1;
+        assert_eq!(probe_bytes(&h), Format::Raw, "version 1");
+    }
+
+    #[test]
     fn vdi_needs_a_whole_header_with_its_signature() {
         let mut h = [0u8; 512];
         h[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());

@@ -56,14 +56,15 @@ impl Drop for Scratch {
 
 /// The format the first input byte selects: probed, or one of the engine's formats.
 pub fn pick_format(b: u8) -> Option<Format> {
-    match b % 7 {
+    match b % 8 {
         0 => None,
         1 => Some(Format::Raw),
         2 => Some(Format::Qcow2),
         3 => Some(Format::Vpc),
         4 => Some(Format::Vdi),
         5 => Some(Format::Qed),
-        _ => Some(Format::Qcow),
+        6 => Some(Format::Qcow),
+        _ => Some(Format::Parallels),
     }
 }
 

@@ -3466,6 +3466,112 @@ fn hostile_qcow(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile parallels images, from one qemu-img made (64 KiB clusters) and qemu-io wrote.
+fn hostile_parallels(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.hds");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "parallels",
+        "-o",
+        "cluster_size=64k",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "parallels", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    // The table entry of guest offset 1 MiB (cluster 16), which qemu-io wrote.
+    let e = 64 + 16 * 4;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("parallels-truncated-header", d[..40].to_vec(), true),
+        f("parallels-truncated-table", d[..100].to_vec(), true),
+        f(
+            "parallels-truncated-data",
+            d[..d.len() - 65536].to_vec(),
+            true,
+        ),
+        f("parallels-version-3", with(&|b| b[16] = 3), false),
+        f(
+            "parallels-zero-tracks",
+            with(&|b| put32(b, 28, le(0))),
+            false,
+        ),
+        f(
+            "parallels-tracks-near-2^32",
+            with(&|b| put32(b, 28, le(0xffff_ff80))),
+            false,
+        ),
+        f(
+            "parallels-entries-near-2^32",
+            with(&|b| put32(b, 32, le(0xffff_fff0))),
+            false,
+        ),
+        f(
+            "parallels-entries-near-2^29",
+            with(&|b| put32(b, 32, le((1 << 29) - 1))),
+            false,
+        ),
+        f(
+            "parallels-table-short-of-the-size",
+            with(&|b| put32(b, 32, le(100))),
+            true,
+        ),
+        f(
+            "parallels-size-near-2^64",
+            with(&|b| b[36..44].copy_from_slice(&(u64::MAX - 511).to_le_bytes())),
+            false,
+        ),
+        f(
+            "parallels-ext-off-near-2^64",
+            with(&|b| b[56..64].copy_from_slice(&(1u64 << 60).to_le_bytes())),
+            false,
+        ),
+        f(
+            "parallels-in-use",
+            with(&|b| put32(b, 44, le(0x746f_6e59))),
+            true,
+        ),
+        f(
+            "parallels-cluster-past-the-end",
+            with(&|b| put32(b, e, le(50_000))),
+            true,
+        ),
+        f(
+            "parallels-cluster-near-2^32",
+            with(&|b| put32(b, e, le(u32::MAX))),
+            true,
+        ),
+        f(
+            "parallels-clusters-shared",
+            with(&|b| {
+                let v: [u8; 4] = b[e..e + 4].try_into().unwrap();
+                put32(b, e + 4, v)
+            }),
+            true,
+        ),
+        f(
+            "parallels-cluster-in-the-header",
+            with(&|b| put32(b, e, le(0))),
+            true,
+        ),
+    ]
+}
+
 /// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
 /// `convert -n` into them (a `convert -O raw` out of those `img` only reads), each in the sandbox (1 GiB address space, a deadline), exit on
 /// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
@@ -3482,6 +3588,7 @@ fn foreign_headers_out_of_range() {
     cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
     cases.extend(hostile_qed(d).into_iter().map(|c| (c, "qed")));
     cases.extend(hostile_qcow(d).into_iter().map(|c| (c, "qcow")));
+    cases.extend(hostile_parallels(d).into_iter().map(|c| (c, "parallels")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();

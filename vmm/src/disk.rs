@@ -291,7 +291,7 @@ mod tests {
     /// drive is refused in one line naming the format.
     #[test]
     fn read_only_format_drives() {
-        for fmt in ["qed", "qcow"] {
+        for fmt in ["qed", "qcow", "parallels"] {
             let p = std::env::temp_dir().join(format!("vmm-disk-{}-ro-{fmt}", std::process::id()));
             let ps = p.to_str().unwrap();
             for args in [
