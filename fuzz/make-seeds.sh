@@ -73,6 +73,15 @@ done
 qemu-img convert -O vpc -o subformat=dynamic,force_size=on data.raw vpc-force.vhd
 qemu-img convert -O vdi data.raw vdi-dynamic.vdi
 qemu-img convert -O vdi -o static=on data.raw vdi-static.vdi
+qemu-img convert -O qed -o cluster_size=4k,table_size=2 data.raw qed-plain.qed
+qemu-img create -q -f qed -b data.raw -F raw qed-backing.qed 2M
+qemu-io -f qed -c "write -P 0x5a 64k 8k" -c "write -z 1m 64k" qed-backing.qed >/dev/null
+qemu-img convert -O qcow data.raw qcow-plain.qcow
+# qemu-img 10 exits 1 without a word after writing a compressed qcow; the image is whole.
+qemu-img convert -c -O qcow data.raw qcow-compressed.qcow || true
+qemu-img create -q -f qcow -b data.raw -F raw qcow-backing.qcow 2M
+qemu-io -f qcow -c "write -P 0x5a 64k 8k" qcow-backing.qcow >/dev/null
+qemu-img convert -O parallels -o cluster_size=4k data.raw parallels-4k.hds
 cp data.raw raw.img
 
 # vhdx: qemu-img's layout puts data at 8 MiB and more, past AFL's limit; these keep its
@@ -118,7 +127,7 @@ keep_plain() {
     cp "$2" "$out/$1/$(basename "$2")"
 }
 
-for f in *.qcow2 *.vhd *.vdi *.vhdx raw.img; do
+for f in *.qcow2 *.vhd *.vdi *.vhdx *.qed *.qcow *.hds raw.img; do
     keep open_read 0 "$f"
 done
 for f in *.qcow2; do
@@ -129,6 +138,9 @@ for f in *.vdi; do keep check 1 "$f"; done
 for f in *.vhd; do keep open_read 3 "$f"; done
 for f in *.vdi; do keep open_read 4 "$f"; done
 for f in *.vhdx; do keep open_read 5 "$f"; done
+for f in *.qed; do keep open_read 6 "$f"; done
+for f in *.qcow; do keep open_read 7 "$f"; done
+for f in *.hds; do keep open_read 8 "$f"; done
 
 # diskboot: GPT + ext2 with grub.cfg, MBR + ext2 with extlinux and BLS, MBR + FAT with
 # systemd-boot entries, a bare FAT volume, a bare ext2 filesystem with /vmlinuz.

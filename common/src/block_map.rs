@@ -1,6 +1,6 @@
 //! What formats that map fixed-size guest blocks to places in a file share (vpc, vdi,
 //! vmdk, vhdx): cutting a guest range at block boundaries, zeroing stored bytes, and asking the
-//! file whether data stored at its own offset is a hole.
+//! file whether data stored at its own offset is a hole; reading their tables of entries.
 
 use crate::driver::{Allocation, BlockStatus};
 use crate::error::{Error, Result};
@@ -51,4 +51,83 @@ pub(crate) fn stored_data_status(storage: &dyn Storage, host: u64, n: u64) -> Re
         },
         ..st
     })
+}
+
+/// `n` table entries of `width` (4 or 8) bytes at `at`, big- or little-endian; bytes past
+/// the end of the file read as zero, as QEMU reads them. The caller bounds `n`.
+pub(crate) fn read_entries(
+    storage: &dyn Storage,
+    at: u64,
+    n: u64,
+    width: usize,
+    big_endian: bool,
+) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; n as usize * width];
+    storage
+        .read_at(&mut raw, at)
+        .map_err(|e| Error::io("Could not read a mapping table", e))?;
+    Ok(raw
+        .chunks_exact(width)
+        .map(|c| decode(c, big_endian))
+        .collect())
+}
+
+fn decode(c: &[u8], big_endian: bool) -> u64 {
+    let mut b = [0u8; 8];
+    if big_endian {
+        b[8 - c.len()..].copy_from_slice(c);
+        u64::from_be_bytes(b)
+    } else {
+        b[..c.len()].copy_from_slice(c);
+        u64::from_le_bytes(b)
+    }
+}
+
+/// A table of entries read once at open (an L1 table, a block allocation table): only
+/// the part inside the file is held, so a hostile entry count costs no memory; entries
+/// past the end of the file are zero, as QEMU reads them.
+#[derive(Debug, Default)]
+pub(crate) struct StoredTable {
+    entries: Vec<u64>,
+}
+
+impl StoredTable {
+    /// `n` entries of `width` bytes at `at` of `storage`.
+    pub(crate) fn read(
+        storage: &dyn Storage,
+        at: u64,
+        n: u64,
+        width: usize,
+        big_endian: bool,
+    ) -> Result<StoredTable> {
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("Could not get the image size", e))?;
+        let in_file = file_len.saturating_sub(at).div_ceil(width as u64).min(n);
+        Ok(StoredTable {
+            entries: read_entries(storage, at, in_file, width, big_endian)?,
+        })
+    }
+
+    /// Entry `i` (zero past the stored part).
+    pub(crate) fn get(&self, i: u64) -> u64 {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.entries.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many entries from `i` on (at most `max`) are zero.
+    pub(crate) fn zero_run(&self, i: u64, max: u64) -> u64 {
+        let stored = self.entries.len() as u64;
+        (0..max)
+            .find(|&n| i + n < stored && self.entries[(i + n) as usize] != 0)
+            .unwrap_or(max)
+    }
+
+    /// The stored entries, in order (the rest are zero).
+    pub(crate) fn stored(&self) -> &[u64] {
+        &self.entries
+    }
 }

@@ -89,6 +89,7 @@ impl CreateOptions {
                 check_protocol_preallocation(values)?;
                 Ok(CreateOptions::Vhdx(o))
             }
+            Format::Qed | Format::Qcow | Format::Parallels => Err(format.read_only_error()),
         }
     }
 }

@@ -11,6 +11,11 @@ pub enum Format {
     Vdi,
     Vmdk,
     Vhdx,
+    /// Read only, as the next two.
+    Qed,
+    /// qcow version 1.
+    Qcow,
+    Parallels,
 }
 
 impl Format {
@@ -23,6 +28,9 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vmdk => "vmdk",
             Format::Vhdx => "vhdx",
+            Format::Qed => "qed",
+            Format::Qcow => "qcow",
+            Format::Parallels => "parallels",
         }
     }
 
@@ -35,7 +43,24 @@ impl Format {
             "vdi" => Ok(Format::Vdi),
             "vmdk" => Ok(Format::Vmdk),
             "vhdx" => Ok(Format::Vhdx),
+            "qed" => Ok(Format::Qed),
+            "qcow" => Ok(Format::Qcow),
+            "parallels" => Ok(Format::Parallels),
             other => Err(Error::invalid(format!("Unknown driver '{other}'"))),
         }
+    }
+
+    /// Whether the engine only reads the format (it neither creates nor writes it).
+    pub fn is_read_only(self) -> bool {
+        matches!(self, Format::Qed | Format::Qcow | Format::Parallels)
+    }
+
+    /// Why an image of a read-only format cannot be created or opened for writing.
+    pub fn read_only_error(self) -> Error {
+        Error::Unsupported(format!(
+            "The {} format is read-only in img: it reads such images but does not create \
+             or write them",
+            self.name()
+        ))
     }
 }

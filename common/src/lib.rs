@@ -23,10 +23,14 @@ pub mod nbd;
 pub mod open;
 pub mod ops;
 pub mod option_list;
+pub mod parallels;
 pub mod prealloc;
 pub mod probe;
+pub mod qcow1;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
+pub mod readonly;
 pub mod storage;
 #[cfg(test)]
 mod test_tools;

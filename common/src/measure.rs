@@ -150,12 +150,16 @@ pub fn measure(
             })
         }
         Format::Qcow2 => measure_qcow2(&Qcow2Target::from_values(values)?, size, source),
-        Format::Vpc | Format::Vdi | Format::Vmdk | Format::Vhdx => {
-            Err(Error::Unsupported(format!(
-                "Block driver '{}' does not support size measurement",
-                target.name()
-            )))
-        }
+        Format::Vpc
+        | Format::Vdi
+        | Format::Vmdk
+        | Format::Vhdx
+        | Format::Qed
+        | Format::Qcow
+        | Format::Parallels => Err(Error::Unsupported(format!(
+            "Block driver '{}' does not support size measurement",
+            target.name()
+        ))),
     }
 }
 

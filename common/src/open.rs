@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 pub use crate::format::Format;
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
+use crate::readonly::ReadOnlyImage;
 use crate::vdi::VdiImage;
 use crate::vhdx::VhdxImage;
 use crate::vmdk::VmdkImage;
@@ -66,6 +67,8 @@ pub enum Image {
     Vdi(VdiImage),
     Vmdk(VmdkImage),
     Vhdx(VhdxImage),
+    /// qed, qcow (version 1), parallels: read only.
+    ReadOnly(ReadOnlyImage),
 }
 
 impl Image {
@@ -78,6 +81,7 @@ impl Image {
             Image::Vdi(v) => v,
             Image::Vmdk(v) => v,
             Image::Vhdx(v) => v,
+            Image::ReadOnly(r) => r,
         }
     }
 
@@ -90,6 +94,7 @@ impl Image {
             Image::Vdi(v) => Box::new(v),
             Image::Vmdk(v) => Box::new(v),
             Image::Vhdx(v) => Box::new(v),
+            Image::ReadOnly(r) => Box::new(r),
         }
     }
 
@@ -105,6 +110,12 @@ impl Image {
             Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vmdk(v) => Ok(v.check()),
             Image::Vhdx(v) => v.check(),
+            // Repairs need writing, which the engine does not do to these formats.
+            Image::ReadOnly(r) if fix.any() => Err(Error::Unsupported(format!(
+                "The {} format is read-only in img: it cannot repair images",
+                r.format().name()
+            ))),
+            Image::ReadOnly(r) => r.check().ok_or(Error::Unsupported("checks".into())),
         }
     }
 
@@ -117,6 +128,7 @@ impl Image {
             Image::Vdi(_) => Format::Vdi,
             Image::Vmdk(_) => Format::Vmdk,
             Image::Vhdx(_) => Format::Vhdx,
+            Image::ReadOnly(r) => r.format(),
         }
     }
 
@@ -135,6 +147,7 @@ impl Image {
             Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => None,
             Image::Qcow2(q) => q.backing_ref(),
             Image::Vmdk(v) => BlockDriver::backing_ref(v),
+            Image::ReadOnly(r) => r.backing_ref(),
         }
     }
 
@@ -149,6 +162,7 @@ impl Image {
                 };
                 v.set_backing(below.into_driver(), cid);
             }
+            Image::ReadOnly(r) => r.set_backing(below.into_driver()),
             _ => {}
         }
     }
@@ -308,6 +322,15 @@ fn image_on<S: crate::storage::Storage + 'static>(
                 VmdkImage::open(Box::new(storage), &name, read_only, &open_extent)
                     .map_err(|e| name_bare_errno(e, path))?,
             )
+        }
+        Format::Qed | Format::Qcow | Format::Parallels => {
+            let opened = match format {
+                Format::Qed => crate::qed::open(&storage),
+                Format::Qcow => crate::qcow1::open(&storage),
+                _ => crate::parallels::open(&storage),
+            }
+            .map_err(|e| name_bare_errno(e, path))?;
+            Image::ReadOnly(ReadOnlyImage::new(Box::new(storage), opened, read_only)?)
         }
     })
 }

@@ -15,8 +15,9 @@ pub use crate::qcow2::snapshot_ops::SnapshotKey;
 pub struct FormatInfo {
     /// Cluster size, for formats that have clusters.
     pub cluster_size: Option<u64>,
-    /// The image was not closed cleanly (qcow2's dirty bit).
-    pub dirty: bool,
+    /// The image was not closed cleanly (qcow2's dirty bit); `None` for a format that
+    /// gives no driver information (QEMU's `bdrv_get_info` fails: parallels).
+    pub dirty: Option<bool>,
     /// The backing file the image names.
     pub backing: Option<BackingRef>,
     /// The format's own fields (QAPI `ImageInfoSpecific`), for formats that have any.
@@ -70,31 +71,38 @@ impl Image {
         match self {
             Image::Raw(_) => Ok(FormatInfo {
                 cluster_size: None,
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
             Image::Vhdx(v) => Ok(FormatInfo {
                 cluster_size: Some(v.block_size()),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
             Image::Vdi(v) => Ok(FormatInfo {
                 cluster_size: Some(v.block_size()),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
             Image::Vmdk(v) => Ok(FormatInfo {
                 cluster_size: v.cluster_size(),
-                dirty: false,
+                dirty: Some(false),
                 backing: self.backing_ref(),
                 specific: Some(FormatSpecific::Vmdk(v.info())),
             }),
+            Image::ReadOnly(r) => Ok(FormatInfo {
+                cluster_size: r.info_cluster_size(),
+                // Both come from QEMU's driver information, which some formats lack.
+                dirty: r.info_cluster_size().map(|_| false),
+                backing: crate::BlockDriver::backing_ref(r),
+                specific: None,
+            }),
             Image::Vpc(v) => Ok(FormatInfo {
                 cluster_size: v.block_size(),
-                dirty: false,
+                dirty: Some(false),
                 backing: None,
                 specific: None,
             }),
@@ -103,7 +111,7 @@ impl Image {
                 let v3 = h.version >= 3;
                 Ok(FormatInfo {
                     cluster_size: Some(h.cluster_size()),
-                    dirty: h.is_dirty(),
+                    dirty: Some(h.is_dirty()),
                     backing: q.backing_ref(),
                     specific: Some(FormatSpecific::Qcow2(Qcow2Info {
                         compat: h.compat_name(),
@@ -144,9 +152,12 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_create(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::Unsupported("Operation not supported".into()))
-            }
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported("Operation not supported".into())),
         }
     }
 
@@ -158,9 +169,14 @@ impl Image {
                 Err(Error::Unsupported("Device has active dirty bitmaps".into()))
             }
             Image::Qcow2(q) => q.snapshot_apply(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => Err(
-                Error::Unsupported("Block driver does not support snapshots".into()),
-            ),
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported(
+                "Block driver does not support snapshots".into(),
+            )),
         }
     }
 
@@ -169,13 +185,16 @@ impl Image {
     pub fn load_snapshot(&self, key: &SnapshotKey) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.load_snapshot(key),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::Unsupported(format!(
-                    "Block format '{}' used by device '' does not support temporarily loading \
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported(format!(
+                "Block format '{}' used by device '' does not support temporarily loading \
                  internal snapshots",
-                    self.format().name()
-                )))
-            }
+                self.format().name()
+            ))),
         }
     }
 
@@ -183,9 +202,12 @@ impl Image {
     pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.snapshot_delete(name),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::NotFound("snapshot not found".into()))
-            }
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::NotFound("snapshot not found".into())),
         }
     }
 
@@ -194,9 +216,13 @@ impl Image {
     pub fn resize(&self, size: u64, mode: crate::prealloc::Preallocation) -> Result<()> {
         match self {
             Image::Raw(r) => r.resize(size, mode),
-            Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => Err(
-                Error::Unsupported("Image format driver does not support resize".into()),
-            ),
+            Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported(
+                "Image format driver does not support resize".into(),
+            )),
             Image::Qcow2(q) => q.resize(size, mode),
         }
     }
@@ -206,12 +232,15 @@ impl Image {
     pub fn amend(&self, opts: &AmendOptions, progress: &mut dyn FnMut(f64)) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.amend(opts, progress),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::Unsupported(format!(
-                    "Format driver '{}' does not support option amendment",
-                    self.format().name()
-                )))
-            }
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported(format!(
+                "Format driver '{}' does not support option amendment",
+                self.format().name()
+            ))),
         }
     }
 
@@ -220,9 +249,12 @@ impl Image {
     pub fn make_empty(&self) -> Result<()> {
         match self {
             Image::Qcow2(q) => q.make_empty(),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::Unsupported("Operation not supported".into()))
-            }
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported("Operation not supported".into())),
         }
     }
 
@@ -236,9 +268,12 @@ impl Image {
         }
         match self {
             Image::Qcow2(q) => q.change_backing_file(backing),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
-                Err(Error::Unsupported("Operation not supported".into()))
-            }
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => Err(Error::Unsupported("Operation not supported".into())),
         }
     }
 
@@ -248,6 +283,7 @@ impl Image {
             Image::Raw(r) => r.storage(),
             Image::Vpc(v) => v.storage(),
             Image::Vdi(v) => v.storage(),
+            Image::ReadOnly(r) => r.storage(),
             Image::Vmdk(v) => v.storage(),
             Image::Vhdx(v) => v.storage(),
             Image::Qcow2(q) => q.storage(),
@@ -263,9 +299,11 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_compressed(offset, data),
             Image::Vmdk(v) => v.write_compressed(offset, data, None),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) | Image::ReadOnly(_) => {
+                Err(Error::Unsupported(
+                    "Compression not supported for this file format".into(),
+                ))
+            }
         }
     }
 }
@@ -318,12 +356,22 @@ impl Image {
                 header: Box::new(q.header()),
             },
             Some(
-                Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_),
+                Image::Raw(_)
+                | Image::Vpc(_)
+                | Image::Vdi(_)
+                | Image::Vmdk(_)
+                | Image::Vhdx(_)
+                | Image::ReadOnly(_),
             ) => BitmapSource::NoBitmaps,
         };
         match self {
             Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vmdk(_) | Image::Vhdx(_) => {
+            Image::Raw(_)
+            | Image::Vpc(_)
+            | Image::Vdi(_)
+            | Image::Vmdk(_)
+            | Image::Vhdx(_)
+            | Image::ReadOnly(_) => {
                 // Raw images hold no bitmaps and can store none.
                 let error = match ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
@@ -374,9 +422,11 @@ impl Image {
                 Ok(CompressedCluster(Some(v.compress_grain(data)?)))
             }
             Image::Vmdk(_) => Ok(CompressedCluster(None)),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) | Image::ReadOnly(_) => {
+                Err(Error::Unsupported(
+                    "Compression not supported for this file format".into(),
+                ))
+            }
         }
     }
 
@@ -391,9 +441,11 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.write_packed(offset, data, c.0.as_deref()),
             Image::Vmdk(v) => v.write_compressed(offset, data, c.0.as_deref()),
-            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) => Err(
-                Error::Unsupported("Compression not supported for this file format".into()),
-            ),
+            Image::Raw(_) | Image::Vpc(_) | Image::Vdi(_) | Image::Vhdx(_) | Image::ReadOnly(_) => {
+                Err(Error::Unsupported(
+                    "Compression not supported for this file format".into(),
+                ))
+            }
         }
     }
 }

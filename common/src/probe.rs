@@ -19,7 +19,10 @@ pub const VPC_COOKIE: [u8; 8] = *b"conectix";
 /// The format the first bytes of a file (up to [`PROBE_LEN`]) show: qcow2 for its magic
 /// and a version of at least 2 (QEMU's `qcow2_probe`), vpc for the footer cookie
 /// (`vpc_probe`), vdi for a whole header with its signature (`vdi_probe`), vhdx for its
-/// file identifier (`vhdx_probe`), else raw. The magics exclude each other, so QEMU's scores need no order.
+/// file identifier (`vhdx_probe`), vmdk, qed for a whole header with its magic
+/// (`bdrv_qed_probe`), qcow for its magic and version 1 (`qcow_probe`), parallels for
+/// either magic and version 2 (`parallels_probe`), else raw. The magics exclude each
+/// other, so QEMU's scores need no order.
 pub fn probe_bytes(first: &[u8]) -> Format {
     let qcow2 = first.len() >= 8
         && first[..4] == QCOW2_MAGIC
@@ -34,6 +37,12 @@ pub fn probe_bytes(first: &[u8]) -> Format {
         Format::Vmdk
     } else if first.len() >= 8 && first[..8] == *crate::vhdx::header::FILE_SIGNATURE {
         Format::Vhdx
+    } else if crate::qed::probe(first) {
+        Format::Qed
+    } else if crate::qcow1::probe(first) {
+        Format::Qcow
+    } else if crate::parallels::probe(first) {
+        Format::Parallels
     } else {
         Format::Raw
     }
@@ -137,6 +146,32 @@ mod tests {
         assert_eq!(probe_bytes(b"vhdxfile\0\0"), Format::Vhdx);
         assert_eq!(probe_bytes(b"vhdxfil"), Format::Raw, "too short");
         assert_eq!(probe_bytes(b"vhdxFile"), Format::Raw);
+    }
+
+    #[test]
+    fn qed_needs_a_whole_header_with_its_magic() {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(b"QED\0");
+        assert_eq!(probe_bytes(&h), Format::Qed);
+        assert_eq!(probe_bytes(&h[..63]), Format::Raw, "too short");
+        h[3] = 1;
+        assert_eq!(probe_bytes(&h), Format::Raw);
+    }
+
+    #[test]
+    fn qcow_version_1_and_parallels() {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(&QCOW2_MAGIC);
+        h[7] = 1;
+        assert_eq!(probe_bytes(&h), Format::Qcow);
+        assert_eq!(probe_bytes(&h[..47]), Format::Raw, "too short");
+        h[..16].copy_from_slice(b"WithouFreSpacExt");
+        h[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(probe_bytes(&h), Format::Parallels);
+        h[..16].copy_from_slice(b"WithoutFreeSpace");
+        assert_eq!(probe_bytes(&h), Format::Parallels);
+        h[16] = 1;
+        assert_eq!(probe_bytes(&h), Format::Raw, "version 1");
     }
 
     #[test]

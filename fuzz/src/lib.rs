@@ -56,13 +56,16 @@ impl Drop for Scratch {
 
 /// The format the first input byte selects: probed, or one of the engine's formats.
 pub fn pick_format(b: u8) -> Option<Format> {
-    match b % 6 {
+    match b % 9 {
         0 => None,
         1 => Some(Format::Raw),
         2 => Some(Format::Qcow2),
         3 => Some(Format::Vpc),
         4 => Some(Format::Vdi),
-        _ => Some(Format::Vhdx),
+        5 => Some(Format::Vhdx),
+        6 => Some(Format::Qed),
+        7 => Some(Format::Qcow),
+        _ => Some(Format::Parallels),
     }
 }
 

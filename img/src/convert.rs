@@ -13,8 +13,8 @@ mod sources;
 mod throttle;
 
 use crate::create_opts::{
-    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list, opts_for,
-    CreateOpts,
+    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list,
+    not_creatable, opts_for, CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -215,8 +215,12 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         images.push(image);
     }
     let sources = Sources::new(images);
-    let format = creatable(out_fmt)
-        .ok_or_else(|| Failure::msg(format!("Unknown file format '{out_fmt}'")))?;
+    let format = creatable(out_fmt).ok_or_else(|| {
+        Failure::msg(not_creatable(
+            out_fmt,
+            format!("Unknown file format '{out_fmt}'"),
+        ))
+    })?;
     let target = Target {
         name: dst,
         format,

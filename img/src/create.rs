@@ -7,8 +7,8 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, OpenOptions};
 
 use crate::create_opts::{
-    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list, opts_for,
-    CreateOpts,
+    creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list,
+    not_creatable, opts_for, CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
@@ -106,7 +106,8 @@ struct Request<'a> {
 
 /// QEMU's `bdrv_img_create`; errors are the text after `img: FILE: `.
 fn img_create(r: &Request) -> Result<(), String> {
-    let format = creatable(r.fmt).ok_or_else(|| format!("Unknown file format '{}'", r.fmt))?;
+    let format = creatable(r.fmt)
+        .ok_or_else(|| not_creatable(r.fmt, format!("Unknown file format '{}'", r.fmt)))?;
     let mut opts = CreateOpts::new(opts_for(format));
     if let Some(list) = r.options {
         opts.parse_list(list)?;

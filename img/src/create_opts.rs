@@ -153,6 +153,14 @@ pub const VHDX_OPTS: &[OptDesc] = &[
     opt("preallocation", OptType::Str, None),
     opt("extent_size_hint", OptType::Size, None),
 ];
+/// Why `img` cannot make an image of format `name`: a format it only reads, or else
+/// `unknown` (qemu-img's words for a name it does not know).
+pub fn not_creatable(name: &str, unknown: String) -> String {
+    match Format::from_name(name) {
+        Ok(f) if f.is_read_only() => f.read_only_error().to_string(),
+        _ => unknown,
+    }
+}
 
 /// The format a new image of format `name` is made in, if `img` can make it.
 pub fn creatable(name: &str) -> Option<Format> {
@@ -176,6 +184,8 @@ pub fn opts_for(format: Format) -> &'static [OptDesc] {
         Format::Vdi => VDI_OPTS,
         Format::Vmdk => VMDK_OPTS,
         Format::Vhdx => VHDX_OPTS,
+        // Never created: `creatable` refuses them.
+        Format::Qed | Format::Qcow | Format::Parallels => &[],
     }
 }
 

@@ -12,7 +12,7 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 use common::{Allocation, BlockDriver};
 
-use crate::create_opts::{creatable, opts_for, CreateOpts};
+use crate::create_opts::{creatable, not_creatable, opts_for, CreateOpts};
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::{open_named, open_user_image};
 use crate::size::{cvtnum, cvtnum_full};
@@ -94,8 +94,9 @@ fn copy_range(input_size: u64, op: &Operands) -> (u64, u64, bool) {
 pub fn run(a: &DdArgs) -> CmdResult {
     let op = parse_operands(&a.operands).map_err(Failure::msg)?;
     let input = open_input(&op.input, a.format.as_deref(), a.force_share).map_err(Failure::msg)?;
-    let out_format = creatable(a.output_format.as_deref().unwrap_or("raw"))
-        .ok_or_else(|| Failure::msg("Unknown file format"))?;
+    let out_name = a.output_format.as_deref().unwrap_or("raw");
+    let out_format = creatable(out_name)
+        .ok_or_else(|| Failure::msg(not_creatable(out_name, "Unknown file format".into())))?;
     // QEMU's block layer counts lengths in whole 512-byte sectors.
     let input_size = input.driver().size().next_multiple_of(512);
     let (start, end, past_end) = copy_range(input_size, &op);

@@ -167,7 +167,7 @@ pub fn image_info(
     node.snapshots = image.snapshots().map_err(|e| open_err(engine_msg(&e)))?;
     let info = image.info().map_err(|e| open_err(engine_msg(&e)))?;
     node.cluster_size = info.cluster_size;
-    node.dirty_flag = Some(info.dirty);
+    node.dirty_flag = info.dirty;
     if nbd && image.format() == Format::Raw {
         node.dirty_flag = None;
     }

@@ -24,7 +24,7 @@
 //! integration-tests --test hostile_images <fuzz test name> -- --nocapture` reruns one case,
 //! and every failing case's mutated image is saved under `target/tmp/hostile_images/`.
 
-use common::open::{open_image, Image, OpenOptions};
+use common::open::{open_image, Format, Image, OpenOptions};
 use common::qcow2::header::Header;
 use integration_tests::qcow2_layout::{
     be32, be64, get_be, put_be, put_refcount, round_up, Field, Layout, Patch, BACKING_FILE_OFFSET,
@@ -3496,8 +3496,345 @@ fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// Hostile qed images, from one qemu-img made (64 KiB clusters, 4-cluster tables, the
+/// L1 table at 64 KiB) and qemu-io wrote, with a backing file name.
+fn hostile_qed(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.qed");
+    let base = dir.join("qed-base.raw");
+    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "qed", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let l1 = u64::from_le_bytes(d[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(d[l1..l1 + 8].try_into().unwrap()) as usize;
+    // The L2 entry of guest offset 1 MiB (cluster 16), which qemu-io wrote.
+    let e = l2 + 16 * 8;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("qed-truncated-header", d[..30].to_vec(), false),
+        f("qed-truncated-l1", d[..l1 + 100].to_vec(), false),
+        f("qed-truncated-data", d[..d.len() - 65536].to_vec(), true),
+        f(
+            "qed-cluster-2^31",
+            with(&|b| put32(b, 4, le(1 << 31))),
+            false,
+        ),
+        f(
+            "qed-table-size-near-2^32",
+            with(&|b| put32(b, 8, le(0xffff_fff0))),
+            false,
+        ),
+        f(
+            "qed-header-size-near-2^32",
+            with(&|b| put32(b, 12, le(0xffff_ffff))),
+            false,
+        ),
+        f("qed-unknown-feature", with(&|b| b[16] |= 0x10), false),
+        f("qed-need-check", with(&|b| b[16] |= 2), true),
+        f(
+            "qed-l1-past-the-end",
+            with(&|b| put64(b, 40, 1 << 40)),
+            false,
+        ),
+        f(
+            "qed-l1-offset-near-2^64",
+            with(&|b| put64(b, 40, u64::MAX - 0xffff)),
+            false,
+        ),
+        f(
+            "qed-size-near-2^64",
+            with(&|b| put64(b, 48, u64::MAX - 511)),
+            false,
+        ),
+        f(
+            "qed-backing-name-length-2^32",
+            with(&|b| put32(b, 60, le(u32::MAX))),
+            false,
+        ),
+        f(
+            "qed-backing-name-length-5000",
+            with(&|b| put32(b, 60, le(5000))),
+            false,
+        ),
+        f(
+            "qed-l2-past-the-end",
+            with(&|b| put64(b, l1, 1 << 40)),
+            true,
+        ),
+        f(
+            "qed-l2-unaligned",
+            with(&|b| put64(b, l1, l2 as u64 + 8)),
+            true,
+        ),
+        f(
+            "qed-data-past-the-end",
+            with(&|b| put64(b, e, 1 << 40)),
+            true,
+        ),
+        f("qed-data-in-the-header", with(&|b| put64(b, e, 0)), true),
+        f(
+            "qed-data-near-2^64",
+            with(&|b| put64(b, e, u64::MAX - 0xffff)),
+            true,
+        ),
+        f("qed-l2-is-the-l1", with(&|b| put64(b, l1, l1 as u64)), true),
+    ]
+}
+
+/// Hostile qcow (version 1) images, from one qemu-img made (4 KiB clusters, 512-entry L2
+/// tables, a backing file name) and qemu-io wrote, and one with deflated clusters.
+fn hostile_qcow(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.qcow");
+    let base = dir.join("qcow-base.raw");
+    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "qcow", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    let cluster_bits = d[32];
+    let cover = 1usize << (cluster_bits + d[33]);
+    let l1 = be64(&d, 40) as usize;
+    // The L1 and L2 entries of guest offset 1 MiB, which qemu-io wrote.
+    let l1e = l1 + (1 << 20) / cover * 8;
+    let l2 = be64(&d, l1e) as usize;
+    let e = l2 + (1 << 20) % cover / (1 << cluster_bits) * 8;
+    let compressed = 1u64 << 63;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("qcow-truncated-header", d[..30].to_vec(), false),
+        f("qcow-truncated-l1", d[..l1 + 4].to_vec(), true),
+        f("qcow-truncated-data", d[..d.len() - 8192].to_vec(), true),
+        f("qcow-version-7", with(&|b| b[7] = 7), false),
+        f("qcow-size-1", with(&|b| put64(b, 24, 1)), false),
+        f(
+            "qcow-size-near-2^64",
+            with(&|b| put64(b, 24, u64::MAX - 100)),
+            false,
+        ),
+        f(
+            "qcow-l1-near-2^31-bytes",
+            with(&|b| {
+                b[32] = 9;
+                b[33] = 6;
+                put64(b, 24, ((1u64 << 28) - 1) << 15);
+            }),
+            false,
+        ),
+        f("qcow-cluster-bits-17", with(&|b| b[32] = 17), false),
+        f("qcow-l2-bits-14", with(&|b| b[33] = 14), false),
+        f("qcow-crypt-2", with(&|b| b[39] = 2), false),
+        f(
+            "qcow-backing-name-length-2^32",
+            with(&|b| put32(b, 16, u32::MAX.to_be_bytes())),
+            false,
+        ),
+        f(
+            "qcow-backing-name-past-the-end",
+            with(&|b| put64(b, 8, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l1-past-the-end",
+            with(&|b| put64(b, 40, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l1-near-2^64",
+            with(&|b| put64(b, 40, u64::MAX - 7)),
+            false,
+        ),
+        f(
+            "qcow-l2-past-the-end",
+            with(&|b| put64(b, l1e, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-l2-near-2^64",
+            with(&|b| put64(b, l1e, u64::MAX - 7)),
+            true,
+        ),
+        f(
+            "qcow-data-past-the-end",
+            with(&|b| put64(b, e, 1 << 40)),
+            true,
+        ),
+        f(
+            "qcow-data-near-2^64",
+            with(&|b| put64(b, e, (1 << 63) - 8)),
+            true,
+        ),
+        f(
+            "qcow-compressed-garbage",
+            with(&|b| put64(b, e, compressed | (4000 << (63 - cluster_bits)) | 512)),
+            true,
+        ),
+        f(
+            "qcow-compressed-past-the-end",
+            with(&|b| put64(b, e, compressed | (100 << (63 - cluster_bits)) | (1 << 40))),
+            true,
+        ),
+    ]
+}
+
+/// Hostile parallels images, from one qemu-img made (64 KiB clusters) and qemu-io wrote.
+fn hostile_parallels(dir: &Path) -> Vec<Foreign> {
+    let path = dir.join("d.hds");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "parallels",
+        "-o",
+        "cluster_size=64k",
+        path.to_str().unwrap(),
+        "10M",
+    ])
+    .check()
+    .unwrap();
+    qemu_io_cmds(&path, "parallels", &["write -P 7 1M 2M".to_string()]);
+    let d = fs::read(&path).unwrap();
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = d.clone();
+        edit(&mut b);
+        b
+    };
+    let le = |v: u32| v.to_le_bytes();
+    // The table entry of guest offset 1 MiB (cluster 16), which qemu-io wrote.
+    let e = 64 + 16 * 4;
+    let f = |name, bytes, opens| Foreign {
+        name,
+        bytes,
+        opens,
+        qemu_opens: None,
+    };
+    vec![
+        f("parallels-truncated-header", d[..40].to_vec(), true),
+        f("parallels-truncated-table", d[..100].to_vec(), true),
+        f(
+            "parallels-truncated-data",
+            d[..d.len() - 65536].to_vec(),
+            true,
+        ),
+        f("parallels-version-3", with(&|b| b[16] = 3), false),
+        f(
+            "parallels-zero-tracks",
+            with(&|b| put32(b, 28, le(0))),
+            false,
+        ),
+        f(
+            "parallels-tracks-near-2^32",
+            with(&|b| put32(b, 28, le(0xffff_ff80))),
+            false,
+        ),
+        f(
+            "parallels-entries-near-2^32",
+            with(&|b| put32(b, 32, le(0xffff_fff0))),
+            false,
+        ),
+        f(
+            "parallels-entries-near-2^29",
+            with(&|b| put32(b, 32, le((1 << 29) - 1))),
+            false,
+        ),
+        f(
+            "parallels-table-short-of-the-size",
+            with(&|b| put32(b, 32, le(100))),
+            true,
+        ),
+        f(
+            "parallels-size-near-2^64",
+            with(&|b| b[36..44].copy_from_slice(&(u64::MAX - 511).to_le_bytes())),
+            false,
+        ),
+        f(
+            "parallels-ext-off-near-2^64",
+            with(&|b| b[56..64].copy_from_slice(&(1u64 << 60).to_le_bytes())),
+            false,
+        ),
+        f(
+            "parallels-in-use",
+            with(&|b| put32(b, 44, le(0x746f_6e59))),
+            true,
+        ),
+        f(
+            "parallels-cluster-past-the-end",
+            with(&|b| put32(b, e, le(50_000))),
+            true,
+        ),
+        f(
+            "parallels-cluster-near-2^32",
+            with(&|b| put32(b, e, le(u32::MAX))),
+            true,
+        ),
+        f(
+            "parallels-clusters-shared",
+            with(&|b| {
+                let v: [u8; 4] = b[e..e + 4].try_into().unwrap();
+                put32(b, e + 4, v)
+            }),
+            true,
+        ),
+        f(
+            "parallels-cluster-in-the-header",
+            with(&|b| put32(b, e, le(0))),
+            true,
+        ),
+    ]
+}
+
 /// Hostile headers of the formats beside qcow2: `img info`, `map` and a read-write
-/// `convert -n` into them, each in the sandbox (1 GiB address space, a deadline), exit on
+/// `convert -n` into them (a `convert -O raw` out of those `img` only reads), each in the sandbox (1 GiB address space, a deadline), exit on
 /// their own without a panic; a refused file gets one `img: ` line and exit 1, as qemu-img
 /// refuses it (qemu-img's exit code must agree).
 #[test]
@@ -3511,16 +3848,34 @@ fn foreign_headers_out_of_range() {
     cases.extend(hostile_vdi(d).into_iter().map(|c| (c, "vdi")));
     cases.extend(hostile_vmdk(d).into_iter().map(|c| (c, "vmdk")));
     cases.extend(hostile_vhdx(d).into_iter().map(|c| (c, "vhdx")));
+    cases.extend(hostile_qed(d).into_iter().map(|c| (c, "qed")));
+    cases.extend(hostile_qcow(d).into_iter().map(|c| (c, "qcow")));
+    cases.extend(hostile_parallels(d).into_iter().map(|c| (c, "parallels")));
     let src = d.join("src.raw");
     fs::write(&src, vec![0x3cu8; 3 << 20]).unwrap();
     let mut failures = Vec::new();
     for (case, fmt) in &cases {
         let file = d.join(format!("{}.img", case.name));
         let fs_ = file.to_str().unwrap();
+        let out_raw = d.join("out.raw");
+        // A format img only reads is read instead of written.
+        let write_or_read: &[&str] = if Format::from_name(fmt).unwrap().is_read_only() {
+            &[
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                fs_,
+                out_raw.to_str().unwrap(),
+            ]
+        } else {
+            &["convert", "-n", "-O", fmt, src.to_str().unwrap(), fs_]
+        };
         let runs: [&[&str]; 3] = [
             &["info", "-f", fmt, fs_],
             &["map", "-f", fmt, "--output=json", fs_],
-            &["convert", "-n", "-O", fmt, src.to_str().unwrap(), fs_],
+            write_or_read,
         ];
         for args in runs {
             fs::write(&file, &case.bytes).unwrap();

@@ -288,6 +288,46 @@ mod tests {
         assert_eq!(bad, "unsupported drive format 'bogus'");
     }
 
+    /// Formats the engine only reads: a drive opens with `readonly=on` (the guest reads
+    /// what qemu-io wrote) or `snapshot=on` (writes go to the overlay), and a writable
+    /// drive is refused in one line naming the format.
+    #[test]
+    fn read_only_format_drives() {
+        for fmt in ["qed", "qcow", "parallels"] {
+            let p = std::env::temp_dir().join(format!("vmm-disk-{}-ro-{fmt}", std::process::id()));
+            let ps = p.to_str().unwrap();
+            for args in [
+                vec!["qemu-img", "create", "-q", "-f", fmt, ps, "4M"],
+                vec!["qemu-io", "-f", fmt, "-c", "write -P 0x5a 1M 4k", ps],
+            ] {
+                let ok = std::process::Command::new(args[0])
+                    .args(&args[1..])
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "{args:?}");
+            }
+            let mut b = [0u8; 4096];
+            for extra in [",readonly=on", ",snapshot=on"] {
+                let d =
+                    open_drive(&crate::config::parse_drive(&format!("file={ps}{extra}")).unwrap())
+                        .unwrap();
+                d.read_at(&mut b, 1 << 20).unwrap();
+                assert_eq!(b, [0x5a; 4096], "{fmt}{extra}");
+                assert_eq!(d.write_at(&[1; 512], 0).is_ok(), extra == ",snapshot=on");
+            }
+            let e = open_drive(&crate::config::parse_drive(&format!("file={ps}")).unwrap())
+                .err()
+                .expect("a writable drive of a read-only format");
+            assert!(
+                e.to_string()
+                    .contains(&format!("The {fmt} format is read-only")),
+                "{e}"
+            );
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+
     #[test]
     fn snapshot_on_leaves_the_file_alone() {
         let p = temp_image("snap", 1 << 16);
