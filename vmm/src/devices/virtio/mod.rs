@@ -1,6 +1,7 @@
 //! Virtio: split queues, the virtio-pci modern transport, and the block device.
 
 pub mod block;
+pub mod cursor;
 pub mod pci;
 pub mod queue;
 
