@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+
+use crate::tap::Tap;
 
 /// QEMU's defaults for `-net tap` and `-netdev tap` without `script=` / `downscript=`.
 pub const DEFAULT_SCRIPT: &str = "/etc/qemu-ifup";
@@ -28,17 +31,19 @@ pub fn run_script(script: &Path, ifname: &str) -> Result<(), String> {
 }
 
 /// Runs the downscript when dropped: on every way out of `vmm run` after the up script.
-#[derive(Debug)]
+/// It holds the tap open until then, so that the script still finds a tap vmm created.
 pub struct Downscript {
     script: PathBuf,
     ifname: String,
+    _tap: Arc<Tap>,
 }
 
 impl Downscript {
-    pub fn new(script: PathBuf, ifname: &str) -> Downscript {
+    pub fn new(script: PathBuf, tap: Arc<Tap>) -> Downscript {
         Downscript {
             script,
-            ifname: ifname.to_string(),
+            ifname: tap.name().to_string(),
+            _tap: tap,
         }
     }
 }
