@@ -11,6 +11,7 @@ pub mod diskboot;
 pub mod irq;
 pub mod net_script;
 pub mod qemu_args;
+pub mod qemu_net;
 pub mod ram;
 pub mod run;
 pub mod tap;

@@ -11,7 +11,8 @@ use vmm::config::{parse_cpus, parse_drive, parse_memory, parse_net, VmConfig};
     about = "Minimal KVM hypervisor with virtio-blk disks and virtio-net NICs",
     after_help = "`vmm run` also takes QEMU's options: -m, -smp, -name, -hda..-hdd, -drive, \
                   -snapshot, -kernel, -initrd, -append, -boot order=c, -nographic, \
-                  -enable-kvm, -cpu host, -serial stdio, -display none"
+                  -enable-kvm, -cpu host, -serial stdio, -display none, -net nic + -net tap, \
+                  -netdev tap + -device virtio-net-pci, -nic tap"
 )]
 struct Cli {
     #[command(subcommand)]
