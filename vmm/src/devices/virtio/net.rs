@@ -10,7 +10,7 @@ use common::iovec::Front;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::cursor::Cursor;
-use super::queue::Chain;
+use super::queue::{range_ok, Chain};
 use super::{ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::tap::{
     PacketBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN,
@@ -310,7 +310,8 @@ impl Worker {
         state
     }
 
-    /// One packet from the backend into `self.packet`; its length with the header.
+    /// One packet from the backend into `self.packet`; its length with the header. Runts
+    /// (shorter than the header the backend promised) are dropped.
     fn read_packet(&mut self) -> Option<usize> {
         let off = if self.backend.vnet_hdr() {
             0
@@ -328,16 +329,16 @@ impl Worker {
                     buf.len(),
                 )
             };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
                 return None;
             }
             let len = off + n as usize;
-            if len < VNET_HDR_LEN {
-                // A short read (or end of file) carries no packet.
-                return None;
+            if len <= VNET_HDR_LEN {
+                self.dropped += 1;
+                continue;
             }
             return Some(len);
         }
@@ -359,6 +360,16 @@ impl Worker {
             };
             if chain.descs.iter().any(|d| !d.writable) {
                 return Err("receive buffer with a device-readable descriptor".into());
+            }
+            if let Some(d) = chain
+                .descs
+                .iter()
+                .find(|d| !range_ok(&self.mem, d.addr, d.len as u64))
+            {
+                return Err(format!(
+                    "receive buffer {:#x}+{:#x} is outside guest memory",
+                    d.addr, d.len
+                ));
             }
             room += chain.descs.iter().map(|d| d.len as u64).sum::<u64>();
             if chains.is_empty() && room < VNET_HDR_LEN as u64 {
