@@ -212,3 +212,25 @@ fn tap_errors_are_one_line() {
         );
     }
 }
+
+/// `fd=N`: a tap opened by a management layer (here perl, which creates `vmmfd0` with and
+/// without a vnet header and execs vmm with the fd inherited) is taken and vmm runs.
+#[test]
+fn fd_takes_an_open_tap() {
+    if !root() || !have_kvm() {
+        return;
+    }
+    let (o, _) = in_netns(
+        "fd",
+        r#"for flags in 0x5002 0x1002; do
+               perl -e '$^F = 255; open(my $t, "+<", "/dev/net/tun") or die "tun: $!";
+                   ioctl($t, 0x400454ca, pack("Z16 s x22", "vmmfd0", hex($ARGV[0]))) or die "TUNSETIFF: $!";
+                   exec($ENV{VMM}, "run", "--kernel", $ENV{K}, "--net", "tap,fd=" . fileno($t)) or die;' $flags
+               echo "rc=$?"
+           done
+           ls /sys/class/net | grep -v '^lo$' | sed 's/^/left /'"#,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim(), "rc=0\nrc=0", "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+}
