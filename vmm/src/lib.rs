@@ -9,9 +9,12 @@ pub mod devices;
 pub mod disk;
 pub mod diskboot;
 pub mod irq;
+pub mod net_script;
 pub mod qemu_args;
+pub mod qemu_net;
 pub mod ram;
 pub mod run;
+pub mod tap;
 pub mod vcpu;
 pub mod vm;
 

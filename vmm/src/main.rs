@@ -2,16 +2,17 @@
 
 use clap::{Parser, Subcommand};
 
-use vmm::config::{parse_cpus, parse_drive, parse_memory, VmConfig};
+use vmm::config::{parse_cpus, parse_drive, parse_memory, parse_net, VmConfig};
 
 #[derive(Parser)]
 #[command(
     name = "vmm",
     version,
-    about = "Minimal KVM hypervisor with virtio-blk disks",
+    about = "Minimal KVM hypervisor with virtio-blk disks and virtio-net NICs",
     after_help = "`vmm run` also takes QEMU's options: -m, -smp, -name, -hda..-hdd, -drive, \
                   -snapshot, -kernel, -initrd, -append, -boot order=c, -nographic, \
-                  -enable-kvm, -cpu host, -serial stdio, -display none"
+                  -enable-kvm, -cpu host, -serial stdio, -display none, -net nic + -net tap, \
+                  -netdev tap + -device virtio-net-pci, -nic tap"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,6 +55,11 @@ struct RunArgs {
     /// [,cache=writeback|none|writethrough|directsync|unsafe][,serial=S]
     #[arg(long)]
     drive: Vec<String>,
+    /// A virtio-net NIC on a tap: tap[,ifname=NAME][,script=PATH|no][,downscript=PATH|no]
+    /// [,mac=52:54:00:xx:xx:xx][,fd=N]. Scripts get the interface name as argument; none
+    /// runs unless given.
+    #[arg(long)]
+    net: Vec<String>,
     /// Name of the VM (used for messages).
     #[arg(long)]
     name: Option<String>,
@@ -66,6 +72,11 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
         .iter()
         .map(|d| parse_drive(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = a
+        .net
+        .iter()
+        .map(|n| parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let cpus = parse_cpus(&a.cpus)?;
     Ok(VmConfig {
         kernel: a.kernel,
@@ -76,6 +87,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
         memory,
         cpus,
         drives,
+        nets,
         name: a.name,
     })
 }

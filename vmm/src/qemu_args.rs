@@ -1,9 +1,12 @@
 //! QEMU's command line for `vmm run`: the options qemu-kvm users type (`-m`, `-smp`,
 //! `-name`, `-hda`..`-hdd`, `-drive`, `-snapshot`, `-kernel`/`-initrd`/`-append`, `-boot`,
-//! `-nographic`, `-enable-kvm`, `-cpu host`, `-serial stdio`, ...) rewritten into vmm's own
+//! `-nographic`, `-enable-kvm`, `-cpu host`, `-serial stdio`, the network options of
+//! [`crate::qemu_net`], ...) rewritten into vmm's own
 //! long options before those are parsed. An option vmm does not implement is refused by name.
 
 use common::option_list::split;
+
+use crate::qemu_net::NetArgs;
 
 /// vmm's long options that take a value (their value is never read as a QEMU option).
 const VALUE_OPTIONS: &[&str] = &[
@@ -13,6 +16,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "--memory",
     "--cpus",
     "--drive",
+    "--net",
     "--name",
     "--boot-entry",
 ];
@@ -49,6 +53,7 @@ pub fn rewrite(args: &[String]) -> Result<Rewritten, String> {
     let mut out = Vec::new();
     let mut disks: Vec<Disk> = Vec::new();
     let mut snapshot_all = false;
+    let mut net = NetArgs::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a.starts_with("--") || a == "-h" || a == "-V" {
@@ -97,6 +102,10 @@ pub fn rewrite(args: &[String]) -> Result<Rewritten, String> {
             "-drive" => {
                 let v = value()?;
                 disks.push(drive(&v).map_err(|e| fail(&v, e))?);
+            }
+            "-net" | "-netdev" | "-nic" | "-device" => {
+                let v = value()?;
+                net.option(a, &v).map_err(|e| fail(&v, e))?;
             }
             "-snapshot" => snapshot_all = true,
             "-boot" => {
@@ -151,6 +160,11 @@ pub fn rewrite(args: &[String]) -> Result<Rewritten, String> {
             v.push_str(",snapshot=on");
         }
         out.extend(["--drive".into(), v]);
+    }
+    let (nets, net_notes) = net.finish()?;
+    notes.extend(net_notes);
+    for n in nets {
+        out.extend(["--net".into(), n]);
     }
     Ok(Rewritten { args: out, notes })
 }
@@ -429,6 +443,88 @@ mod tests {
     }
 
     #[test]
+    fn nics() {
+        let r = rw(&[
+            "-net",
+            "nic,model=virtio,macaddr=52:54:00:00:00:01",
+            "-net",
+            "tap,ifname=vif0,script=/etc/qemu-ifup,downscript=no",
+        ])
+        .unwrap();
+        assert_eq!(
+            r.args,
+            [
+                "--net",
+                "tap,ifname=vif0,script=/etc/qemu-ifup,downscript=no,mac=52:54:00:00:00:01"
+            ]
+        );
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+        // QEMU's default scripts, NICs in command-line order, a comma in a path kept.
+        let r = rw(&[
+            "-netdev",
+            "tap,id=n0",
+            "-netdev",
+            "tap,id=n1,ifname=t1,script=/a,,b,vhost=off",
+            "-device",
+            "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02,id=x",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .unwrap();
+        assert_eq!(
+            r.args,
+            [
+                "--net",
+                "tap,ifname=t1,script=/a,,b,downscript=/etc/qemu-ifdown,mac=52:54:00:00:00:02",
+                "--net",
+                "tap,script=/etc/qemu-ifup,downscript=/etc/qemu-ifdown"
+            ]
+        );
+        // fd= runs no script, as in QEMU; -nic; a NIC without a model gets a note.
+        let r = rw(&["-nic", "tap,fd=5,mac=52:54:00:00:00:03"]).unwrap();
+        assert_eq!(r.args, ["--net", "tap,fd=5,mac=52:54:00:00:00:03"]);
+        assert_eq!(r.notes.len(), 1, "{:?}", r.notes);
+        assert!(rw(&["-net", "none"]).unwrap().args.is_empty());
+        for (a, mention) in [
+            (&["-net", "nic,model=e1000", "-net", "tap"][..], "'e1000'"),
+            (&["-nic", "tap,model=rtl8139"], "'rtl8139'"),
+            (&["-nic", "user"], "'user'"),
+            (&["-netdev", "user,id=n0"], "'user'"),
+            (&["-netdev", "tap"], "'id'"),
+            (&["-netdev", "tap,id=n0,vhost=on"], "vhost"),
+            (&["-netdev", "tap,id=n0,helper=/x"], "'helper'"),
+            (
+                &["-netdev", "tap,id=n0", "-netdev", "tap,id=n0"],
+                "Duplicate",
+            ),
+            (&["-device", "e1000,netdev=n0"], "'e1000'"),
+            (&["-device", "virtio-net-pci"], "netdev="),
+            (&["-device", "virtio-net-pci,netdev=n9"], "'n9'"),
+            (&["-netdev", "tap,id=n0"], "not used"),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n0",
+                    "-device",
+                    "virtio-net-pci,netdev=n0",
+                    "-device",
+                    "virtio-net-pci,netdev=n0",
+                ],
+                "in use",
+            ),
+            (&["-net", "nic"], "-net tap"),
+            (&["-net", "tap"], "-net nic"),
+            (
+                &["-net", "nic", "-net", "nic", "-net", "tap", "-net", "tap"],
+                "-netdev",
+            ),
+        ] {
+            let e = rw(a).unwrap_err();
+            assert!(e.contains(mention) && !e.contains('\n'), "{a:?}: {e}");
+        }
+    }
+
+    #[test]
     fn accepted_and_refused() {
         assert_eq!(
             args(&[
@@ -463,7 +559,7 @@ mod tests {
         );
         for (a, mention) in [
             (&["-vnc", ":1"][..], "-vnc"),
-            (&["-net", "none"], "-net"),
+            (&["-net", "user"], "-net user"),
             (&["-cdrom", "x.iso"], "-cdrom"),
             (&["-boot", "d"], "'d'"),
             (&["-cpu", "qemu64"], "-cpu qemu64"),

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use crate::boot::file::{kernel_image, open_boot_file, FileImage};
 use crate::boot::{load_linux, BootEntry, Initrd};
-use crate::config::VmConfig;
+use crate::config::{nic_macs, NetConfig, TapSource, VmConfig};
 use crate::devices::serial::{feed_input, SerialDevice, Stdout};
 use crate::diskboot::{DiskBoot, Loaded};
+use crate::net_script::{run_script, Downscript};
+use crate::tap::Tap;
 use crate::vcpu::{create_vcpu, install_kick_handler, kick_signal, spawn, VcpuHandle};
-use crate::vm::{Machine, VmDisk};
+use crate::vm::{Machine, VmDisk, VmNic};
 use crate::VmExit;
 
 /// vCPU threads of a started machine.
@@ -237,6 +239,26 @@ enum Boot {
     Disk(Loaded),
 }
 
+/// Open every NIC's tap and run its up script; a downscript for each goes to `downscripts`.
+fn open_nics(nets: &[NetConfig], downscripts: &mut Vec<Downscript>) -> Result<Vec<VmNic>, String> {
+    let mut nics = Vec::new();
+    for (n, mac) in nets.iter().zip(nic_macs(nets)) {
+        let tap = match &n.tap {
+            TapSource::Name(name) => Tap::open(name)?,
+            TapSource::Fd(fd) => Tap::from_fd(*fd)?,
+        };
+        if let Some(s) = &n.script {
+            run_script(s, tap.name())?;
+        }
+        let tap = Arc::new(tap);
+        if let Some(s) = &n.downscript {
+            downscripts.push(Downscript::new(s.clone(), tap.clone()));
+        }
+        nics.push(VmNic { backend: tap, mac });
+    }
+    Ok(nics)
+}
+
 /// Run a VM described by `cfg` until it stops. Returns the exit status; `Err` carries a
 /// one-line message for `vmm: ...`.
 pub fn run(cfg: VmConfig) -> Result<i32, String> {
@@ -293,8 +315,12 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
             Boot::Disk(loaded)
         }
     };
+    // Declared before the machine, so dropped after it: each downscript runs once the
+    // devices are gone, on every way out from here.
+    let mut downscripts = Vec::new();
+    let nics = open_nics(&cfg.nets, &mut downscripts)?;
     let drivers: Vec<_> = disks.iter().map(|d| d.driver.clone()).collect();
-    let m = Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks)?;
+    let m = Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks, nics)?;
     let entry = match &boot {
         Boot::Kernel(name, image) => {
             let initrd = cfg.initrd.as_deref().map(Initrd::File);

@@ -17,9 +17,12 @@ use crate::devices::pci::{
 };
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{VirtioPci, BAR_SIZE};
+use crate::devices::virtio::VirtioDevice;
 use crate::irq::GsiRouting;
 use crate::ram::Ram;
+use crate::tap::PacketBackend;
 use crate::{GuestMem, VmExit};
 
 /// Guest RAM below 4 GiB ends here at the latest; above is the MMIO hole.
@@ -34,6 +37,12 @@ pub struct VmDisk {
     pub driver: Arc<dyn BlockDriver>,
     pub read_only: bool,
     pub serial: String,
+}
+
+/// A NIC as the VM attaches it.
+pub struct VmNic {
+    pub backend: Arc<dyn PacketBackend>,
+    pub mac: [u8; 6],
 }
 
 /// The machine: VM fd, memory and devices, before or while vCPUs run.
@@ -74,12 +83,14 @@ fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> String + '_ {
 
 impl Machine {
     /// Create the VM with `mem_size` bytes of RAM, `cpus` vCPUs (created later), the
-    /// serial console writing to `console`, and one virtio-blk device per disk.
+    /// serial console writing to `console`, one virtio-blk device per disk and one
+    /// virtio-net device per NIC.
     pub fn new(
         mem_size: u64,
         cpus: u8,
         console: Box<dyn Write + Send>,
         disks: Vec<VmDisk>,
+        nics: Vec<VmNic>,
     ) -> Result<Machine, String> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => {
@@ -158,13 +169,18 @@ impl Machine {
 
         let mut pci = PciBus::default();
         pci.devices.push(Arc::new(Mutex::new(HostBridge::new())));
-        for (i, d) in disks.into_iter().enumerate() {
+        let blks = disks.into_iter().map(|d| -> Box<dyn VirtioDevice> {
+            Box::new(Block::new(d.driver, d.read_only, &d.serial))
+        });
+        let nets = nics
+            .into_iter()
+            .map(|n| -> Box<dyn VirtioDevice> { Box::new(Net::new(n.backend, n.mac)) });
+        for (i, virtio) in blks.chain(nets).enumerate() {
             if pci.devices.len() >= crate::devices::pci::PCI_SLOTS {
-                return Err("too many drives".into());
+                return Err("too many drives and NICs".into());
             }
             let bar = PCI_MMIO_START + i as u64 * BAR_SIZE;
-            let blk = Block::new(d.driver, d.read_only, &d.serial);
-            let dev = VirtioPci::new(vm.clone(), mem.clone(), routing.clone(), Box::new(blk), bar)?;
+            let dev = VirtioPci::new(vm.clone(), mem.clone(), routing.clone(), virtio, bar)?;
             let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
             pci.devices.push(dev);
         }

@@ -15,7 +15,7 @@ use vmm::VmExit;
 
 fn machine(disks: Vec<VmDisk>) -> (Machine, SharedBuf) {
     let out = SharedBuf::default();
-    let m = Machine::new(64 << 20, 1, Box::new(out.clone()), disks).expect("machine");
+    let m = Machine::new(64 << 20, 1, Box::new(out.clone()), disks, vec![]).expect("machine");
     (m, out)
 }
 
@@ -237,7 +237,7 @@ fn memory_above_4g_skips_the_mmio_hole() {
     if !have_kvm() {
         return;
     }
-    let m = Machine::new(5 << 30, 1, Box::new(SharedBuf::default()), vec![]).unwrap();
+    let m = Machine::new(5 << 30, 1, Box::new(SharedBuf::default()), vec![], vec![]).unwrap();
     assert_eq!(m.low_mem_end(), 0xc000_0000);
     // RAM resumes at 4 GiB; the hole (PCI window, IOAPIC, LAPIC) is not RAM.
     m.mem

@@ -47,6 +47,7 @@ impl Driver {
                 read_only,
                 serial: "SERIAL-123".into(),
             }],
+            vec![],
         )
         .unwrap();
         let mut d = Driver {

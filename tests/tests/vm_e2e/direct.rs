@@ -13,6 +13,7 @@ use integration_tests::run;
 
 use crate::fixtures::guest_initramfs;
 use crate::spec::{vmm_args, Runs, VmOutput, VmSpec};
+use crate::testhost::write_net_scripts;
 use crate::workdir::WorkDir;
 
 /// Run each spec under `vmm` on this host, one after the other, with `kernel`, on copies of
@@ -43,8 +44,31 @@ pub fn run_direct(
         } else {
             utf8(&guest_initramfs(spec, work)?)?
         };
-        let args = vmm_args(spec, &utf8(kernel)?, &initrd, &utf8(&images)?);
-        let mut cmd = Command::new(vmm);
+        let mut args = vmm_args(spec, &utf8(kernel)?, &initrd, &utf8(&images)?);
+        let netdir = work.join(format!("net-{}", spec.name));
+        let mut cmd = match &spec.net {
+            None => Command::new(vmm),
+            Some(n) => {
+                // In a network namespace of its own: the bridges, taps and addresses exist
+                // only there.
+                write_net_scripts(n, &netdir)?;
+                let dir = utf8(&netdir)?;
+                for a in &mut args {
+                    *a = a.replace("@NETDIR@", &dir);
+                }
+                let mut c = Command::new("unshare");
+                c.args(["-n", "-m", "sh", "-c"])
+                    .arg(r#"mount -t sysfs none /sys && exec sh "$NETDIR/wrap.sh" "$@""#)
+                    .arg("sh")
+                    .arg(vmm)
+                    .env("NETDIR", &dir);
+                c
+            }
+        };
+        let timeout = spec
+            .net
+            .as_ref()
+            .map_or(timeout, |n| Duration::from_secs(n.timeout_s));
         cmd.args(&args).envs(spec.env.iter().copied());
         let o = run(cmd.current_dir(&images), timeout);
         log.push_str(&format!(
@@ -64,6 +88,7 @@ pub fn run_direct(
             VmOutput {
                 console: o.stdout.clone(),
                 stderr: o.stderr.clone(),
+                host: fs::read_to_string(netdir.join("host")).unwrap_or_default(),
                 rc: if o.timed_out { None } else { o.code },
                 seconds: o.elapsed.as_secs_f64(),
             },

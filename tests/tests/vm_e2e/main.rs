@@ -22,12 +22,13 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs eight `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs nine `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
 //!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
 //!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
-//!   --kernel for the time comparison); each test checks one aspect of the shared results.
+//!   --kernel for the time comparison; "net": two virtio-net NICs on bridged taps); each
+//!   test checks one aspect of the shared results.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
 //!   path and the probe, with fake kernels (so on any /dev/kvm).
@@ -56,6 +57,7 @@ mod scenario_a;
 mod scenario_b;
 mod scenario_boot;
 mod scenario_disk;
+mod scenario_net;
 mod spec;
 mod testhost;
 mod tools;
@@ -80,6 +82,7 @@ use crate::scenario_boot::{
     check_boot, check_tty, loader_type, scenario_boot, scenario_boot_64bit,
 };
 use crate::scenario_disk::{check_disk, scenario_disk, Layout, ScenarioDisk};
+use crate::scenario_net::{check_net, scenario_net};
 use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
@@ -162,6 +165,7 @@ struct Suite {
     b: ScenarioB,
     /// Disk boots without --kernel, one per boot configuration kind.
     disks: Vec<ScenarioDisk>,
+    net: VmSpec,
     out: Runs,
     work: WorkDir,
 }
@@ -181,7 +185,8 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             .into_iter()
             .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut specs = vec![&boot, &boot64, &a.spec, &b.spec];
+        let net = scenario_net();
+        let mut specs = vec![&boot, &boot64, &a.spec, &b.spec, &net];
         specs.extend(disks.iter().map(|d| &d.spec));
         specs.extend(disks.iter().filter_map(|d| d.kernel_twin.as_ref()));
         let (out, place) = match runner(&bins.vmm)? {
@@ -211,6 +216,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             a,
             b,
             disks,
+            net,
             out,
             work,
         })
@@ -259,6 +265,15 @@ fn vmm_boots_through_the_64bit_boot_protocol() {
 fn vmm_guest_userspace_console_output() {
     let s = suite!();
     check_tty(vm(s, &s.boot.name)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Two virtio-net NICs on taps, bridged where vmm runs: pings both ways, link down/up,
+/// 64 MiB over TCP each way with digests checked (see `scenario_net`).
+#[test]
+fn vmm_networking_two_nics_on_taps() {
+    let s = suite!();
+    let out = vm(s, &s.net.name);
+    check_net(out).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -441,6 +456,7 @@ fn direct_runner_reports_each_run() {
         data: vec![],
         env: vec![],
         disk_boot: false,
+        net: None,
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);

@@ -68,5 +68,6 @@ pub fn run_under_qemu(spec: &VmSpec, image_dir: &Path, work: &Path) -> Result<Vm
         stderr: o.stderr.clone(),
         rc: if o.timed_out { None } else { o.code },
         seconds: o.elapsed.as_secs_f64(),
+        host: String::new(),
     })
 }

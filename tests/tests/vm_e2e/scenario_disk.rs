@@ -89,6 +89,7 @@ pub fn scenario_disk(
         data: vec![],
         env: vec![],
         disk_boot: true,
+        net: None,
     };
     let initrd = guest_initramfs(&spec, work)?;
     let tree = work.join(format!("{name}-tree"));
@@ -222,6 +223,7 @@ pub fn scenario_disk(
                 }],
                 test_sh: spec.test_sh.clone(),
                 disk_boot: false,
+                net: None,
                 ..spec_shape(&spec)
             })
         }
@@ -247,6 +249,7 @@ fn spec_shape(s: &VmSpec) -> VmSpec {
         data: vec![],
         env: vec![],
         disk_boot: false,
+        net: None,
     }
 }
 

@@ -37,7 +37,40 @@ pub struct VmSpec {
     pub env: Vec<(&'static str, &'static str)>,
     /// Boot the first disk's own boot entry (no --kernel/--initrd), with QEMU's command line.
     pub disk_boot: bool,
+    /// NICs, and the host side of their network.
+    pub net: Option<NetRun>,
 }
+
+/// A run with NICs: vmm's extra arguments and the scripts that run where vmm runs, in a
+/// network of their own (`$NETDIR`, written `@NETDIR@` in `args`, is a scratch directory).
+pub struct NetRun {
+    pub args: Vec<String>,
+    /// Runs (sh) to completion before vmm starts.
+    pub host_setup: String,
+    /// Runs (sh) alongside vmm; its output is [`VmOutput::host`]. After both, the runner
+    /// appends `R scripts` ($NETDIR/scripts.log, lines joined by "; ") and `R netdevs_after`
+    /// (the network interfaces left).
+    pub host_sh: String,
+    /// Limit for the whole run instead of [`VM_TIMEOUT_S`].
+    pub timeout_s: u64,
+}
+
+/// The shell commands a runner wraps a [`NetRun`]'s vmm command (`"$@"`) in: setup, the
+/// host side in the background, vmm, then the report of scripts and interfaces left.
+/// `$NETDIR` must be set; the output goes to `$NETDIR/host`, vmm's exit code is kept.
+pub const NET_WRAPPER: &str = r#"
+sh $NETDIR/host-setup.sh > $NETDIR/host 2>&1 || echo "R setup_failed $?" >> $NETDIR/host
+sh $NETDIR/host.sh >> $NETDIR/host 2>&1 &
+hpid=$!
+"$@"
+rc=$?
+# The host side ends by itself (its steps have timeouts); give it a bound anyway.
+i=0; while kill -0 $hpid 2>/dev/null && [ $i -lt 600 ]; do sleep 0.5; i=$((i + 1)); done
+kill $hpid 2>/dev/null
+echo "R scripts $(awk 'BEGIN { ORS = "" } { if (NR > 1) print "; "; print }' $NETDIR/scripts.log 2>/dev/null)" >> $NETDIR/host
+echo "R netdevs_after $(ls /sys/class/net | sort | tr '\n' ' ')" >> $NETDIR/host
+exit $rc
+"#;
 
 /// What one guest boot produced.
 #[derive(Default, Debug)]
@@ -46,6 +79,8 @@ pub struct VmOutput {
     pub console: String,
     /// vmm's stderr.
     pub stderr: String,
+    /// The host side's output, for a run with NICs.
+    pub host: String,
     /// vmm's exit code (None: killed / timed out / not run).
     pub rc: Option<i32>,
     pub seconds: f64,
@@ -121,6 +156,9 @@ pub fn vmm_args(spec: &VmSpec, kernel: &str, initrd: &str, image_dir: &str) -> V
         }
         a.push("--drive".into());
         a.push(v);
+    }
+    if let Some(n) = &spec.net {
+        a.extend(n.args.iter().cloned());
     }
     a
 }

@@ -10,11 +10,24 @@ use std::time::Duration;
 use integration_tests::run;
 
 use crate::fixtures::{build_initramfs, fixtures, guest_initramfs};
-use crate::spec::{vmm_args, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
+use crate::spec::{vmm_args, NetRun, Runs, VmOutput, VmSpec, NET_WRAPPER, VM_TIMEOUT_S};
 use crate::tools::{t, tail};
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The scripts of a run with NICs, into `dir` (its `$NETDIR`).
+pub fn write_net_scripts(n: &NetRun, dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (f, body) in [
+        ("host-setup.sh", &n.host_setup[..]),
+        ("host.sh", &n.host_sh[..]),
+        ("wrap.sh", NET_WRAPPER),
+    ] {
+        fs::write(dir.join(f), body).map_err(|e| format!("{f}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Boot the test host (QEMU TCG, nested SVM) and run each spec under the static `vmm`, one
@@ -45,7 +58,7 @@ pub fn run_in_testhost(
          \x20   mkdir -p /results/vm-$name\n\
          \x20   t0=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   echo \"TESTHOST: vmm run $name\"\n\
-         \x20   timeout -s KILL $VM_TIMEOUT env $VMM_ENV /vmm \"$@\" </dev/null >/results/vm-$name/console 2>/results/vm-$name/stderr\n\
+         \x20   timeout -s KILL $VM_TIMEOUT env $VMM_ENV $VMM_WRAP /vmm \"$@\" </dev/null >/results/vm-$name/console 2>/results/vm-$name/stderr\n\
          \x20   echo $? >/results/vm-$name/rc\n\
          \x20   t1=$(cut -d' ' -f1 /proc/uptime)\n\
          \x20   echo \"$t0 $t1\" >/results/vm-$name/time\n\
@@ -53,7 +66,6 @@ pub fn run_in_testhost(
          }\n\
          cd /results/images\n",
     );
-    script.push_str(&format!("VM_TIMEOUT={VM_TIMEOUT_S}\n"));
     if let Some(vmm) = vmm {
         fs::copy(vmm, extra.join("vmm")).map_err(|e| format!("copy vmm: {e}"))?;
         for spec in specs {
@@ -68,14 +80,33 @@ pub fn run_in_testhost(
                 &format!("/guest/{}.cpio.gz", spec.name),
                 "/results/images",
             );
-            let q: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
-            let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let netdir = format!("/net-{}", spec.name);
+            let (wrap, timeout) = match &spec.net {
+                Some(n) => {
+                    write_net_scripts(n, &extra.join(&netdir[1..]))?;
+                    env.push(format!("NETDIR={netdir}"));
+                    (format!("sh {netdir}/wrap.sh"), n.timeout_s)
+                }
+                None => (String::new(), VM_TIMEOUT_S),
+            };
+            let q: Vec<String> = args
+                .iter()
+                .map(|a| shell_quote(&a.replace("@NETDIR@", &netdir)))
+                .collect();
             script.push_str(&format!(
-                "VMM_ENV={}\nrun_vm {} {}\n",
+                "VMM_ENV={} VMM_WRAP={} VM_TIMEOUT={timeout}\nrun_vm {} {}\n",
                 shell_quote(&env.join(" ")),
+                shell_quote(&wrap),
                 spec.name,
                 q.join(" ")
             ));
+            if spec.net.is_some() {
+                script.push_str(&format!(
+                    "cp {netdir}/host /results/vm-{}/host\n",
+                    spec.name
+                ));
+            }
         }
     }
     fs::write(extra.join("run.sh"), script).unwrap();
@@ -87,7 +118,11 @@ pub fn run_in_testhost(
     let size = (64u64 << 20) + 2 * image_bytes;
     fs::File::create(&results).unwrap().set_len(size).unwrap();
 
-    let timeout = Duration::from_secs(60 + VM_TIMEOUT_S * specs.len() as u64);
+    let vm_time: u64 = specs
+        .iter()
+        .map(|s| s.net.as_ref().map_or(VM_TIMEOUT_S, |n| n.timeout_s))
+        .sum();
+    let timeout = Duration::from_secs(60 + vm_time);
     let mut cmd = Command::new(t("qemu-system-x86_64"));
     cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
         .args([
@@ -143,6 +178,7 @@ pub fn run_in_testhost(
             VmOutput {
                 console: rd(&d.join("console")),
                 stderr: rd(&d.join("stderr")),
+                host: rd(&d.join("host")),
                 // 137 = killed by `timeout -s KILL`.
                 rc: rc.filter(|&c| c != 137),
                 seconds: if times.len() == 2 {

@@ -1,6 +1,8 @@
-//! Virtio: split queues, the virtio-pci modern transport, and the block device.
+//! Virtio: split queues, the virtio-pci modern transport, and the block and network devices.
 
 pub mod block;
+pub mod cursor;
+pub mod net;
 pub mod pci;
 pub mod queue;
 

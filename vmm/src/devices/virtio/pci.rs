@@ -198,6 +198,7 @@ impl VirtioPci {
         let nvec = nq + 1;
         let ty = dev.device_type();
         let class = match ty {
+            1 => 0x02_00_00, // Ethernet controller
             2 => 0x01_00_00, // mass storage (SCSI), as QEMU does for virtio-blk
             _ => 0xff_00_00,
         };

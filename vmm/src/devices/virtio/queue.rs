@@ -158,6 +158,12 @@ impl Queue {
         Ok(Some(Chain { head, descs }))
     }
 
+    /// Give back the last `n` chains popped, untouched, to be popped again later (a
+    /// packet that needs more receive buffers than the driver has made available).
+    pub fn unpop(&mut self, n: u16) {
+        self.next_avail = self.next_avail.wrapping_sub(n);
+    }
+
     /// Whether more chains are available right now (after re-arming notifications).
     pub fn has_more(&self, mem: &GuestMem) -> Result<bool, QueueError> {
         Ok(Self::read_u16(mem, self.cfg.avail + 2)? != self.next_avail)
