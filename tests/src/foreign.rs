@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::tools::{qemu_img, qemu_img_in, qemu_io_cmds, Tool};
-use crate::twin::{Names, Pair};
-use crate::{json_pretty, json_remove_key, s, text_diff, Rng};
+use crate::twin::{Names, Pair, Twin};
+use crate::{json_pretty, json_remove_key, s, seed, tempdir, text_diff, Rng};
 
 /// Blank the host-dependent `disk size:` and `"actual-size"` values of `info` output.
 pub fn normalize_info(out: &str) -> String {
@@ -48,6 +48,21 @@ pub fn qemu_io_random(path: &Path, fmt: &str, size: u64, rng: &mut Rng, writes: 
         }
     }
     qemu_io_cmds(path, fmt, &cmds);
+}
+
+/// The sources of the foreign formats' convert tests: `a.qcow2` of `qcow2_size` and `b.raw`
+/// of `raw_size` bytes, each with ten random qemu-io writes (the seed from `TEST_SEED`, else
+/// `default_seed`, printed), copied into both sides of a twin.
+pub fn convert_sources(default_seed: u64, qcow2_size: u64, raw_size: u64) -> Twin {
+    let seed = seed(default_seed);
+    eprintln!("seed {seed:#x}");
+    let mut rng = Rng::new(seed);
+    let src = tempdir();
+    for (name, fmt, size) in [("a.qcow2", "qcow2", qcow2_size), ("b.raw", "raw", raw_size)] {
+        qimg(src.path(), &format!("create -q -f {fmt} {name} {size}"));
+        qemu_io_random(&src.path().join(name), fmt, size, &mut rng, 10);
+    }
+    Twin::copied_from(src.path())
 }
 
 /// How one command's stdout is normalized before comparing.

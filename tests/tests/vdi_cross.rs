@@ -5,7 +5,7 @@
 //! through the engine read back by qemu-img as a model says; damaged maps checked alike.
 
 use integration_tests::foreign::{
-    qemu_io_random, qimg, read_only_commands_agree, twin_writes_agree,
+    convert_sources, qemu_io_random, qimg, read_only_commands_agree, twin_writes_agree,
 };
 use integration_tests::twin::{Names, Pair, Twin};
 use integration_tests::*;
@@ -201,18 +201,7 @@ fn img_create_makes_what_qemu_img_makes() {
 
 #[test]
 fn img_convert_writes_what_qemu_img_writes() {
-    let seed = seed(0x7664_0002);
-    eprintln!("seed {seed:#x}");
-    let mut rng = Rng::new(seed);
-    let src = tempdir();
-    for (name, fmt, size) in [
-        ("a.qcow2", "qcow2", 9_000_000u64),
-        ("b.raw", "raw", 5_000_000),
-    ] {
-        qimg(src.path(), &format!("create -q -f {fmt} {name} {size}"));
-        qemu_io_random(&src.path().join(name), fmt, size, &mut rng, 10);
-    }
-    let twin = Twin::copied_from(src.path());
+    let twin = convert_sources(0x7664_0002, 9_000_000, 5_000_000);
     let mut f = Failures::new();
     for source in ["a.qcow2", "b.raw"] {
         for opts in ["static=off", "static=on"] {

@@ -10,7 +10,7 @@ use common::storage::{FileStorage, Storage};
 use common::vhdx::header::Headers;
 use common::vhdx::log::Log;
 use integration_tests::foreign::{
-    qemu_io_random, qimg, read_only_commands_agree, twin_writes_agree,
+    convert_sources, qemu_io_random, qimg, read_only_commands_agree, twin_writes_agree,
 };
 use integration_tests::twin::{Names, Pair, Twin};
 use integration_tests::*;
@@ -275,18 +275,7 @@ fn img_create_makes_what_qemu_img_makes() {
 
 #[test]
 fn img_convert_writes_what_qemu_img_writes() {
-    let seed = seed(0x7668_0002);
-    eprintln!("seed {seed:#x}");
-    let mut rng = Rng::new(seed);
-    let src = tempdir();
-    for (name, fmt, size) in [
-        ("a.qcow2", "qcow2", 29_000_000u64),
-        ("b.raw", "raw", 15_000_000),
-    ] {
-        qimg(src.path(), &format!("create -q -f {fmt} {name} {size}"));
-        qemu_io_random(&src.path().join(name), fmt, size, &mut rng, 10);
-    }
-    let twin = Twin::copied_from(src.path());
+    let twin = convert_sources(0x7668_0002, 29_000_000, 15_000_000);
     let mut f = Failures::new();
     for source in ["a.qcow2", "b.raw"] {
         for opts in [

@@ -7,7 +7,7 @@
 //! a missing extent file is named as qemu-img names it; engine writes from several threads
 //! (the same grains allocated at once) read by qemu-img as a model says, the CID renewed.
 
-use integration_tests::foreign::{qemu_io_random, qimg, read_only_commands_agree};
+use integration_tests::foreign::{convert_sources, qemu_io_random, qimg, read_only_commands_agree};
 use integration_tests::twin::{Names, Pair, Twin};
 use integration_tests::*;
 
@@ -525,18 +525,7 @@ fn img_create_makes_what_qemu_img_makes() {
 
 #[test]
 fn img_convert_writes_what_qemu_img_writes() {
-    let seed = seed(0x766d_0004);
-    eprintln!("seed {seed:#x}");
-    let mut rng = Rng::new(seed);
-    let src = tempdir();
-    for (name, fmt, size) in [
-        ("a.qcow2", "qcow2", 9_000_000u64),
-        ("b.raw", "raw", 5_000_000),
-    ] {
-        qimg(src.path(), &format!("create -q -f {fmt} {name} {size}"));
-        qemu_io_random(&src.path().join(name), fmt, size, &mut rng, 10);
-    }
-    let twin = Twin::copied_from(src.path());
+    let twin = convert_sources(0x766d_0004, 9_000_000, 5_000_000);
     let mut f = Failures::new();
     for source in ["a.qcow2", "b.raw"] {
         for opts in [
