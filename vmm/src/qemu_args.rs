@@ -15,6 +15,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "--drive",
     "--name",
     "--boot-entry",
+    "--firmware",
 ];
 
 /// QEMU options without an argument that vmm accepts and ignores, because it always
@@ -84,6 +85,10 @@ pub fn rewrite(args: &[String]) -> Result<Rewritten, String> {
             "-name" => {
                 let v = value()?;
                 out.extend(["--name".into(), name(&v).map_err(|e| fail(&v, e))?]);
+            }
+            "-bios" => {
+                let v = value()?;
+                out.extend(["--firmware".into(), v]);
             }
             "-kernel" | "-initrd" | "-append" => {
                 let v = value()?;
