@@ -158,6 +158,7 @@ pub fn scenario_a(
             data,
             env: vec![],
             disk_boot: false,
+            firmware: false,
         },
         writes,
         base_raw,

@@ -21,6 +21,7 @@ pub fn scenario_boot() -> VmSpec {
         data: vec![],
         env: vec![],
         disk_boot: false,
+        firmware: false,
     }
 }
 

@@ -37,7 +37,13 @@ pub struct VmSpec {
     pub env: Vec<(&'static str, &'static str)>,
     /// Boot the first disk's own boot entry (no --kernel/--initrd), with QEMU's command line.
     pub disk_boot: bool,
+    /// With `disk_boot`: boot it through firmware, `-bios IMAGE_DIR/bios.bin` (SeaBIOS,
+    /// which the scenario copies into its image directory).
+    pub firmware: bool,
 }
+
+/// The firmware's file name in a scenario's image directory.
+pub const FIRMWARE_FILE: &str = "bios.bin";
 
 /// What one guest boot produced.
 #[derive(Default, Debug)]
@@ -94,6 +100,9 @@ pub fn vmm_args(spec: &VmSpec, kernel: &str, initrd: &str, image_dir: &str) -> V
             } else {
                 a.extend(["-drive".into(), format!("file={path},if=virtio")]);
             }
+        }
+        if spec.firmware {
+            a.extend(["-bios".into(), format!("{image_dir}/{FIRMWARE_FILE}")]);
         }
         a.push("-nographic".into());
         return a;
