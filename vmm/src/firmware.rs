@@ -112,8 +112,9 @@ pub fn fw_cfg(layout: &CmosLayout, boot_slot: u8) -> Result<FwCfg, String> {
     f.add_item(KEY_MAX_CPUS, cpus.to_le_bytes().to_vec());
     f.add_item(KEY_NOGRAPHIC, 1u16.to_le_bytes().to_vec());
     f.add_item(KEY_BOOT_MENU, 0u16.to_le_bytes().to_vec());
-    // The in-kernel PIT's IRQ 0 reaches the IOAPIC on pin 2.
-    f.add_item(KEY_IRQ0_OVERRIDE, vec![1]);
+    // No IRQ 0 -> pin 2 override in the MP table: vmm routes every ISA IRQ n (the in-kernel
+    // PIT's 0 included) to IOAPIC pin n.
+    f.add_item(KEY_IRQ0_OVERRIDE, vec![0]);
     let files: [(&str, Vec<u8>); 3] = [
         ("etc/e820", e820_table(layout)),
         ("etc/sercon-port", SERCON_PORT.to_le_bytes().to_vec()),

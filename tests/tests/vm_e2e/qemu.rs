@@ -60,7 +60,8 @@ pub fn run_under_qemu(spec: &VmSpec, image_dir: &Path, work: &Path) -> Result<Vm
 }
 
 /// Boot `spec`'s first disk under QEMU (TCG) through the firmware in `image_dir`, as vmm
-/// does with `-bios`: no -kernel, the disk on virtio-blk-pci.
+/// does with `-bios`: no -kernel, the disk on virtio-blk-pci, no graphics (so SeaBIOS prints
+/// on the serial console, as it does under vmm).
 pub fn run_disk_under_qemu(
     spec: &VmSpec,
     image_dir: &Path,
@@ -68,6 +69,7 @@ pub fn run_disk_under_qemu(
 ) -> Result<VmOutput, String> {
     let disk = spec.drives.first().ok_or("no disk to boot")?;
     let mut cmd = Command::new(t("qemu-system-x86_64"));
+    cmd.args(["-machine", "pc,graphics=off"]);
     cmd.args([
         "-accel",
         "tcg",
