@@ -359,5 +359,31 @@ mod tests {
         // Vendor id is read-only.
         c.write(0, 0, &[0xaa, 0xbb]);
         assert_eq!(c.read(0), 0x0002_0001);
+        // An unplaced BAR (firmware boot) sizes the same way and takes its address.
+        let mut u = PciConfig::new(1, 2, 0, 0, 0, 0);
+        u.add_bar(0, 0, 0x8000);
+        assert_eq!(u.read(4), 0);
+        u.write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(u.read(4), 0xffff_8000);
+        u.write(4, 0, &0xfebf_8000u32.to_le_bytes());
+        assert_eq!(u.bars[0].unwrap().addr, 0xfebf_8000);
+    }
+
+    #[test]
+    fn i440fx_ids_and_pam_registers() {
+        let mut b = HostBridge::i440fx();
+        let c = b.config_mut();
+        assert_eq!(c.read(0), 0x1237_8086);
+        assert_eq!(c.read(0x2c / 4), 0x1100_1af4);
+        // SeaBIOS reads PAM0 (0x59) as 0 at reset, then writes 0x30 / 0x33 and reads back.
+        assert_eq!(c.read(0x58 / 4), 0);
+        c.write(0x58 / 4, 0, &[0, 0x30, 0x33, 0x33]);
+        c.write(0x5c / 4, 0, &[0x33, 0x33, 0x33, 0x33]);
+        assert_eq!(c.read(0x58 / 4), 0x3333_3000);
+        // 0x5c..0x5f: PAM3-6.
+        assert_eq!(c.read(0x5c / 4), 0x3333_3333);
+        // 0x58 is not a PAM register.
+        c.write(0x58 / 4, 0, &[0xff]);
+        assert_eq!(c.read(0x58 / 4) & 0xff, 0);
     }
 }
