@@ -155,6 +155,43 @@ mod tests {
         assert_eq!(entry(2), (0xfffb_c000, 0x4000, E820_RESERVED));
     }
 
+    /// What SeaBIOS reads: the file directory's names, the serial console port, the boot
+    /// order naming the disk's slot, and the CPU count.
+    #[test]
+    fn fw_cfg_contents() {
+        use crate::bus::BusDevice;
+        use crate::devices::fw_cfg::KEY_FILE_DIR;
+        let l = CmosLayout {
+            mem_below_4g: 256 << 20,
+            mem_above_4g: 0,
+            cpus: 3,
+        };
+        let mut f = fw_cfg(&l, 1).unwrap();
+        let mut read = |key: u16, len: usize| {
+            f.write(0, &key.to_le_bytes());
+            let mut v = vec![0u8; len];
+            for b in v.iter_mut() {
+                let mut x = [0u8];
+                f.read(1, &mut x);
+                *b = x[0];
+            }
+            v
+        };
+        assert_eq!(read(KEY_NB_CPUS, 2), [3, 0]);
+        let n = u32::from_be_bytes(read(KEY_FILE_DIR, 4).try_into().unwrap()) as usize;
+        let dir = read(KEY_FILE_DIR, 4 + 64 * n);
+        let mut files = std::collections::BTreeMap::new();
+        for e in dir[4..].chunks(64) {
+            let size = u32::from_be_bytes(e[..4].try_into().unwrap()) as usize;
+            let key = u16::from_be_bytes(e[4..6].try_into().unwrap());
+            let name = String::from_utf8(e[8..].split(|&b| b == 0).next().unwrap().to_vec());
+            files.insert(name.unwrap(), read(key, size));
+        }
+        assert_eq!(files["etc/sercon-port"], [0xf8, 0x03]);
+        assert_eq!(files["bootorder"], b"/pci@i0cf8/scsi@1/disk@0,0\n");
+        assert_eq!(files["etc/e820"], e820_table(&l));
+    }
+
     #[test]
     fn bad_images() {
         let dir = tempfile::tempdir().unwrap();

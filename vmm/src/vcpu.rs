@@ -314,18 +314,21 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, io: &Bus, mmio: &Bus, stop: &AtomicBool) 
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let (p, n) = (data.as_ptr(), data.len());
-                // SAFETY: `p` points into the kvm_run mapping, which lives as long as
-                // `vcpu`; nothing else touches it before the next KVM_RUN.
+                let size = io_element_size(vcpu, n);
+                // SAFETY: `p` points into the vCPU's mmap (the PIO data page, past the
+                // kvm_run struct), which lives as long as `vcpu`; nothing else touches it
+                // before the next KVM_RUN.
                 let data = unsafe { std::slice::from_raw_parts(p, n) };
-                for e in data.chunks(io_element_size(vcpu, n)) {
+                for e in data.chunks(size) {
                     io.write(port as u64, e);
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 let (p, n) = (data.as_mut_ptr(), data.len());
+                let size = io_element_size(vcpu, n);
                 // SAFETY: as above.
                 let data = unsafe { std::slice::from_raw_parts_mut(p, n) };
-                for e in data.chunks_mut(io_element_size(vcpu, n)) {
+                for e in data.chunks_mut(size) {
                     io.read(port as u64, e);
                 }
             }

@@ -42,6 +42,19 @@ pub struct VmSpec {
     pub firmware: bool,
 }
 
+impl VmSpec {
+    /// Time its `vmm run` may take in the test host: twice [`VM_TIMEOUT_S`] for a firmware
+    /// boot, whose bootloader reads the kernel and initrd through the BIOS's int 13h (a
+    /// mode switch and a virtio request per 64 KiB, each slow in the nested test host).
+    pub fn timeout_s(&self) -> u64 {
+        if self.firmware {
+            2 * VM_TIMEOUT_S
+        } else {
+            VM_TIMEOUT_S
+        }
+    }
+}
+
 /// The firmware's file name in a scenario's image directory.
 pub const FIRMWARE_FILE: &str = "bios.bin";
 

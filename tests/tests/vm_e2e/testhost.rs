@@ -10,7 +10,7 @@ use std::time::Duration;
 use integration_tests::run;
 
 use crate::fixtures::{build_initramfs, fixtures, guest_initramfs};
-use crate::spec::{vmm_args, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
+use crate::spec::{vmm_args, Runs, VmOutput, VmSpec};
 use crate::tools::{t, tail};
 
 fn shell_quote(s: &str) -> String {
@@ -53,7 +53,6 @@ pub fn run_in_testhost(
          }\n\
          cd /results/images\n",
     );
-    script.push_str(&format!("VM_TIMEOUT={VM_TIMEOUT_S}\n"));
     if let Some(vmm) = vmm {
         fs::copy(vmm, extra.join("vmm")).map_err(|e| format!("copy vmm: {e}"))?;
         for spec in specs {
@@ -71,7 +70,8 @@ pub fn run_in_testhost(
             let q: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
             let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             script.push_str(&format!(
-                "VMM_ENV={}\nrun_vm {} {}\n",
+                "VM_TIMEOUT={}\nVMM_ENV={}\nrun_vm {} {}\n",
+                spec.timeout_s(),
                 shell_quote(&env.join(" ")),
                 spec.name,
                 q.join(" ")
@@ -87,7 +87,7 @@ pub fn run_in_testhost(
     let size = (64u64 << 20) + 2 * image_bytes;
     fs::File::create(&results).unwrap().set_len(size).unwrap();
 
-    let timeout = Duration::from_secs(60 + VM_TIMEOUT_S * specs.len() as u64);
+    let timeout = Duration::from_secs(60 + specs.iter().map(|s| s.timeout_s()).sum::<u64>());
     let mut cmd = Command::new(t("qemu-system-x86_64"));
     cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
         .args([
