@@ -22,7 +22,7 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs eight `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs nine `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
 //!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
