@@ -39,8 +39,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// The GDT Linux's boot protocol expects: __BOOT_CS = 0x10, __BOOT_DS = 0x18.
 pub const GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
-const E820_RAM: u32 = 1;
-const E820_RESERVED: u32 = 2;
+/// E820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
 
 /// Where the BSP starts.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,8 @@ pub enum BootEntry {
     Protected32 { entry: u32 },
     /// Real mode at 0:`ip` (tests).
     Real { ip: u16 },
+    /// The reset vector (0xffff_fff0, real mode), as KVM creates a vCPU: firmware boot.
+    ResetVector,
 }
 
 /// Write identity page tables for the first 4 GiB (2 MiB pages) and the GDT.

@@ -39,6 +39,8 @@ pub struct DriveConfig {
 pub struct VmConfig {
     /// None: boot the first disk's own boot entry.
     pub kernel: Option<PathBuf>,
+    /// `--firmware`: boot the first disk through this BIOS image instead.
+    pub firmware: Option<PathBuf>,
     /// `--boot-entry`: which entry of the disk (number or title).
     pub boot_entry: Option<String>,
     /// `--list-boot-entries`: print the disk's entries instead of booting.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod devices;
 pub mod disk;
 pub mod diskboot;
+pub mod firmware;
 pub mod irq;
 pub mod net_script;
 pub mod qemu_args;

@@ -32,6 +32,11 @@ struct RunArgs {
     /// extlinux.conf, menu.lst, or /vmlinuz on an ext2/3/4 filesystem).
     #[arg(long)]
     kernel: Option<std::path::PathBuf>,
+    /// Boot the first disk through a BIOS image, as QEMU does without -kernel (a disk
+    /// with no Linux boot entry boots this way anyway, through the default, SeaBIOS's
+    /// /usr/share/seabios/bios.bin).
+    #[arg(long, conflicts_with_all = ["kernel", "boot_entry", "list_boot_entries"])]
+    firmware: Option<std::path::PathBuf>,
     /// Initial ramdisk (with --kernel).
     #[arg(long, requires = "kernel")]
     initrd: Option<std::path::PathBuf>,
@@ -80,6 +85,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig, String> {
     let cpus = parse_cpus(&a.cpus)?;
     Ok(VmConfig {
         kernel: a.kernel,
+        firmware: a.firmware,
         boot_entry: a.boot_entry,
         list_boot_entries: a.list_boot_entries,
         initrd: a.initrd,

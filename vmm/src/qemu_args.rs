@@ -19,6 +19,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "--net",
     "--name",
     "--boot-entry",
+    "--firmware",
 ];
 
 /// QEMU options without an argument that vmm accepts and ignores, because it always
@@ -89,6 +90,10 @@ pub fn rewrite(args: &[String]) -> Result<Rewritten, String> {
             "-name" => {
                 let v = value()?;
                 out.extend(["--name".into(), name(&v).map_err(|e| fail(&v, e))?]);
+            }
+            "-bios" => {
+                let v = value()?;
+                out.extend(["--firmware".into(), v]);
             }
             "-kernel" | "-initrd" | "-append" => {
                 let v = value()?;

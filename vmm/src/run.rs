@@ -10,7 +10,9 @@ use crate::boot::file::{kernel_image, open_boot_file, FileImage};
 use crate::boot::{load_linux, BootEntry, Initrd};
 use crate::config::{nic_macs, NetConfig, TapSource, VmConfig};
 use crate::devices::serial::{feed_input, SerialDevice, Stdout};
-use crate::diskboot::{DiskBoot, Loaded};
+use crate::diskboot::partitions::boot_sector;
+use crate::diskboot::{DiskBoot, Loaded, Search};
+use crate::firmware::{Firmware, DEFAULT_FIRMWARE};
 use crate::net_script::{run_script, Downscript};
 use crate::tap::Tap;
 use crate::vcpu::{create_vcpu, install_kick_handler, kick_signal, spawn, VcpuHandle};
@@ -233,10 +235,12 @@ fn host_memory() -> Option<u64> {
     }
 }
 
-/// What the VM boots: a kernel file (its name and bytes), or a disk's boot entry.
+/// What the VM boots: a kernel file (its name and bytes), a disk's boot entry, or the
+/// disk through firmware.
 enum Boot {
     Kernel(String, FileImage),
     Disk(Loaded),
+    Firmware(Firmware),
 }
 
 /// Open every NIC's tap and run its up script; a downscript for each goes to `downscripts`.
@@ -302,17 +306,41 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
             let (Some(first), Some(d)) = (disks.first(), cfg.drives.first()) else {
                 return Err("nothing to boot: give --kernel, or a disk (--drive, -hda)".into());
             };
-            let found = DiskBoot::find(first.driver.clone())
-                .map_err(|e| format!("disk '{}': {e}", d.path.display()))?;
-            if cfg.list_boot_entries {
-                print!("{}", found.describe());
-                return Ok(0);
+            let disk_err = |e: String| format!("disk '{}': {e}", d.path.display());
+            if let Some(f) = &cfg.firmware {
+                Boot::Firmware(Firmware::load(f)?)
+            } else {
+                match DiskBoot::search(first.driver.clone()).map_err(disk_err)? {
+                    Search::Found(found) => {
+                        if cfg.list_boot_entries {
+                            print!("{}", found.describe());
+                            return Ok(0);
+                        }
+                        let i = found.select(cfg.boot_entry.as_deref())?;
+                        Boot::Disk(found.load(i, cfg.memory).map_err(disk_err)?)
+                    }
+                    Search::NoEntry(why) => {
+                        let no_entry = format!("no Linux boot entry found ({why})");
+                        let signed = boot_sector(&*first.driver)
+                            .map_err(|e| disk_err(e.to_string()))?
+                            .is_some();
+                        if cfg.list_boot_entries || cfg.boot_entry.is_some() || !signed {
+                            let bios = if signed {
+                                ""
+                            } else {
+                                ", and no BIOS boot sector"
+                            };
+                            return Err(disk_err(format!("{no_entry}{bios}")));
+                        }
+                        eprintln!(
+                            "vmm: disk '{}': {no_entry}: booting its boot sector through {}",
+                            d.path.display(),
+                            DEFAULT_FIRMWARE
+                        );
+                        Boot::Firmware(Firmware::load(DEFAULT_FIRMWARE.as_ref())?)
+                    }
+                }
             }
-            let i = found.select(cfg.boot_entry.as_deref())?;
-            let loaded = found
-                .load(i, cfg.memory)
-                .map_err(|e| format!("disk '{}': {e}", d.path.display()))?;
-            Boot::Disk(loaded)
         }
     };
     // Declared before the machine, so dropped after it: each downscript runs once the
@@ -320,8 +348,14 @@ pub fn run(cfg: VmConfig) -> Result<i32, String> {
     let mut downscripts = Vec::new();
     let nics = open_nics(&cfg.nets, &mut downscripts)?;
     let drivers: Vec<_> = disks.iter().map(|d| d.driver.clone()).collect();
-    let m = Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks, nics)?;
+    let m = match &boot {
+        Boot::Firmware(f) => {
+            Machine::with_firmware(cfg.memory, cfg.cpus, Box::new(Stdout), disks, nics, f)?
+        }
+        _ => Machine::new(cfg.memory, cfg.cpus, Box::new(Stdout), disks, nics)?,
+    };
     let entry = match &boot {
+        Boot::Firmware(_) => BootEntry::ResetVector,
         Boot::Kernel(name, image) => {
             let initrd = cfg.initrd.as_deref().map(Initrd::File);
             load_linux(&m, image, name, initrd, &cfg.cmdline)?

@@ -211,6 +211,7 @@ fn setup_regs(vcpu: &VcpuFd, entry: &BootEntry) -> Result<(), String> {
             regs.rip = entry as u64;
             regs.rsp = 0x8000;
         }
+        BootEntry::ResetVector => {}
         BootEntry::Real { ip } => {
             sregs.cs.base = 0;
             sregs.cs.selector = 0;
@@ -242,7 +243,7 @@ pub fn create_vcpu(
     setup_cpuid(kvm, &vcpu, id, cpus)?;
     setup_msrs(&vcpu)?;
     setup_lapic(&vcpu)?;
-    if id == 0 {
+    if id == 0 && !matches!(entry, BootEntry::ResetVector) {
         setup_regs(&vcpu, entry)?;
     }
     Ok(vcpu)
@@ -293,6 +294,18 @@ pub fn spawn(
     Ok(VcpuHandle { thread })
 }
 
+/// Bytes per element of the port I/O exit just taken: a string instruction (`rep insb`,
+/// `rep outsw`) hands over all its elements in one exit, each a separate access.
+fn io_element_size(vcpu: &mut VcpuFd, total: usize) -> usize {
+    // SAFETY: called right after a KVM_EXIT_IO, so `io` is the valid member.
+    let size = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.io.size } as usize;
+    if size == 0 || !total.is_multiple_of(size) {
+        total.max(1)
+    } else {
+        size
+    }
+}
+
 fn run_loop(id: u8, vcpu: &mut VcpuFd, io: &Bus, mmio: &Bus, stop: &AtomicBool) -> Option<VmExit> {
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -300,10 +313,24 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, io: &Bus, mmio: &Bus, stop: &AtomicBool) 
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                io.write(port as u64, data);
+                let (p, n) = (data.as_ptr(), data.len());
+                let size = io_element_size(vcpu, n);
+                // SAFETY: `p` points into the vCPU's mmap (the PIO data page, past the
+                // kvm_run struct), which lives as long as `vcpu`; nothing else touches it
+                // before the next KVM_RUN.
+                let data = unsafe { std::slice::from_raw_parts(p, n) };
+                for e in data.chunks(size) {
+                    io.write(port as u64, e);
+                }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                io.read(port as u64, data);
+                let (p, n) = (data.as_mut_ptr(), data.len());
+                let size = io_element_size(vcpu, n);
+                // SAFETY: as above.
+                let data = unsafe { std::slice::from_raw_parts_mut(p, n) };
+                for e in data.chunks_mut(size) {
+                    io.read(port as u64, e);
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 mmio.read(addr, data);

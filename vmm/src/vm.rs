@@ -11,6 +11,8 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::Bus;
+use crate::devices::cmos::{Cmos, CmosLayout, CMOS_LEN, CMOS_PORT};
+use crate::devices::fw_cfg::{FW_CFG_LEN, FW_CFG_PORT};
 use crate::devices::legacy::{AcpiPm, Sink, ACPI_PM_BASE, ACPI_PM_LEN, I8042};
 use crate::devices::pci::{
     HostBridge, PciBus, PciConfigIo, PciMmio, SharedPciDevice, PCI_MMIO_SIZE, PCI_MMIO_START,
@@ -20,6 +22,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{VirtioPci, BAR_SIZE};
 use crate::devices::virtio::VirtioDevice;
+use crate::firmware::Firmware;
 use crate::irq::GsiRouting;
 use crate::ram::Ram;
 use crate::tap::PacketBackend;
@@ -31,6 +34,10 @@ pub const FOUR_GIB: u64 = 1 << 32;
 pub const SERIAL_IRQ: u32 = 4;
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Where the firmware's PCI memory window ends (the IOAPIC follows).
+const FIRMWARE_PCI_END: u64 = 0xfec0_0000;
+/// PCI slot of the first disk (the host bridge is slot 0).
+pub const FIRST_DISK_SLOT: u8 = 1;
 
 /// A disk as the VM attaches it.
 pub struct VmDisk {
@@ -84,13 +91,39 @@ fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> String + '_ {
 impl Machine {
     /// Create the VM with `mem_size` bytes of RAM, `cpus` vCPUs (created later), the
     /// serial console writing to `console`, one virtio-blk device per disk and one
-    /// virtio-net device per NIC.
+    /// virtio-net device per NIC, for a kernel loaded directly (BARs placed, no
+    /// firmware interfaces).
     pub fn new(
         mem_size: u64,
         cpus: u8,
         console: Box<dyn Write + Send>,
         disks: Vec<VmDisk>,
         nics: Vec<VmNic>,
+    ) -> Result<Machine, String> {
+        Self::build(mem_size, cpus, console, disks, nics, None)
+    }
+
+    /// The same machine as QEMU's pc for `firmware`, started at the reset vector: the
+    /// image in place (firmware.rs), an i440FX host bridge, CMOS and fw_cfg, and BARs left
+    /// for the firmware to place.
+    pub fn with_firmware(
+        mem_size: u64,
+        cpus: u8,
+        console: Box<dyn Write + Send>,
+        disks: Vec<VmDisk>,
+        nics: Vec<VmNic>,
+        firmware: &Firmware,
+    ) -> Result<Machine, String> {
+        Self::build(mem_size, cpus, console, disks, nics, Some(firmware))
+    }
+
+    fn build(
+        mem_size: u64,
+        cpus: u8,
+        console: Box<dyn Write + Send>,
+        disks: Vec<VmDisk>,
+        nics: Vec<VmNic>,
+        firmware: Option<&Firmware>,
     ) -> Result<Machine, String> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => {
@@ -106,7 +139,12 @@ impl Machine {
         }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("cannot create VM"))?);
 
-        let (mem, ram) = Ram::new(&ram_ranges(mem_size)).map_err(|e| {
+        let mut ranges = ram_ranges(mem_size);
+        if let Some(f) = firmware {
+            ranges.push((GuestAddress(f.base()), f.image.len()));
+            ranges.sort_by_key(|r| r.0);
+        }
+        let (mem, ram) = Ram::new(&ranges).map_err(|e| {
             format!(
                 "cannot allocate {} MiB of guest memory: {e}",
                 mem_size >> 20
@@ -127,6 +165,10 @@ impl Machine {
             // which outlives the VM's use of it.
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        if let Some(f) = firmware {
+            f.install(&mem)?;
         }
 
         vm.set_tss_address(TSS_ADDR)
@@ -166,9 +208,24 @@ impl Machine {
             Arc::new(Mutex::new(AcpiPm::new(exit_tx.clone()))),
         )?;
         io_bus.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
+        let low_mem_end = mem_size.min(MMIO_HOLE_START);
+        if firmware.is_some() {
+            let layout = CmosLayout {
+                mem_below_4g: low_mem_end,
+                mem_above_4g: mem_size - low_mem_end,
+                cpus,
+            };
+            io_bus.insert(CMOS_PORT, CMOS_LEN, Arc::new(Mutex::new(Cmos::new(layout))))?;
+            let fw_cfg = crate::firmware::fw_cfg(&layout, FIRST_DISK_SLOT)?;
+            io_bus.insert(FW_CFG_PORT, FW_CFG_LEN, Arc::new(Mutex::new(fw_cfg)))?;
+        }
 
         let mut pci = PciBus::default();
-        pci.devices.push(Arc::new(Mutex::new(HostBridge::new())));
+        let bridge = match firmware {
+            Some(_) => HostBridge::i440fx(),
+            None => HostBridge::new(),
+        };
+        pci.devices.push(Arc::new(Mutex::new(bridge)));
         let blks = disks.into_iter().map(|d| -> Box<dyn VirtioDevice> {
             Box::new(Block::new(d.driver, d.read_only, &d.serial))
         });
@@ -179,7 +236,9 @@ impl Machine {
             if pci.devices.len() >= crate::devices::pci::PCI_SLOTS {
                 return Err("too many drives and NICs".into());
             }
-            let bar = PCI_MMIO_START + i as u64 * BAR_SIZE;
+            let bar = firmware
+                .is_none()
+                .then(|| PCI_MMIO_START + i as u64 * BAR_SIZE);
             let dev = VirtioPci::new(vm.clone(), mem.clone(), routing.clone(), virtio, bar)?;
             let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
             pci.devices.push(dev);
@@ -189,10 +248,15 @@ impl Machine {
             PciConfigIo::LEN,
             Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
         )?;
+        // The firmware places BARs anywhere between RAM and the IOAPIC.
+        let (window, window_len) = match firmware {
+            Some(_) => (low_mem_end, FIRMWARE_PCI_END - low_mem_end),
+            None => (PCI_MMIO_START, PCI_MMIO_SIZE),
+        };
         mmio_bus.insert(
-            PCI_MMIO_START,
-            PCI_MMIO_SIZE,
-            Arc::new(Mutex::new(PciMmio::new(pci.clone()))),
+            window,
+            window_len,
+            Arc::new(Mutex::new(PciMmio::new(pci.clone(), window))),
         )?;
 
         Ok(Machine {

@@ -14,6 +14,9 @@ use crate::tools::{fixtures_dir, tool};
 pub struct Fixtures {
     /// The Debian cloud kernel (guest and test host).
     pub kernel: PathBuf,
+    /// syslinux's installer (mtools) and MBR boot code, for the BIOS-booted disk.
+    pub syslinux: PathBuf,
+    pub syslinux_mbr: PathBuf,
 }
 
 /// Check the host tools and fetch the kernel and busybox (once per test process).
@@ -32,6 +35,8 @@ pub fn fixtures() -> Result<&'static Fixtures, String> {
             ("debugfs", "e2fsprogs"),
             ("sgdisk", "gdisk"),
             ("sfdisk", "fdisk"),
+            ("mkfs.vfat", "dosfstools"),
+            ("mcopy", "mtools"),
             ("e2fsck", "e2fsprogs"),
             ("apt-get", "apt"),
             ("dpkg", "dpkg"),
@@ -65,7 +70,16 @@ pub fn fixtures() -> Result<&'static Fixtures, String> {
         if !kernel.is_file() {
             return Err(format!("{} missing after fetch-guest.sh", kernel.display()));
         }
-        Ok(Fixtures { kernel })
+        let syslinux = cache.join("syslinux");
+        let syslinux_mbr = cache.join("syslinux-mbr.bin");
+        if !syslinux.is_file() || !syslinux_mbr.is_file() {
+            return Err("syslinux missing after fetch-guest.sh".into());
+        }
+        Ok(Fixtures {
+            kernel,
+            syslinux,
+            syslinux_mbr,
+        })
     })
     .as_ref()
     .map_err(|e| e.clone())

@@ -27,8 +27,10 @@
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
 //!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
 //!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
-//!   --kernel for the time comparison; "net": two virtio-net NICs on bridged taps); each
-//!   test checks one aspect of the shared results.
+//!   --kernel for the time comparison; "net": two virtio-net NICs on bridged taps;
+//!   "disk-mbr-syslinux-bios", an MBR disk with syslinux on FAT booted through SeaBIOS
+//!   with `-bios`); each test checks one aspect of the shared results.
+//! - `reference_bios_disk_under_qemu`: the SeaBIOS disk booted by QEMU with the same bios.bin.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
 //!   path and the probe, with fake kernels (so on any /dev/kvm).
@@ -75,7 +77,7 @@ use integration_tests::{fake_kernel, in_ci, qemu_check, run, Rng};
 use crate::direct::{run_direct, runner, Runner};
 use crate::fixtures::{fixtures, static_bins};
 use crate::images::{make_patterned_qcow2, MIB};
-use crate::qemu::run_under_qemu;
+use crate::qemu::{run_disk_under_qemu, run_under_qemu};
 use crate::scenario_a::{check_ext4, check_overlay, scenario_a, ScenarioA};
 use crate::scenario_b::{check_readonly, check_snapshot, scenario_b, ScenarioB};
 use crate::scenario_boot::{
@@ -181,10 +183,15 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         let b = scenario_b(&dir, work.path(), &mut rng)?;
         let boot = scenario_boot();
         let boot64 = scenario_boot_64bit();
-        let disks = [Layout::GptGrub, Layout::GptBls, Layout::MbrExtlinux]
-            .into_iter()
-            .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
-            .collect::<Result<Vec<_>, _>>()?;
+        let disks = [
+            Layout::GptGrub,
+            Layout::GptBls,
+            Layout::MbrExtlinux,
+            Layout::MbrSyslinuxBios,
+        ]
+        .into_iter()
+        .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
+        .collect::<Result<Vec<_>, _>>()?;
         let net = scenario_net();
         let mut specs = vec![&boot, &boot64, &a.spec, &b.spec, &net];
         specs.extend(disks.iter().map(|d| &d.spec));
@@ -339,6 +346,34 @@ fn vmm_boots_an_mbr_disk_through_its_extlinux_conf() {
     disk_boot(2);
 }
 
+/// `-bios bios.bin`: SeaBIOS boots the disk's MBR, syslinux on its FAT partition loads the
+/// kernel through SeaBIOS's virtio-blk driver (int 13h, served by the engine); firmware and
+/// bootloader messages reach the console.
+#[test]
+fn vmm_boots_a_bios_disk_through_seabios() {
+    disk_boot(3);
+}
+
+/// The reference for the BIOS disk: QEMU (TCG) boots the same kind of disk with the same
+/// SeaBIOS, and the same checks pass.
+#[test]
+fn reference_bios_disk_under_qemu() {
+    require!(fixtures());
+    let bins = static_bins().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new("qemubios");
+    let dir = work.path().join("images");
+    let d = scenario_disk(
+        Layout::MbrSyslinuxBios,
+        &dir,
+        work.path(),
+        &mut seeded_rng(),
+        bins,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = run_disk_under_qemu(&d.spec, &dir, work.path()).unwrap_or_else(|e| panic!("{e}"));
+    check_disk(&d, &out, &dir, work.path()).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Bad inputs: non-zero exit, exactly one clear error line on stderr, no panic. Runs vmm on
 /// this host directly (every case must fail before a vCPU runs).
 #[test]
@@ -457,6 +492,7 @@ fn direct_runner_reports_each_run() {
         env: vec![],
         disk_boot: false,
         net: None,
+        firmware: false,
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);

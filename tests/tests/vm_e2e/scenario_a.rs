@@ -159,6 +159,7 @@ pub fn scenario_a(
             env: vec![],
             disk_boot: false,
             net: None,
+            firmware: false,
         },
         writes,
         base_raw,

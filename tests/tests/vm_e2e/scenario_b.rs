@@ -76,6 +76,7 @@ pub fn scenario_b(dir: &Path, work: &Path, rng: &mut Rng) -> Result<ScenarioB, S
             env: vec![],
             disk_boot: false,
             net: None,
+            firmware: false,
         },
         ro_sha: sha256_file(&dir.join("ro.qcow2")),
         snap_sha: sha256_file(&dir.join("snap.qcow2")),

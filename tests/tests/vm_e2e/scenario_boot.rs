@@ -22,6 +22,7 @@ pub fn scenario_boot() -> VmSpec {
         env: vec![],
         disk_boot: false,
         net: None,
+        firmware: false,
     }
 }
 

@@ -4,6 +4,8 @@
 //! `img convert -O qcow2 -c` and booted through an `img create -b` overlay with QEMU's command
 //! line (`-m -smp -name -hda -nographic`). The guest mounts its root partition, writes a
 //! file and powers off; the host finds the file with debugfs and `qemu-img check` is clean.
+//! One disk has no Linux boot entry vmm reads but a BIOS bootloader (syslinux on FAT, from
+//! Debian's package): it boots through SeaBIOS (`-bios`), and QEMU boots it the same way.
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +18,7 @@ use integration_tests::{qemu_check, qemu_convert_raw, run, Rng};
 use crate::fixtures::{fixtures, guest_initramfs, Bins};
 use crate::images::make_overlay;
 use crate::report::{expect_kv, finish, guest_ran, GUEST_SH_PRELUDE};
-use crate::spec::{Drive, VmOutput, VmSpec};
+use crate::spec::{Drive, VmOutput, VmSpec, FIRMWARE_FILE};
 use crate::tools::t;
 
 /// Which bootable disk.
@@ -28,9 +30,16 @@ pub enum Layout {
     GptBls,
     /// MBR, one ext4 partition with extlinux.conf.
     MbrExtlinux,
+    /// MBR with syslinux's boot code; partition 1 FAT (syslinux, kernel, initrd,
+    /// syslinux.cfg), partition 2 the ext4 root: booted through SeaBIOS.
+    MbrSyslinuxBios,
 }
 
+/// Size of the FAT partition, MiB.
+const FAT_MIB: u64 = 32;
+
 pub struct ScenarioDisk {
+    pub layout: Layout,
     pub spec: VmSpec,
     /// The same guest (kernel, initramfs, script) booted with --kernel/--initrd from files,
     /// on its own overlay of the same disk: the time to compare the disk boot with.
@@ -51,6 +60,7 @@ fn name(layout: Layout) -> &'static str {
         Layout::GptGrub => "disk-gpt-grub",
         Layout::GptBls => "disk-gpt-bls",
         Layout::MbrExtlinux => "disk-mbr-extlinux",
+        Layout::MbrSyslinuxBios => "disk-mbr-syslinux-bios",
     }
 }
 
@@ -65,7 +75,7 @@ pub fn scenario_disk(
     let name = name(layout);
     let token = format!("{:016x}", rng.next_u64());
     let part = match layout {
-        Layout::GptGrub => 2,
+        Layout::GptGrub | Layout::MbrSyslinuxBios => 2,
         _ => 1,
     };
     let mut sh = String::from(GUEST_SH_PRELUDE);
@@ -90,6 +100,7 @@ pub fn scenario_disk(
         env: vec![],
         disk_boot: true,
         net: None,
+        firmware: matches!(layout, Layout::MbrSyslinuxBios),
     };
     let initrd = guest_initramfs(&spec, work)?;
     let tree = work.join(format!("{name}-tree"));
@@ -141,11 +152,13 @@ pub fn scenario_disk(
                  \x20 APPEND root=/dev/vda1 {ENTRY_CMDLINE}\n"
             ),
         ),
+        // Its boot files are on the FAT partition (below).
+        Layout::MbrSyslinuxBios => {}
     }
     let fs_mib = 64;
     let raw = work.join(format!("{name}.raw"));
     fs::File::create(&raw)
-        .and_then(|f| f.set_len((fs_mib + 4) << 20))
+        .and_then(|f| f.set_len((fs_mib + 4 + FAT_MIB) << 20))
         .map_err(|e| e.to_string())?;
     let root_start: u64 = match layout {
         Layout::GptGrub => {
@@ -166,7 +179,18 @@ pub fn scenario_disk(
             .check()?;
             2048
         }
-        Layout::MbrExtlinux => {
+        Layout::MbrExtlinux | Layout::MbrSyslinuxBios => {
+            let (table, start) = match layout {
+                Layout::MbrExtlinux => ("label: dos\nstart=2048, type=83\n".to_string(), 2048),
+                _ => {
+                    let root = 2048 + FAT_MIB * 2048;
+                    let t = format!(
+                        "label: dos\nstart=2048, size={}, type=6, bootable\nstart={root}, type=83\n",
+                        FAT_MIB * 2048
+                    );
+                    (t, root)
+                }
+            };
             let mut c = Command::new(t("sfdisk"))
                 .arg("-q")
                 .arg(&raw)
@@ -177,14 +201,24 @@ pub fn scenario_disk(
             c.stdin
                 .take()
                 .unwrap()
-                .write_all(b"label: dos\nstart=2048, type=83\n")
+                .write_all(table.as_bytes())
                 .map_err(|e| e.to_string())?;
             if !c.wait().map_err(|e| e.to_string())?.success() {
                 return Err("sfdisk failed".into());
             }
-            2048
+            start
         }
     };
+    if let Layout::MbrSyslinuxBios = layout {
+        syslinux_fat(
+            &raw,
+            &tree,
+            work,
+            &format!("root=/dev/vda2 {ENTRY_CMDLINE}"),
+        )?;
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::copy(SEABIOS, dir.join(FIRMWARE_FILE)).map_err(|e| format!("copy {SEABIOS}: {e}"))?;
+    }
     let root_offset = root_start * 512;
     run(
         Command::new(t("mkfs.ext4"))
@@ -224,18 +258,90 @@ pub fn scenario_disk(
                 test_sh: spec.test_sh.clone(),
                 disk_boot: false,
                 net: None,
+                firmware: false,
                 ..spec_shape(&spec)
             })
         }
         _ => None,
     };
     Ok(ScenarioDisk {
+        layout,
         spec,
         kernel_twin,
         overlay,
         root_offset,
         token,
     })
+}
+
+/// Debian's bios.bin (the seabios package), which vmm and QEMU boot the BIOS disk with.
+pub const SEABIOS: &str = "/usr/share/seabios/bios.bin";
+
+/// Make partition 1 of `raw` (at 1 MiB, [`FAT_MIB`]) a FAT volume that syslinux boots: the
+/// kernel and initrd of `tree`'s /boot, a syslinux.cfg printing on the serial console with
+/// `append` for the kernel; and syslinux's MBR code in sector 0. With mtools only (no loop
+/// devices), from Debian's syslinux packages (fixtures/fetch-guest.sh).
+fn syslinux_fat(raw: &Path, tree: &Path, work: &Path, append: &str) -> Result<(), String> {
+    let f = fixtures()?;
+    let fat = work.join("syslinux-fat.img");
+    let _ = fs::remove_file(&fat);
+    run(
+        Command::new(t("mkfs.vfat"))
+            .args(["-C", "-n", "VMMBOOT"])
+            .arg(&fat)
+            .arg((FAT_MIB * 1024).to_string()),
+        Duration::from_secs(60),
+    )
+    .check()?;
+    let cfg = work.join("syslinux.cfg");
+    fs::write(
+        &cfg,
+        format!(
+            "SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\n\
+             LABEL linux\n  LINUX /vmlinuz\n  INITRD /initrd.img\n  APPEND console=ttyS0 {append}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let boot = tree.join("boot");
+    let kernel = boot.join(format!("vmlinuz-{KVER}"));
+    let initrd = boot.join(format!("initrd.img-{KVER}"));
+    for (from, to) in [
+        (&kernel, "::/vmlinuz"),
+        (&initrd, "::/initrd.img"),
+        (&cfg, "::/syslinux.cfg"),
+    ] {
+        run(
+            Command::new(t("mcopy"))
+                .arg("-i")
+                .arg(&fat)
+                .arg(from)
+                .arg(to),
+            Duration::from_secs(60),
+        )
+        .check()?;
+    }
+    run(
+        Command::new(&f.syslinux).arg("--install").arg(&fat),
+        Duration::from_secs(60),
+    )
+    .check()?;
+    let image = fs::read(&fat).map_err(|e| e.to_string())?;
+    let mbr = fs::read(&f.syslinux_mbr).map_err(|e| e.to_string())?;
+    if mbr.len() > 440 {
+        return Err(format!(
+            "{}: {} bytes, more than 440",
+            f.syslinux_mbr.display(),
+            mbr.len()
+        ));
+    }
+    use std::os::unix::fs::FileExt;
+    let disk = fs::OpenOptions::new()
+        .write(true)
+        .open(raw)
+        .map_err(|e| e.to_string())?;
+    disk.write_all_at(&image, 1 << 20)
+        .and_then(|_| disk.write_all_at(&mbr, 0))
+        .map_err(|e| format!("{}: {e}", raw.display()))
 }
 
 /// A spec with `s`'s machine shape and nothing else.
@@ -250,6 +356,7 @@ fn spec_shape(s: &VmSpec) -> VmSpec {
         env: vec![],
         disk_boot: false,
         net: None,
+        firmware: false,
     }
 }
 
@@ -263,6 +370,16 @@ pub fn check_disk(
 ) -> Result<(), String> {
     let rep = guest_ran(out)?;
     let mut errs = vec![];
+    if let Layout::MbrSyslinuxBios = s.layout {
+        // Firmware and bootloader print on the serial console, in this order.
+        let marks = ["SeaBIOS (version ", "Booting from Hard Disk", "SYSLINUX 6"];
+        let at: Vec<Option<usize>> = marks.iter().map(|m| out.console.find(m)).collect();
+        if at.iter().any(Option::is_none) || at.windows(2).any(|w| w[0] > w[1]) {
+            errs.push(format!(
+                "console lacks, in order, {marks:?} (found at {at:?})"
+            ));
+        }
+    }
     match rep.get("cmdline") {
         Ok(c) if c.contains(ENTRY_CMDLINE) && c.contains("console=ttyS0") => {}
         Ok(c) => errs.push(format!(

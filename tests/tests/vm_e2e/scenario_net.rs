@@ -126,6 +126,7 @@ pub fn scenario_net() -> VmSpec {
         data: vec![],
         env: vec![],
         disk_boot: false,
+        firmware: false,
         net: Some(NetRun {
             args,
             host_setup: HOST_SETUP.into(),

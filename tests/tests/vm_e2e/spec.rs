@@ -39,6 +39,9 @@ pub struct VmSpec {
     pub disk_boot: bool,
     /// NICs, and the host side of their network.
     pub net: Option<NetRun>,
+    /// With `disk_boot`: boot it through firmware, `-bios IMAGE_DIR/bios.bin` (SeaBIOS,
+    /// which the scenario copies into its image directory).
+    pub firmware: bool,
 }
 
 /// A run with NICs: vmm's extra arguments and the scripts that run where vmm runs, in a
@@ -71,6 +74,25 @@ echo "R scripts $(awk 'BEGIN { ORS = "" } { if (NR > 1) print "; "; print }' $NE
 echo "R netdevs_after $(ls /sys/class/net | sort | tr '\n' ' ')" >> $NETDIR/host
 exit $rc
 "#;
+
+impl VmSpec {
+    /// Time its `vmm run` may take in the test host: a run with NICs says; twice
+    /// [`VM_TIMEOUT_S`] for a firmware boot, whose bootloader reads the kernel and initrd
+    /// through the BIOS's int 13h (a mode switch and a virtio request per 64 KiB, each slow
+    /// in the nested test host).
+    pub fn timeout_s(&self) -> u64 {
+        if let Some(n) = &self.net {
+            n.timeout_s
+        } else if self.firmware {
+            2 * VM_TIMEOUT_S
+        } else {
+            VM_TIMEOUT_S
+        }
+    }
+}
+
+/// The firmware's file name in a scenario's image directory.
+pub const FIRMWARE_FILE: &str = "bios.bin";
 
 /// What one guest boot produced.
 #[derive(Default, Debug)]
@@ -129,6 +151,9 @@ pub fn vmm_args(spec: &VmSpec, kernel: &str, initrd: &str, image_dir: &str) -> V
             } else {
                 a.extend(["-drive".into(), format!("file={path},if=virtio")]);
             }
+        }
+        if spec.firmware {
+            a.extend(["-bios".into(), format!("{image_dir}/{FIRMWARE_FILE}")]);
         }
         a.push("-nographic".into());
         return a;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use integration_tests::run;
 
 use crate::fixtures::{build_initramfs, fixtures, guest_initramfs};
-use crate::spec::{vmm_args, NetRun, Runs, VmOutput, VmSpec, NET_WRAPPER, VM_TIMEOUT_S};
+use crate::spec::{vmm_args, NetRun, Runs, VmOutput, VmSpec, NET_WRAPPER};
 use crate::tools::{t, tail};
 
 fn shell_quote(s: &str) -> String {
@@ -82,14 +82,15 @@ pub fn run_in_testhost(
             );
             let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let netdir = format!("/net-{}", spec.name);
-            let (wrap, timeout) = match &spec.net {
+            let wrap = match &spec.net {
                 Some(n) => {
                     write_net_scripts(n, &extra.join(&netdir[1..]))?;
                     env.push(format!("NETDIR={netdir}"));
-                    (format!("sh {netdir}/wrap.sh"), n.timeout_s)
+                    format!("sh {netdir}/wrap.sh")
                 }
-                None => (String::new(), VM_TIMEOUT_S),
+                None => String::new(),
             };
+            let timeout = spec.timeout_s();
             let q: Vec<String> = args
                 .iter()
                 .map(|a| shell_quote(&a.replace("@NETDIR@", &netdir)))
@@ -118,11 +119,7 @@ pub fn run_in_testhost(
     let size = (64u64 << 20) + 2 * image_bytes;
     fs::File::create(&results).unwrap().set_len(size).unwrap();
 
-    let vm_time: u64 = specs
-        .iter()
-        .map(|s| s.net.as_ref().map_or(VM_TIMEOUT_S, |n| n.timeout_s))
-        .sum();
-    let timeout = Duration::from_secs(60 + vm_time);
+    let timeout = Duration::from_secs(60 + specs.iter().map(|s| s.timeout_s()).sum::<u64>());
     let mut cmd = Command::new(t("qemu-system-x86_64"));
     cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
         .args([

@@ -7,10 +7,15 @@ use crate::bus::BusDevice;
 use crate::VmExit;
 
 /// Port 0x64 (status/command) and 0x60 (data). Only the CPU reset command (0xfe) does
-/// anything: it ends the VM as a reboot.
+/// anything: it ends the VM as a reboot. There is no keyboard behind it: the status says a
+/// byte is waiting that never goes away, so probes (SeaBIOS's and Linux's flush of the output
+/// buffer) give up at once instead of waiting out their command timeouts.
 pub struct I8042 {
     exit: Sender<VmExit>,
 }
+
+/// Status register bit 0: a byte waits in the output buffer.
+const STATUS_OUTPUT_FULL: u8 = 0x01;
 
 impl I8042 {
     pub const BASE: u64 = 0x60;
@@ -21,9 +26,12 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // Status 0: output buffer empty, input buffer empty (so kb_wait() never spins).
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Status: output buffer full, input buffer empty (so kb_wait() never spins); data 0.
         data.fill(0);
+        if offset == 4 {
+            data[0] = STATUS_OUTPUT_FULL;
+        }
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 4 && data.first() == Some(&0xfe) {

@@ -98,7 +98,7 @@ impl PciConfig {
     }
 
     /// Declare BAR `i` as a 32-bit non-prefetchable memory BAR of `size` (a power of two)
-    /// placed at `addr`.
+    /// placed at `addr` (0: not placed, for the firmware to size and place).
     pub fn add_bar(&mut self, i: usize, addr: u64, size: u64) {
         assert!(
             size.is_power_of_two() && size >= 16 && addr.is_multiple_of(size) && addr < 1 << 32
@@ -178,12 +178,27 @@ pub struct HostBridge {
     cfg: PciConfig,
 }
 
+/// The i440FX's PAM registers (0x59..0x5f), which decide whether 0xc0000-0xfffff reads
+/// and writes go to RAM or to the BIOS ROM.
+const I440FX_PAM: std::ops::RangeInclusive<usize> = 0x59..=0x5f;
+
 impl HostBridge {
     pub fn new() -> Self {
         // Intel vendor and host-bridge class: what Linux's pci_sanity_check looks for.
         HostBridge {
             cfg: PciConfig::new(0x8086, 0x29c0, 0x06_00_00, 0, 0x1af4, 0x1100),
         }
+    }
+
+    /// An i440FX (8086:1237) with QEMU's subsystem ids, as SeaBIOS looks for to know its
+    /// platform. Its PAM registers take writes; the range they control is RAM whatever
+    /// they say (see firmware.rs).
+    pub fn i440fx() -> Self {
+        let mut cfg = PciConfig::new(0x8086, 0x1237, 0x06_00_00, 2, 0x1af4, 0x1100);
+        for r in I440FX_PAM {
+            cfg.set_wmask(r, &[0xff]);
+        }
+        HostBridge { cfg }
     }
 }
 
@@ -288,20 +303,22 @@ impl BusDevice for PciConfigIo {
     }
 }
 
-/// Routes accesses in the PCI MMIO window to whichever BAR claims them.
+/// Routes accesses in a PCI MMIO window to whichever BAR claims them.
 pub struct PciMmio {
     bus: PciBus,
+    /// Guest address the window starts at.
+    base: u64,
 }
 
 impl PciMmio {
-    pub fn new(bus: PciBus) -> Self {
-        PciMmio { bus }
+    pub fn new(bus: PciBus, base: u64) -> Self {
+        PciMmio { bus, base }
     }
 }
 
 impl BusDevice for PciMmio {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let addr = PCI_MMIO_START + offset;
+        let addr = self.base + offset;
         for d in &self.bus.devices {
             let mut d = d.lock().unwrap();
             if let Some((bar, off)) = d.config().bar_at(addr) {
@@ -312,7 +329,7 @@ impl BusDevice for PciMmio {
         data.fill(0xff);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let addr = PCI_MMIO_START + offset;
+        let addr = self.base + offset;
         for d in &self.bus.devices {
             let mut d = d.lock().unwrap();
             if let Some((bar, off)) = d.config().bar_at(addr) {
@@ -342,5 +359,31 @@ mod tests {
         // Vendor id is read-only.
         c.write(0, 0, &[0xaa, 0xbb]);
         assert_eq!(c.read(0), 0x0002_0001);
+        // An unplaced BAR (firmware boot) sizes the same way and takes its address.
+        let mut u = PciConfig::new(1, 2, 0, 0, 0, 0);
+        u.add_bar(0, 0, 0x8000);
+        assert_eq!(u.read(4), 0);
+        u.write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(u.read(4), 0xffff_8000);
+        u.write(4, 0, &0xfebf_8000u32.to_le_bytes());
+        assert_eq!(u.bars[0].unwrap().addr, 0xfebf_8000);
+    }
+
+    #[test]
+    fn i440fx_ids_and_pam_registers() {
+        let mut b = HostBridge::i440fx();
+        let c = b.config_mut();
+        assert_eq!(c.read(0), 0x1237_8086);
+        assert_eq!(c.read(0x2c / 4), 0x1100_1af4);
+        // SeaBIOS reads PAM0 (0x59) as 0 at reset, then writes 0x30 / 0x33 and reads back.
+        assert_eq!(c.read(0x58 / 4), 0);
+        c.write(0x58 / 4, 0, &[0, 0x30, 0x33, 0x33]);
+        c.write(0x5c / 4, 0, &[0x33, 0x33, 0x33, 0x33]);
+        assert_eq!(c.read(0x58 / 4), 0x3333_3000);
+        // 0x5c..0x5f: PAM3-6.
+        assert_eq!(c.read(0x5c / 4), 0x3333_3333);
+        // 0x58 is not a PAM register.
+        c.write(0x58 / 4, 0, &[0xff]);
+        assert_eq!(c.read(0x58 / 4) & 0xff, 0);
     }
 }

@@ -64,10 +64,27 @@ pub struct Loaded {
     pub initrd_name: String,
 }
 
+/// What [`DiskBoot::search`] found on a disk.
+pub enum Search {
+    Found(DiskBoot),
+    /// Every filesystem read cleanly (or there is none) and none has a Linux boot entry:
+    /// why, in words.
+    NoEntry(String),
+}
+
 impl DiskBoot {
     /// Look for boot entries on `disk`. An error is one line: a damaged partition table,
     /// a filesystem that cannot be read, or no Linux boot entry at all.
     pub fn find(disk: Arc<dyn BlockDriver>) -> Result<DiskBoot, String> {
+        match Self::search(disk)? {
+            Search::Found(d) => Ok(d),
+            Search::NoEntry(why) => Err(format!("no Linux boot entry found ({why})")),
+        }
+    }
+
+    /// Like [`DiskBoot::find`], but a disk whose filesystems all read cleanly and hold no
+    /// entry is not an error (the caller may boot it another way).
+    pub fn search(disk: Arc<dyn BlockDriver>) -> Result<Search, String> {
         // A FAT boot sector has the MBR's signature too: a bare FAT volume is no table.
         let parts = if fat::is_fat(&*disk, 0, disk.size()) {
             None
@@ -97,30 +114,30 @@ impl DiskBoot {
             .collect();
         for (i, f) in fss.iter().enumerate() {
             if let Some((entries, default)) = configured(f, i, &volumes) {
-                return Ok(DiskBoot {
+                return Ok(Search::Found(DiskBoot {
                     entries,
                     default,
                     fss,
-                });
+                }));
             }
         }
         for (i, f) in fss.iter().enumerate() {
             if let Some(e) = fallback(f, i) {
-                return Ok(DiskBoot {
+                return Ok(Search::Found(DiskBoot {
                     entries: vec![e],
                     default: 0,
                     fss,
-                });
+                }));
             }
         }
-        let why = if !errors.is_empty() {
-            errors.join("; ")
-        } else if fss.is_empty() {
+        if !errors.is_empty() {
+            return Err(format!("no Linux boot entry found ({})", errors.join("; ")));
+        }
+        Ok(Search::NoEntry(if fss.is_empty() {
             "no ext2/3/4 or FAT filesystem on it".into()
         } else {
             "no boot configuration and no /vmlinuz".into()
-        };
-        Err(format!("no Linux boot entry found ({why})"))
+        }))
     }
 
     /// The entry `--boot-entry` names: its number in the list, or its title.

@@ -55,16 +55,21 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
 }
 
-/// The partitions of `disk`: Ok(None) when sector 0 has no MBR signature (an unpartitioned
-/// disk, perhaps a bare filesystem).
-pub fn read_partitions(disk: &dyn BlockDriver) -> Result<Option<Vec<Partition>>, TableError> {
+/// Sector 0 when it carries the 0x55 0xaa signature (an MBR, or a BIOS boot sector).
+pub fn boot_sector(disk: &dyn BlockDriver) -> Result<Option<Vec<u8>>, TableError> {
     if disk.size() < SECTOR {
         return Ok(None);
     }
     let mbr = read(disk, 0, SECTOR)?;
-    if mbr[510..512] != [0x55, 0xaa] {
+    Ok((mbr[510..512] == [0x55, 0xaa]).then_some(mbr))
+}
+
+/// The partitions of `disk`: Ok(None) when sector 0 has no MBR signature (an unpartitioned
+/// disk, perhaps a bare filesystem).
+pub fn read_partitions(disk: &dyn BlockDriver) -> Result<Option<Vec<Partition>>, TableError> {
+    let Some(mbr) = boot_sector(disk)? else {
         return Ok(None);
-    }
+    };
     let entries: Vec<&[u8]> = (0..4).map(|i| &mbr[446 + 16 * i..462 + 16 * i]).collect();
     if entries.iter().any(|e| e[4] == 0xee) {
         return read_gpt(disk).map(Some);

@@ -185,13 +185,14 @@ pub struct VirtioPci {
 }
 
 impl VirtioPci {
-    /// Create the function with BAR 0 at `bar_addr` (aligned to [`BAR_SIZE`]).
+    /// Create the function with BAR 0 at `bar_addr` (aligned to [`BAR_SIZE`]) and decoding
+    /// on, as firmware would leave it; or, with `None`, unplaced and off, for the firmware.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMem,
         routing: Arc<GsiRouting>,
         dev: Box<dyn VirtioDevice>,
-        bar_addr: u64,
+        bar_addr: Option<u64>,
     ) -> Result<Self, String> {
         let max_sizes = dev.queue_max_sizes();
         let nq = max_sizes.len();
@@ -203,7 +204,7 @@ impl VirtioPci {
             _ => 0xff_00_00,
         };
         let mut cfg = PciConfig::new(0x1af4, 0x1040 + ty, class, 1, 0x1af4, 0x1100);
-        cfg.add_bar(0, bar_addr, BAR_SIZE);
+        cfg.add_bar(0, bar_addr.unwrap_or(0), BAR_SIZE);
         let cap = |ty: u8, off: u64, len: u64, extra: &[u8]| {
             // cap_len, cfg_type, bar, id, padding[2], offset, length
             let mut b = vec![16 + extra.len() as u8, ty, 0, 0, 0, 0];
@@ -244,8 +245,10 @@ impl VirtioPci {
         cfg.add_capability(MSIX_CAP_OFF, PCI_CAP_ID_MSIX, &msix);
         // Message control: enable (bit 15) and function mask (bit 14) are writable.
         cfg.set_wmask(MSIX_CAP_OFF + 3, &[0xc0]);
-        // As firmware would leave it: memory decoding and bus mastering on.
-        cfg.set_u16(0x04, 0x0006);
+        if bar_addr.is_some() {
+            // Memory decoding and bus mastering on.
+            cfg.set_u16(0x04, 0x0006);
+        }
 
         let msix = Arc::new(Msix::new(&vm, routing, nvec, nq)?);
         let mut kicks = Vec::new();
