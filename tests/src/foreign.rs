@@ -65,6 +65,21 @@ pub fn convert_sources(default_seed: u64, qcow2_size: u64, raw_size: u64) -> Twi
     Twin::copied_from(src.path())
 }
 
+/// `a.qcow2` in `dir` converted by img through each `(format, file)` in turn and back to
+/// `x.qcow2`: qemu-img must find the result equal to the start.
+pub fn round_trip(dir: &Path, through: &[(&str, &str)]) -> Result<(), String> {
+    let img = Tool::img();
+    let mut from = "a.qcow2";
+    for &(fmt, file) in through.iter().chain(&[("qcow2", "x.qcow2")]) {
+        img.run(Some(dir), &["convert", "-O", fmt, from, file])
+            .check()?;
+        from = file;
+    }
+    qemu_img_in(dir, &["compare", "a.qcow2", "x.qcow2"])
+        .check()
+        .map(drop)
+}
+
 /// How one command's stdout is normalized before comparing.
 type Normalize = fn(&str) -> String;
 

@@ -3496,28 +3496,24 @@ fn hostile_vmdk(dir: &Path) -> Vec<Foreign> {
     ]
 }
 
+/// A `fmt` image qemu-img made in `dir` (10 MiB over a raw backing file of 0x11 bytes)
+/// after qemu-io wrote 2 MiB at 1 MiB: its bytes.
+fn image_over_raw(dir: &Path, fmt: &str) -> Vec<u8> {
+    let path = dir.join(format!("d.{fmt}"));
+    let base = dir.join(format!("{fmt}-base.raw"));
+    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    let (b, p) = (base.to_str().unwrap(), path.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", fmt, "-b", b, "-F", "raw", p, "10M"])
+        .check()
+        .unwrap();
+    qemu_io_cmds(&path, fmt, &["write -P 7 1M 2M".to_string()]);
+    fs::read(&path).unwrap()
+}
+
 /// Hostile qed images, from one qemu-img made (64 KiB clusters, 4-cluster tables, the
 /// L1 table at 64 KiB) and qemu-io wrote, with a backing file name.
 fn hostile_qed(dir: &Path) -> Vec<Foreign> {
-    let path = dir.join("d.qed");
-    let base = dir.join("qed-base.raw");
-    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qed",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        path.to_str().unwrap(),
-        "10M",
-    ])
-    .check()
-    .unwrap();
-    qemu_io_cmds(&path, "qed", &["write -P 7 1M 2M".to_string()]);
-    let d = fs::read(&path).unwrap();
+    let d = image_over_raw(dir, "qed");
     let with = |edit: &dyn Fn(&mut Vec<u8>)| {
         let mut b = d.clone();
         edit(&mut b);
@@ -3610,25 +3606,7 @@ fn hostile_qed(dir: &Path) -> Vec<Foreign> {
 /// Hostile qcow (version 1) images, from one qemu-img made (4 KiB clusters, 512-entry L2
 /// tables, a backing file name) and qemu-io wrote, and one with deflated clusters.
 fn hostile_qcow(dir: &Path) -> Vec<Foreign> {
-    let path = dir.join("d.qcow");
-    let base = dir.join("qcow-base.raw");
-    fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        path.to_str().unwrap(),
-        "10M",
-    ])
-    .check()
-    .unwrap();
-    qemu_io_cmds(&path, "qcow", &["write -P 7 1M 2M".to_string()]);
-    let d = fs::read(&path).unwrap();
+    let d = image_over_raw(dir, "qcow");
     let with = |edit: &dyn Fn(&mut Vec<u8>)| {
         let mut b = d.clone();
         edit(&mut b);

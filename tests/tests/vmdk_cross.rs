@@ -7,7 +7,9 @@
 //! a missing extent file is named as qemu-img names it; engine writes from several threads
 //! (the same grains allocated at once) read by qemu-img as a model says, the CID renewed.
 
-use integration_tests::foreign::{convert_sources, qemu_io_random, qimg, read_only_commands_agree};
+use integration_tests::foreign::{
+    convert_sources, qemu_io_random, qimg, read_only_commands_agree, round_trip,
+};
 use integration_tests::twin::{Names, Pair, Twin};
 use integration_tests::*;
 
@@ -600,17 +602,12 @@ fn img_convert_writes_what_qemu_img_writes() {
     );
     // img's image read back by img the same as qemu-img reads it.
     let d = twin.img_dir();
-    let img = Tool::img();
-    img.run(Some(d), &["convert", "-O", "vmdk", "a.qcow2", "x.vmdk"])
-        .ok();
+    let back = round_trip(d, &[("vmdk", "x.vmdk")]);
+    f.record("qcow2 -> vmdk -> qcow2", back);
     f.record(
         "img's vmdk read alike",
         read_only_commands_agree(d, "x.vmdk", "vmdk"),
     );
-    img.run(Some(d), &["convert", "-O", "qcow2", "x.vmdk", "x.qcow2"])
-        .ok();
-    let cmp = qemu_img_in(d, &["compare", "a.qcow2", "x.qcow2"]);
-    f.record("qcow2 -> vmdk -> qcow2", cmp.check().map(drop));
     f.finish();
 }
 
