@@ -215,9 +215,11 @@ fn execute(d: &dyn BlockDriver, p: &Plan) -> Result<(), String> {
     let gate = RwLock::new(());
     let threads = p.depth.min(p.count) as usize;
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
+        let workers: Vec<std::thread::ScopedJoinHandle<'_, Result<(), String>>> = (0..threads)
             .map(|_| {
-                s.spawn(|| -> Result<(), String> {
+                // Image I/O threads get the stack a read through the deepest chain needs.
+                let thread = std::thread::Builder::new().stack_size(common::open::IO_THREAD_STACK);
+                thread.spawn_scoped(s, || -> Result<(), String> {
                     let mut buf = vec![p.pattern; p.bufsize as usize];
                     loop {
                         let Some((at, flush)) = offsets.lock().expect("offsets").take(p, size)
@@ -244,7 +246,8 @@ fn execute(d: &dyn BlockDriver, p: &Plan) -> Result<(), String> {
                     }
                 })
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("Could not start a bench thread: {e}"))?;
         workers
             .into_iter()
             .try_for_each(|w| w.join().expect("bench worker"))

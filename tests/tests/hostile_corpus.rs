@@ -158,6 +158,12 @@ fn every_subcommand_on_every_hostile_image() {
             || out.report(),
         ),
     );
+    // bench's threads read through all 1000 levels too.
+    let out = LIMITS.run(Command::new(img_bin()).args(["bench", "-c", "64", "-d", "4", s(&deep)]));
+    f.record(
+        "bench reads through deep-0999.qcow2",
+        ensure(out.success(), || out.report()),
+    );
     let out = LIMITS.run(Command::new(img_bin()).args(["map", s(&corpus.join("deep-1025.qcow2"))]));
     f.record(
         "deep-1025.qcow2 is refused as too deep",
