@@ -2,13 +2,13 @@
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use common::{BlockDriver, IoBuf};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::cursor::Cursor;
+use super::io_thread::IoThread;
 use super::queue::{range_ok, Chain, Desc, MAX_QUEUE_SIZE};
 use super::{ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::GuestMem;
@@ -42,7 +42,7 @@ pub struct Block {
     read_only: bool,
     serial: Vec<u8>,
     config: [u8; 60],
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<IoThread>,
 }
 
 impl Block {
@@ -104,8 +104,6 @@ impl VirtioDevice for Block {
         irq: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), String> {
         self.reset();
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let stop2 = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
         let worker = Worker {
             mem,
             disk: self.disk.clone(),
@@ -115,26 +113,12 @@ impl VirtioDevice for Block {
             queues,
             irq,
         };
-        let h = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .stack_size(common::open::IO_THREAD_STACK)
-            .spawn(move || worker.run(stop2))
-            .map_err(|e| format!("cannot start I/O thread: {e}"))?;
-        self.worker = Some((stop, h));
+        self.worker = Some(IoThread::spawn("virtio-blk", move |stop| worker.run(stop))?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((stop, h)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
+        self.worker = None;
     }
 }
 

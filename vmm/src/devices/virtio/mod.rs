@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod cursor;
+pub mod io_thread;
 pub mod net;
 pub mod pci;
 pub mod queue;

@@ -4,12 +4,12 @@
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use common::iovec::Front;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::cursor::Cursor;
+use super::io_thread::IoThread;
 use super::queue::{range_ok, Chain};
 use super::{ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::tap::{
@@ -67,7 +67,7 @@ pub fn tap_offloads(features: u64) -> u32 {
 pub struct Net {
     backend: Arc<dyn PacketBackend>,
     mac: [u8; 6],
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<IoThread>,
 }
 
 impl Net {
@@ -134,8 +134,6 @@ impl VirtioDevice for Net {
                 .set_offload(tap_offloads(features))
                 .map_err(|e| format!("TUNSETOFFLOAD: {e}"))?;
         }
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let stop2 = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
         let worker = Worker::new(
             mem,
             self.backend.clone(),
@@ -143,25 +141,12 @@ impl VirtioDevice for Net {
             queues,
             irq,
         );
-        let h = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run(stop2))
-            .map_err(|e| format!("cannot start I/O thread: {e}"))?;
-        self.worker = Some((stop, h));
+        self.worker = Some(IoThread::spawn("virtio-net", move |stop| worker.run(stop))?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((stop, h)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.reset();
+        self.worker = None;
     }
 }
 
