@@ -3,7 +3,9 @@
 //!
 //! Every walk is bounded (block-status calls, bytes read) so that no input can take more
 //! than a moment; the engine's own answers (errors) are never a failure, only a panic,
-//! a hang or an abort is.
+//! a hang or an abort is, and so is a heap over 1 GiB ([`heap_limit`]).
+
+pub mod heap_limit;
 
 use std::path::PathBuf;
 
