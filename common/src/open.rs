@@ -110,12 +110,7 @@ impl Image {
             Image::Vmdk(_) if fix.any() => Err(Error::Unsupported("checks".into())),
             Image::Vmdk(v) => Ok(v.check()),
             Image::Vhdx(v) => v.check(),
-            // Repairs need writing, which the engine does not do to these formats.
-            Image::ReadOnly(r) if fix.any() => Err(Error::Unsupported(format!(
-                "The {} format is read-only in img: it cannot repair images",
-                r.format().name()
-            ))),
-            Image::ReadOnly(r) => r.check().ok_or(Error::Unsupported("checks".into())),
+            Image::ReadOnly(r) => r.check(fix),
         }
     }
 
@@ -324,13 +319,14 @@ fn image_on<S: crate::storage::Storage + 'static>(
             )
         }
         Format::Qed | Format::Qcow | Format::Parallels => {
-            let opened = match format {
-                Format::Qed => crate::qed::open(&storage),
-                Format::Qcow => crate::qcow1::open(&storage),
-                _ => crate::parallels::open(&storage),
-            }
-            .map_err(|e| name_bare_errno(e, path))?;
-            Image::ReadOnly(ReadOnlyImage::new(Box::new(storage), opened, read_only)?)
+            let opened =
+                crate::readonly::open(format, &storage).map_err(|e| name_bare_errno(e, path))?;
+            Image::ReadOnly(ReadOnlyImage::new(
+                Box::new(storage),
+                opened,
+                read_only,
+                opts.check,
+            )?)
         }
     })
 }

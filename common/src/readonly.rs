@@ -3,7 +3,7 @@
 //! status, the backing file and the refusal of every write are shared here.
 
 use crate::backing::BackingRef;
-use crate::check::CheckReport;
+use crate::check::{CheckReport, Fix};
 use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus, Clusters};
 use crate::error::{io_err, Error, Result};
 use crate::format::Format;
@@ -39,8 +39,9 @@ pub trait GuestMap: Send + Sync {
         Some(self.cluster_size())
     }
 
-    /// `qemu-img check` for the format, or `None` where QEMU has no check.
-    fn check(&self, _storage: &dyn Storage, _size: u64) -> Option<CheckReport> {
+    /// `qemu-img check` for the format, repairing through `storage` what `fix` allows
+    /// where QEMU repairs; `None` where QEMU has no check.
+    fn check(&self, _storage: &dyn Storage, _size: u64, _fix: Fix) -> Option<CheckReport> {
         None
     }
 }
@@ -60,10 +61,29 @@ pub struct ReadOnlyImage {
     below: Option<Box<dyn BlockDriver>>,
 }
 
+/// Open an image of one of the formats the engine only reads.
+pub fn open(format: Format, storage: &dyn Storage) -> Result<Opened> {
+    match format {
+        Format::Qed => crate::qed::open(storage),
+        Format::Qcow => crate::qcow1::open(storage),
+        Format::Parallels => crate::parallels::open(storage),
+        _ => Err(Error::Unsupported(format!(
+            "{} is not a read-only format",
+            format.name()
+        ))),
+    }
+}
+
 impl ReadOnlyImage {
-    /// The image `opened` on `storage`; refused when asked for writing.
-    pub fn new(storage: Box<dyn Storage>, opened: Opened, read_only: bool) -> Result<Self> {
-        if !read_only {
+    /// The image `opened` on `storage`; refused when asked for writing, unless only for
+    /// `check`'s repairs (`for_check`).
+    pub fn new(
+        storage: Box<dyn Storage>,
+        opened: Opened,
+        read_only: bool,
+        for_check: bool,
+    ) -> Result<Self> {
+        if !read_only && !for_check {
             return Err(opened.format.read_only_error());
         }
         Ok(ReadOnlyImage {
@@ -98,9 +118,15 @@ impl ReadOnlyImage {
         self.below = Some(below);
     }
 
-    /// `qemu-img check`; `None` for a format QEMU cannot check.
-    pub fn check(&self) -> Option<CheckReport> {
-        self.opened.map.check(&*self.storage, self.opened.size)
+    /// `qemu-img check`, repairing what `fix` allows (the image must have been opened
+    /// for writing). It reads the image afresh, so that a check after a repair sees what
+    /// the repair wrote. Unsupported for a format QEMU cannot check.
+    pub fn check(&self, fix: Fix) -> Result<CheckReport> {
+        let fresh = open(self.opened.format, &*self.storage)?;
+        fresh
+            .map
+            .check(&*self.storage, fresh.size, fix)
+            .ok_or(Error::Unsupported("checks".into()))
     }
 
     /// The decompressed cluster holding guest `pos`, stored as `len` bytes at `at`.

@@ -4,7 +4,7 @@
 //! or writing such an image refused in one line.
 
 use integration_tests::foreign::{qemu_io_random, qimg, read_only_commands_agree};
-use integration_tests::twin::{Names, Pair};
+use integration_tests::twin::{Names, Pair, Twin};
 use integration_tests::*;
 
 /// `img compare` and `img dd` of `file` (format `fmt`) in `dir` agree with the raw image
@@ -138,12 +138,8 @@ fn qed_backing_chains_read_the_same() {
 /// A change made to an image's bytes.
 type Damage = Box<dyn Fn(&mut Vec<u8>)>;
 
-/// Damaged qed tables: `img check` says what `qemu-img check` says, with its exit code;
-/// the need-check flag changes nothing read-only.
-#[test]
-fn qed_damage_checked_alike() {
-    let dir = tempdir();
-    let d = dir.path();
+/// A qed image qemu-io wrote in `d` (`base.qed`), and the damage cases made of it.
+fn qed_damages(d: &std::path::Path) -> (Vec<u8>, Vec<(&'static str, Damage)>) {
     qimg(
         d,
         "create -q -f qed -o cluster_size=4096,table_size=2 base.qed 16M",
@@ -158,7 +154,6 @@ fn qed_damage_checked_alike() {
         .map(|i| le64(&base, l2 + 8 * i))
         .find(|&e| e > 1)
         .expect("a data cluster");
-    let mut f = Failures::new();
     let cases: Vec<(&str, Damage)> = vec![
         (
             "leaked clusters",
@@ -181,7 +176,25 @@ fn qed_damage_checked_alike() {
             Box::new(move |b| b[l1 + 8..l1 + 16].copy_from_slice(&(1u64 << 40).to_le_bytes())),
         ),
         ("need check", Box::new(|b| b[16] |= 2)),
+        (
+            "need check, L2 table past the end",
+            Box::new(move |b| {
+                b[16] |= 2;
+                b[l1 + 8..l1 + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            }),
+        ),
     ];
+    (base, cases)
+}
+
+/// Damaged qed tables: `img check` says what `qemu-img check` says, with its exit code;
+/// the need-check flag changes nothing read-only.
+#[test]
+fn qed_damage_checked_alike() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (base, cases) = qed_damages(d);
+    let mut f = Failures::new();
     let img = Tool::img();
     for (name, damage) in &cases {
         let mut b = base.clone();
@@ -406,13 +419,9 @@ fn parallels_images_read_the_same() {
     f.finish();
 }
 
-/// Damaged parallels images: `img check` says what `qemu-img check` says. (A cluster
-/// past the end of the file makes qemu-img 10's check abort on an assertion, so that one is
-/// among the hostile images, not here.)
-#[test]
-fn parallels_damage_checked_alike() {
-    let dir = tempdir();
-    let d = dir.path();
+/// A parallels image qemu-io wrote in `d` (`base.hds`), and the damage cases made of it
+/// that every check mode of qemu-img 10 survives.
+fn parallels_damages(d: &std::path::Path) -> (Vec<u8>, Vec<(&'static str, Damage)>) {
     qimg(d, "create -q -f parallels -o cluster_size=64k base.hds 16M");
     qemu_io_random(
         &d.join("base.hds"),
@@ -422,14 +431,56 @@ fn parallels_damage_checked_alike() {
         6,
     );
     let base = std::fs::read(d.join("base.hds")).unwrap();
-    let mut f = Failures::new();
+    let entries = u32::from_le_bytes(base[32..36].try_into().unwrap()) as usize;
+    let allocated: Vec<(usize, u32)> = (0..entries)
+        .map(|i| {
+            (
+                i,
+                u32::from_le_bytes(base[64 + 4 * i..68 + 4 * i].try_into().unwrap()),
+            )
+        })
+        .filter(|&(_, e)| e != 0)
+        .collect();
+    assert!(allocated.len() >= 3, "qemu-io allocated {allocated:?}");
+    let [(_, v0), (e1, v1), (e2, _)] = [allocated[0], allocated[1], allocated[2]];
     let cases: Vec<(&str, Damage)> = vec![
         ("leaked space", Box::new(|b| b.extend(vec![0u8; 100_000]))),
         (
             "in use",
             Box::new(|b| b[44..48].copy_from_slice(&0x746f_6e59u32.to_le_bytes())),
         ),
+        (
+            "data_off below the table",
+            Box::new(|b| b[48..52].copy_from_slice(&1u32.to_le_bytes())),
+        ),
+        (
+            "data_off past the end",
+            Box::new(|b| b[48..52].copy_from_slice(&999_999u32.to_le_bytes())),
+        ),
+        (
+            "two entries, one cluster",
+            Box::new(move |b| b[64 + 4 * e1..68 + 4 * e1].copy_from_slice(&v0.to_le_bytes())),
+        ),
+        (
+            "two entries, one cluster, and a cluster no entry uses",
+            Box::new(move |b| {
+                b[64 + 4 * e1..68 + 4 * e1].copy_from_slice(&v0.to_le_bytes());
+                b[64 + 4 * e2..68 + 4 * e2].copy_from_slice(&v1.to_le_bytes());
+            }),
+        ),
     ];
+    (base, cases)
+}
+
+/// Damaged parallels images: `img check` says what `qemu-img check` says. (A cluster
+/// past the end of the file makes qemu-img 10's check abort on an assertion unless it is
+/// repaired first, so that one is among the hostile images and the `-r all` repairs.)
+#[test]
+fn parallels_damage_checked_alike() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (base, cases) = parallels_damages(d);
+    let mut f = Failures::new();
     let img = Tool::img();
     for (name, damage) in &cases {
         let mut b = base.clone();
@@ -443,6 +494,64 @@ fn parallels_damage_checked_alike() {
             f.record(&format!("{name} {args:?}"), r);
         }
         f.record(name, read_only_commands_agree(d, "d.hds", "parallels"));
+    }
+    f.finish();
+}
+
+/// `img check -r leaks|all` repairs damaged qed and parallels images as `qemu-img check`
+/// does: the same report and exit code, and byte for byte the same file afterwards.
+#[test]
+fn repairs_match_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (qed, mut qed_cases) = qed_damages(d);
+    let (hds, mut hds_cases) = parallels_damages(d);
+    qed_cases.push(("undamaged", Box::new(|_| {})));
+    hds_cases.push(("undamaged", Box::new(|_| {})));
+    let past_end: Damage = Box::new(|b| {
+        let at = b.len() - 4096;
+        b.truncate(at);
+    });
+    let mut f = Failures::new();
+    let sets = [
+        ("d.qed", "qed", &qed, &qed_cases, vec![]),
+        (
+            "d.hds",
+            "parallels",
+            &hds,
+            &hds_cases,
+            vec![("cluster past the end", &past_end)],
+        ),
+    ];
+    for (file, fmt, base, cases, all_only) in &sets {
+        let every_mode = cases
+            .iter()
+            .map(|(n, d)| (*n, d, ["leaks", "all"].as_slice()));
+        let all_mode = all_only.iter().map(|(n, d)| (*n, *d, ["all"].as_slice()));
+        for (name, damage, modes) in every_mode.chain(all_mode) {
+            let mut b = (*base).clone();
+            damage(&mut b);
+            for mode in modes {
+                let t = Twin::new(|dir| std::fs::write(dir.join(file), &b).unwrap());
+                let args = ["check", "-r", mode, "-f", fmt, file];
+                let what = format!("{fmt} {name} -r {mode}");
+                f.record(&what, t.run(&args).compare(Names::Prefix, twin::verbatim));
+                let (q, i) = (t.qemu_dir().join(file), t.img_dir().join(file));
+                f.record(
+                    &format!("{what}: the files"),
+                    ensure(
+                        std::fs::read(&q).unwrap() == std::fs::read(&i).unwrap(),
+                        || {
+                            format!(
+                                "{} and {} differ after the repair",
+                                q.display(),
+                                i.display()
+                            )
+                        },
+                    ),
+                );
+            }
+        }
     }
     f.finish();
 }

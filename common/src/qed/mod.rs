@@ -4,8 +4,9 @@
 //!
 //! The need-check flag (`QED_F_NEED_CHECK`, set while QEMU has the image open for
 //! writing) makes QEMU check and repair the image when it opens it read-write; read-only
-//! it reads the image as it is, and so does the engine (which only opens qed read-only).
-//! Neither QEMU's `info` nor its `check` reports the flag.
+//! it reads the image as it is, and so does the engine (which opens qed read-only, or
+//! writable for `check -r` only, whose repair clears the flag as QEMU's does). Neither
+//! QEMU's `info` nor its `check` reports the flag.
 
 pub mod check;
 
@@ -60,6 +61,8 @@ pub struct QedMap {
     /// Entries per table.
     entries: u64,
     l1: StoredTable,
+    /// The header's feature bits.
+    features: u64,
 }
 
 impl QedMap {
@@ -129,6 +132,7 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
         file_size: file_len - file_len % cluster,
         entries,
         l1: StoredTable::default(),
+        features,
     };
     if !map.table_ok(l1_offset) {
         return Err(invalid("table offset"));
@@ -216,8 +220,13 @@ impl GuestMap for QedMap {
         self.cluster
     }
 
-    fn check(&self, storage: &dyn Storage, size: u64) -> Option<crate::check::CheckReport> {
-        Some(check::check(self, storage, size))
+    fn check(
+        &self,
+        storage: &dyn Storage,
+        size: u64,
+        fix: crate::check::Fix,
+    ) -> Option<crate::check::CheckReport> {
+        Some(check::check(self, storage, size, fix.any()))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::test_tools::qemu_ok;
+use crate::check::Fix;
 
 fn header(cluster: u32, table: u32, l1: u64, size: u64) -> Vec<u8> {
     let mut h = vec![0u8; 64];
@@ -119,7 +120,7 @@ fn l2_and_data_offsets_are_checked_on_lookup() {
         o.map.lookup(&s, 8192, 1 << 16).unwrap(),
         (Mapped::Unallocated, 1 << 16)
     );
-    let r = o.map.check(&s, o.size).unwrap();
+    let r = o.map.check(&s, o.size, Fix::default()).unwrap();
     assert_eq!((r.corruptions, r.leaks, r.allocated_clusters), (1, 0, 1));
     // An L2 table past the end of the file.
     b[4096..4104].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -128,7 +129,7 @@ fn l2_and_data_offsets_are_checked_on_lookup() {
     let o = open(&s).unwrap();
     let e = o.map.lookup(&s, 0, 4096).unwrap_err().to_string();
     assert!(e.contains("QED L2 table offset"), "{e}");
-    assert_eq!(o.map.check(&s, o.size).unwrap().corruptions, 1);
+    assert_eq!(o.map.check(&s, o.size, Fix::default()).unwrap().corruptions, 1);
 }
 
 #[test]
@@ -144,7 +145,7 @@ fn qemu_image_maps_its_clusters() {
     let (m, n) = o.map.lookup(&s, 65536 + 10, 1 << 20).unwrap();
     assert!(matches!(m, Mapped::Data(_)), "{m:?}");
     assert_eq!(n, 128 * 1024 - 10, "two contiguous clusters");
-    let r = o.map.check(&s, o.size).unwrap();
+    let r = o.map.check(&s, o.size, Fix::default()).unwrap();
     assert_eq!((r.corruptions, r.leaks, r.allocated_clusters), (0, 0, 2));
     assert_eq!(r.total_clusters, 64);
 }

@@ -4,8 +4,10 @@
 //! open checks, in its words. The format extension (dirty bitmaps) changes nothing read
 //! and is not read; an image left "in use" reads as it is, as QEMU reads it read-only.
 
+mod check;
+
 use crate::block_map::StoredTable;
-use crate::check::CheckReport;
+use crate::check::{CheckReport, Fix};
 use crate::error::{io_err, Error, Result, Structure};
 use crate::format::Format;
 use crate::readonly::{GuestMap, Mapped, Opened};
@@ -44,6 +46,10 @@ struct ParallelsMap {
     bat: StoredTable,
     /// Left in use by a writer (QEMU's `header_unclean`).
     unclean: bool,
+    /// The header's `data_off` (sectors), and whether it has the old magic (which lets
+    /// it be 0).
+    data_off: u64,
+    old_magic: bool,
 }
 
 impl ParallelsMap {
@@ -117,6 +123,8 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
             entries,
             bat,
             unclean: le32(&h, 44) == IN_USE,
+            data_off: u64::from(le32(&h, 48)),
+            old_magic: multiplier == 1,
         }),
         backing: None,
     })
@@ -156,60 +164,9 @@ impl GuestMap for ParallelsMap {
         None
     }
 
-    fn check(&self, storage: &dyn Storage, _size: u64) -> Option<CheckReport> {
-        Some(check(self, storage))
+    fn check(&self, storage: &dyn Storage, _size: u64, fix: Fix) -> Option<CheckReport> {
+        Some(check::check(self, storage, fix))
     }
-}
-
-/// `qemu-img check`: an image left in use, clusters past the end of the file, space past
-/// the last cluster (leaked), and the allocation figures, in QEMU's words.
-fn check(m: &ParallelsMap, storage: &dyn Storage) -> CheckReport {
-    let mut r = CheckReport {
-        total_clusters: m.entries,
-        ..Default::default()
-    };
-    // QEMU counts the file in whole sectors.
-    let size = match storage.len() {
-        Ok(s) => s.next_multiple_of(512),
-        Err(e) => {
-            r.check_errors += 1;
-            r.failure = Some(e);
-            return r;
-        }
-    };
-    if m.unclean {
-        r.messages
-            .push("ERROR image was not closed correctly".into());
-        r.corruptions += 1;
-    }
-    let cs = m.cluster();
-    let (mut high, mut prev) = (0u64, None::<u64>);
-    for i in 0..m.entries {
-        let Some(off) = m.host(i) else {
-            prev = None;
-            continue;
-        };
-        if off > size {
-            r.messages
-                .push(format!("ERROR cluster {i} is outside image"));
-            r.corruptions += 1;
-        }
-        r.allocated_clusters += 1;
-        high = high.max(off);
-        if prev.is_some_and(|p| p + cs != off) {
-            r.fragmented_clusters += 1;
-        }
-        prev = Some(off);
-    }
-    r.image_end_offset = high + cs;
-    if size > r.image_end_offset {
-        let leaked = size - r.image_end_offset;
-        r.messages.push(format!(
-            "ERROR space leaked at the end of the image {leaked}"
-        ));
-        r.leaks += leaked.div_ceil(cs);
-    }
-    r
 }
 
 #[cfg(test)]
