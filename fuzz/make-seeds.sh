@@ -135,6 +135,8 @@ for f in *.qcow2; do
     keep_plain qcow2_parts "$f"
 done
 for f in *.vdi; do keep check 1 "$f"; done
+for f in *.qed; do keep check 2 "$f"; done
+for f in *.hds; do keep check 3 "$f"; done
 for f in *.vhd; do keep open_read 3 "$f"; done
 for f in *.vdi; do keep open_read 4 "$f"; done
 for f in *.vhdx; do keep open_read 5 "$f"; done

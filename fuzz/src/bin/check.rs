@@ -1,5 +1,6 @@
-//! Any bytes checked as qcow2 (or, by the first byte, as vdi): `check`, then `check -r all`
-//! on the same file opened read-write, then `check` of what the repair left.
+//! Any bytes checked as one of the formats whose check repairs or reports in detail
+//! (the first byte picks qcow2, vdi, qed or parallels): `check`, then `check -r all` on
+//! the same file opened read-write, then `check` of what the repair left.
 
 use common::check::Fix;
 use common::open::{Format, OpenOptions};
@@ -10,10 +11,11 @@ fn main() {
         let Some((&sel, bytes)) = data.split_first() else {
             return;
         };
-        let format = if sel & 1 == 0 {
-            Format::Qcow2
-        } else {
-            Format::Vdi
+        let format = match sel % 4 {
+            0 => Format::Qcow2,
+            1 => Format::Vdi,
+            2 => Format::Qed,
+            _ => Format::Parallels,
         };
         let ro = OpenOptions {
             read_only: true,
