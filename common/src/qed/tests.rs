@@ -1,8 +1,8 @@
 //! qed's open checks, lookups and check on images QEMU makes, and on hostile headers.
 
 use super::*;
-use crate::test_tools::qemu_ok;
 use crate::check::Fix;
+use crate::test_tools::qemu_ok;
 
 fn header(cluster: u32, table: u32, l1: u64, size: u64) -> Vec<u8> {
     let mut h = vec![0u8; 64];
@@ -129,7 +129,10 @@ fn l2_and_data_offsets_are_checked_on_lookup() {
     let o = open(&s).unwrap();
     let e = o.map.lookup(&s, 0, 4096).unwrap_err().to_string();
     assert!(e.contains("QED L2 table offset"), "{e}");
-    assert_eq!(o.map.check(&s, o.size, Fix::default()).unwrap().corruptions, 1);
+    assert_eq!(
+        o.map.check(&s, o.size, Fix::default()).unwrap().corruptions,
+        1
+    );
 }
 
 #[test]
