@@ -475,11 +475,11 @@ mod tests {
     /// Found by fuzzing (qcow2_parts): 65 536 tiny entries were read with two reads each.
     #[test]
     fn a_table_of_many_entries_is_read_in_windows() {
-        let mut e = vec![0u8; 40];
+        let mut e = [0u8; 40];
         e[0..8].copy_from_slice(&0x50000u64.to_be_bytes());
         let table = e.repeat(MAX_SNAPSHOTS as usize);
         let st = storage_with(&table, 0x60000, 0x60000 + table.len());
-        let h = header(MAX_SNAPSHOTS as u32, 0x60000, 1 << 20);
+        let h = header(MAX_SNAPSHOTS, 0x60000, 1 << 20);
         assert_eq!(read_table(&st, &h).unwrap().len(), MAX_SNAPSHOTS as usize);
         let reads = st.1.load(std::sync::atomic::Ordering::Relaxed);
         assert!(reads <= table.len() / READ_WINDOW + 2, "{reads} reads");
