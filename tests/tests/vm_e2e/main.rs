@@ -87,7 +87,7 @@ use crate::scenario_boot::{
 use crate::scenario_disk::{check_disk, scenario_disk, Layout, ScenarioDisk};
 use crate::scenario_kill::{check_kill, scenarios_kill, ScenarioKill};
 use crate::scenario_net::{check_net, scenario_net};
-use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
+use crate::spec::{Drive, KillAfter, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
 use crate::workdir::WorkDir;
@@ -494,8 +494,8 @@ fn vmm_rejects_bad_inputs() {
 
 /// The direct path (taken where /dev/kvm runs at hardware speed), exercised here with fake
 /// kernels so that it runs on any /dev/kvm: each run's console, stderr and exit code come
-/// back under its name, the images it ran on are copies, and a guest that never stops is
-/// killed at the timeout.
+/// back under its name, the images it ran on are copies, a guest that never stops is
+/// killed at the timeout, and one with a kill point is SIGKILLed there.
 #[test]
 fn direct_runner_reports_each_run() {
     require!(fixtures());
@@ -540,7 +540,18 @@ fn direct_runner_reports_each_run() {
         run_direct(&[spec], k, &images, &bins.vmm, &w, timeout).unwrap()
     };
     let ok = run_one(&reset, &kernel("reset.bz", fake_kernel::RESET), "w1");
-    let hung = run_one(&spin, &kernel("spin.bz", fake_kernel::SPIN), "w2");
+    let spin_kernel = kernel("spin.bz", fake_kernel::SPIN);
+    let hung = run_one(&spin, &spin_kernel, "w2");
+    // The same spinning guest, killed by the kill wrapper once its console has shown "c".
+    let kill = VmSpec {
+        kill_after: Some(KillAfter {
+            pattern: "c".into(),
+            count: 1,
+            delay_ms: 100,
+        }),
+        ..spec("kill")
+    };
+    let killed = run_one(&kill, &spin_kernel, "w3");
 
     // GUEST_CMDLINE starts with "console=": the fake kernel prints its first byte.
     let vm = &ok.vms["reset"];
@@ -568,6 +579,20 @@ fn direct_runner_reports_each_run() {
         vm.describe()
     );
     assert!(hung.log.contains("killed at the timeout"), "{}", hung.log);
+
+    let vm = &killed.vms["kill"];
+    assert_eq!(
+        (vm.rc, vm.killed, vm.console.as_str()),
+        (None, true, "c\n"),
+        "{}",
+        vm.describe()
+    );
+    assert!(vm.seconds < timeout.as_secs_f64(), "{}", vm.describe());
+    assert!(
+        killed.log.contains("SIGKILLed at its kill point"),
+        "{}",
+        killed.log
+    );
     assert_eq!(sha256_file(&disk), before, "the input image changed");
 }
 

@@ -23,7 +23,9 @@
 use std::fs;
 use std::path::Path;
 
-use integration_tests::{check_after_kill, qemu_convert_raw, qemu_img_in, Rng, Tool};
+use integration_tests::{
+    check_after_kill, qcow2_is_dirty, qemu_convert_raw, qemu_img_in, Rng, Tool,
+};
 
 use crate::images::{make_patterned_qcow2, KIB, MIB};
 use crate::report::GUEST_SH_PRELUDE;
@@ -213,6 +215,7 @@ pub fn check_kill(
         return Err(fail(format!("{BASE} changed")));
     }
     let path = images.join(&s.overlay);
+    let dirty = qcow2_is_dirty(&path);
     let repair = check_after_kill(&Tool::at(img), &path, s.lazy).map_err(&fail)?;
     let got =
         qemu_convert_raw(&path, None, &work.join(format!("{name}-after.raw"))).map_err(&fail)?;
@@ -271,8 +274,10 @@ pub fn check_kill(
     let delay = s.spec.kill_after.as_ref().map_or(0, |k| k.delay_ms);
     Ok(format!(
         "{name}: SIGKILL {delay} ms after SYNCED line {count}: {n} of {} writes synced, all \
-         there; of the later ones {whole} there whole, {part} in part; repair after the kill: {}",
+         there; of the later ones {whole} there whole, {part} in part; image left {}, \
+         repair: {}",
         s.writes.len(),
+        if dirty { "dirty" } else { "not dirty" },
         repair.map_or("none (clean)".into(), |m| format!("check -r {m}"))
     ))
 }

@@ -109,14 +109,19 @@ rm -f "$d/console" "$d/{KILLED_FILE}"
 mkfifo "$d/console"
 "$@" > "$d/console" &
 pid=$!
-awk -v pat={pattern} -v n={count} -v pid=$pid -v delay={delay} '
-{{ print; fflush() }}
-!done && index($0, pat) && ++seen >= n {{ system("(sleep " delay "; kill -9 " pid ") &"); done = 1 }}
-END {{ exit done ? 3 : 0 }}' < "$d/console"
-killed=$?
+seen=0
+killer=
+while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    case $line in
+    *{pattern}*)
+        seen=$((seen + 1))
+        if [ $seen -eq {count} ]; then (sleep {delay}; kill -9 $pid) & killer=$!; fi ;;
+    esac
+done < "$d/console"
 wait $pid
 rc=$?
-[ $killed -eq 3 ] && echo $rc > "$d/{KILLED_FILE}"
+[ -n "$killer" ] && echo $rc > "$d/{KILLED_FILE}"
 exit $rc
 "#,
         pattern = shell_quote(&k.pattern),
