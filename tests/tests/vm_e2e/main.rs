@@ -14,6 +14,10 @@
 //!
 //! Both produce the same [`Runs`], which the checks read.
 //!
+//! A spec with a kill point ([`spec::KillAfter`]) runs under a wrapper (in the test host or
+//! on this host) that copies vmm's console through and SIGKILLs vmm once the console has
+//! shown the given lines; its [`VmOutput`] says `killed`.
+//!
 //! Modules: `spec` (a guest boot and its outputs), `report` (the guest scripts' report),
 //! `direct`, `testhost` and `qemu` (the three ways to run a guest), `fixtures`, `images`,
 //! `tools`, `workdir`, and one module per scenario with its checks.
@@ -22,14 +26,16 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs nine `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs twelve `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
 //!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
 //!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
 //!   --kernel for the time comparison; "net": two virtio-net NICs on bridged taps;
 //!   "disk-mbr-syslinux-bios", an MBR disk with syslinux on FAT booted through SeaBIOS
-//!   with `-bios`); each test checks one aspect of the shared results.
+//!   with `-bios`; "kill-fsync", "kill-fsync-lazy": vmm SIGKILLed by the runner while the
+//!   guest writes with fsync, the image then checked and every synced write read back); each
+//!   test checks one aspect of the shared results.
 //! - `reference_bios_disk_under_qemu`: the SeaBIOS disk booted by QEMU with the same bios.bin.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
