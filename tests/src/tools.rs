@@ -184,6 +184,54 @@ pub fn qemu_check(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Whether a qcow2 file's header has the dirty bit (lazy refcounts in use, not closed).
+pub fn qcow2_is_dirty(path: &Path) -> bool {
+    use crate::qcow2_layout::{get_be, INCOMPATIBLE_FEATURES, INCOMPAT_DIRTY};
+    let mut head = [0u8; 80];
+    std::io::Read::read_exact(&mut std::fs::File::open(path).unwrap(), &mut head).unwrap();
+    get_be(
+        &head,
+        INCOMPATIBLE_FEATURES.offset,
+        INCOMPATIBLE_FEATURES.width,
+    ) & INCOMPAT_DIRTY
+        != 0
+}
+
+/// The check of an image whose writer was killed: `qemu-img check` finds no corruption
+/// (leaks are allowed; so are the stale refcounts of a dirty image when `dirty_allowed`),
+/// and after `img check -r leaks` (`-r all` for a dirty image) run with `img` the image is
+/// clean. Returns the repair made (`None`: clean as it was).
+pub fn check_after_kill(
+    img: &Tool,
+    path: &Path,
+    dirty_allowed: bool,
+) -> Result<Option<&'static str>, String> {
+    let dirty = dirty_allowed && qcow2_is_dirty(path);
+    let chk = qemu_img(&["check", s(path)]);
+    let mode = match chk.code {
+        Some(0) => return Ok(None),
+        Some(3) => "leaks",
+        Some(2) if dirty => "all",
+        _ => {
+            return Err(format!(
+                "qemu-img check finds corruption{}:\n{}",
+                if dirty { " (dirty image)" } else { "" },
+                chk.report()
+            ))
+        }
+    };
+    let rep = img.run(None, &["check", "-r", mode, s(path)]);
+    let again = qemu_img(&["check", s(path)]);
+    if !again.success() {
+        return Err(format!(
+            "not clean after img check -r {mode}:\n{}\n{}",
+            rep.report(),
+            again.report()
+        ));
+    }
+    Ok(Some(mode))
+}
+
 /// Assert `qemu-img check` reports the image clean ([`qemu_check`]).
 #[track_caller]
 pub fn assert_qemu_check_clean(path: &Path) {

@@ -12,8 +12,8 @@ use integration_tests::kvm::{probe_kvm, KvmSpeed};
 use integration_tests::run;
 
 use crate::fixtures::guest_initramfs;
-use crate::spec::{vmm_args, Runs, VmOutput, VmSpec};
-use crate::testhost::write_net_scripts;
+use crate::spec::{vmm_args, Runs, VmOutput, VmSpec, Wrap};
+use crate::testhost::{was_killed, write_kill_script, write_net_scripts};
 use crate::workdir::WorkDir;
 
 /// Run each spec under `vmm` on this host, one after the other, with `kernel`, on copies of
@@ -46,9 +46,16 @@ pub fn run_direct(
         };
         let mut args = vmm_args(spec, &utf8(kernel)?, &initrd, &utf8(&images)?);
         let netdir = work.join(format!("net-{}", spec.name));
-        let mut cmd = match &spec.net {
-            None => Command::new(vmm),
-            Some(n) => {
+        let killdir = work.join(format!("kill-{}", spec.name));
+        let mut cmd = match spec.wrap()? {
+            Wrap::None => Command::new(vmm),
+            Wrap::Kill(k) => {
+                write_kill_script(k, &killdir)?;
+                let mut c = Command::new("sh");
+                c.arg(killdir.join("wrap.sh")).arg(vmm);
+                c
+            }
+            Wrap::Net(n) => {
                 // In a network namespace of its own: the bridges, taps and addresses exist
                 // only there.
                 write_net_scripts(n, &netdir)?;
@@ -71,12 +78,15 @@ pub fn run_direct(
             .map_or(timeout, |n| Duration::from_secs(n.timeout_s));
         cmd.args(&args).envs(spec.env.iter().copied());
         let o = run(cmd.current_dir(&images), timeout);
+        let killed = spec.kill_after.is_some() && was_killed(&killdir);
         log.push_str(&format!(
             "vmm run {}: exit {:?}{} after {:.1}s\n",
             spec.name,
             o.code,
             if o.timed_out {
                 " (killed at the timeout)"
+            } else if killed {
+                " (SIGKILLed at its kill point)"
             } else {
                 ""
             },
@@ -89,7 +99,8 @@ pub fn run_direct(
                 console: o.stdout.clone(),
                 stderr: o.stderr.clone(),
                 host: fs::read_to_string(netdir.join("host")).unwrap_or_default(),
-                rc: if o.timed_out { None } else { o.code },
+                rc: if o.timed_out || killed { None } else { o.code },
+                killed,
                 seconds: o.elapsed.as_secs_f64(),
             },
         );

@@ -14,6 +14,10 @@
 //!
 //! Both produce the same [`Runs`], which the checks read.
 //!
+//! A spec with a kill point ([`spec::KillAfter`]) runs under a wrapper (in the test host or
+//! on this host) that copies vmm's console through and SIGKILLs vmm once the console has
+//! shown the given lines; its [`VmOutput`] says `killed`.
+//!
 //! Modules: `spec` (a guest boot and its outputs), `report` (the guest scripts' report),
 //! `direct`, `testhost` and `qemu` (the three ways to run a guest), `fixtures`, `images`,
 //! `tools`, `workdir`, and one module per scenario with its checks.
@@ -22,14 +26,16 @@
 //! - `reference_guest_under_qemu`: the same guest scenarios booted directly under QEMU (TCG,
 //!   virtio-blk-pci). Needs no `vmm`; it proves the fixtures, the guest scripts and the checks.
 //! - `testhost_provides_kvm`: the test host boots and has `/dev/kvm` after loading the modules.
-//! - `vmm_*`: one shared batch runs nine `vmm run`s ("boot": 2 CPUs, 512M, no disks;
+//! - `vmm_*`: one shared batch runs twelve `vmm run`s ("boot": 2 CPUs, 512M, no disks;
 //!   "boot64": the same through the 64-bit boot protocol instead of PVH; "a":
 //!   qcow2 overlay on a patterned base + ext4 disk; "b": readonly=on and snapshot=on disks;
 //!   "disk-gpt-grub", "disk-gpt-bls", "disk-mbr-extlinux": disks booted without --kernel
 //!   through QEMU's command line, and "disk-gpt-grub-kernel", the first of them booted with
 //!   --kernel for the time comparison; "net": two virtio-net NICs on bridged taps;
 //!   "disk-mbr-syslinux-bios", an MBR disk with syslinux on FAT booted through SeaBIOS
-//!   with `-bios`); each test checks one aspect of the shared results.
+//!   with `-bios`; "kill-fsync", "kill-fsync-lazy": vmm SIGKILLed by the runner while the
+//!   guest writes with fsync, the image then checked and every synced write read back); each
+//!   test checks one aspect of the shared results.
 //! - `reference_bios_disk_under_qemu`: the SeaBIOS disk booted by QEMU with the same bios.bin.
 //! - `vmm_rejects_bad_inputs`: runs `vmm` on this host directly.
 //! - `direct_runner_reports_each_run`, `kvm_probe_guest_stops_and_probe_decides`: the direct
@@ -59,6 +65,7 @@ mod scenario_a;
 mod scenario_b;
 mod scenario_boot;
 mod scenario_disk;
+mod scenario_kill;
 mod scenario_net;
 mod spec;
 mod testhost;
@@ -84,8 +91,9 @@ use crate::scenario_boot::{
     check_boot, check_tty, loader_type, scenario_boot, scenario_boot_64bit,
 };
 use crate::scenario_disk::{check_disk, scenario_disk, Layout, ScenarioDisk};
+use crate::scenario_kill::{check_kill, scenarios_kill, ScenarioKill};
 use crate::scenario_net::{check_net, scenario_net};
-use crate::spec::{Drive, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
+use crate::spec::{Drive, KillAfter, Runs, VmOutput, VmSpec, VM_TIMEOUT_S};
 use crate::testhost::run_in_testhost;
 use crate::tools::{seeded_rng, sha256_file};
 use crate::workdir::WorkDir;
@@ -168,6 +176,8 @@ struct Suite {
     /// Disk boots without --kernel, one per boot configuration kind.
     disks: Vec<ScenarioDisk>,
     net: VmSpec,
+    /// vmm killed with SIGKILL while its guest writes with fsync.
+    kills: Vec<ScenarioKill>,
     out: Runs,
     work: WorkDir,
 }
@@ -193,9 +203,11 @@ fn vmm_suite() -> Result<&'static Suite, String> {
         .map(|l| scenario_disk(l, &dir, work.path(), &mut rng, bins))
         .collect::<Result<Vec<_>, _>>()?;
         let net = scenario_net();
+        let kills = scenarios_kill(&dir, &mut rng)?;
         let mut specs = vec![&boot, &boot64, &a.spec, &b.spec, &net];
         specs.extend(disks.iter().map(|d| &d.spec));
         specs.extend(disks.iter().filter_map(|d| d.kernel_twin.as_ref()));
+        specs.extend(kills.iter().map(|k| &k.spec));
         let (out, place) = match runner(&bins.vmm)? {
             Runner::Direct => {
                 let kernel = &fixtures()?.kernel;
@@ -224,6 +236,7 @@ fn vmm_suite() -> Result<&'static Suite, String> {
             b,
             disks,
             net,
+            kills,
             out,
             work,
         })
@@ -354,6 +367,30 @@ fn vmm_boots_a_bios_disk_through_seabios() {
     disk_boot(3);
 }
 
+/// SIGKILL of vmm while its guest writes blocks with O_DIRECT and fsync: the image has no
+/// corruption, and every block whose fsync returned (SYNCED on the console) reads back (see
+/// `scenario_kill`).
+fn killed_mid_write(run: usize) {
+    let s = suite!();
+    let k = &s.kills[run];
+    let img = &static_bins().unwrap_or_else(|e| panic!("{e}")).img;
+    let summary = check_kill(k, vm(s, &k.spec.name), &s.out.image_dir, s.work.path(), img)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("vm_e2e: {summary}");
+}
+
+/// 64 KiB clusters over a backing file, killed early.
+#[test]
+fn vmm_sigkill_keeps_every_fsynced_write() {
+    killed_mid_write(0);
+}
+
+/// 4 KiB clusters, 64-bit refcounts, lazy_refcounts=on, killed later.
+#[test]
+fn vmm_sigkill_keeps_every_fsynced_write_lazy_refcounts() {
+    killed_mid_write(1);
+}
+
 /// The reference for the BIOS disk: QEMU (TCG) boots the same kind of disk with the same
 /// SeaBIOS, and the same checks pass.
 #[test]
@@ -463,8 +500,8 @@ fn vmm_rejects_bad_inputs() {
 
 /// The direct path (taken where /dev/kvm runs at hardware speed), exercised here with fake
 /// kernels so that it runs on any /dev/kvm: each run's console, stderr and exit code come
-/// back under its name, the images it ran on are copies, and a guest that never stops is
-/// killed at the timeout.
+/// back under its name, the images it ran on are copies, a guest that never stops is
+/// killed at the timeout, and one with a kill point is SIGKILLed there.
 #[test]
 fn direct_runner_reports_each_run() {
     require!(fixtures());
@@ -493,6 +530,7 @@ fn direct_runner_reports_each_run() {
         disk_boot: false,
         net: None,
         firmware: false,
+        kill_after: None,
     };
     let kernel = |name: &str, tail: &[u8]| {
         let p = work.path().join(name);
@@ -508,7 +546,18 @@ fn direct_runner_reports_each_run() {
         run_direct(&[spec], k, &images, &bins.vmm, &w, timeout).unwrap()
     };
     let ok = run_one(&reset, &kernel("reset.bz", fake_kernel::RESET), "w1");
-    let hung = run_one(&spin, &kernel("spin.bz", fake_kernel::SPIN), "w2");
+    let spin_kernel = kernel("spin.bz", fake_kernel::SPIN);
+    let hung = run_one(&spin, &spin_kernel, "w2");
+    // The same spinning guest, killed by the kill wrapper once its console has shown "c".
+    let kill = VmSpec {
+        kill_after: Some(KillAfter {
+            pattern: "c".into(),
+            count: 1,
+            delay_ms: 100,
+        }),
+        ..spec("kill")
+    };
+    let killed = run_one(&kill, &spin_kernel, "w3");
 
     // GUEST_CMDLINE starts with "console=": the fake kernel prints its first byte.
     let vm = &ok.vms["reset"];
@@ -536,6 +585,20 @@ fn direct_runner_reports_each_run() {
         vm.describe()
     );
     assert!(hung.log.contains("killed at the timeout"), "{}", hung.log);
+
+    let vm = &killed.vms["kill"];
+    assert_eq!(
+        (vm.rc, vm.killed, vm.console.as_str()),
+        (None, true, "c\n"),
+        "{}",
+        vm.describe()
+    );
+    assert!(vm.seconds < timeout.as_secs_f64(), "{}", vm.describe());
+    assert!(
+        killed.log.contains("SIGKILLed at its kill point"),
+        "{}",
+        killed.log
+    );
     assert_eq!(sha256_file(&disk), before, "the input image changed");
 }
 

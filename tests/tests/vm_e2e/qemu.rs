@@ -111,5 +111,6 @@ fn finish(spec: &VmSpec, mut cmd: Command, work: &Path) -> Result<VmOutput, Stri
         rc: if o.timed_out { None } else { o.code },
         seconds: o.elapsed.as_secs_f64(),
         host: String::new(),
+        killed: false,
     })
 }

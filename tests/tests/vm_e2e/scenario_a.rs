@@ -160,6 +160,7 @@ pub fn scenario_a(
             disk_boot: false,
             net: None,
             firmware: false,
+            kill_after: None,
         },
         writes,
         base_raw,

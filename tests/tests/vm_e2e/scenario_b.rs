@@ -77,6 +77,7 @@ pub fn scenario_b(dir: &Path, work: &Path, rng: &mut Rng) -> Result<ScenarioB, S
             disk_boot: false,
             net: None,
             firmware: false,
+            kill_after: None,
         },
         ro_sha: sha256_file(&dir.join("ro.qcow2")),
         snap_sha: sha256_file(&dir.join("snap.qcow2")),

@@ -23,6 +23,7 @@ pub fn scenario_boot() -> VmSpec {
         disk_boot: false,
         net: None,
         firmware: false,
+        kill_after: None,
     }
 }
 

@@ -101,6 +101,7 @@ pub fn scenario_disk(
         disk_boot: true,
         net: None,
         firmware: matches!(layout, Layout::MbrSyslinuxBios),
+        kill_after: None,
     };
     let initrd = guest_initramfs(&spec, work)?;
     let tree = work.join(format!("{name}-tree"));
@@ -259,6 +260,7 @@ pub fn scenario_disk(
                 disk_boot: false,
                 net: None,
                 firmware: false,
+                kill_after: None,
                 ..spec_shape(&spec)
             })
         }
@@ -357,6 +359,7 @@ fn spec_shape(s: &VmSpec) -> VmSpec {
         disk_boot: false,
         net: None,
         firmware: false,
+        kill_after: None,
     }
 }
 

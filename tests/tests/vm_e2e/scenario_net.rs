@@ -127,6 +127,7 @@ pub fn scenario_net() -> VmSpec {
         env: vec![],
         disk_boot: false,
         firmware: false,
+        kill_after: None,
         net: Some(NetRun {
             args,
             host_setup: HOST_SETUP.into(),

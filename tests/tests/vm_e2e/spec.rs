@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::tools::tail;
+use crate::tools::{shell_quote, tail};
 
 /// Guest kernel command line (the same under vmm and QEMU).
 /// `printk.devkmsg=on`: the guest reports through /dev/kmsg without rate limiting.
@@ -42,6 +42,25 @@ pub struct VmSpec {
     /// With `disk_boot`: boot it through firmware, `-bios IMAGE_DIR/bios.bin` (SeaBIOS,
     /// which the scenario copies into its image directory).
     pub firmware: bool,
+    /// Kill `vmm` with SIGKILL mid-run (not with `net`).
+    pub kill_after: Option<KillAfter>,
+}
+
+/// When the runner kills `vmm` with SIGKILL: `delay_ms` after the guest console has shown
+/// `count` lines containing `pattern` (the guest goes on meanwhile; nothing waits for it).
+pub struct KillAfter {
+    pub pattern: String,
+    pub count: u32,
+    pub delay_ms: u32,
+}
+
+/// The wrapper a runner puts around a spec's `vmm` command.
+pub enum Wrap<'a> {
+    None,
+    /// [`NET_WRAPPER`], with the run's scripts in `$NETDIR`.
+    Net(&'a NetRun),
+    /// [`kill_wrapper`], in a directory of its own where it leaves [`KILLED_FILE`].
+    Kill(&'a KillAfter),
 }
 
 /// A run with NICs: vmm's extra arguments and the scripts that run where vmm runs, in a
@@ -75,7 +94,53 @@ echo "R netdevs_after $(ls /sys/class/net | sort | tr '\n' ' ')" >> $NETDIR/host
 exit $rc
 "#;
 
+/// The file a [`kill_wrapper`] leaves in its directory once it has killed `vmm`: vmm's wait
+/// status (137 when SIGKILL ended it).
+pub const KILLED_FILE: &str = "killed";
+
+/// The shell script (run as `sh DIR/wrap.sh VMM ARGS...`) that runs vmm with its console
+/// copied through to stdout, kills it with SIGKILL `k.delay_ms` after `k.count` console
+/// lines contained `k.pattern` (the console still copied meanwhile), and exits with vmm's
+/// status, having written it to `DIR/`[`KILLED_FILE`] if it killed vmm.
+pub fn kill_wrapper(k: &KillAfter) -> String {
+    format!(
+        r#"d=$(dirname "$0")
+rm -f "$d/console" "$d/{KILLED_FILE}"
+mkfifo "$d/console"
+"$@" > "$d/console" &
+pid=$!
+seen=0
+killer=
+while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    case $line in
+    *{pattern}*)
+        seen=$((seen + 1))
+        if [ $seen -eq {count} ]; then (sleep {delay}; kill -9 $pid) & killer=$!; fi ;;
+    esac
+done < "$d/console"
+wait $pid
+rc=$?
+[ -n "$killer" ] && echo $rc > "$d/{KILLED_FILE}"
+exit $rc
+"#,
+        pattern = shell_quote(&k.pattern),
+        count = k.count,
+        delay = format_args!("{}.{:03}", k.delay_ms / 1000, k.delay_ms % 1000),
+    )
+}
+
 impl VmSpec {
+    /// Its wrapper; `net` and `kill_after` together are refused.
+    pub fn wrap(&self) -> Result<Wrap<'_>, String> {
+        match (&self.net, &self.kill_after) {
+            (Some(_), Some(_)) => Err(format!("{}: net and kill_after together", self.name)),
+            (Some(n), None) => Ok(Wrap::Net(n)),
+            (None, Some(k)) => Ok(Wrap::Kill(k)),
+            (None, None) => Ok(Wrap::None),
+        }
+    }
+
     /// Time its `vmm run` may take in the test host: a run with NICs says; twice
     /// [`VM_TIMEOUT_S`] for a firmware boot, whose bootloader reads the kernel and initrd
     /// through the BIOS's int 13h (a mode switch and a virtio request per 64 KiB, each slow
@@ -105,14 +170,22 @@ pub struct VmOutput {
     pub host: String,
     /// vmm's exit code (None: killed / timed out / not run).
     pub rc: Option<i32>,
+    /// The runner killed vmm with SIGKILL at the spec's [`KillAfter`] point (and SIGKILL
+    /// ended it).
+    pub killed: bool,
     pub seconds: f64,
 }
 
 impl VmOutput {
     pub fn describe(&self) -> String {
         format!(
-            "exit code {:?} after {:.1}s\nconsole:\n{}stderr:\n{}",
+            "exit code {:?}{} after {:.1}s\nconsole:\n{}stderr:\n{}",
             self.rc,
+            if self.killed {
+                " (SIGKILLed by the runner)"
+            } else {
+                ""
+            },
             self.seconds,
             tail(&self.console, 40),
             tail(&self.stderr, 20)

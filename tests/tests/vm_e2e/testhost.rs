@@ -10,12 +10,11 @@ use std::time::Duration;
 use integration_tests::run;
 
 use crate::fixtures::{build_initramfs, fixtures, guest_initramfs};
-use crate::spec::{vmm_args, NetRun, Runs, VmOutput, VmSpec, NET_WRAPPER};
-use crate::tools::{t, tail};
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
+use crate::spec::{
+    kill_wrapper, vmm_args, KillAfter, NetRun, Runs, VmOutput, VmSpec, Wrap, KILLED_FILE,
+    NET_WRAPPER,
+};
+use crate::tools::{shell_quote, t, tail};
 
 /// The scripts of a run with NICs, into `dir` (its `$NETDIR`).
 pub fn write_net_scripts(n: &NetRun, dir: &Path) -> Result<(), String> {
@@ -28,6 +27,17 @@ pub fn write_net_scripts(n: &NetRun, dir: &Path) -> Result<(), String> {
         fs::write(dir.join(f), body).map_err(|e| format!("{f}: {e}"))?;
     }
     Ok(())
+}
+
+/// The [`kill_wrapper`] of a run, into `dir`.
+pub fn write_kill_script(k: &KillAfter, dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::write(dir.join("wrap.sh"), kill_wrapper(k)).map_err(|e| format!("wrap.sh: {e}"))
+}
+
+/// Whether the kill wrapper that ran in `dir` killed vmm and SIGKILL ended it.
+pub fn was_killed(dir: &Path) -> bool {
+    fs::read_to_string(dir.join(KILLED_FILE)).is_ok_and(|s| s.trim() == "137")
 }
 
 /// Boot the test host (QEMU TCG, nested SVM) and run each spec under the static `vmm`, one
@@ -82,13 +92,18 @@ pub fn run_in_testhost(
             );
             let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let netdir = format!("/net-{}", spec.name);
-            let wrap = match &spec.net {
-                Some(n) => {
+            let killdir = format!("/kill-{}", spec.name);
+            let wrap = match spec.wrap()? {
+                Wrap::Net(n) => {
                     write_net_scripts(n, &extra.join(&netdir[1..]))?;
                     env.push(format!("NETDIR={netdir}"));
                     format!("sh {netdir}/wrap.sh")
                 }
-                None => String::new(),
+                Wrap::Kill(k) => {
+                    write_kill_script(k, &extra.join(&killdir[1..]))?;
+                    format!("sh {killdir}/wrap.sh")
+                }
+                Wrap::None => String::new(),
             };
             let timeout = spec.timeout_s();
             let q: Vec<String> = args
@@ -105,6 +120,12 @@ pub fn run_in_testhost(
             if spec.net.is_some() {
                 script.push_str(&format!(
                     "cp {netdir}/host /results/vm-{}/host\n",
+                    spec.name
+                ));
+            }
+            if spec.kill_after.is_some() {
+                script.push_str(&format!(
+                    "cp {killdir}/{KILLED_FILE} /results/vm-{}/ 2>/dev/null\n",
                     spec.name
                 ));
             }
@@ -176,8 +197,9 @@ pub fn run_in_testhost(
                 console: rd(&d.join("console")),
                 stderr: rd(&d.join("stderr")),
                 host: rd(&d.join("host")),
-                // 137 = killed by `timeout -s KILL`.
+                // 137 = killed by `timeout -s KILL` or by the kill wrapper.
                 rc: rc.filter(|&c| c != 137),
+                killed: was_killed(&d),
                 seconds: if times.len() == 2 {
                     times[1] - times[0]
                 } else {

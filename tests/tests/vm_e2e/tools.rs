@@ -46,6 +46,11 @@ pub fn tail(s: &str, n: usize) -> String {
     r
 }
 
+/// `s` quoted for sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// SHA-256 of a file, in hex.
 pub fn sha256_file(path: &Path) -> String {
     let o = run(
