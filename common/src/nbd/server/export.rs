@@ -1,12 +1,12 @@
 //! The one export `img serve` offers: the open image, its name and description, the
 //! transmission flags it advertises, and its block status as NBD meta contexts.
 
-use common::driver::{Allocation, BlockDriver, BlockStatus};
-use common::nbd::consts::*;
-use common::nbd::handshake::BlockSizes;
-use common::nbd::reply::Extent;
-use common::open::Image;
-use common::Result;
+use crate::driver::{Allocation, BlockDriver, BlockStatus};
+use crate::nbd::consts::*;
+use crate::nbd::handshake::BlockSizes;
+use crate::nbd::reply::Extent;
+use crate::open::Image;
+use crate::Result;
 
 /// How writes reach the disk (qemu-nbd's `--cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
