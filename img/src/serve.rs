@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::Args;
 use common::nbd::consts::DEFAULT_PORT;
-use common::nbd::server::{negotiate, transmit, Export, Outcome, WriteCache};
+use common::nbd::server::{negotiate, transmit, Export, Limits, Outcome, WriteCache};
 use common::open::{Format, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
@@ -133,12 +133,13 @@ pub fn run(a: &ServeArgs) -> CmdResult {
     )
     .map_err(open_err)?;
     let export = Export {
-        image,
+        image: image.into_driver(),
         name: a.export_name.clone().unwrap_or_default(),
         description: a.description.clone(),
         allocation_depth: a.allocation_depth,
         cache: cache.write,
         multi_conn: shared != 1,
+        limits: Limits::default(),
     };
     let listener = match &a.socket {
         Some(path) => bind_unix(path)
@@ -168,7 +169,6 @@ pub fn run(a: &ServeArgs) -> CmdResult {
     serve(&export, &listener, shared, a.persistent)?;
     drop(listener);
     export
-        .image
         .driver()
         .flush()
         .map_err(|e| Failure::msg(engine_msg(&e)))?;

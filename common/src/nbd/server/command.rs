@@ -220,7 +220,12 @@ fn block_status(export: &Export, session: &Session, req: &Request) -> Result<Rep
         .enumerate()
         .map(|(i, c)| {
             let ext = extents(*c, &runs, one);
-            Part::Message(reply::block_status_chunk(req.cookie, c.id(), &ext, i == last))
+            Part::Message(reply::block_status_chunk(
+                req.cookie,
+                c.id(),
+                &ext,
+                i == last,
+            ))
         })
         .collect();
     Ok(Reply { parts })

@@ -8,6 +8,6 @@ pub mod export;
 pub mod negotiate;
 pub mod transmit;
 
-pub use export::{Context, Export, WriteCache};
+pub use export::{Context, Export, Limits, WriteCache};
 pub use negotiate::{negotiate, Outcome, Session};
 pub use transmit::transmit;

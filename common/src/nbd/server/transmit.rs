@@ -1,13 +1,16 @@
-//! The transmission phase with one client, requests served concurrently: the calling
-//! thread reads requests (and WRITE payloads) and hands them to a pool of worker threads,
-//! started as requests pile up, that run them against the shared image; each reply is
-//! built whole and written under one lock, so that the chunks of different replies never
-//! interleave.
+//! The transmission phase with one client, requests served concurrently by a small pool
+//! of threads that take turns at reading: the thread whose turn it is reads the next
+//! request (and a WRITE's payload), hands the turn on, runs the request against the shared
+//! image and writes its reply, built whole, under one lock, so that the chunks of
+//! different replies never interleave. A thread is started when one takes a request and no
+//! other is waiting for the turn, up to the request limit; the caller's thread is the
+//! first. A request is run by the thread that read it, so a client sending one request at
+//! a time pays no hand-over between threads.
 //!
-//! What is in flight is bounded: at most [`MAX_IN_FLIGHT`] requests, and at most
-//! [`MAX_BYTES_IN_FLIGHT`] of payload and read buffers unless a request is alone (so that
-//! any request the protocol allows can run). The reader waits for room before it reads a
-//! payload, so a client cannot make the server allocate more by sending faster.
+//! What is in flight is bounded by the export's [`Limits`]: so many requests, and so many
+//! bytes of payload and read buffers unless a request is alone (so that any request the
+//! protocol allows can run). The reader waits for room before it reads a payload, so a
+//! client cannot make the server allocate more by sending faster.
 //!
 //! FLUSH is run like any other request: the engine's flush covers every write that has
 //! completed, and a write is replied to only after it completed, so every write the client
@@ -15,36 +18,29 @@
 //! still running then has not been acknowledged, and NBD does not order it).
 //!
 //! A request the client has a reply to wait for is not cut short: on NBD_CMD_DISC, the end
-//! of the stream or a broken request, the reader stops and the requests in flight finish
+//! of the stream or a broken request, reading stops and the requests in flight finish
 //! before the connection is dropped.
 
-use std::collections::VecDeque;
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::Scope;
 
 use crate::nbd::consts::*;
 use crate::nbd::request::{Request, REQUEST_LEN};
 use crate::{Error, Result};
 
 use super::command::answer;
-use super::export::Export;
+use super::export::{Export, Limits};
 use super::negotiate::Session;
 
-/// Requests of one connection in flight at most (qemu-nbd's limit), and so its workers.
-pub const MAX_IN_FLIGHT: usize = 16;
-
-/// Payload and read-buffer bytes of one connection in flight at most, unless a request is
-/// alone.
-pub const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
-
-/// A worker's read buffer is kept for its next request up to this size.
+/// A thread's read buffer is kept for its next request up to this size.
 const KEEP_BUFFER: usize = 4 << 20;
 
 /// Serve requests from `r` until the client disconnects (NBD_CMD_DISC or end of stream
 /// between requests), replies to `w`. A broken request (bad magic, a payload over the
 /// limit, the stream ending mid-message) or a reply that cannot be sent ends the
 /// connection with an error; the image is not touched by a broken request.
-pub fn transmit<R: Read, W: Write + Send>(
+pub fn transmit<R: Read + Send, W: Write + Send>(
     export: &Export,
     session: &Session,
     r: &mut BufReader<R>,
@@ -53,26 +49,24 @@ pub fn transmit<R: Read, W: Write + Send>(
     let conn = Conn {
         export,
         session,
-        state: Mutex::new(State::default()),
-        work: Condvar::new(),
+        input: Mutex::new(Input {
+            r,
+            over: false,
+            result: Ok(()),
+        }),
+        state: Mutex::new(State {
+            threads: 1,
+            ..State::default()
+        }),
         room: Condvar::new(),
         out: Mutex::new(w),
     };
-    let read = std::thread::scope(|scope| {
-        let read = read_requests(&conn, r, &mut || {
-            std::thread::Builder::new()
-                .stack_size(crate::open::IO_THREAD_STACK)
-                .spawn_scoped(scope, || conn.work())
-                .is_ok()
-        });
-        conn.lock().closed = true;
-        conn.work.notify_all();
-        read
-    });
+    std::thread::scope(|scope| conn.run(scope));
     let unsent = conn.lock().send_error.take();
+    let input = conn.input.into_inner().unwrap_or_else(|p| p.into_inner());
     match unsent {
         Some(e) => Err(Error::io("sending to the client", e)),
-        None => read,
+        None => input.result,
     }
 }
 
@@ -84,47 +78,118 @@ struct Job {
     cost: usize,
 }
 
-/// What the reader and the workers share, under one lock.
+/// The request stream, held by the thread whose turn it is to read.
+struct Input<'a, R> {
+    r: &'a mut BufReader<R>,
+    /// No more requests are read: threads taking the turn end.
+    over: bool,
+    /// Why reading ended, when it was not the client's choice.
+    result: Result<()>,
+}
+
+/// What the threads share besides the stream and the reply lock.
 #[derive(Default)]
 struct State {
-    /// Requests read and waiting for a worker.
-    queue: VecDeque<Job>,
-    /// Workers started, and those waiting for a request.
-    workers: usize,
-    idle: usize,
+    /// Threads started, and those waiting for the reading turn.
+    threads: usize,
+    waiting: usize,
     /// Requests admitted and not yet answered, and the bytes they hold.
     in_flight: usize,
     bytes: usize,
-    /// No more requests come: idle workers end.
-    closed: bool,
     /// Why a reply could not be sent: the connection is over.
     send_error: Option<io::Error>,
 }
 
 /// One connection in the transmission phase.
-struct Conn<'a, W> {
+struct Conn<'a, R, W> {
     export: &'a Export,
     session: &'a Session,
+    input: Mutex<Input<'a, R>>,
     state: Mutex<State>,
-    /// Signalled when a request is queued or the reader is done.
-    work: Condvar,
     /// Signalled when a request leaves the budget.
     room: Condvar,
     out: Mutex<&'a mut W>,
 }
 
-impl<W: Write> Conn<'_, W> {
+impl<'a, R: Read + Send, W: Write + Send> Conn<'a, R, W> {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One thread: take the reading turn, read a request, pass the turn on (starting a
+    /// thread to take it when none waits), run the request; until reading is over.
+    fn run<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+        let mut buf = Vec::new();
+        loop {
+            self.lock().waiting += 1;
+            let mut input = self.input.lock().unwrap_or_else(|p| p.into_inner());
+            self.lock().waiting -= 1;
+            if input.over {
+                return;
+            }
+            let job = match self.next(input.r) {
+                Ok(Some(job)) => job,
+                end => {
+                    input.over = true;
+                    input.result = end.map(|_| ());
+                    return;
+                }
+            };
+            let start_one = {
+                let mut s = self.lock();
+                let more = s.waiting == 0 && s.threads < self.export.limits.requests;
+                s.threads += usize::from(more);
+                more
+            };
+            drop(input);
+            if start_one {
+                let started = std::thread::Builder::new()
+                    .stack_size(crate::open::IO_THREAD_STACK)
+                    .spawn_scoped(scope, move || self.run(scope));
+                if started.is_err() {
+                    // This thread reads again after its request.
+                    self.lock().threads -= 1;
+                }
+            }
+            self.serve(job, &mut buf);
+        }
+    }
+
+    /// The next request, admitted; `None` when the client is done (end of stream,
+    /// NBD_CMD_DISC) or no reply can reach it any more.
+    fn next(&self, r: &mut BufReader<R>) -> Result<Option<Job>> {
+        let mut head = [0u8; REQUEST_LEN];
+        if !read_request_head(r, &mut head)? {
+            return Ok(None);
+        }
+        let req = Request::decode(&head)?;
+        let payload_len = req.payload_len()?;
+        let cost = match req.command {
+            CMD_READ => (req.len as usize).min(MAX_PAYLOAD as usize),
+            _ => payload_len,
+        };
+        if !self.admit(cost) {
+            return Ok(None);
+        }
+        let mut payload = vec![0u8; payload_len];
+        if let Err(e) = r.read_exact(&mut payload) {
+            self.release(cost);
+            return Err(Error::io("reading write payload", e));
+        }
+        if req.command == CMD_DISC {
+            self.release(cost);
+            return Ok(None);
+        }
+        Ok(Some(Job { req, payload, cost }))
     }
 
     /// Wait until a request holding `cost` bytes fits in the budget, and take its place;
     /// `false` when the connection is over.
     fn admit(&self, cost: usize) -> bool {
+        let Limits { requests, bytes } = self.export.limits;
         let mut s = self.lock();
         while s.send_error.is_none()
-            && (s.in_flight >= MAX_IN_FLIGHT
-                || (s.in_flight > 0 && s.bytes + cost > MAX_BYTES_IN_FLIGHT))
+            && (s.in_flight >= requests || (s.in_flight > 0 && s.bytes + cost > bytes))
         {
             s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -143,14 +208,6 @@ impl<W: Write> Conn<'_, W> {
         self.room.notify_one();
     }
 
-    /// Queue an admitted request; `true` when no worker is free for it.
-    fn queue(&self, job: Job) -> bool {
-        let mut s = self.lock();
-        s.queue.push_back(job);
-        self.work.notify_one();
-        s.queue.len() > s.idle && s.workers < MAX_IN_FLIGHT
-    }
-
     /// Run one request and send its reply, unless the connection is already over.
     fn serve(&self, job: Job, buf: &mut Vec<u8>) {
         if self.lock().send_error.is_none() {
@@ -165,85 +222,6 @@ impl<W: Write> Conn<'_, W> {
             *buf = Vec::new();
         }
         self.release(job.cost);
-    }
-
-    /// Run the queued requests on this thread.
-    fn run_queued(&self, buf: &mut Vec<u8>) {
-        loop {
-            let Some(job) = self.lock().queue.pop_front() else {
-                return;
-            };
-            self.serve(job, buf);
-        }
-    }
-
-    /// A worker: requests from the queue until the reader is done and the queue empty.
-    fn work(&self) {
-        let mut buf = Vec::new();
-        loop {
-            let job = {
-                let mut s = self.lock();
-                loop {
-                    if let Some(job) = s.queue.pop_front() {
-                        break job;
-                    }
-                    if s.closed {
-                        return;
-                    }
-                    s.idle += 1;
-                    s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
-                    s.idle -= 1;
-                }
-            };
-            self.serve(job, &mut buf);
-        }
-    }
-}
-
-/// The reader: requests until the end, each run by a worker (`spawn` starts one more,
-/// `false` if it cannot), or on this thread when nothing else is in flight and the client
-/// has sent nothing more, which spares a one-request-at-a-time client the hand-over.
-fn read_requests<R: Read, W: Write>(
-    conn: &Conn<'_, W>,
-    r: &mut BufReader<R>,
-    spawn: &mut dyn FnMut() -> bool,
-) -> Result<()> {
-    let mut buf = Vec::new();
-    loop {
-        let mut head = [0u8; REQUEST_LEN];
-        if !read_request_head(r, &mut head)? {
-            return Ok(());
-        }
-        let req = Request::decode(&head)?;
-        let payload_len = req.payload_len()?;
-        let cost = match req.command {
-            CMD_READ => (req.len as usize).min(MAX_PAYLOAD as usize),
-            _ => payload_len,
-        };
-        if !conn.admit(cost) {
-            return Ok(());
-        }
-        let mut payload = vec![0u8; payload_len];
-        if let Err(e) = r.read_exact(&mut payload) {
-            conn.release(cost);
-            return Err(Error::io("reading write payload", e));
-        }
-        if req.command == CMD_DISC {
-            conn.release(cost);
-            return Ok(());
-        }
-        let job = Job { req, payload, cost };
-        let alone = conn.lock().in_flight == 1;
-        if alone && r.buffer().is_empty() {
-            conn.serve(job, &mut buf);
-        } else if conn.queue(job) {
-            if spawn() {
-                conn.lock().workers += 1;
-            } else {
-                // No worker could start: what is queued is run here.
-                conn.run_queued(&mut buf);
-            }
-        }
     }
 }
 
