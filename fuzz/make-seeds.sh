@@ -256,7 +256,7 @@ seed("event-idx", 5, 1 | 2 | 8, reqs, indirect=True)
 seed("read-only", 3, 4, reqs[:3])
 PY
 # nbd_server: byte 0 the export (bit 0 read-only, bit 1 qemu:allocation-depth, bit 2
-# writethrough), then a client's side of a session: client flags, options (structured
+# writethrough, bits 3-4 requests in flight 16/1/2/4, bit 5 a 64 KiB byte budget), then a client's side of a session: client flags, options (structured
 # replies, meta contexts, list, info, go or export name, abort), requests of every command
 # with and without flags, in range and past the 1 MiB end, and a disconnect.
 python3 - "$out/nbd_server" <<'PY'
@@ -312,6 +312,11 @@ seeds = {
     "pipelined-writes": b"\x00" + flags + go() + b"".join(
         req(WRITE, i * 8192, 512, cookie=100 + i, payload=bytes([i]) * 512) for i in range(40))
         + req(FLUSH, 0, 0, cookie=200) + disc,
+    "one-at-a-time": b"\x08" + flags + opt(8) + meta(10, [b"base:allocation"]) + go()
+        + b"".join(reqs + structured) + disc,
+    "over-the-budget": b"\x30" + flags + opt(8) + go() + b"".join(
+        req(WRITE, i * (40 << 10), 40 << 10, cookie=300 + i, payload=bytes([i + 1]) * (40 << 10))
+        for i in range(3)) + req(READ, 0, 128 << 10, cookie=310) + disc,
 }
 for n, data in seeds.items():
     with open(f"{out}/{n}", "wb") as f:

@@ -157,7 +157,7 @@ impl BlockDriver for GateDriver {
         let k = offset / BLOCK;
         Ok(BlockStatus {
             len: ((k + 1) * BLOCK - offset).min(len),
-            allocation: if k % 2 == 0 {
+            allocation: if k.is_multiple_of(2) {
                 Allocation::Data
             } else {
                 Allocation::Zero

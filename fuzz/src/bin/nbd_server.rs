@@ -4,7 +4,9 @@
 //! Afterwards the image must open again and `check` clean (no corruption, no leak).
 //!
 //! Input: byte 0 picks the export (bit 0 read-only, bit 1 `qemu:allocation-depth`
-//! offered, bit 2 writethrough); the rest is what the client sends, until its end.
+//! offered, bit 2 writethrough, bits 3-4 the requests in flight: 16, 1, 2 or 4, bit 5 a
+//! 64 KiB budget of bytes in flight instead of 64 MiB); the rest is what the client
+//! sends, until its end.
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,20 @@ fn open(path: &Path, read_only: bool, check: bool) -> Image {
     open_image(path, &opts).expect("the overlay opens")
 }
 
+/// The in-flight limits byte 0 picks: the server's own, or fewer requests (down to one,
+/// served without a second thread) and a small byte budget that larger requests exceed.
+fn limits(sel: u8) -> Limits {
+    let standard = Limits::default();
+    Limits {
+        requests: [standard.requests, 1, 2, 4][usize::from(sel >> 3 & 3)],
+        bytes: if sel & 0x20 != 0 {
+            64 << 10
+        } else {
+            standard.bytes
+        },
+    }
+}
+
 fn main() {
     let shm = Path::new("/dev/shm");
     let root = if shm.is_dir() {
@@ -93,7 +109,7 @@ fn main() {
                 WriteCache::Back
             },
             multi_conn: false,
-            limits: Limits::default(),
+            limits: limits(sel),
         };
         let mut r = BufReader::new(client);
         let mut w = std::io::sink();
