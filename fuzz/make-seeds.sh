@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Build the fuzz targets' seed corpora in DIR (default fuzz/seeds): small images made by
 # qemu-img/qemu-io with many options, disks with partition tables, filesystems and boot
-# configurations for diskboot, and well-formed virtqueues for virtio_blk. Seeds over
-# AFL's 1 MiB input limit are dropped. Nothing here is committed: it is rebuilt each run.
+# configurations for diskboot, well-formed virtqueues for virtio_blk, and NBD client
+# sessions (handshakes and requests) for nbd_server. Seeds over AFL's 1 MiB input limit
+# are dropped. Nothing here is committed: it is rebuilt each run.
 set -euo pipefail
 
 out="$(realpath -m "${1:-$(dirname "$0")/seeds}")"
 rm -rf "$out"
-mkdir -p "$out"/{open_read,check,qcow2_parts,diskboot,virtio_blk}
+mkdir -p "$out"/{open_read,check,qcow2_parts,diskboot,virtio_blk,nbd_server}
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -255,5 +256,72 @@ seed("direct", 4, 0, reqs)
 seed("indirect", 4, 2, reqs, indirect=True)
 seed("event-idx", 5, 1 | 2 | 8, reqs, indirect=True)
 seed("read-only", 3, 4, reqs[:3])
+PY
+# nbd_server: byte 0 the export (bit 0 read-only, bit 1 qemu:allocation-depth, bit 2
+# writethrough, bits 3-4 requests in flight 16/1/2/4, bit 5 a 64 KiB byte budget), then a client's side of a session: client flags, options (structured
+# replies, meta contexts, list, info, go or export name, abort), requests of every command
+# with and without flags, in range and past the 1 MiB end, and a disconnect.
+python3 - "$out/nbd_server" <<'PY'
+import struct, sys
+out = sys.argv[1]
+IHAVEOPT = 0x49484156454F5054
+def opt(o, data=b""):
+    return struct.pack(">QII", IHAVEOPT, o, len(data)) + data
+def name(n=b""):
+    return struct.pack(">I", len(n)) + n
+def go(o=7, infos=(3,)):
+    return opt(o, name() + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos))
+def meta(o, queries):
+    return opt(o, name() + struct.pack(">I", len(queries)) + b"".join(name(q) for q in queries))
+def req(cmd, off, length, flags=0, cookie=1, payload=b""):
+    return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, off, length) + payload
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZEROES, STATUS = 0, 1, 2, 3, 4, 5, 6, 7
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+M = 1 << 20
+reqs = [
+    req(READ, 0, 4096, cookie=1),
+    req(WRITE, 4096, 512, cookie=2, payload=b"\xab" * 512),
+    req(WRITE, 70000, 100, FUA, cookie=3, payload=b"\x11" * 100),
+    req(READ, 60000, 9000, cookie=4),
+    req(ZEROES, 128 << 10, 64 << 10, cookie=5),
+    req(ZEROES, 300 << 10, 8192, NO_HOLE | FAST_ZERO, cookie=6),
+    req(TRIM, 0, 16384, cookie=7),
+    req(CACHE, 0, 65536, cookie=8),
+    req(FLUSH, 0, 0, cookie=9),
+    req(READ, M - 512, 1024, cookie=10),
+    req(WRITE, M - 4, 8, cookie=11, payload=b"\x22" * 8),
+    req(READ, 250 << 10, 20 << 10, cookie=12),
+]
+structured = [
+    req(READ, 0, 65536, DF, cookie=20),
+    req(READ, 200 << 10, 128 << 10, cookie=21),
+    req(STATUS, 0, M, cookie=22),
+    req(STATUS, 4096, 65536, REQ_ONE, cookie=23),
+    req(STATUS, M - 1, 2, cookie=24),
+]
+disc = req(DISC, 0, 0, cookie=99)
+flags = struct.pack(">I", 3)
+seeds = {
+    "go-simple": b"\x00" + flags + go() + b"".join(reqs) + disc,
+    "go-structured": b"\x00" + flags + opt(8) + meta(10, [b"base:allocation"]) + go()
+        + b"".join(reqs + structured) + disc,
+    "depth-both": b"\x02" + flags + opt(8) + meta(9, []) + meta(9, [b"qemu:"])
+        + meta(10, [b"base:allocation", b"qemu:allocation-depth"]) + go(7, (0, 1, 2, 3))
+        + b"".join(structured) + disc,
+    "export-name": b"\x04" + struct.pack(">I", 1) + opt(1) + b"".join(reqs),
+    "list-info-abort": b"\x00" + flags + opt(3) + go(6, (1, 2)) + opt(5) + opt(99) + opt(2),
+    "read-only": b"\x01" + flags + opt(8) + go() + b"".join(reqs) + disc,
+    "pipelined-writes": b"\x00" + flags + go() + b"".join(
+        req(WRITE, i * 8192, 512, cookie=100 + i, payload=bytes([i]) * 512) for i in range(40))
+        + req(FLUSH, 0, 0, cookie=200) + disc,
+    "one-at-a-time": b"\x08" + flags + opt(8) + meta(10, [b"base:allocation"]) + go()
+        + b"".join(reqs + structured) + disc,
+    "over-the-budget": b"\x30" + flags + opt(8) + go() + b"".join(
+        req(WRITE, i * (40 << 10), 40 << 10, cookie=300 + i, payload=bytes([i + 1]) * (40 << 10))
+        for i in range(3)) + req(READ, 0, 128 << 10, cookie=310) + disc,
+}
+for n, data in seeds.items():
+    with open(f"{out}/{n}", "wb") as f:
+        f.write(data)
 PY
 echo "seeds: $n qcow2 images; $(find "$out" -type f | wc -l) files, $(du -sh "$out" | cut -f1) in $out"

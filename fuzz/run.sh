@@ -15,7 +15,7 @@ shift || true
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(open_read check qcow2_parts diskboot virtio_blk)
+[ ${#targets[@]} -gt 0 ] || targets=(open_read check qcow2_parts diskboot virtio_blk nbd_server)
 out="${FUZZ_OUT:-/tmp/img-fuzz}"
 target_dir="${CARGO_TARGET_DIR:-$here/target}"
 profile="${FUZZ_PROFILE:-release}"

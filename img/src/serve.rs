@@ -2,12 +2,10 @@
 //! socket (`-k`) or TCP (`-b`/`-p`, default port 10809), one export (`-x`, default name
 //! ""), at most `-e` clients at once (default 1), and without `-t` an exit once the last
 //! client has gone. The image is opened (and locked) once through the engine's opener and
-//! shared by every connection, each on its own thread.
+//! shared by every connection, each on its own threads (the protocol is
+//! `common::nbd::server`).
 
 mod conn;
-mod export;
-mod negotiate;
-mod transmit;
 
 use std::io::BufWriter;
 use std::net::TcpListener;
@@ -19,13 +17,12 @@ use std::time::Duration;
 
 use clap::Args;
 use common::nbd::consts::DEFAULT_PORT;
+use common::nbd::server::{negotiate, transmit, Export, Limits, Outcome, WriteCache};
 use common::open::{Format, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
 use conn::{Conn, Listener};
-use export::{Export, WriteCache};
-use negotiate::Outcome;
 
 /// `img serve [-f FMT] [-r] [-x NAME] [-D DESC] (-k SOCKET | [-b ADDR] [-p PORT]) [-t]
 /// [-e N] [-U] [-A] [--cache=MODE] FILE`
@@ -136,12 +133,13 @@ pub fn run(a: &ServeArgs) -> CmdResult {
     )
     .map_err(open_err)?;
     let export = Export {
-        image,
+        image: image.into_driver(),
         name: a.export_name.clone().unwrap_or_default(),
         description: a.description.clone(),
         allocation_depth: a.allocation_depth,
         cache: cache.write,
         multi_conn: shared != 1,
+        limits: Limits::default(),
     };
     let listener = match &a.socket {
         Some(path) => bind_unix(path)
@@ -171,7 +169,6 @@ pub fn run(a: &ServeArgs) -> CmdResult {
     serve(&export, &listener, shared, a.persistent)?;
     drop(listener);
     export
-        .image
         .driver()
         .flush()
         .map_err(|e| Failure::msg(engine_msg(&e)))?;
@@ -329,10 +326,10 @@ fn client(export: &Export, conn: Conn) -> common::Result<()> {
     let mut r = std::io::BufReader::new(conn.try_clone().map_err(io)?);
     let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(io)?);
     conn.set_read_timeout(Some(HANDSHAKE_LIMIT)).map_err(io)?;
-    let session = match negotiate::negotiate(export, &mut r, &mut w)? {
+    let session = match negotiate(export, &mut r, &mut w)? {
         Outcome::Transmission(s) => s,
         Outcome::Closed => return Ok(()),
     };
     conn.set_read_timeout(None).map_err(io)?;
-    transmit::transmit(export, &session, &mut r, &mut w)
+    transmit(export, &session, &mut r, &mut w)
 }

@@ -3,9 +3,9 @@
 
 use std::io::{Read, Write};
 
-use common::nbd::consts::*;
-use common::nbd::handshake::{self, InfoRequest, MetaRequest};
-use common::{Error, Result};
+use crate::nbd::consts::*;
+use crate::nbd::handshake::{self, InfoRequest, MetaRequest};
+use crate::{Error, Result};
 
 use super::export::{Context, Export};
 

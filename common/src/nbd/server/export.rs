@@ -1,12 +1,11 @@
 //! The one export `img serve` offers: the open image, its name and description, the
 //! transmission flags it advertises, and its block status as NBD meta contexts.
 
-use common::driver::{Allocation, BlockDriver, BlockStatus};
-use common::nbd::consts::*;
-use common::nbd::handshake::BlockSizes;
-use common::nbd::reply::Extent;
-use common::open::Image;
-use common::Result;
+use crate::driver::{Allocation, BlockDriver, BlockStatus};
+use crate::nbd::consts::*;
+use crate::nbd::handshake::BlockSizes;
+use crate::nbd::reply::Extent;
+use crate::Result;
 
 /// How writes reach the disk (qemu-nbd's `--cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,18 +58,39 @@ const MAX_RUNS: usize = 1 << 16;
 
 /// The export.
 pub struct Export {
-    pub image: Image,
+    /// The open image (its chain below it).
+    pub image: Box<dyn BlockDriver>,
     pub name: String,
     pub description: Option<String>,
     pub allocation_depth: bool,
     pub cache: WriteCache,
     /// More than one client may connect at once (`-e` other than 1).
     pub multi_conn: bool,
+    /// What one connection may have in flight.
+    pub limits: Limits,
+}
+
+/// What one connection may have in flight: requests (and so worker threads), and bytes of
+/// WRITE payloads and READ buffers, over which a request waits unless it is alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub requests: usize,
+    pub bytes: usize,
+}
+
+impl Default for Limits {
+    /// qemu-nbd's 16 requests, and two of the largest payloads.
+    fn default() -> Self {
+        Limits {
+            requests: 16,
+            bytes: 2 * MAX_PAYLOAD as usize,
+        }
+    }
 }
 
 impl Export {
     pub fn driver(&self) -> &dyn BlockDriver {
-        self.image.driver()
+        &*self.image
     }
 
     pub fn size(&self) -> u64 {

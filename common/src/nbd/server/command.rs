@@ -1,15 +1,15 @@
-//! The transmission phase with one client: requests read and answered one at a time
-//! against the shared image, simple or structured replies as negotiated.
+//! One transmission request: checked, run against the shared image, and answered with a
+//! whole reply (simple, or structured chunks as negotiated) built before it is sent.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, Write};
 
-use common::driver::Allocation;
-use common::nbd::consts::*;
-use common::nbd::reply::{self, errno_of};
-use common::nbd::request::{Request, REQUEST_LEN};
-use common::{Error, Result};
+use crate::driver::Allocation;
+use crate::nbd::consts::*;
+use crate::nbd::reply::{self, errno_of};
+use crate::nbd::request::Request;
+use crate::Error;
 
-use super::export::{extents, Export};
+use super::export::{extents, Export, WriteCache};
 use super::negotiate::Session;
 
 /// The flags each command accepts.
@@ -34,68 +34,56 @@ impl From<Error> for Refusal {
     }
 }
 
-/// Serve requests until the client disconnects (NBD_CMD_DISC or end of stream between
-/// requests). A broken request (bad magic, a payload over the limit, the stream ending
-/// mid-message) ends the connection with an error; the image is not touched by it.
-pub fn transmit(
-    export: &Export,
-    session: &Session,
-    r: &mut impl Read,
-    w: &mut impl Write,
-) -> Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let mut head = [0u8; REQUEST_LEN];
-        if !read_request_head(r, &mut head)? {
-            return Ok(());
+/// A reply ready to go: its messages in order, a READ's data between them as ranges of
+/// the buffer it was read into.
+pub struct Reply {
+    parts: Vec<Part>,
+}
+
+enum Part {
+    Message(Vec<u8>),
+    Data { start: usize, len: usize },
+}
+
+impl Reply {
+    fn message(bytes: Vec<u8>) -> Reply {
+        Reply {
+            parts: vec![Part::Message(bytes)],
         }
-        let req = Request::decode(&head)?;
-        let payload = req.payload_len()?;
-        buf.resize(payload, 0);
-        r.read_exact(&mut buf[..payload])
-            .map_err(|e| Error::io("reading write payload", e))?;
-        if req.command == CMD_DISC {
-            return Ok(());
+    }
+
+    /// Write the whole reply to `w`; `data` is the buffer a READ was read into.
+    pub fn send(&self, data: &[u8], w: &mut impl Write) -> io::Result<()> {
+        for p in &self.parts {
+            match *p {
+                Part::Message(ref m) => w.write_all(m)?,
+                Part::Data { start, len } => w.write_all(&data[start..start + len])?,
+            }
         }
-        let sent = match check(export, session, &req) {
-            Err(Refusal(errno, msg)) => send_error(w, session, &req, errno, &msg),
-            Ok(()) => match req.command {
-                CMD_READ => read(export, session, &req, &mut buf, w),
-                CMD_BLOCK_STATUS => block_status(export, session, &req, w),
-                _ => match execute(export, &req, &buf[..payload]) {
-                    Ok(()) => send_ok(w, &req),
-                    Err(Refusal(errno, msg)) => send_error(w, session, &req, errno, &msg),
-                },
-            },
-        };
-        sent.and_then(|()| w.flush())
-            .map_err(|e| Error::io("sending to the client", e))?;
+        Ok(())
     }
 }
 
-/// Read a request header; `false` when the client closed the connection before it.
-fn read_request_head(r: &mut impl Read, head: &mut [u8; REQUEST_LEN]) -> Result<bool> {
-    let mut got = 0;
-    while got < head.len() {
-        match r.read(&mut head[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Ok(0) => {
-                return Err(Error::io(
-                    "reading request",
-                    io::Error::from(ErrorKind::UnexpectedEof),
-                ))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("reading request", e)),
-        }
-    }
-    Ok(true)
+/// Run `req` (with `payload`, a WRITE's data) and build its reply; a READ reads into
+/// `buf`, which keeps its size for the next request.
+pub fn answer(
+    export: &Export,
+    session: &Session,
+    req: &Request,
+    payload: &[u8],
+    buf: &mut Vec<u8>,
+) -> Reply {
+    let result = check(export, session, req).and_then(|()| match req.command {
+        CMD_READ => read(export, session, req, buf),
+        CMD_BLOCK_STATUS => block_status(export, session, req),
+        _ => execute(export, req, payload).map(|()| Reply::message(ok(req))),
+    });
+    result.unwrap_or_else(|Refusal(errno, msg)| Reply::message(error(session, req, errno, &msg)))
 }
 
 /// Refuse what cannot be done before doing anything: unknown commands and flags, ranges
 /// past the end, writes to a read-only export, status without a context.
-fn check(export: &Export, session: &Session, req: &Request) -> std::result::Result<(), Refusal> {
+fn check(export: &Export, session: &Session, req: &Request) -> Result<(), Refusal> {
     let bad = |m: &str| Err(Refusal(EINVAL, m.to_string()));
     let Some(allowed) = allowed_flags(req.command) else {
         return bad(&format!("unknown command {}", req.command));
@@ -131,7 +119,7 @@ fn check(export: &Export, session: &Session, req: &Request) -> std::result::Resu
 }
 
 /// Do a command that answers with success or an error only.
-fn execute(export: &Export, req: &Request, data: &[u8]) -> std::result::Result<(), Refusal> {
+fn execute(export: &Export, req: &Request, data: &[u8]) -> Result<(), Refusal> {
     let d = export.driver();
     let (offset, len) = (req.offset, u64::from(req.len));
     match req.command {
@@ -152,7 +140,7 @@ fn execute(export: &Export, req: &Request, data: &[u8]) -> std::result::Result<(
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
-    if writes && (fua || export.cache == super::export::WriteCache::Through) {
+    if writes && (fua || export.cache == WriteCache::Through) {
         d.flush()?;
     }
     Ok(())
@@ -164,19 +152,22 @@ fn read(
     session: &Session,
     req: &Request,
     buf: &mut Vec<u8>,
-    w: &mut impl Write,
-) -> io::Result<()> {
+) -> Result<Reply, Refusal> {
     let len = req.len as usize;
-    buf.resize(len, 0);
-    if let Err(e) = export.driver().read_at(&mut buf[..len], req.offset) {
-        return send_error(w, session, req, errno_of(&e), &e.to_string());
+    if buf.len() < len {
+        buf.resize(len, 0);
     }
+    export.driver().read_at(&mut buf[..len], req.offset)?;
     if !session.structured {
-        w.write_all(&reply::simple(req.cookie, 0))?;
-        return w.write_all(&buf[..len]);
+        return Ok(Reply {
+            parts: vec![
+                Part::Message(reply::simple(req.cookie, 0).to_vec()),
+                Part::Data { start: 0, len },
+            ],
+        });
     }
     if len == 0 {
-        return w.write_all(&reply::done_chunk(req.cookie));
+        return Ok(Reply::message(reply::done_chunk(req.cookie).to_vec()));
     }
     // Without DF, runs that read as zeroes go as holes.
     let runs = if req.flags & CMD_FLAG_DF != 0 {
@@ -202,59 +193,54 @@ fn read(
         pieces.push((at, len - at, false));
     }
     let last = pieces.len() - 1;
+    let mut parts = Vec::with_capacity(2 * pieces.len());
     for (i, &(start, n, hole)) in pieces.iter().enumerate() {
         let offset = req.offset + start as u64;
+        let done = i == last;
         if hole {
-            w.write_all(&reply::hole_chunk(req.cookie, offset, n as u32, i == last))?;
+            let h = reply::hole_chunk(req.cookie, offset, n as u32, done);
+            parts.push(Part::Message(h.to_vec()));
         } else {
-            w.write_all(&reply::data_chunk(req.cookie, offset, n as u32, i == last))?;
-            w.write_all(&buf[start..start + n])?;
+            let h = reply::data_chunk(req.cookie, offset, n as u32, done);
+            parts.push(Part::Message(h.to_vec()));
+            parts.push(Part::Data { start, len: n });
         }
     }
-    Ok(())
+    Ok(Reply { parts })
 }
 
 /// NBD_CMD_BLOCK_STATUS: one chunk per selected context.
-fn block_status(
-    export: &Export,
-    session: &Session,
-    req: &Request,
-    w: &mut impl Write,
-) -> io::Result<()> {
+fn block_status(export: &Export, session: &Session, req: &Request) -> Result<Reply, Refusal> {
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-    let runs = match export.runs(req.offset, u64::from(req.len), one) {
-        Ok(r) => r,
-        Err(e) => return send_error(w, session, req, errno_of(&e), &e.to_string()),
-    };
+    let runs = export.runs(req.offset, u64::from(req.len), one)?;
     let last = session.contexts.len() - 1;
-    for (i, c) in session.contexts.iter().enumerate() {
-        let ext = extents(*c, &runs, one);
-        w.write_all(&reply::block_status_chunk(
-            req.cookie,
-            c.id(),
-            &ext,
-            i == last,
-        ))?;
-    }
-    Ok(())
+    let parts = session
+        .contexts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let ext = extents(*c, &runs, one);
+            Part::Message(reply::block_status_chunk(
+                req.cookie,
+                c.id(),
+                &ext,
+                i == last,
+            ))
+        })
+        .collect();
+    Ok(Reply { parts })
 }
 
 /// Success of a command without payload: a simple reply, structured replies or not (as
 /// qemu-nbd answers).
-fn send_ok(w: &mut impl Write, req: &Request) -> io::Result<()> {
-    w.write_all(&reply::simple(req.cookie, 0))
+fn ok(req: &Request) -> Vec<u8> {
+    reply::simple(req.cookie, 0).to_vec()
 }
 
-fn send_error(
-    w: &mut impl Write,
-    session: &Session,
-    req: &Request,
-    errno: u32,
-    msg: &str,
-) -> io::Result<()> {
+fn error(session: &Session, req: &Request, errno: u32, msg: &str) -> Vec<u8> {
     if session.structured {
-        w.write_all(&reply::error_chunk(req.cookie, errno, msg, None))
+        reply::error_chunk(req.cookie, errno, msg, None)
     } else {
-        w.write_all(&reply::simple(req.cookie, errno))
+        reply::simple(req.cookie, errno).to_vec()
     }
 }
