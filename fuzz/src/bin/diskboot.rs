@@ -1,6 +1,8 @@
 //! Any bytes as a raw disk for `vmm`'s disk boot: partition tables, ext2/3/4 and FAT
 //! filesystems, BLS/grub.cfg/extlinux/menu.lst entries, then the default entry loaded.
 
+// Links the fuzz crate, whose allocator bounds the heap (`fuzz::heap_limit`).
+use fuzz as _;
 use std::sync::Arc;
 
 use common::BlockDriver;

@@ -8,6 +8,8 @@
 //! 64 KiB budget of bytes in flight instead of 64 MiB); the rest is what the client
 //! sends, until its end.
 
+// Links the fuzz crate, whose allocator bounds the heap (`fuzz::heap_limit`).
+use fuzz as _;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,8 @@
 //! guest RAM region (descriptor table at 0, available ring at 0x4000, used ring at 0x5000).
 //! A second region, after a hole, is zeroed.
 
+// Links the fuzz crate, whose allocator bounds the heap (`fuzz::heap_limit`).
+use fuzz as _;
 use std::sync::Arc;
 
 use common::BlockDriver;
