@@ -1,5 +1,5 @@
 //! SIGKILL during the subcommands that change an image's structure: `snapshot -c/-a/-d`,
-//! `resize --shrink`, `amend`, `commit` and `rebase`.
+//! `resize --shrink`, `amend`, `commit`, `rebase`, `convert -n` and `check -r all`.
 //!
 //! For each operation an image is made with qemu-img and qemu-io (512-byte clusters, so
 //! the operation has many steps), the operation is run to completion once on a copy to
@@ -11,7 +11,10 @@
 //! as after it: virtual size, guest contents and every internal snapshot's contents.
 //! `commit` and `rebase` run on a chain (t.qcow2 over m.qcow2 over b.qcow2): t.qcow2 reads
 //! the same throughout, and the lower images (commit's base, which may hold part of what
-//! it commits) must check without corruption too.
+//! it commits) must check without corruption too. `convert -n` into t.qcow2 may leave each
+//! sector as before or as after. `check -r all` repairs damaged refcounts: killed, the
+//! image may still be damaged, but a second `img check -r all` must repair it, and it
+//! reads as before throughout.
 //!
 //! `CRASH_KILLS=<n>` sets the kills per operation (default 12); the seed is printed and
 //! `TEST_SEED` replays it.
@@ -68,11 +71,25 @@ fn describe(v: &View) -> String {
     format!("size {} snapshots {names:?}", v.size)
 }
 
-/// One operation: how to make its image, and the `img` arguments (`t.qcow2` is the image).
+/// One operation: how to make its image, the `img` arguments (`t.qcow2` is the image),
+/// and what a kill may leave.
 struct Op {
     name: &'static str,
     setup: fn(&Path),
     args: &'static [&'static str],
+    kind: Kind,
+}
+
+/// What an image killed mid-operation may be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Consistent, and reading exactly as before or exactly as after.
+    Whole,
+    /// Consistent, each sector reading as before or as after (a copy into the image).
+    Sectors,
+    /// A repair: still damaged as before, repaired, or half-way; a second `img check -r
+    /// all` repairs it, and it reads as before throughout.
+    Repair,
 }
 
 fn qio(dir: &Path, file: &str, cmds: &[&str]) {
@@ -161,58 +178,114 @@ const OPS: &[Op] = &[
         name: "commit",
         setup: chain,
         args: &["commit", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "commit -b two levels down",
         setup: chain,
         args: &["commit", "-b", "b.qcow2", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "rebase (safe)",
         setup: chain,
         args: &["rebase", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "rebase -b \"\"",
         setup: chain,
         args: &["rebase", "-b", "", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "snapshot -c",
         setup: with_snapshots,
         args: &["snapshot", "-c", "s3", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "snapshot -a",
         setup: with_snapshots,
         args: &["snapshot", "-a", "s1", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "snapshot -d",
         setup: with_snapshots,
         args: &["snapshot", "-d", "s1", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "resize --shrink",
         setup: mixed,
         args: &["resize", "--shrink", "t.qcow2", "1M"],
+        kind: Kind::Whole,
     },
     Op {
         name: "resize --shrink (snapshots)",
         setup: with_snapshots,
         args: &["resize", "--shrink", "t.qcow2", "1000k"],
+        kind: Kind::Whole,
     },
     Op {
         name: "amend compat=0.10",
         setup: mixed,
         args: &["amend", "-o", "compat=0.10", "t.qcow2"],
+        kind: Kind::Whole,
     },
     Op {
         name: "amend refcount_bits=64",
         setup: with_snapshots,
         args: &["amend", "-o", "refcount_bits=64", "t.qcow2"],
+        kind: Kind::Whole,
+    },
+    Op {
+        name: "convert -n",
+        setup: convert_target,
+        args: &["convert", "-n", "-O", "qcow2", "s.qcow2", "t.qcow2"],
+        kind: Kind::Sectors,
+    },
+    Op {
+        name: "check -r all",
+        setup: damaged_refcounts,
+        args: &["check", "-r", "all", "t.qcow2"],
+        kind: Kind::Repair,
     },
 ];
+
+/// s.qcow2 (mixed data, zeroes and discards) to be converted over t.qcow2, which holds
+/// other data everywhere, both of 512-byte clusters.
+fn convert_target(dir: &Path) {
+    mixed(dir);
+    std::fs::rename(dir.join("t.qcow2"), dir.join("s.qcow2")).unwrap();
+    create(dir, "cluster_size=512", "8M");
+    qio(dir, "t.qcow2", &["write -P 9 0 8M"]);
+}
+
+/// An image with snapshots whose stored refcounts are wrong: every tenth cluster of the
+/// first refcount block too low (0) or too high (5), and space leaked at the end.
+fn damaged_refcounts(dir: &Path) {
+    with_snapshots(dir);
+    let p = dir.join("t.qcow2");
+    let mut b = std::fs::read(&p).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let block = be64(&b, be64(&b, 48) as usize) as usize;
+    // 16-bit refcounts, 256 to a 512-byte block; clusters 0-9 hold the header and tables.
+    for (k, e) in (10..256).step_by(10).enumerate() {
+        let v: u16 = if k % 2 == 0 { 0 } else { 5 };
+        b[block + 2 * e..block + 2 * e + 2].copy_from_slice(&v.to_be_bytes());
+    }
+    b.extend(vec![0u8; 64 << 10]);
+    std::fs::write(&p, &b).unwrap();
+    let chk = qemu_img(&["check", s(&p)]);
+    assert_eq!(
+        chk.code,
+        Some(2),
+        "the damage is corruption:\n{}",
+        chk.report()
+    );
+}
 
 /// Run `img ARGS` in `dir`, SIGKILLed after `delay` unless it finished before.
 fn run_killed(dir: &Path, args: &[&str], delay: Duration) -> bool {
@@ -258,6 +331,44 @@ fn only_copied_flags_behind(stderr: &str) -> bool {
     any
 }
 
+/// Whether `got` has the size and snapshots of `before` and `after` (the same in both),
+/// and each sector of its active image reads as in one of them.
+fn sector_mix(got: &View, before: &View, after: &View) -> bool {
+    let same = |v: &View| v.size == got.size && v.snapshots == got.snapshots;
+    same(before)
+        && same(after)
+        && got.active.len() == before.active.len()
+        && got.active.len() == after.active.len()
+        && got
+            .active
+            .chunks(512)
+            .zip(before.active.chunks(512).zip(after.active.chunks(512)))
+            .all(|(g, (b, a))| g == b || g == a)
+}
+
+/// After a killed repair: `img check -r all` again leaves t.qcow2 clean for `qemu-img
+/// check`, reading as `before`.
+fn repair_again(dir: &Path, before: &View) -> Result<(), String> {
+    let rep = img_in(dir, &["check", "-r", "all", "t.qcow2"]);
+    let again = qemu_img(&["check", s(&dir.join("t.qcow2"))]);
+    if !again.success() {
+        return Err(format!(
+            "not clean after a second img check -r all:\n{}\n{}",
+            rep.report(),
+            again.report()
+        ));
+    }
+    let got = view(dir, "t.qcow2");
+    if got != *before {
+        return Err(format!(
+            "the repaired image reads otherwise ({}) than before ({})",
+            describe(&got),
+            describe(before)
+        ));
+    }
+    Ok(())
+}
+
 /// Returns how many kills hit the process while it ran.
 fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     let base = tempdir();
@@ -288,7 +399,7 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     }
     let after = view(full.path(), "t.qcow2");
     let (mut as_before, mut as_after, mut leaked, mut running) = (0, 0, 0, 0);
-    let mut copied_windows = 0;
+    let (mut copied_windows, mut mixed) = (0, 0);
     for k in 0..kills {
         let d = tempdir();
         copy(d.path());
@@ -313,6 +424,12 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
             }
         }
         let f = d.path().join("t.qcow2");
+        if op.kind == Kind::Repair {
+            repair_again(d.path(), &before)
+                .map_err(|e| format!("{} killed after {delay:?} (kill {k}): {e}", op.name))?;
+            as_before += 1;
+            continue;
+        }
         let chk = qemu_img(&["check", s(&f)]);
         let flags_behind = chk.code == Some(2) && only_copied_flags_behind(&chk.stderr);
         if !matches!(chk.code, Some(0) | Some(3)) && !flags_behind {
@@ -345,6 +462,8 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
             as_before += 1;
         } else if got == after {
             as_after += 1;
+        } else if op.kind == Kind::Sectors && sector_mix(&got, &before, &after) {
+            mixed += 1;
         } else {
             return Err(format!(
                 "{} killed after {delay:?}: the image reads neither as before ({}) nor as \
@@ -361,8 +480,8 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     }
     eprintln!(
         "{}: {took:?} uninterrupted; {kills} kills, {running} while it ran: {as_before} read \
-         as before, {as_after} as after, {leaked} left leaks, {copied_windows} left COPIED \
-         flags behind raised refcounts",
+         as before, {as_after} as after, {mixed} partly as after, {leaked} left leaks, \
+         {copied_windows} left COPIED flags behind raised refcounts",
         op.name
     );
     Ok(running)
