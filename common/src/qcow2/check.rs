@@ -133,7 +133,11 @@ impl Meta {
                         let verb = if fix.errors { "Repairing" } else { "ERROR" };
                         ck.say(format!("{verb} refcount block {i} is outside image"));
                         if fix.errors {
-                            let grown = if offset.0 + cs > describable {
+                            // Past what a file offset can count, QEMU refuses with
+                            // EINVAL (and the sum would overflow).
+                            let grown = if offset.0 > i64::MAX as u64 - cs {
+                                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+                            } else if offset.0 + cs > describable {
                                 Err(std::io::Error::from_raw_os_error(libc::EFBIG))
                             } else {
                                 storage.set_len(offset.0 + cs)
