@@ -145,7 +145,7 @@ fn far_refcount_block_repair_is_bounded() {
             Some(why) => {
                 assert!(len < 1 << 20, "grown to {len} for a block at {at:#x}");
                 let want = format!("ERROR could not resize image: {why}");
-                assert!(messages.iter().any(|m| *m == want), "{messages:?}");
+                assert!(messages.contains(&want), "{messages:?}");
             }
         }
         std::fs::remove_file(&p).unwrap();
