@@ -543,3 +543,56 @@ fn ext_superblock_with_huge_group_count_is_refused() {
         .unwrap();
     assert!(err.contains("blocks per group 0 is invalid"), "{err}");
 }
+
+/// A bare ext4 with a `/vmlinuz` symlink to the kernel, then `debugfs -w -R` commands run
+/// on it (the disk-boot fuzz target's finds: sizes in inodes that no real file has).
+fn bare_ext4_with(dir: &Path, debugfs: &[&str]) -> PathBuf {
+    let tree = dir.join("tree");
+    write(&tree, "boot/vmlinuz-6", b"k6");
+    std::os::unix::fs::symlink("boot/vmlinuz-6", tree.join("vmlinuz")).unwrap();
+    let disk = dir.join("bare.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mkfs(&disk, 0, 8, UUID2, &tree);
+    for c in debugfs {
+        sh(tool_cmd("debugfs").args(["-w", "-R", c]).arg(&disk));
+    }
+    disk
+}
+
+/// A symlink whose inode claims a 1 TiB target (size_hi 0x100): ext4-view would read the
+/// target into a buffer of that size (an abort); vmm resolves links itself and refuses one
+/// longer than PATH_MAX, so the disk has no usable /vmlinuz.
+#[test]
+fn symlink_with_huge_size_is_refused() {
+    need_tools!("mkfs.ext4", "debugfs");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = bare_ext4_with(dir.path(), &["sif /vmlinuz size_hi 0x100"]);
+    let err = DiskBoot::find(open(&disk)).err().unwrap();
+    assert!(err.contains("no /vmlinuz"), "{err}");
+    // The same link with its real size still boots.
+    let disk = bare_ext4_with(&dir.path().join("plain"), &[]);
+    let l = DiskBoot::find(open(&disk))
+        .unwrap()
+        .load(0, 1 << 20)
+        .unwrap();
+    assert_eq!(l.kernel, b"k6");
+}
+
+/// A kernel whose inode says 1 GiB (within the kernel limit) on an 8 MiB filesystem: it
+/// can only be holes, so it is refused from its size before a buffer is allocated, instead
+/// of a GiB of zeroes being allocated and filled.
+#[test]
+fn file_larger_than_its_filesystem_is_refused() {
+    need_tools!("mkfs.ext4", "debugfs");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = bare_ext4_with(dir.path(), &["sif /boot/vmlinuz-6 size 0x3fffffff"]);
+    let found = DiskBoot::find(open(&disk)).unwrap();
+    let err = found.load(0, 1 << 20).err().unwrap();
+    assert!(
+        err.contains("/vmlinuz is 1073741823 bytes, more than the 8388608 vmm reads"),
+        "{err}"
+    );
+}
