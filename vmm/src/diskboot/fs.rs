@@ -233,7 +233,10 @@ fn resolve(ext4: &Ext4, path: &str) -> Result<String, String> {
             }
             _ => {}
         }
-        let here = format!("/{}", [done.as_slice(), &[c.clone()]].concat().join("/"));
+        let here = format!(
+            "{}/{c}",
+            done.iter().map(|d| format!("/{d}")).collect::<String>()
+        );
         let md = ext4
             .symlink_metadata(here.as_str())
             .map_err(|e| e.to_string())?;
