@@ -14,7 +14,6 @@ mod fat;
 mod fs;
 mod grub;
 pub mod partitions;
-mod readahead;
 mod syslinux;
 
 use std::sync::Arc;
