@@ -97,26 +97,29 @@ impl Qcow2Image {
 
     /// The decompressed cluster stored at `run`, from a one-entry cache: small sequential
     /// reads of a compressed cluster decompress it once. The cache is dropped whenever
-    /// freed clusters may become reusable (at flush), so it never outlives the data.
+    /// freed clusters may become reusable (at flush), so it never outlives the data. The
+    /// cache is not locked while decompressing, so that readers on several threads
+    /// decompress in parallel.
     fn decompressed(
         &self,
         run: CompressedRun,
         g: Geometry,
         compression: CompressionType,
     ) -> Result<Arc<[u8]>> {
-        let mut last = self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((off, data)) = &*last {
+        let last = || {
+            self.last_compressed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if let Some((off, data)) = &*last() {
             if *off == run.offset {
                 return Ok(data.clone());
             }
         }
-        let mut out = vec![0u8; g.cluster_size() as usize];
-        self.read_compressed(run, g, compression, &mut out)?;
-        let data: Arc<[u8]> = out.into();
-        *last = Some((run.offset, data.clone()));
+        let mut data: Arc<[u8]> = vec![0u8; g.cluster_size() as usize].into();
+        let out = Arc::get_mut(&mut data).expect("a new Arc has no other owner");
+        self.read_compressed(run, g, compression, out)?;
+        *last() = Some((run.offset, data.clone()));
         Ok(data)
     }
 

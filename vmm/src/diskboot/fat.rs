@@ -319,9 +319,8 @@ impl Fat {
             .ok_or_else(|| format!("{path}: not a file"))?;
         if u64::from(e.size) > max {
             return Err(format!(
-                "{path} is {} MiB, more than the {} MiB vmm reads",
-                e.size >> 20,
-                max >> 20
+                "{path} is {} bytes, more than the {max} vmm reads from this filesystem",
+                e.size
             ));
         }
         if e.size == 0 {

@@ -77,9 +77,17 @@ impl Ext4Read for PartReader {
     }
 }
 
+/// Longest symlink target followed (Linux's PATH_MAX); ext4-view reads a target whole,
+/// sized by what the inode says.
+const MAX_SYMLINK: u64 = 4096;
+/// Most symlinks followed in one path, as Linux does.
+const MAX_SYMLINKS: usize = 40;
+
 /// One mounted (read-only) filesystem, and the partition it is on (None: the whole disk).
 pub struct Fs {
     pub part: Option<Partition>,
+    /// Its size in bytes: no file holds more data than that.
+    len: u64,
     kind: Kind,
 }
 
@@ -105,6 +113,7 @@ impl Fs {
             let fat = Fat::open(disk, start, len).map_err(|e| format!("{}: {e}", where_(&part)))?;
             return Ok(Some(Fs {
                 part,
+                len,
                 kind: Kind::Fat(Box::new(fat)),
             }));
         }
@@ -116,6 +125,7 @@ impl Fs {
         let ext4 = Ext4::load(Box::new(reader)).map_err(|e| format!("{}: {e}", where_(&part)))?;
         Ok(Some(Fs {
             part,
+            len,
             kind: Kind::Ext4(Box::new(ext4)),
         }))
     }
@@ -136,7 +146,7 @@ impl Fs {
     /// Whether `path` (absolute) exists, following symlinks.
     pub fn exists(&self, path: &str) -> bool {
         match &self.kind {
-            Kind::Ext4(e) => e.exists(path).unwrap_or(false),
+            Kind::Ext4(e) => resolve(e, path).is_ok_and(|p| e.exists(p.as_str()).unwrap_or(false)),
             Kind::Fat(f) => f.exists(path),
         }
     }
@@ -151,7 +161,9 @@ impl Fs {
                 return names;
             }
         };
-        let Ok(rd) = ext4.read_dir(dir) else {
+        let Ok(rd) =
+            resolve(ext4, dir).and_then(|d| ext4.read_dir(d.as_str()).map_err(|e| e.to_string()))
+        else {
             return vec![];
         };
         let mut names: Vec<String> = rd
@@ -163,9 +175,10 @@ impl Fs {
         names
     }
 
-    /// The contents of the regular file `path`, refused when larger than `max` bytes (before
-    /// anything is allocated).
+    /// The contents of the regular file `path`, refused when larger than `max` bytes or
+    /// than its filesystem (before anything is allocated).
     pub fn read(&self, path: &str, max: u64) -> Result<Vec<u8>, String> {
+        let max = max.min(self.len);
         let ext4 = match &self.kind {
             Kind::Ext4(e) => e,
             Kind::Fat(f) => {
@@ -175,14 +188,14 @@ impl Fs {
             }
         };
         let err = |e: ext4_view::Ext4Error| format!("{}{path}: {e}", self.prefix());
-        let mut f = ext4.open(path).map_err(err)?;
+        let real = resolve(ext4, path).map_err(|e| format!("{}{path}: {e}", self.prefix()))?;
+        let mut f = ext4.open(real.as_str()).map_err(err)?;
         let len = f.metadata().len();
         if len > max {
             return Err(format!(
-                "{}{path} is {} MiB, more than the {} MiB vmm reads",
+                "{}{path} is {} bytes, more than the {max} vmm reads from this filesystem",
                 self.prefix(),
-                len >> 20,
-                max >> 20
+                len
             ));
         }
         let mut out = vec![0u8; len as usize];
@@ -199,6 +212,50 @@ impl Fs {
     fn prefix(&self) -> String {
         format!("{}:", self.describe())
     }
+}
+
+/// `path` with its symlinks replaced by their targets, component by component as the kernel
+/// resolves it, so that ext4-view never follows a link itself: it would read a target of
+/// any size the inode claims into memory. The result names no symlink.
+fn resolve(ext4: &Ext4, path: &str) -> Result<String, String> {
+    let mut todo: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "" | "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = format!(
+            "{}/{c}",
+            done.iter().map(|d| format!("/{d}")).collect::<String>()
+        );
+        let md = ext4
+            .symlink_metadata(here.as_str())
+            .map_err(|e| e.to_string())?;
+        if !md.is_symlink() {
+            done.push(c);
+            continue;
+        }
+        links += 1;
+        if links > MAX_SYMLINKS {
+            return Err(format!("more than {MAX_SYMLINKS} symlinks (a loop?)"));
+        }
+        if md.len() > MAX_SYMLINK {
+            return Err(format!("symlink {here} has a {}-byte target", md.len()));
+        }
+        let target = ext4.read_link(here.as_str()).map_err(|e| e.to_string())?;
+        let target = target.to_str().map_err(|e| e.to_string())?;
+        if target.starts_with('/') {
+            done.clear();
+        }
+        todo.extend(target.split('/').rev().map(str::to_string));
+    }
+    Ok(format!("/{}", done.join("/")))
 }
 
 fn where_(part: &Option<Partition>) -> String {

@@ -12,6 +12,10 @@ use super::entry::{file_path, Entry, Volume};
 /// the parser run long or deep.
 const MAX_COMMANDS: usize = 100_000;
 const MAX_DEPTH: usize = 32;
+/// Most bytes variable expansion produces over a whole file (16 times the largest
+/// configuration read): `set a=$a$a` doubles a value per line, and 30 such lines would
+/// otherwise ask for gigabytes. Past it, variables expand to nothing.
+const MAX_EXPANDED: usize = 16 << 20;
 
 /// Split a script into commands (each a list of words) with GRUB's quoting: `'...'` is
 /// literal, `"..."` expands variables, `\` escapes one character, `#` starts a comment at
@@ -123,8 +127,10 @@ fn tokenize(text: &str) -> Vec<Vec<String>> {
     out
 }
 
-/// Expand `\0name` and `\0{name}` markers with `vars`.
-fn expand(word: &str, vars: &HashMap<String, String>) -> String {
+/// Expand `\0name` and `\0{name}` markers with `vars`, taking the values' bytes from
+/// `budget` (what is left of [`MAX_EXPANDED`]); a value larger than what is left expands to
+/// nothing.
+fn expand(word: &str, vars: &HashMap<String, String>, budget: &mut usize) -> String {
     let mut out = String::new();
     let mut chars = word.chars().peekable();
     while let Some(c) = chars.next() {
@@ -152,7 +158,8 @@ fn expand(word: &str, vars: &HashMap<String, String>) -> String {
                 }
             }
         }
-        if let Some(v) = vars.get(&name) {
+        if let Some(v) = vars.get(&name).filter(|v| v.len() <= *budget) {
+            *budget -= v.len();
             out.push_str(v);
         }
     }
@@ -190,6 +197,7 @@ pub fn parse(text: &str, volumes: &[Volume], cfg_fs: usize) -> (Vec<Entry>, usiz
     let (mut top, mut sub) = (0usize, 0usize);
     let mut root_outside = root;
     let mut skip_depth: Option<usize> = None;
+    let mut budget = MAX_EXPANDED;
     for raw in cmds.iter().take(MAX_COMMANDS) {
         if raw[0] == "}" {
             if skip_depth == Some(stack.len()) {
@@ -222,7 +230,7 @@ pub fn parse(text: &str, volumes: &[Volume], cfg_fs: usize) -> (Vec<Entry>, usiz
         let words: Vec<String> = raw
             .iter()
             .filter(|w| w.as_str() != "{")
-            .map(|w| expand(w, &vars))
+            .map(|w| expand(w, &vars, &mut budget))
             .collect();
         // `then`/`else`/`do` introduce a command on the same line; conditions are not run.
         let words: &[String] = match words.first().map(String::as_str) {
@@ -527,5 +535,18 @@ submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-a
             .0
             .is_empty());
         assert!(parse("}}}} menuentry {", &vols(), 0).0.is_empty());
+    }
+
+    /// `set a=$a$a` doubles a value per line: 40 lines would ask for a TiB. Expansion stops
+    /// at its budget, so the entry comes out with a bounded command line.
+    #[test]
+    fn doubling_variables_are_bounded() {
+        let cfg = format!(
+            "set a=xxxxxxxx\n{}menuentry t {{ linux /vmlinuz $a $a }}\n",
+            "set a=$a$a\n".repeat(40)
+        );
+        let (e, _) = parse(&cfg, &vols(), 0);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].cmdline.len() <= MAX_EXPANDED, "{}", e[0].cmdline.len());
     }
 }

@@ -543,3 +543,59 @@ fn ext_superblock_with_huge_group_count_is_refused() {
         .unwrap();
     assert!(err.contains("blocks per group 0 is invalid"), "{err}");
 }
+
+/// A bare ext4 with a `/vmlinuz` symlink to the kernel and a `/loader` symlink to /boot,
+/// then `debugfs -w -R` commands run on it (the disk-boot fuzz target's finds: sizes in
+/// inodes that no real file has).
+fn bare_ext4_with(dir: &Path, debugfs: &[&str]) -> PathBuf {
+    let tree = dir.join("tree");
+    write(&tree, "boot/vmlinuz-6", b"k6");
+    std::os::unix::fs::symlink("boot/vmlinuz-6", tree.join("vmlinuz")).unwrap();
+    std::os::unix::fs::symlink("boot", tree.join("loader")).unwrap();
+    let disk = dir.join("bare.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    mkfs(&disk, 0, 8, UUID2, &tree);
+    for c in debugfs {
+        sh(tool_cmd("debugfs").args(["-w", "-R", c]).arg(&disk));
+    }
+    disk
+}
+
+/// Symlinks whose inodes claim a 1 TiB target (size_hi 0x100): ext4-view read a target
+/// whole into a buffer of that size, and aborted (the fuzz target's four crashes: listing
+/// /loader/entries through such a /loader). vmm resolves links itself and refuses one
+/// longer than PATH_MAX: the BLS directory is then not there, and the /vmlinuz fallback
+/// is not either.
+#[test]
+fn symlink_with_huge_size_is_refused() {
+    need_tools!("mkfs.ext4", "debugfs");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = bare_ext4_with(&dir.path().join("a"), &["sif /loader size_hi 0x100"]);
+    let l = DiskBoot::find(open(&disk))
+        .unwrap()
+        .load(0, 1 << 20)
+        .unwrap();
+    assert_eq!(l.kernel, b"k6");
+    let disk = bare_ext4_with(&dir.path().join("b"), &["sif /vmlinuz size_hi 0x100"]);
+    let err = DiskBoot::find(open(&disk)).err().unwrap();
+    assert!(err.contains("no /vmlinuz"), "{err}");
+}
+
+/// A kernel whose inode says 1 GiB (within the kernel limit) on an 8 MiB filesystem: it
+/// can only be holes, so it is refused from its size before a buffer is allocated, instead
+/// of a GiB of zeroes being allocated and filled.
+#[test]
+fn file_larger_than_its_filesystem_is_refused() {
+    need_tools!("mkfs.ext4", "debugfs");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = bare_ext4_with(dir.path(), &["sif /boot/vmlinuz-6 size 0x3fffffff"]);
+    let found = DiskBoot::find(open(&disk)).unwrap();
+    let err = found.load(0, 1 << 20).err().unwrap();
+    assert!(
+        err.contains("/vmlinuz is 1073741823 bytes, more than the 8388608 vmm reads"),
+        "{err}"
+    );
+}
