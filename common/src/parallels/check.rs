@@ -7,8 +7,11 @@
 //! shared cluster's later user a copy of its own), and then, as QEMU does when it closes
 //! an image it opened for writing, clears the in-use mark and cuts the file at the end
 //! of its data. Unlike QEMU, unallocated entries are never "outside" a file shorter than
-//! a cluster, and entries pointing below the data area are not counted as shared (QEMU
-//! fails an assertion on them).
+//! a cluster, entries pointing below the data area are not counted as shared (QEMU
+//! fails an assertion on them), and the file is never extended to where entries past its
+//! end would put the end of the data.
+
+use std::collections::BTreeSet;
 
 use crate::check::{CheckReport, Fix};
 use crate::storage::Storage;
@@ -92,7 +95,7 @@ pub fn check(m: &ParallelsMap, storage: &dyn Storage, fix: Fix) -> CheckReport {
         c.r.failure = Some(e);
         return c.r;
     }
-    match check_shared(&mut c, data_start, end) {
+    match check_shared(&mut c, data_start, size, end) {
         Ok(e) => end = e,
         Err(e) => {
             c.r.failure = Some(e);
@@ -197,11 +200,12 @@ fn check_leak(c: &mut Checker, size: u64, end: u64, explicit: bool) -> std::io::
 
 /// Entries sharing a cluster with an earlier one; with `-r all` each gets a copy of its
 /// own, in the first cluster of the file no entry uses (or past the end). The new end of
-/// the data.
-fn check_shared(c: &mut Checker, data_start: u64, mut end: u64) -> std::io::Result<u64> {
+/// the data. What it holds is bounded by the table, not by sizes the table claims.
+fn check_shared(c: &mut Checker, data_start: u64, size: u64, mut end: u64) -> std::io::Result<u64> {
     let cs = c.m.cluster();
     let base = data_start * 512;
-    let slots = end.saturating_sub(base).div_ceil(cs);
+    // Clusters of the data area the file holds (QEMU's used-cluster bitmap).
+    let slots = end.min(size).saturating_sub(base).div_ceil(cs);
     if slots == 0 {
         return Ok(end);
     }
@@ -210,22 +214,23 @@ fn check_shared(c: &mut Checker, data_start: u64, mut end: u64) -> std::io::Resu
             .then(|| (off - base) / cs)
             .filter(|&s| s < slots)
     };
-    // One bit per cluster of the data area, which the file's length bounds.
-    let mut seen = vec![false; slots as usize];
-    let mut used = seen.clone();
-    for i in 0..c.bat.len() {
-        if let Some(s) = slot(c.host(i)).filter(|_| c.bat[i] != 0) {
-            used[s as usize] = true;
-        }
-    }
+    let entries = 0..c.bat.len();
+    let mut used: BTreeSet<u64> = entries
+        .clone()
+        .filter(|&i| c.bat[i] != 0)
+        .filter_map(|i| slot(c.host(i)))
+        .collect();
+    let mut seen = BTreeSet::new();
+    // The first cluster no entry uses only moves forward as copies take clusters.
+    let mut free = 0;
     let mut copied = false;
     let mut buf = Vec::new();
-    for i in 0..c.bat.len() {
+    for i in entries {
         let off = c.host(i);
-        let Some(s) = slot(off).filter(|_| off != 0) else {
+        let Some(s) = slot(off).filter(|_| c.bat[i] != 0) else {
             continue;
         };
-        if !std::mem::replace(&mut seen[s as usize], true) {
+        if seen.insert(s) {
             continue;
         }
         c.report(format!(
@@ -236,10 +241,10 @@ fn check_shared(c: &mut Checker, data_start: u64, mut end: u64) -> std::io::Resu
         if !c.fix.errors {
             continue;
         }
-        let to = match used.iter().position(|&u| !u) {
-            Some(free) => base + free as u64 * cs,
-            None => end,
-        };
+        while used.contains(&free) {
+            free += 1;
+        }
+        let to = if free < slots { base + free * cs } else { end };
         buf.resize(cs as usize, 0);
         let moved = c
             .storage
@@ -253,7 +258,9 @@ fn check_shared(c: &mut Checker, data_start: u64, mut end: u64) -> std::io::Resu
             continue;
         }
         match slot(to) {
-            Some(t) => used[t as usize] = true,
+            Some(t) => {
+                used.insert(t);
+            }
             None => end = end.max(to + cs),
         }
         c.r.corruptions_fixed += 1;
@@ -289,12 +296,18 @@ fn count_allocation(c: &mut Checker, end: u64) {
 }
 
 /// What QEMU does closing an image it opened for writing: the header no longer in use,
-/// the file cut (or extended) to the end of the data, all of it flushed.
+/// the file cut to the end of the data, all of it flushed. (QEMU also extends a file to
+/// where entries past its end claim the data ends; that is not done: a hostile table would
+/// make the file any size.)
 fn close(c: &mut Checker, end: u64) {
+    let cut = |s: &dyn Storage| match s.len() {
+        Ok(len) if len > end => s.set_len(end),
+        other => other.map(|_| ()),
+    };
     let done = c
         .storage
         .write_at(&0u32.to_le_bytes(), 44)
-        .and_then(|()| c.storage.set_len(end))
+        .and_then(|()| cut(c.storage))
         .and_then(|()| c.storage.flush());
     if done.is_err() {
         c.r.check_errors += 1;

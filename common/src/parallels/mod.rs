@@ -254,6 +254,40 @@ mod tests {
         );
     }
 
+    /// Found by fuzzing (check): an entry far past the end of the file made the end of the
+    /// data 4 TiB: the shared-cluster pass held a flag per cluster up to it and the repair
+    /// grew the file to it.
+    #[test]
+    fn an_entry_far_past_the_file_is_repaired_in_bounds() {
+        let mut b = header(MAGIC_EXT, 8, 4, 64);
+        b[48..52].copy_from_slice(&8u32.to_le_bytes());
+        b[64..68].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("far.hds");
+        std::fs::write(&p, &b).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let s = crate::storage::FileStorage::new(file);
+        let o = open(&s).unwrap();
+        let all = Fix {
+            leaks: true,
+            errors: true,
+        };
+        let r = o.map.check(&s, o.size, all).unwrap();
+        assert!(
+            r.messages
+                .contains(&"Repairing cluster 0 is outside image".to_string()),
+            "{:?}",
+            r.messages
+        );
+        assert_eq!(r.corruptions_fixed, 1);
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len <= 4096, "the repair grew the file to {len}");
+    }
+
     /// Found by fuzzing (open_read): a disk of 2^59 bytes in 512-byte clusters with a
     /// two-entry table took minutes to map, a step per cluster past the table.
     #[test]
