@@ -226,6 +226,19 @@ enum Message {
     },
 }
 
+/// The cookies of `replies`, sorted, each a simple reply without error (else a panic).
+fn ok_cookies(replies: &[Message]) -> Vec<u64> {
+    let mut cookies: Vec<u64> = replies
+        .iter()
+        .map(|m| match m {
+            Message::Simple { cookie, error: 0 } => *cookie,
+            m => panic!("{m:?}"),
+        })
+        .collect();
+    cookies.sort();
+    cookies
+}
+
 fn messages(mut out: &[u8], read_len: impl Fn(u64) -> Option<usize>) -> Vec<Message> {
     let mut v = Vec::new();
     while !out.is_empty() {
@@ -367,15 +380,10 @@ fn everything_read_before_disc_is_answered_and_nothing_after_it_runs() {
     let (r, out) = serve(&e, &Session::default(), &input);
     r.unwrap();
     assert_eq!(gate.seen().0, 8);
-    let mut cookies: Vec<u64> = messages(&out, |_| None)
-        .iter()
-        .map(|m| match m {
-            Message::Simple { cookie, error: 0 } => *cookie,
-            m => panic!("{m:?}"),
-        })
-        .collect();
-    cookies.sort();
-    assert_eq!(cookies, (0..=8).collect::<Vec<_>>());
+    assert_eq!(
+        ok_cookies(&messages(&out, |_| None)),
+        (0..=8).collect::<Vec<_>>()
+    );
     let mut b = [0u8; 512];
     for c in 0..8u64 {
         gate.disk.read_at(&mut b, c * BLOCK).unwrap();
@@ -398,16 +406,7 @@ fn a_broken_request_ends_the_connection_after_the_requests_before_it() {
     let (r, out) = serve(&e, &Session::default(), &input);
     let err = r.unwrap_err().to_string();
     assert!(err.contains("bad request magic"), "{err}");
-    let replies = messages(&out, |_| Some(512));
-    let mut cookies: Vec<u64> = replies
-        .iter()
-        .map(|m| match m {
-            Message::Simple { cookie, error: 0 } => *cookie,
-            m => panic!("{m:?}"),
-        })
-        .collect();
-    cookies.sort();
-    assert_eq!(cookies, [0, 1, 2, 3]);
+    assert_eq!(ok_cookies(&messages(&out, |_| Some(512))), [0, 1, 2, 3]);
     assert_eq!(gate.seen().0, 4);
 }
 
