@@ -171,6 +171,8 @@ impl GuestMap for ParallelsMap {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn header(magic: &[u8; 16], tracks: u32, entries: u32, sectors: u64) -> Vec<u8> {
@@ -183,13 +185,21 @@ mod tests {
         b
     }
 
-    fn open_bytes(b: &[u8]) -> Result<Opened> {
-        let dir = tempfile::tempdir().unwrap();
+    /// `b` as a file in `dir`, open for reading and writing; its storage and path.
+    fn stored(dir: &tempfile::TempDir, b: &[u8]) -> (crate::storage::FileStorage, PathBuf) {
         let p = dir.path().join("t.hds");
         std::fs::write(&p, b).unwrap();
-        open(&crate::storage::FileStorage::new(
-            std::fs::File::open(&p).unwrap(),
-        ))
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        (crate::storage::FileStorage::new(file), p)
+    }
+
+    fn open_bytes(b: &[u8]) -> Result<Opened> {
+        let dir = tempfile::tempdir().unwrap();
+        open(&stored(&dir, b).0)
     }
 
     fn err(b: &[u8]) -> String {
@@ -263,14 +273,7 @@ mod tests {
         b[48..52].copy_from_slice(&8u32.to_le_bytes());
         b[64..68].copy_from_slice(&(1u32 << 30).to_le_bytes());
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("far.hds");
-        std::fs::write(&p, &b).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
-        let s = crate::storage::FileStorage::new(file);
+        let (s, p) = stored(&dir, &b);
         let o = open(&s).unwrap();
         let all = Fix {
             leaks: true,
@@ -294,9 +297,7 @@ mod tests {
     fn a_huge_disk_past_its_table_maps_in_one_step() {
         let b = header(MAGIC_EXT, 1, 2, 1 << 50);
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("h.hds");
-        std::fs::write(&p, &b).unwrap();
-        let s = crate::storage::FileStorage::new(std::fs::File::open(&p).unwrap());
+        let (s, _) = stored(&dir, &b);
         let o = open(&s).unwrap();
         let started = std::time::Instant::now();
         assert_eq!(
