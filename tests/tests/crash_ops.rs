@@ -6,8 +6,7 @@
 //! learn the state after it and how long it takes, then run again on fresh copies and
 //! killed with SIGKILL after a random delay within that time. After every kill `qemu-img
 //! check` must find no corruption (leaks are allowed, and `img check -r leaks` then leaves
-//! the image clean; the one exception is COPIED flags behind refcounts a snapshot raised,
-//! see `only_copied_flags_behind`, which `img check -r all` must clear), and the image must read exactly as before the operation or exactly
+//! the image clean), and the image must read exactly as before the operation or exactly
 //! as after it: virtual size, guest contents and every internal snapshot's contents.
 //! `commit` and `rebase` run on a chain (t.qcow2 over m.qcow2 over b.qcow2): t.qcow2 reads
 //! the same throughout, and the lower images (commit's base, which may hold part of what
@@ -309,28 +308,6 @@ fn run_killed(dir: &Path, args: &[&str], delay: Duration) -> bool {
     killed
 }
 
-/// Whether every problem `qemu-img check` reported (its stderr) is a COPIED flag still set
-/// on an active entry whose refcount was already raised for a snapshot being taken, with
-/// nothing else wrong but leaks. qcow2 keeps "COPIED iff refcount is 1" in the L2 tables
-/// and the refcounts in other clusters, so no write order can change both at once: a
-/// snapshot's refcounts go first, and a crash before the tables follow leaves this (QEMU's
-/// own snapshot code has the same window). It loses nothing: the refcounts are high, never
-/// low, and `check -r all` clears the flags.
-fn only_copied_flags_behind(stderr: &str) -> bool {
-    let mut any = false;
-    for line in stderr.lines().filter(|l| l.starts_with("ERROR")) {
-        let refcount = line
-            .strip_prefix("ERROR OFLAG_COPIED ")
-            .and_then(|r| r.rsplit_once(" refcount="))
-            .and_then(|(_, n)| n.trim().parse::<u64>().ok());
-        match refcount {
-            Some(n) if n >= 2 => any = true,
-            _ => return false,
-        }
-    }
-    any
-}
-
 /// Whether `got` has the size and snapshots of `before` and `after` (the same in both),
 /// and each sector of its active image reads as in one of them.
 fn sector_mix(got: &View, before: &View, after: &View) -> bool {
@@ -399,7 +376,7 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     }
     let after = view(full.path(), "t.qcow2");
     let (mut as_before, mut as_after, mut leaked, mut running) = (0, 0, 0, 0);
-    let (mut copied_windows, mut mixed) = (0, 0);
+    let mut mixed = 0;
     for k in 0..kills {
         let d = tempdir();
         copy(d.path());
@@ -431,26 +408,19 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
             continue;
         }
         let chk = qemu_img(&["check", s(&f)]);
-        let flags_behind = chk.code == Some(2) && only_copied_flags_behind(&chk.stderr);
-        if !matches!(chk.code, Some(0) | Some(3)) && !flags_behind {
+        if !matches!(chk.code, Some(0) | Some(3)) {
             return Err(format!(
                 "{} killed after {delay:?} (kill {k}): qemu-img check finds corruption:\n{}",
                 op.name,
                 chk.report()
             ));
         }
-        let repair = if flags_behind {
-            copied_windows += 1;
-            Some("all")
-        } else {
-            (chk.code == Some(3)).then_some("leaks")
-        };
-        if let Some(mode) = repair {
-            let rep = img_in(d.path(), &["check", "-r", mode, "t.qcow2"]);
+        if chk.code == Some(3) {
+            let rep = img_in(d.path(), &["check", "-r", "leaks", "t.qcow2"]);
             let again = qemu_img(&["check", s(&f)]);
             if !again.success() {
                 return Err(format!(
-                    "{} killed after {delay:?}: not clean after img check -r {mode}:\n{}\n{}",
+                    "{} killed after {delay:?}: not clean after img check -r leaks:\n{}\n{}",
                     op.name,
                     rep.report(),
                     again.report()
@@ -480,8 +450,8 @@ fn crash_op(op: &Op, kills: usize, rng: &mut Rng) -> Result<usize, String> {
     }
     eprintln!(
         "{}: {took:?} uninterrupted; {kills} kills, {running} while it ran: {as_before} read \
-         as before, {as_after} as after, {mixed} partly as after, {leaked} left leaks, \
-         {copied_windows} left COPIED flags behind raised refcounts",
+         as before, {as_after} as after, {mixed} partly as after, {leaked} left \
+         leaks",
         op.name
     );
     Ok(running)

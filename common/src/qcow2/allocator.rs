@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 use super::cache::TableCache;
-use super::meta::Meta;
+use super::meta::{encode_u64_table, Meta};
 use super::overlap::{Metadata, REFTABLE_OFFSET_MASK};
 use super::refcount;
 use super::units::{ClusterCount, HostCluster, HostOffset};
@@ -80,12 +80,9 @@ impl Refcounts {
     }
 }
 
-fn encode_u64_table(t: &[u64]) -> Vec<u8> {
-    t.iter().flat_map(|v| v.to_be_bytes()).collect()
-}
-
 impl Meta {
-    fn refblock_offset(&self, rt: usize) -> Result<Option<HostOffset>> {
+    /// Where the refcount block of table entry `rt` is, if it has one.
+    pub(super) fn refblock_offset(&self, rt: usize) -> Result<Option<HostOffset>> {
         match self.refs.table.get(rt) {
             None | Some(0) => Ok(None),
             Some(&e) => {
@@ -182,6 +179,12 @@ impl Meta {
             rt += 1;
         }
         limit
+    }
+
+    /// A copy of the refcount block at `off`.
+    pub(super) fn refblock_bytes(&mut self, off: HostOffset) -> Result<Vec<u8>> {
+        self.load_refblock(off)?;
+        Ok(self.refs.blocks.get(off.0).expect("loaded").to_vec())
     }
 
     /// Refcount of host cluster `c`.
@@ -441,6 +444,12 @@ impl Meta {
         }
     }
 
+    /// Drop one reference to each of `clusters` now (nothing on disk points at them).
+    pub(super) fn free_now(&mut self, clusters: Range<u64>) -> Result<()> {
+        let n = ClusterCount(clusters.end - clusters.start);
+        self.update_refcount(HostCluster(clusters.start), n, -1, When::Now)
+    }
+
     fn add_to_refcount(&mut self, c: HostCluster, addend: i64) -> Result<()> {
         if self.change_refcount(c, addend)? {
             self.release(c.0..c.0 + 1)?;
@@ -493,7 +502,7 @@ impl Meta {
     }
 
     /// Deallocate the storage of the free clusters `clusters` in the file.
-    fn release(&mut self, clusters: Range<u64>) -> Result<()> {
+    pub(super) fn release(&mut self, clusters: Range<u64>) -> Result<()> {
         let cs = self.geo().cluster_size();
         io(
             "Could not discard cluster",

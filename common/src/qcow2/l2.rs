@@ -27,7 +27,8 @@ pub fn decode_entry(table: &[u8], i: usize, extended: bool) -> L2Entry {
     }
 }
 
-fn encode_entry(table: &mut [u8], i: usize, extended: bool, e: L2Entry) {
+/// Store entry `e` as entry `i` of an L2 table's bytes.
+pub fn encode_entry(table: &mut [u8], i: usize, extended: bool, e: L2Entry) {
     if extended {
         table[16 * i..16 * i + 8].copy_from_slice(&e.word.to_be_bytes());
         table[16 * i + 8..16 * i + 16].copy_from_slice(&e.bitmap.to_be_bytes());
@@ -81,6 +82,16 @@ impl Meta {
     pub(super) fn l2_bytes(&mut self, off: HostOffset) -> Result<Vec<u8>> {
         self.load_l2(off)?;
         Ok(self.l2.get(off.0).expect("loaded").to_vec())
+    }
+
+    /// Replace the cached table at `off` by `content` (written back at the next flush).
+    pub(super) fn l2_replace(&mut self, off: HostOffset, content: &[u8]) -> Result<()> {
+        self.load_l2(off)?;
+        self.l2
+            .get_mut(off.0)
+            .expect("loaded")
+            .copy_from_slice(content);
+        Ok(())
     }
 
     /// Entry `i` of the table at `off`, as stored (not validated).

@@ -2,7 +2,7 @@
 //! copy-on-write policy (a table another L1 shares is copied before it is changed).
 
 use super::entry::{self, CompressedRun, L2Entry, COPIED};
-use super::meta::Meta;
+use super::meta::{encode_u64_table, Meta};
 use super::overlap::Metadata;
 use super::units::{ClusterCount, GuestCluster, HostCluster, HostOffset};
 use crate::error::{io, Error, Result, Structure};
@@ -20,10 +20,6 @@ impl ActiveL1 {
             dirty: false,
         }
     }
-}
-
-fn encode_u64_table(t: &[u64]) -> Vec<u8> {
-    t.iter().flat_map(|v| v.to_be_bytes()).collect()
 }
 
 impl Meta {

@@ -50,6 +50,11 @@ pub(super) fn read_u64_table(
         .collect())
 }
 
+/// The bytes of a table of big-endian 64-bit entries.
+pub(super) fn encode_u64_table(t: &[u64]) -> Vec<u8> {
+    t.iter().flat_map(|v| v.to_be_bytes()).collect()
+}
+
 impl Meta {
     /// Load the L1 and refcount tables of an image whose header was validated.
     pub fn load(storage: Arc<dyn Storage>, h: Header, read_only: bool) -> Result<Meta> {

@@ -11,6 +11,7 @@ mod check;
 mod check_rebuild;
 pub mod compress;
 mod compressed;
+mod copied_flags;
 mod counts;
 pub mod create;
 mod data_ranges;
@@ -27,6 +28,7 @@ mod preallocate;
 mod read;
 mod rebuild;
 pub mod refcount;
+mod refcount_switch;
 mod resize;
 pub mod snapshot;
 pub mod snapshot_ops;
@@ -431,6 +433,8 @@ mod concurrency_tests;
 mod error_tests;
 #[cfg(test)]
 mod ordering_tests;
+#[cfg(test)]
+mod snapshot_crash_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -1,21 +1,20 @@
 //! Internal snapshots: create, apply and delete, as QEMU's `qcow2-snapshot.c` does them.
 //!
-//! Crash safety: refcount increments are durable before any table points at what they
-//! count; rewriting the header (nb_snapshots, snapshots_offset, or the active L1) is the
-//! commit point; what stopped being referenced is freed after it, deferred to the flush
-//! that follows. A crash may leak clusters, never lose a reference.
+//! Crash safety: create and delete write everything they change copy-on-write (the
+//! snapshot and active L1 tables, the active L2 tables whose COPIED flags change, the
+//! snapshot table and the refcount blocks) and switch to it with one header write
+//! (`refcount_switch`): a crash leaves the image as before or as after, at worst with
+//! leaked clusters. Apply raises refcounts before the active L1 points at what they
+//! count and lowers them after, deferred to the flush that follows.
 
-use super::entry::{self, L2Entry, COPIED};
-use super::meta::{read_u64_table, Meta};
+use super::entry::COPIED;
+use super::meta::{encode_u64_table, read_u64_table, Meta};
+use super::refcount_switch::RefChange;
 use super::snapshot::{self, Snapshot};
 use super::units::HostOffset;
 use super::walker::L1Source;
 use super::Qcow2Image;
 use crate::error::{io, Error, Result};
-
-fn encode_u64_table(t: &[u64]) -> Vec<u8> {
-    t.iter().flat_map(|v| v.to_be_bytes()).collect()
-}
 
 /// Wall-clock time as (seconds, nanoseconds), at microsecond precision as QEMU records it.
 fn now() -> (u32, u32) {
@@ -26,40 +25,6 @@ fn now() -> (u32, u32) {
 }
 
 impl Meta {
-    /// Set COPIED on the active L1 and L2 entries exactly where the refcount of what they
-    /// point at is 1 (QEMU's `update_snapshot_refcount(.., 0)`); never on compressed ones.
-    fn fix_copied(&mut self) -> Result<()> {
-        let g = self.geo();
-        for idx in 0..self.l1.entries.len() {
-            let raw = self.l1.entries[idx];
-            let Some(t) = entry::l1_table_offset(raw, g.cluster_size())? else {
-                continue;
-            };
-            let l1e = if self.refcount(g.host_cluster(t))? == 1 {
-                raw | COPIED
-            } else {
-                raw & !COPIED
-            };
-            if l1e != raw {
-                self.l1.entries[idx] = l1e;
-                self.l1.dirty = true;
-            }
-            for i in 0..g.l2_entries() as usize {
-                let e = self.l2_get(t, i)?;
-                let word = match e.host_cluster() {
-                    _ if e.is_compressed() => e.word & !COPIED,
-                    Some(h) if self.refcount(g.host_cluster(h))? == 1 => e.word | COPIED,
-                    Some(_) => e.word & !COPIED,
-                    None => e.word,
-                };
-                if word != e.word {
-                    self.l2_set(t, i, L2Entry { word, ..e })?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Write `table` to new clusters and switch the header to it (the commit point); the
     /// old table is freed at the next flush. Everything the table points at must be durable.
     pub(super) fn write_snapshot_table(
@@ -110,6 +75,55 @@ impl Meta {
         )
     }
 
+    /// `bytes` in newly allocated clusters; their offset (0 for no bytes).
+    fn write_new(&mut self, bytes: &[u8], what: &str) -> Result<u64> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        let g = self.geo();
+        let off = g.host_offset(self.alloc_clusters(g.clusters_for(bytes.len() as u64))?);
+        io(what, self.storage().write_at(bytes, off.0))?;
+        Ok(off.0)
+    }
+
+    /// Switch in one header write (see the module) to the active L1 `l1`, whose tables
+    /// are written, the snapshot table `table` (replacing `old`) and the refcounts after
+    /// `change`; then free the old active L1 and snapshot table.
+    fn switch_snapshots(
+        &mut self,
+        old: &[Snapshot],
+        table: &[Snapshot],
+        l1: Vec<u64>,
+        change: &RefChange,
+    ) -> Result<()> {
+        let g = self.geo();
+        let old_l1 = g.clusters_touched(
+            HostOffset(self.h.l1_table_offset),
+            u64::from(self.h.l1_size) * 8,
+        );
+        let l1_offset = match self.write_new(&encode_u64_table(&l1), "Could not write L1 table")? {
+            0 => self.h.l1_table_offset,
+            off => off,
+        };
+        let snapshots = snapshot::try_encode_table(table)?;
+        let snapshots_offset = self.write_new(&snapshots, "Could not write snapshot table")?;
+        let old_snapshots = g.clusters_touched(
+            HostOffset(self.h.snapshots_offset),
+            snapshot::encoded_len(old),
+        );
+        self.switch_refcounts(change, |h| {
+            h.l1_table_offset = l1_offset;
+            h.nb_snapshots = table.len() as u32;
+            h.snapshots_offset = snapshots_offset;
+        })?;
+        self.free_now(old_l1)?;
+        self.free_now(old_snapshots)?;
+        self.overlap.set_l2(&l1, g);
+        self.l1.entries = l1;
+        self.l1.dirty = false;
+        self.flush()
+    }
+
     /// Take a snapshot of the active L1 named `name`, with the next free numeric ID.
     fn snapshot_create(&mut self, name: &str) -> Result<()> {
         self.flush()?;
@@ -119,23 +133,17 @@ impl Meta {
         }
         let g = self.geo();
         let active: Vec<u64> = self.l1.entries.clone();
-        let counts = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
-        self.add_refs(&counts)?;
+        // The snapshot takes the active L2 tables and one more reference to their data;
+        // the active image gets copies of the tables without COPIED flags.
+        let mut change = RefChange::new(g.refblock_bits());
+        change.add = self.table_refs(L1Source::Active, self.h.l1_table_offset, &active)?;
+        self.refs_fit(&change.add)?;
         let l1_copy: Vec<u64> = active.iter().map(|e| e & !COPIED).collect();
-        let l1_offset = if l1_copy.is_empty() {
-            0
-        } else {
-            let first = self.alloc_clusters(g.clusters_for(l1_copy.len() as u64 * 8))?;
-            let off = g.host_offset(first).0;
-            io(
-                "Could not write snapshot L1 table",
-                self.storage().write_at(&encode_u64_table(&l1_copy), off),
-            )?;
-            off
-        };
-        self.fix_copied()?;
-        // Refcounts first, then the L2 and L1 tables without COPIED, all durable.
-        self.flush()?;
+        let l1_offset = self.write_new(
+            &encode_u64_table(&l1_copy),
+            "Could not write snapshot L1 table",
+        )?;
+        let l1 = self.active_tables_after(&mut change)?;
         let id = old
             .iter()
             .filter_map(|s| s.id.parse::<u64>().ok())
@@ -158,8 +166,7 @@ impl Meta {
             icount: Some(0),
             unknown_extra: Vec::new(),
         });
-        self.write_snapshot_table(&old, &table)?;
-        self.flush()
+        self.switch_snapshots(&old, &table, l1, &change)
     }
 
     /// Remove snapshot `index` of the table and drop what it referenced.
@@ -168,20 +175,18 @@ impl Meta {
         let old = self.snapshot_table()?;
         let sn = old[index].clone();
         let l1 = self.snapshot_l1(&sn)?;
-        let mut counts = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let g = self.geo();
+        let mut change = RefChange::new(g.refblock_bits());
+        change.sub = self.table_refs(L1Source::Snapshot(index), sn.l1_table_offset, &l1)?;
         let l1_bytes = u64::from(sn.l1_size) * 8;
-        counts.add(
+        change.sub.add(
             g.clusters_touched(HostOffset(sn.l1_table_offset), l1_bytes),
             1,
         );
+        let active = self.active_tables_after(&mut change)?;
         let mut table = old.clone();
         table.remove(index);
-        self.write_snapshot_table(&old, &table)?;
-        self.drop_refs(&counts);
-        self.flush()?;
-        self.fix_copied()?;
-        self.flush()
+        self.switch_snapshots(&old, &table, active, &change)
     }
 
     /// Make the active L1 a copy of snapshot `index`'s, and the virtual size its disk size.

@@ -46,9 +46,9 @@ impl Meta {
         }
     }
 
-    /// Add `counts` to the refcounts now, all or nothing: refused before any change when
-    /// a refcount would overflow its width (refcount_bits=1 cannot hold two references).
-    pub(super) fn add_refs(&mut self, counts: &ClusterCounts) -> Result<()> {
+    /// Refuse `counts` if adding them would overflow a refcount's width (refcount_bits=1
+    /// cannot hold two references).
+    pub(super) fn refs_fit(&mut self, counts: &ClusterCounts) -> Result<()> {
         let max = refcount::max_value(self.h.refcount_order);
         for (first, n, addend) in runs(counts) {
             for c in first.run(n) {
@@ -61,6 +61,13 @@ impl Meta {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Add `counts` to the refcounts now, all or nothing: refused before any change when
+    /// a refcount would overflow its width.
+    pub(super) fn add_refs(&mut self, counts: &ClusterCounts) -> Result<()> {
+        self.refs_fit(counts)?;
         for (first, n, addend) in runs(counts) {
             self.update_refcount(first, n, addend as i64, When::Now)?;
         }
