@@ -11,6 +11,7 @@
 //! consistent; the old table and the replaced blocks are freed afterwards.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use super::allocator::When;
 use super::counts::ClusterCounts;
@@ -79,12 +80,15 @@ impl Meta {
         let per_rb = 1u64 << g.refblock_bits();
         let blocks = change.blocks();
         // Every count is checked before anything is written.
-        let mut freed = Vec::new();
+        let mut freed: Vec<Range<u64>> = Vec::new();
         for &rbi in &blocks {
             for c in (rbi * per_rb..(rbi + 1) * per_rb).map(HostCluster) {
-                if change.add.get(c) + change.sub.get(c) > 0 && self.refcount_after(c, change)? == 0
-                {
-                    freed.push(c);
+                let changed = change.add.get(c) + change.sub.get(c) > 0;
+                if changed && self.refcount_after(c, change)? == 0 {
+                    match freed.last_mut() {
+                        Some(r) if r.end == c.0 => r.end += 1,
+                        _ => freed.push(c.0..c.0 + 1),
+                    }
                 }
             }
         }
@@ -143,8 +147,8 @@ impl Meta {
         for c in replaced {
             self.update_refcount(c, ClusterCount(1), -1, When::Now)?;
         }
-        for c in freed {
-            self.release(c.0..c.0 + 1)?;
+        for r in freed {
+            self.release(r)?;
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! Snapshot create and delete crashed at every point of their write log: no crash may
+//! Snapshot create, delete and apply crashed at every point of their write log: no crash may
 //! leave an image `qemu-img check` calls corrupt (leaks are allowed), and the image reads
 //! as before or as after, its snapshots included.
 
@@ -114,4 +114,9 @@ fn a_crashed_snapshot_delete_is_never_corrupt() {
     crash_everywhere("cluster_size=512", &|img| {
         img.snapshot_delete("s1").unwrap()
     });
+}
+
+#[test]
+fn a_crashed_snapshot_apply_is_never_corrupt() {
+    crash_everywhere("cluster_size=512", &|img| img.snapshot_apply("s1").unwrap());
 }

@@ -34,20 +34,9 @@ impl Meta {
     ) -> Result<()> {
         let g = self.geo();
         let bytes = snapshot::try_encode_table(table)?;
-        let offset = if bytes.is_empty() {
-            0
-        } else {
-            let first = self.alloc_clusters(g.clusters_for(bytes.len() as u64))?;
-            self.write_refcounts()?;
-            self.sync()?;
-            let off = g.host_offset(first).0;
-            io(
-                "Could not write snapshot table",
-                self.storage().write_at(&bytes, off),
-            )?;
-            self.sync()?;
-            off
-        };
+        let offset = self.write_new(&bytes, "Could not write snapshot table")?;
+        self.write_refcounts()?;
+        self.sync()?;
         let (old_off, old_len) = (self.h.snapshots_offset, snapshot::encoded_len(old));
         self.h.nb_snapshots = table.len() as u32;
         self.h.snapshots_offset = offset;
@@ -116,11 +105,11 @@ impl Meta {
             h.nb_snapshots = table.len() as u32;
             h.snapshots_offset = snapshots_offset;
         })?;
-        self.free_now(old_l1)?;
-        self.free_now(old_snapshots)?;
         self.overlap.set_l2(&l1, g);
         self.l1.entries = l1;
         self.l1.dirty = false;
+        self.free_now(old_l1)?;
+        self.free_now(old_snapshots)?;
         self.flush()
     }
 
