@@ -400,6 +400,16 @@ impl FaultStorage {
         self.crash_image_subset(k, &|_| true)
     }
 
+    /// Three crashes at log point `k`: every operation issued so far reached the disk, or
+    /// of the unflushed ones only those at even, or only those at odd, log indices.
+    pub fn crash_images(&self, k: usize) -> [Vec<u8>; 3] {
+        [
+            self.crash_image_at(k),
+            self.crash_image_subset(k, &|i| i % 2 == 0),
+            self.crash_image_subset(k, &|i| i % 2 == 1),
+        ]
+    }
+
     /// The content of a crash at log point `k` in which everything up to the last flush
     /// before `k` is durable and, of the later operations (log indices in
     /// `durable_prefix(k)..k`), only those for which `survives(index)` is true reached the
