@@ -60,6 +60,11 @@ impl ClusterCounts {
             .map_or(0, |ch| u64::from(ch[(c.0 & (size - 1)) as usize]))
     }
 
+    /// The counts of chunk `i` (clusters `i << chunk_bits` on), if it holds any.
+    pub fn chunk(&self, i: u64) -> Option<&[u32]> {
+        self.chunks.get(&i).map(|c| &c[..])
+    }
+
     /// The first cluster at or after `c` whose chunk of `1 << chunk_bits` clusters holds
     /// any reference (`c` itself when its own chunk does), if there is one.
     pub fn next_counted(&self, c: u64) -> Option<u64> {

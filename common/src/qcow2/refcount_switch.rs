@@ -49,7 +49,12 @@ impl Meta {
     /// (the stored counts are corrupt) or overflow the refcount width.
     pub(super) fn refcount_after(&mut self, c: HostCluster, change: &RefChange) -> Result<u64> {
         let stored = self.refcount(c)?;
-        let (add, sub) = (change.add.get(c), change.sub.get(c));
+        self.count_after(c, stored, change.add.get(c), change.sub.get(c))
+    }
+
+    /// `stored + add - sub`, the refcount of `c` after a change, checked as
+    /// [`Meta::refcount_after`] says.
+    fn count_after(&self, c: HostCluster, stored: u64, add: u64, sub: u64) -> Result<u64> {
         let Some(n) = (stored + add).checked_sub(sub) else {
             let block = self.refs.table.get(self.geo().reftable_index(c)).copied();
             return Err(Error::corrupt_at(
@@ -68,6 +73,32 @@ impl Meta {
         Ok(n)
     }
 
+    /// Refcount block `rbi` as stored (zeroes where the table has none), with `change`
+    /// applied, and the clusters whose count it drops to zero.
+    fn block_after(&mut self, rbi: u64, change: &RefChange) -> Result<(Vec<u8>, Vec<u64>)> {
+        let g = self.geo();
+        let mut block = match self.refblock_offset(rbi as usize)? {
+            Some(off) => self.refblock_bytes(off)?,
+            None => vec![0u8; g.cluster_size() as usize],
+        };
+        let count = |c: &ClusterCounts, slot: usize| c.chunk(rbi).map_or(0, |s| u64::from(s[slot]));
+        let mut freed = Vec::new();
+        for slot in 0..1usize << g.refblock_bits() {
+            let (add, sub) = (count(&change.add, slot), count(&change.sub, slot));
+            if add + sub == 0 {
+                continue;
+            }
+            let c = HostCluster((rbi << g.refblock_bits()) + slot as u64);
+            let stored = refcount::get(&block, g.refcount_order, slot);
+            let n = self.count_after(c, stored, add, sub)?;
+            refcount::set(&mut block, g.refcount_order, slot, n);
+            if n == 0 {
+                freed.push(c.0);
+            }
+        }
+        Ok((block, freed))
+    }
+
     /// Apply `change` to the refcounts and `edit` to the header in one header write (see
     /// the module). Everything the edited header points at must be written already.
     pub(super) fn switch_refcounts(
@@ -77,18 +108,14 @@ impl Meta {
     ) -> Result<()> {
         let g = self.geo();
         let cs = g.cluster_size();
-        let per_rb = 1u64 << g.refblock_bits();
         let blocks = change.blocks();
         // Every count is checked before anything is written.
         let mut freed: Vec<Range<u64>> = Vec::new();
         for &rbi in &blocks {
-            for c in (rbi * per_rb..(rbi + 1) * per_rb).map(HostCluster) {
-                let changed = change.add.get(c) + change.sub.get(c) > 0;
-                if changed && self.refcount_after(c, change)? == 0 {
-                    match freed.last_mut() {
-                        Some(r) if r.end == c.0 => r.end += 1,
-                        _ => freed.push(c.0..c.0 + 1),
-                    }
+            for c in self.block_after(rbi, change)?.1 {
+                match freed.last_mut() {
+                    Some(r) if r.end == c => r.end += 1,
+                    _ => freed.push(c..c + 1),
                 }
             }
         }
@@ -114,21 +141,11 @@ impl Meta {
         table.resize((table_clusters * cs / 8) as usize, 0);
         let mut replaced = Vec::new();
         for (j, &rbi) in blocks.iter().enumerate() {
-            let base = HostCluster(rbi * per_rb);
-            let mut block = match self.refblock_offset(rbi as usize)? {
-                Some(off) => {
-                    replaced.push(g.host_cluster(off));
-                    self.refblock_bytes(off)?
-                }
-                None => vec![0u8; cs as usize],
-            };
-            for slot in 0..per_rb {
-                let c = base.plus(slot);
-                if change.add.get(c) + change.sub.get(c) > 0 {
-                    let n = self.refcount_after(c, change)?;
-                    refcount::set(&mut block, g.refcount_order, slot as usize, n);
-                }
+            if let Some(off) = self.refblock_offset(rbi as usize)? {
+                replaced.push(g.host_cluster(off));
             }
+            // Again on the blocks as they are now, the new clusters counted.
+            let (block, _) = self.block_after(rbi, change)?;
             let off = g.host_offset(first.plus(j as u64)).0;
             io(
                 "Could not write refcount block",
