@@ -113,3 +113,38 @@ fn a_crashed_snapshot_delete_is_never_corrupt() {
 fn a_crashed_snapshot_apply_is_never_corrupt() {
     crash_everywhere("cluster_size=512", &|img| img.snapshot_apply("s1").unwrap());
 }
+
+/// With refcount_bits=1 a snapshot cannot be taken (no cluster can hold two references):
+/// refused before anything is allocated, so the image still checks clean, nothing leaked,
+/// and reads as before.
+#[test]
+fn a_refused_snapshot_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1",
+            ps,
+            "1M",
+        ],
+    );
+    qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 7 0 200k", ps]);
+    let before = std::fs::read(&p).unwrap();
+    let fault = FaultStorage::with_content(before.clone());
+    let img = Qcow2Image::open(Arc::new(fault.clone()), false).unwrap();
+    let e = img.snapshot_create("s1").unwrap_err();
+    assert!(e.to_string().contains("would overflow 1 bits"), "{e}");
+    drop(img);
+    let after = fault.content().unwrap();
+    assert_eq!(after, before, "the file is unchanged");
+    std::fs::write(&p, &after).unwrap();
+    let (code, out) = qemu("qemu-img", &["check", ps]);
+    assert_eq!(code, 0, "{out}");
+}
