@@ -172,9 +172,11 @@ fn info_json(path: &Path, fmt: &str, file_len: bool) -> Result<serde_json::Value
     Ok(v)
 }
 
-/// Bytes a file occupies on the host.
+/// Bytes of data a file occupies on the host: its data extents where the file system maps
+/// them (not its extent-tree blocks, see [`crate::fiemap`]), else its `st_blocks`.
 fn disk_usage(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+    crate::fiemap::data_bytes(path)
+        .unwrap_or_else(|| std::fs::metadata(path).map_or(0, |m| m.blocks() * 512))
 }
 
 /// What `img` wrote at `ours` and qemu-img at `theirs` (both `fmt`) are the same image

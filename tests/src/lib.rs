@@ -17,6 +17,7 @@
 //! - [`write_log`]: the write log of a multi-threaded workload and the model of what an image
 //!   may read after a crash or at any moment of it;
 //! - [`fake_kernel`]: tiny hand-made kernels for `vmm`;
+//! - [`fiemap`]: the bytes of a file's data extents (host space without file-system bookkeeping);
 //! - [`kvm`]: whether /dev/kvm is there, and whether it runs guests at hardware speed;
 //! - here: [`Rng`] and [`seed`] (seeded, replayable randomness), [`text_diff`] and
 //!   [`first_mismatch`] (readable differences), [`Failures`] (many cases in one test, every
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 pub mod engine;
 pub mod fake_kernel;
+pub mod fiemap;
 pub mod foreign;
 pub mod kvm;
 pub mod mem_disk;
