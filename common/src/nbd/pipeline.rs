@@ -1,14 +1,17 @@
 //! Many requests in flight on one NBD connection, as QEMU's client keeps them. A thread
 //! registers its request, sends it under the send lock and waits; whichever waiter finds
-//! nobody reading takes the next reply message off the socket and hands it to the request
-//! it answers (chunks of structured replies to different requests may interleave), then
-//! passes the turn on. A broken connection fails every request in flight and every later
-//! one; an error the server reports fails only its request.
+//! nobody reading takes the reading turn and keeps it until its own request is answered:
+//! each reply message goes to the request it answers (chunks of structured replies to
+//! different requests may interleave), and only that request's thread is woken when it is
+//! done. Leaving, the reader hands the turn to one thread still waiting. A broken
+//! connection fails every request in flight and every later one; an error the server
+//! reports fails only its request.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::{self, Thread};
 
 use super::client::{broken, to_io, Stream};
 use super::consts::*;
@@ -21,8 +24,6 @@ pub struct Pipeline {
     tx: Mutex<Sender>,
     rx: Mutex<BufReader<Stream>>,
     state: Mutex<State>,
-    /// Signalled when a request is answered or the reading turn is free.
-    turn: Condvar,
     base_allocation: Option<u32>,
 }
 
@@ -61,6 +62,8 @@ struct Slot {
     error: Option<io::Error>,
     extents: Vec<Extent>,
     done: bool,
+    /// The thread waiting for it: unparked when it is done or is handed the reading turn.
+    owner: Thread,
 }
 
 // SAFETY: the buffers of a `Want::Read` are written only by the thread holding the
@@ -99,7 +102,6 @@ impl Pipeline {
             tx: Mutex::new(Sender { w, cookie: 0 }),
             rx: Mutex::new(r),
             state: Mutex::new(State::default()),
-            turn: Condvar::new(),
             base_allocation,
         }
     }
@@ -189,6 +191,7 @@ impl Pipeline {
                     error: None,
                     extents: Vec::new(),
                     done: false,
+                    owner: thread::current(),
                 };
                 st.slots.insert(cookie, slot);
             }
@@ -229,22 +232,40 @@ impl Pipeline {
                 };
             }
             if st.reading {
-                st = self.turn.wait(st).unwrap_or_else(|p| p.into_inner());
+                // Woken when done or handed the turn (or spuriously: the loop looks again).
+                drop(st);
+                thread::park();
+                st = self.state();
                 continue;
             }
             st.reading = true;
             drop(st);
+            st = self.read_until_done(cookie);
+        }
+    }
+
+    /// Holding the reading turn, read reply messages until request `cookie` is done (or
+    /// the connection is lost), then hand the turn to a thread still waiting.
+    fn read_until_done(&self, cookie: u64) -> MutexGuard<'_, State> {
+        loop {
             let answer = self.read_answer();
-            st = self.state();
-            st.reading = false;
+            let mut st = self.state();
             match answer {
                 Ok(a) => Self::apply(&mut st, a),
                 Err(e) => self.lose(&mut st, &e),
             }
-            self.turn.notify_all();
+            if st.slots.get(&cookie).is_none_or(|s| s.done) {
+                st.reading = false;
+                if let Some(next) = st.slots.values().find(|s| !s.done) {
+                    next.owner.unpark();
+                }
+                return st;
+            }
         }
     }
 
+    /// Record reply message `a` in its request's slot; wake the request's thread once it
+    /// is done (the reader itself is awake).
     fn apply(st: &mut State, a: Answer) {
         if let Some(slot) = st.slots.get_mut(&a.cookie) {
             if a.error.is_some() {
@@ -254,6 +275,9 @@ impl Pipeline {
                 slot.extents = ext;
             }
             slot.done |= a.last;
+            if slot.done && slot.owner.id() != thread::current().id() {
+                slot.owner.unpark();
+            }
         }
     }
 
@@ -266,8 +290,8 @@ impl Pipeline {
         for slot in st.slots.values_mut().filter(|s| !s.done) {
             slot.error = Some(lost_error(kind, &msg));
             slot.done = true;
+            slot.owner.unpark();
         }
-        self.turn.notify_all();
     }
 
     /// How request `cookie` wants its reply, copied out of its slot.
@@ -435,7 +459,8 @@ fn read_chunk(
 }
 
 /// Fill `dst` from the socket: what the reader holds buffered, then straight from the
-/// file descriptor into the buffer (no copy through this process's memory).
+/// socket into the buffer (no copy through this process's memory), in one receive that
+/// waits for all of it unless a signal cuts it short.
 fn read_raw(r: &mut BufReader<Stream>, dst: IoBufMut<'_>) -> io::Result<()> {
     let held = r.buffer();
     let mut done = held.len().min(dst.len());
@@ -446,7 +471,7 @@ fn read_raw(r: &mut BufReader<Stream>, dst: IoBufMut<'_>) -> io::Result<()> {
         let rest = dst.sub(done, dst.len() - done);
         // SAFETY: `rest` is writable memory of that length (IoBufMut's contract); the
         // kernel writes into it and no reference to it is formed.
-        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_WAITALL) };
         match n {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
             n if n < 0 => {
@@ -540,6 +565,90 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
         let e = p.command(CMD_FLUSH, 0, 0, 0, &[]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotConnected, "{e}");
+    }
+
+    /// Sixteen threads read 64 times each from overlapping places; the server answers
+    /// whatever has arrived once nothing more comes for a moment, in a shuffled order, each
+    /// read in two chunks (all first halves, then all second halves, shuffled again). Every
+    /// read gets its own bytes and no thread is left waiting (a lost wake-up hangs it).
+    #[test]
+    fn many_threads_with_shuffled_replies_all_finish() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let p = std::sync::Arc::new(Pipeline::new(
+            BufReader::new(Stream::Unix(ours.try_clone().unwrap())),
+            BufWriter::new(Stream::Unix(ours)),
+            None,
+        ));
+        let (threads, per) = (16u64, 64u64);
+        let server = thread::spawn(move || {
+            let mut s = theirs;
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move |n: usize| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % n as u64) as usize
+            };
+            let mut shuffle = |v: &mut Vec<Request>| {
+                for i in (1..v.len()).rev() {
+                    v.swap(i, next(i + 1));
+                }
+            };
+            let mut pending = Vec::new();
+            let mut answered = 0;
+            while answered < threads * per {
+                let mut pfd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 1) };
+                if ready == 1 {
+                    let mut b = [0u8; REQUEST_LEN];
+                    s.read_exact(&mut b).unwrap();
+                    pending.push(Request::decode(&b).unwrap());
+                    continue;
+                }
+                let mut halves = Vec::new();
+                for second in [false, true] {
+                    shuffle(&mut pending);
+                    for r in &pending {
+                        let h = u64::from(r.len / 2);
+                        let (at, len) = if second {
+                            (r.offset + h, u64::from(r.len) - h)
+                        } else {
+                            (r.offset, h)
+                        };
+                        halves.extend(reply::data_chunk(r.cookie, at, len as u32, second));
+                        halves.extend((at..at + len).map(byte));
+                    }
+                }
+                s.write_all(&halves).unwrap();
+                answered += pending.len() as u64;
+                pending.clear();
+            }
+        });
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for t in 0..threads {
+            let (p, done_tx) = (p.clone(), done_tx.clone());
+            thread::spawn(move || {
+                for i in 0..per {
+                    let offset = ((t * 7 + i * 13) % 32) << 12;
+                    let mut buf = vec![0u8; 4096 + (i % 3) as usize * 512];
+                    p.read(&[(&mut buf[..]).into()], offset).unwrap();
+                    let want: Vec<u8> = (offset..offset + buf.len() as u64).map(byte).collect();
+                    assert_eq!(buf, want, "thread {t} read {i}");
+                }
+                done_tx.send(t).unwrap();
+            });
+        }
+        for _ in 0..threads {
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a reader thread hung or failed");
+        }
+        server.join().unwrap();
     }
 
     /// A reply naming a request nobody sent breaks the connection: every waiting
