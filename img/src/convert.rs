@@ -9,8 +9,10 @@ use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 
 mod copy;
+mod page_buf;
 mod sources;
 mod throttle;
+mod turn;
 
 use crate::create_opts::{
     creatable, has_help_option, help_text, help_text_with_file, is_valid_option_list,

@@ -4,13 +4,15 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use common::open::{Format, Image};
 use common::ops::CompressedCluster;
 
+use super::page_buf::PageBuf;
 use super::sources::{Kind, Sources, SECTOR};
 use super::throttle::Throttle;
+use super::turn::Turn;
 use crate::errors::{engine_msg, io_msg};
 use crate::progress::Progress;
 
@@ -187,9 +189,8 @@ struct Shared<'a> {
     plan: &'a CopyPlan,
     progress: &'a Progress,
     planner: Mutex<Planner<'a>>,
-    /// The sequence number whose turn it is to write (in-order mode).
-    turn: Mutex<u64>,
-    turn_changed: Condvar,
+    /// Whose turn it is to write (in-order mode).
+    turn: Turn,
     failed: AtomicBool,
     error: Mutex<Option<String>>,
     /// The unit of zero detection.
@@ -207,8 +208,7 @@ impl Shared<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(e);
         self.failed.store(true, Ordering::SeqCst);
-        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
-        self.turn_changed.notify_all();
+        self.turn.stop();
     }
 
     fn failed(&self) -> bool {
@@ -216,7 +216,7 @@ impl Shared<'_> {
     }
 
     fn worker(&self) {
-        let mut buf = Vec::new();
+        let mut buf = PageBuf::default();
         while !self.failed() {
             let next = self
                 .planner
@@ -232,15 +232,15 @@ impl Shared<'_> {
                 Ok(ops) => ops,
                 Err(e) => return self.fail(e),
             };
-            if self.plan.in_order && !self.wait_turn(chunk.seq) {
+            if self.plan.in_order && !self.turn.wait(chunk.seq) {
                 return;
             }
-            let r = match self.execute(ops, &buf) {
+            let r = match self.execute(ops, buf.bytes()) {
                 // As qemu-img: once the files refuse offloading, copy as without -C.
                 Ok(false) => {
                     self.offload.store(false, Ordering::Relaxed);
                     self.prepare(&chunk, &mut buf)
-                        .and_then(|ops| self.execute(ops, &buf).map(drop))
+                        .and_then(|ops| self.execute(ops, buf.bytes()).map(drop))
                 }
                 r => r.map(drop),
             };
@@ -250,27 +250,14 @@ impl Shared<'_> {
                 return self.fail(e);
             }
             if self.plan.in_order {
-                *self.turn.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                self.turn_changed.notify_all();
+                self.turn.done();
             }
             self.progress.advance(chunk.len);
         }
     }
 
-    /// Wait until chunk `seq` may write; false if the copy failed meanwhile.
-    fn wait_turn(&self, seq: u64) -> bool {
-        let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
-        while *turn != seq && !self.failed() {
-            turn = self
-                .turn_changed
-                .wait(turn)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        !self.failed()
-    }
-
     /// Read, scan and compress one chunk into the writes it needs.
-    fn prepare(&self, c: &Chunk, buf: &mut Vec<u8>) -> Result<Vec<Op>, String> {
+    fn prepare(&self, c: &Chunk, buf: &mut PageBuf) -> Result<Vec<Op>, String> {
         let len = c.len as usize;
         let plan = self.plan;
         match c.kind {
@@ -280,8 +267,7 @@ impl Shared<'_> {
             }
             Kind::Zero => {
                 // -S 0: zeroes are written as data.
-                buf.clear();
-                buf.resize(len, 0);
+                buf.take(len).fill(0);
             }
             // The kernel copies into raw files and into qcow2's clusters, as QEMU's copy
             // offloading does.
@@ -295,19 +281,19 @@ impl Shared<'_> {
                 }]);
             }
             Kind::Data => {
-                buf.resize(len, 0);
+                let b = buf.take(len);
                 if plan.salvage {
                     let warn = |m: &str| plan.warn(m);
-                    self.src.read_salvaging(c.offset, &mut buf[..len], &warn)?;
+                    self.src.read_salvaging(c.offset, b, &warn)?;
                 } else {
-                    self.src.read(c.offset, &mut buf[..len])?;
+                    self.src.read(c.offset, b)?;
                 }
             }
         }
         let mut ops = Vec::new();
         match (plan.compressed, plan.cluster_size) {
             (true, Some(cs)) => {
-                for (i, cluster) in buf[..len].chunks(cs as usize).enumerate() {
+                for (i, cluster) in buf.bytes().chunks(cs as usize).enumerate() {
                     let at = i * cs as usize;
                     let offset = c.offset + at as u64;
                     let data = at..at + cluster.len();
@@ -338,7 +324,7 @@ impl Shared<'_> {
                 offset: c.offset,
                 data: 0..len,
             }),
-            _ => self.split_zero_runs(c.offset, &buf[..len], &mut ops),
+            _ => self.split_zero_runs(c.offset, buf.bytes(), &mut ops),
         }
         Ok(ops)
     }
@@ -448,8 +434,7 @@ pub fn copy(
             seq: 0,
             run: None,
         }),
-        turn: Mutex::new(0),
-        turn_changed: Condvar::new(),
+        turn: Turn::default(),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
         // A cluster is allocated whole anyway: no point in finer zero runs.
