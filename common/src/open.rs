@@ -55,6 +55,10 @@ pub struct OpenOptions {
     /// Open for `check` (QEMU's BDRV_O_CHECK): a dirty image is not repaired on open,
     /// and a corrupt one may be opened read-write to be repaired.
     pub check: bool,
+    /// Open the image itself (depth 0) for its metadata only, as QEMU opens it for `info`
+    /// (BDRV_O_NO_IO): an AES-encrypted qcow image then opens without its key, its data
+    /// unreadable; otherwise it is refused.
+    pub metadata_only: bool,
 }
 
 /// An open image of any format, with its backing chain attached.
@@ -127,6 +131,11 @@ impl Image {
         }
     }
 
+    /// Whether the image's data is encrypted (opened for its metadata only, unreadable).
+    pub fn encrypted(&self) -> bool {
+        matches!(self, Image::ReadOnly(r) if r.encrypted())
+    }
+
     /// The layer at `depth` of the chain: 0 is the image itself, 1 its backing file, ...
     pub fn layer(&self, depth: u32) -> Option<&dyn BlockDriver> {
         let mut layer = self.driver();
@@ -167,7 +176,7 @@ impl Image {
 /// chain unless `opts.no_backing`.
 pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     let mut chain = Chain::default();
-    let top = chain.open_layer(path, opts.format, opts.read_only, opts.check, opts)?;
+    let top = chain.open_layer(path, opts.format, opts.read_only, true, opts)?;
     chain.attach_below(top, path, opts)
 }
 
@@ -185,19 +194,20 @@ impl Chain {
         })
     }
 
-    /// Open one layer: its file, its lock, its format (probed when `format` is `None`).
+    /// Open one layer: its file, its lock, its format (probed when `format` is `None`);
+    /// `top`: the image itself (depth 0).
     fn open_layer(
         &mut self,
         path: &Path,
         format: Option<Format>,
         read_only: bool,
-        check: bool,
+        top: bool,
         opts: &OpenOptions,
     ) -> Result<Image> {
         if let Some(name) = path.to_str().filter(|n| crate::nbd::uri::is_nbd_uri(n)) {
             let storage = crate::nbd::storage::NbdStorage::connect(&crate::nbd::uri::parse(name)?)?;
             let read_only = read_only || storage.read_only();
-            return image_on(storage, format, read_only, check, (path, opts));
+            return image_on(storage, format, read_only, top, (path, opts));
         }
         let canonical = canonical(path)?;
         if self.seen.contains(&canonical) {
@@ -213,7 +223,7 @@ impl Chain {
             storage = storage.ignoring_flushes();
         }
         crate::lock::lock_image(storage.file(), path, read_only, opts.force_share)?;
-        image_on(storage, format, read_only, check, (path, opts))
+        image_on(storage, format, read_only, top, (path, opts))
     }
 
     /// Open every layer below `top` (which was opened from `path`) and attach each to the
@@ -271,14 +281,17 @@ impl Chain {
 }
 
 /// The image of `format` (probed when `None`) on `storage`, opened from `path` with
-/// `opts` (which a vmdk's extent files are opened with too).
+/// `opts` (which a vmdk's extent files are opened with too); `opts.check` and
+/// `opts.metadata_only` apply to the `top` layer only.
 fn image_on<S: crate::storage::Storage + 'static>(
     storage: S,
     format: Option<Format>,
     read_only: bool,
-    check: bool,
+    top: bool,
     (path, opts): (&Path, &OpenOptions),
 ) -> Result<Image> {
+    let check = top && opts.check;
+    let metadata_only = top && opts.metadata_only;
     let probed = format.is_none();
     let format = match format {
         Some(f) => f,
@@ -319,13 +332,13 @@ fn image_on<S: crate::storage::Storage + 'static>(
             )
         }
         Format::Qed | Format::Qcow | Format::Parallels => {
-            let opened =
-                crate::readonly::open(format, &storage).map_err(|e| name_bare_errno(e, path))?;
+            let opened = crate::readonly::open(format, &storage, metadata_only)
+                .map_err(|e| name_bare_errno(e, path))?;
             Image::ReadOnly(ReadOnlyImage::new(
                 Box::new(storage),
                 opened,
                 read_only,
-                opts.check,
+                check,
             )?)
         }
     })

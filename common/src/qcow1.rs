@@ -41,8 +41,12 @@ struct QcowMap {
     l1: StoredTable,
 }
 
-/// Open the qcow image on `storage`.
-pub fn open(storage: &dyn Storage) -> Result<Opened> {
+/// Why an AES-encrypted image's data cannot be read (img takes no keys).
+pub const ENCRYPTED: &str = "AES-encrypted qcow images are not supported by img";
+
+/// Open the qcow image on `storage`. An AES-encrypted one opens only for its metadata
+/// (`metadata_only`, as QEMU opens it without a key for `info`); its data is unreadable.
+pub fn open(storage: &dyn Storage, metadata_only: bool) -> Result<Opened> {
     let mut h = [0u8; HEADER_LEN];
     storage
         .read_at(&mut h, 0)
@@ -74,15 +78,12 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
     if !(6..=13).contains(&l2_bits) {
         return Err(Error::invalid("L2 table size must be between 512 and 64k"));
     }
-    match crypt {
-        0 => {}
-        1 => {
-            return Err(Error::Unsupported(
-                "AES-encrypted qcow images are not supported by img".into(),
-            ))
-        }
+    let encrypted = match crypt {
+        0 => false,
+        1 if metadata_only => true,
+        1 => return Err(Error::Unsupported(ENCRYPTED.into())),
         _ => return Err(Error::invalid("invalid encryption method in qcow header")),
-    }
+    };
     let shift = cluster_bits + l2_bits;
     let too_large = || Error::invalid("Image too large");
     if size > u64::MAX - (1 << shift) {
@@ -129,6 +130,7 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
             l1,
         }),
         backing,
+        encrypted,
     })
 }
 
@@ -209,9 +211,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.qcow");
         std::fs::write(&p, b).unwrap();
-        open(&crate::storage::FileStorage::new(
-            std::fs::File::open(&p).unwrap(),
-        ))
+        open(
+            &crate::storage::FileStorage::new(std::fs::File::open(&p).unwrap()),
+            false,
+        )
+    }
+
+    /// AES-encrypted: refused, unless opened for its metadata only (`info`).
+    #[test]
+    fn an_encrypted_image_opens_for_its_metadata_only() {
+        let b = header(1, 1 << 20, 12, 9, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.qcow");
+        std::fs::write(&p, &b).unwrap();
+        let storage = || crate::storage::FileStorage::new(std::fs::File::open(&p).unwrap());
+        let e = open(&storage(), false).err().expect("must not open");
+        assert_eq!(e.to_string(), ENCRYPTED);
+        let o = open(&storage(), true).unwrap();
+        assert!(o.encrypted);
+        assert_eq!(o.size, 1 << 20);
+        // Its data cannot be read.
+        let image = crate::readonly::ReadOnlyImage::new(Box::new(storage()), o, true, false);
+        let mut buf = [0u8; 512];
+        let e = crate::BlockDriver::read_at(&image.unwrap(), &mut buf, 0).unwrap_err();
+        assert_eq!(e.to_string(), ENCRYPTED);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Opened {
     pub size: u64,
     pub map: Box<dyn GuestMap>,
     pub backing: Option<BackingRef>,
+    /// Opened for its metadata only: the data needs a key (AES-encrypted qcow).
+    pub encrypted: bool,
 }
 
 /// An open image of a format the engine only reads.
@@ -61,11 +63,12 @@ pub struct ReadOnlyImage {
     below: Option<Box<dyn BlockDriver>>,
 }
 
-/// Open an image of one of the formats the engine only reads.
-pub fn open(format: Format, storage: &dyn Storage) -> Result<Opened> {
+/// Open an image of one of the formats the engine only reads (`metadata_only`: for `info`,
+/// see [`crate::open::OpenOptions::metadata_only`]).
+pub fn open(format: Format, storage: &dyn Storage, metadata_only: bool) -> Result<Opened> {
     match format {
         Format::Qed => crate::qed::open(storage),
-        Format::Qcow => crate::qcow1::open(storage),
+        Format::Qcow => crate::qcow1::open(storage, metadata_only),
         Format::Parallels => crate::parallels::open(storage),
         _ => Err(Error::Unsupported(format!(
             "{} is not a read-only format",
@@ -103,6 +106,11 @@ impl ReadOnlyImage {
         &*self.storage
     }
 
+    /// Whether the image's data is encrypted (and so unreadable here).
+    pub fn encrypted(&self) -> bool {
+        self.opened.encrypted
+    }
+
     /// The cluster size.
     pub fn cluster_size(&self) -> u64 {
         self.opened.map.cluster_size()
@@ -122,7 +130,7 @@ impl ReadOnlyImage {
     /// for writing). It reads the image afresh, so that a check after a repair sees what
     /// the repair wrote. Unsupported for a format QEMU cannot check.
     pub fn check(&self, fix: Fix) -> Result<CheckReport> {
-        let fresh = open(self.opened.format, &*self.storage)?;
+        let fresh = open(self.opened.format, &*self.storage, false)?;
         fresh
             .map
             .check(&*self.storage, fresh.size, fix)
@@ -169,6 +177,9 @@ impl BlockDriver for ReadOnlyImage {
     fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         let len = iovec::total_len(bufs) as u64;
         check_range(offset, len, self.opened.size)?;
+        if self.opened.encrypted {
+            return Err(Error::Unsupported(crate::qcow1::ENCRYPTED.into()));
+        }
         let mut front = iovec::Front::new(bufs);
         let mut pos = offset;
         while front.remaining() > 0 {

@@ -121,6 +121,7 @@ pub fn image_info(
             force_share,
             format,
             no_backing: true,
+            metadata_only: true,
             ..Default::default()
         },
     )
@@ -167,6 +168,7 @@ pub fn image_info(
     node.snapshots = image.snapshots().map_err(|e| open_err(engine_msg(&e)))?;
     let info = image.info().map_err(|e| open_err(engine_msg(&e)))?;
     node.cluster_size = info.cluster_size;
+    node.encrypted = image.encrypted().then_some(true);
     node.dirty_flag = info.dirty;
     if nbd && image.format() == Format::Raw {
         node.dirty_flag = None;

@@ -317,6 +317,68 @@ fn qcow_images_read_the_same() {
     f.finish();
 }
 
+/// An AES-encrypted qcow image: `info` (human, JSON, and as the backing file of a qcow2
+/// with `--backing-chain`) shows it as qemu-img does without the key ("encrypted: yes");
+/// everything that reads its data is refused as qemu-img refuses it without a key (the same
+/// line and exit code, the reason in img's words: img takes no keys).
+#[test]
+fn an_encrypted_qcow_shows_its_info_and_refuses_its_data() {
+    let dir = tempdir();
+    let d = dir.path();
+    let img = Tool::img();
+    let mut f = Failures::new();
+    qimg(
+        d,
+        "create -q -f qcow --object secret,id=s0,data=123456 \
+         -o encrypt.format=aes,encrypt.key-secret=s0 e.qcow 1M",
+    );
+    qimg(d, "create -q -f qcow2 -b e.qcow -F qcow top.qcow2");
+    for args in [
+        vec!["info", "e.qcow"],
+        vec!["info", "--output=json", "e.qcow"],
+        vec!["info", "--backing-chain", "top.qcow2"],
+        vec!["info", "--backing-chain", "--output=json", "top.qcow2"],
+    ] {
+        let r = Pair::run(d, d, &img, &args).compare(Names::Prefix, twin::verbatim);
+        f.record(&format!("{args:?}"), r);
+    }
+    let info = qemu_img_in(d, &["info", "e.qcow"]);
+    f.record(
+        "qemu-img shows it encrypted",
+        ensure(info.stdout.contains("encrypted: yes"), || info.report()),
+    );
+    for args in [
+        vec!["convert", "-O", "raw", "e.qcow", "o.raw"],
+        vec!["check", "e.qcow"],
+        vec!["map", "e.qcow"],
+        vec!["compare", "e.qcow", "top.qcow2"],
+        vec!["dd", "if=e.qcow", "of=o.raw"],
+        vec!["convert", "-O", "raw", "top.qcow2", "o.raw"],
+    ] {
+        let out = img.run(Some(d), &args);
+        let q = qemu_img_in(d, &args);
+        // The same line but for the reason: qemu-img asks for the key img cannot take.
+        let ours = out.stderr.replacen("img: ", "", 1).replace(
+            "AES-encrypted qcow images are not supported by img",
+            "<reason>",
+        );
+        let theirs = q.stderr.replacen("qemu-img: ", "", 1).replace(
+            "Parameter 'encrypt.key-secret' is required for cipher",
+            "<reason>",
+        );
+        let r = ensure(
+            out.code.is_some_and(|c| c != 0)
+                && q.code == out.code
+                && out.stderr.trim_end().lines().count() == 1
+                && ours.contains("<reason>")
+                && ours == theirs,
+            || format!("img:\n{}\nqemu-img:\n{}", out.report(), q.report()),
+        );
+        f.record(&format!("{args:?}"), r);
+    }
+    f.finish();
+}
+
 /// qcow over a raw base, a qcow2 and another qcow in a subdirectory (qcow stores no
 /// backing format: each is probed), larger than what is below.
 #[test]

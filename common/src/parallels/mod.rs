@@ -127,6 +127,7 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
             old_magic: multiplier == 1,
         }),
         backing: None,
+        encrypted: false,
     })
 }
 

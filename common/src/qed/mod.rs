@@ -167,6 +167,7 @@ pub fn open(storage: &dyn Storage) -> Result<Opened> {
         size: image_size,
         map: Box::new(map),
         backing,
+        encrypted: false,
     })
 }
 
