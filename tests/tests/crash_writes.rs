@@ -18,7 +18,9 @@
 //! Each record is one `write(2)` on a file opened with `O_APPEND`, so the file orders them
 //! as they happened, and a SIGKILL loses none that was written (the kernel keeps the page
 //! cache of a killed process; only the engine's own unwritten state dies with it, which is
-//! what is tested). An operation whose `E` precedes the `F` of a flush whose `G` is in the
+//! what is tested). The one record being written at the kill may be torn (the kernel's
+//! copy stops between pages once the signal is pending); its write never returned, so
+//! nothing relied on it, and the log leaves it out. An operation whose `E` precedes the `F` of a flush whose `G` is in the
 //! log is durable: it must read back, unless a later durable operation (begun after it
 //! ended) covers it. Everything else that was begun may or may not have reached the image,
 //! per byte: concurrent overlapping operations in either order. A byte no durable operation
