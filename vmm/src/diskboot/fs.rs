@@ -10,6 +10,7 @@ use ext4_view::{Ext4, Ext4Read};
 
 use super::fat::Fat;
 use super::partitions::Partition;
+use super::readahead::ReadAhead;
 
 /// ext2/3/4 superblock magic, at byte 56 of the superblock (which starts at byte 1024).
 const EXT_MAGIC: u16 = 0xef53;
@@ -53,10 +54,9 @@ fn check_geometry(disk: &dyn BlockDriver, start: u64, len: u64) -> Result<(), St
     Ok(())
 }
 
-/// A byte range of the disk (a partition) as ext4-view reads it.
+/// A byte range of the disk (a partition) as ext4-view reads it, with read-ahead.
 struct PartReader {
-    disk: Arc<dyn BlockDriver>,
-    start: u64,
+    disk: ReadAhead,
     len: u64,
 }
 
@@ -72,7 +72,7 @@ impl Ext4Read for PartReader {
         {
             return Err("read past the end of the partition".into());
         }
-        self.disk.read_at(dst, self.start + start_byte)?;
+        self.disk.read(dst, start_byte)?;
         Ok(())
     }
 }
@@ -121,7 +121,10 @@ impl Fs {
             return Ok(None);
         }
         check_geometry(&*disk, start, len).map_err(|e| format!("{}: {e}", where_(&part)))?;
-        let reader = PartReader { disk, start, len };
+        let reader = PartReader {
+            disk: ReadAhead::new(disk, start, len),
+            len,
+        };
         let ext4 = Ext4::load(Box::new(reader)).map_err(|e| format!("{}: {e}", where_(&part)))?;
         Ok(Some(Fs {
             part,

@@ -14,6 +14,7 @@ mod fat;
 mod fs;
 mod grub;
 pub mod partitions;
+mod readahead;
 mod syslinux;
 
 use std::sync::Arc;
