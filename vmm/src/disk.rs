@@ -165,6 +165,17 @@ impl BlockDriver for FlushPolicy {
 mod tests {
     use super::*;
 
+    /// Held by every test that opens a `snapshot=on` drive: one test looks for overlay
+    /// files left in the temporary directory, and another test's overlay lives there for
+    /// the moment between its creation and its unlink.
+    static SNAPSHOT_OVERLAYS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn snapshot_lock() -> std::sync::MutexGuard<'static, ()> {
+        SNAPSHOT_OVERLAYS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn temp_image(name: &str, size: usize) -> std::path::PathBuf {
         let p = std::env::temp_dir().join(format!("vmm-disk-{}-{name}", std::process::id()));
         std::fs::write(&p, vec![0x11u8; size]).unwrap();
@@ -293,6 +304,7 @@ mod tests {
     /// drive is refused in one line naming the format.
     #[test]
     fn read_only_format_drives() {
+        let _overlays = snapshot_lock();
         for fmt in ["qed", "qcow", "parallels"] {
             let p = std::env::temp_dir().join(format!("vmm-disk-{}-ro-{fmt}", std::process::id()));
             let ps = p.to_str().unwrap();
@@ -330,6 +342,7 @@ mod tests {
 
     #[test]
     fn snapshot_on_leaves_the_file_alone() {
+        let _overlays = snapshot_lock();
         let p = temp_image("snap", 1 << 16);
         let d = open_drive(&drive(&p, ",snapshot=on")).unwrap();
         assert!(!d.is_read_only());
@@ -377,11 +390,13 @@ mod tests {
 
     #[test]
     fn snapshot_overlay_is_qcow2_over_the_image_and_leaves_no_file() {
+        let _overlays = snapshot_lock();
         let p = temp_image("snapq", 3 * 4096 + 512);
+        let ours = format!("vmm-snapshot-{}-", std::process::id());
         let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("vmm-snapshot-"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&ours))
             .map(|e| e.path())
             .collect();
         let d = open_drive(&drive(&p, ",snapshot=on")).unwrap();
@@ -397,7 +412,7 @@ mod tests {
         let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("vmm-snapshot-"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&ours))
             .map(|e| e.path())
             .filter(|p| !before.contains(p))
             .collect();
