@@ -16,6 +16,7 @@ pub mod error;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault_storage;
 pub mod format;
+mod inflate;
 pub mod iovec;
 pub mod lock;
 pub mod measure;

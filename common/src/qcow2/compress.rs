@@ -12,9 +12,8 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 }
 
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    let mut d = flate2::Decompress::new(false);
-    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
-        Ok(_) if d.total_out() as usize == out.len() => Ok(()),
+    match crate::inflate::inflate(false, input, out) {
+        Ok((_, written)) if written == out.len() => Ok(()),
         Ok(_) => Err(Error::corrupt(
             "compressed cluster decompresses to the wrong size",
         )),

@@ -2,7 +2,7 @@
 //! zlib stream of one grain, inflated as QEMU does (two grains' worth read, the size
 //! checked against that, the stream required to end inside one grain).
 
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::Status;
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -16,8 +16,12 @@ fn einval(what: &str) -> Error {
     Error::io(what, std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// The bytes read first at a marker: the marker and, for most grains, part of the stream.
+const FIRST_READ: usize = 4096;
+
 /// Inflate the grain whose marker is at host byte `host` into `out` (one grain long);
-/// returns how many bytes the stream held.
+/// returns how many bytes the stream held. As in QEMU, a stream longer than two grains'
+/// worth is refused; only as much as the marker names is read.
 pub fn read_grain(
     storage: &dyn Storage,
     host: u64,
@@ -25,20 +29,27 @@ pub fn read_grain(
     out: &mut [u8],
 ) -> Result<usize> {
     let grain = out.len();
-    let mut buf = vec![0u8; grain * 2];
-    read_padded(storage, &mut buf, host, "Could not read a compressed grain")?;
-    let (data, len) = if has_marker {
+    let what = "Could not read a compressed grain";
+    let (buf, start, len) = if has_marker {
+        let mut buf = vec![0u8; FIRST_READ.min(grain * 2)];
+        read_padded(storage, &mut buf, host, what)?;
         let size = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
-        (&buf[MARKER_LEN..], size)
+        if size == 0 || size > grain * 2 - MARKER_LEN {
+            return Err(einval("Invalid compressed grain size"));
+        }
+        let have = buf.len();
+        if MARKER_LEN + size > have {
+            buf.resize(MARKER_LEN + size, 0);
+            read_padded(storage, &mut buf[have..], host + have as u64, what)?;
+        }
+        (buf, MARKER_LEN, size)
     } else {
-        (&buf[..], grain)
+        let mut buf = vec![0u8; grain];
+        read_padded(storage, &mut buf, host, what)?;
+        (buf, 0, grain)
     };
-    if len == 0 || len > data.len() {
-        return Err(einval("Invalid compressed grain size"));
-    }
-    let mut z = Decompress::new(true);
-    match z.decompress(&data[..len], out, FlushDecompress::Finish) {
-        Ok(Status::StreamEnd) => Ok(z.total_out() as usize),
+    match crate::inflate::inflate(true, &buf[start..start + len], out) {
+        Ok((Status::StreamEnd, written)) => Ok(written),
         _ => Err(einval("Could not inflate a compressed grain")),
     }
 }
@@ -97,5 +108,30 @@ mod tests {
         let big = encode_grain(0, &vec![0u8; 65536 * 2]).unwrap();
         s.write_at(&big, 512).unwrap();
         assert!(read_grain(&s, 512, true, &mut out).is_err());
+    }
+
+    /// A stream longer than the first read is read on from the file, to its end.
+    #[test]
+    fn incompressible_grains_are_read_whole() {
+        let mut x = 0x9e37_79b9_u32;
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let enc = encode_grain(0, &data).unwrap();
+        assert!(enc.len() > FIRST_READ * 2, "{}", enc.len());
+        let s = MemStorage::new();
+        s.write_at(&enc, 1024).unwrap();
+        let mut out = vec![0u8; 65536];
+        assert_eq!(read_grain(&s, 1024, true, &mut out).unwrap(), 65536);
+        assert_eq!(out, data);
+        // Cut short by the end of the file: the rest reads as zeroes and fails to inflate.
+        let cut = MemStorage::new();
+        cut.write_at(&enc[..enc.len() / 2], 0).unwrap();
+        assert!(read_grain(&cut, 0, true, &mut out).is_err());
     }
 }
