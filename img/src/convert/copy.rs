@@ -10,7 +10,7 @@ use common::open::{Format, Image};
 use common::ops::CompressedCluster;
 
 use super::page_buf::PageBuf;
-use super::sources::{Kind, Sources, SECTOR};
+use super::sources::{Kind, Run, Sources, SECTOR};
 use super::throttle::Throttle;
 use super::turn::Turn;
 use crate::errors::{engine_msg, io_msg};
@@ -77,20 +77,21 @@ struct Planner<'a> {
     plan: &'a CopyPlan,
     pos: u64,
     seq: u64,
-    /// The last status answer: its start, end and kind.
-    run: Option<(u64, u64, Kind)>,
+    /// The last status answer and where its run starts.
+    run: Option<(u64, Run)>,
 }
 
 impl Planner<'_> {
-    /// The kind at `pos` and where that run ends.
-    fn kind_at(&mut self, pos: u64) -> Result<(Kind, u64), String> {
-        if let Some((start, end, kind)) = self.run {
-            if (start..end).contains(&pos) {
-                return Ok((kind, end));
+    /// The run at `pos`: the last answer while `pos` is inside it, so a long run is
+    /// asked for once however many chunks it makes.
+    fn run_at(&mut self, pos: u64) -> Result<Run, String> {
+        if let Some((start, run)) = self.run {
+            if (start..run.end).contains(&pos) {
+                return Ok(run);
             }
         }
         let top_only = self.plan.target_backing;
-        let (mut kind, mut end) = if self.plan.salvage {
+        let mut run = if self.plan.salvage {
             self.src
                 .status_salvaging(pos, top_only, &|m| self.plan.warn(m))?
         } else {
@@ -98,25 +99,26 @@ impl Planner<'_> {
         };
         if let Some(be) = self.plan.backing_end {
             if pos < be {
-                end = end.min(be);
-            } else if kind == Kind::Zero {
-                kind = Kind::Backing;
+                run.end = run.end.min(be);
+            } else if run.kind == Kind::Zero {
+                run.kind = Kind::Backing;
             }
         }
-        self.run = Some((pos, end, kind));
-        Ok((kind, end))
+        self.run = Some((pos, run));
+        Ok(run)
     }
 
     /// The kind of the unit `[start, end)`: one kind throughout, or data when mixed (a
     /// compressed cluster is written whole).
     fn unit_kind(&mut self, start: u64, end: u64) -> Result<Kind, String> {
-        let (first, mut p) = self.kind_at(start)?;
+        let first = self.run_at(start)?.kind;
+        let mut p = start;
         while p < end {
-            let (k, e) = self.kind_at(p)?;
-            if k != first {
+            let run = self.run_at(p)?;
+            if run.kind != first {
                 return Ok(Kind::Data);
             }
-            p = e;
+            p = run.end;
         }
         Ok(first)
     }
@@ -145,8 +147,12 @@ impl Planner<'_> {
                 (kind, end.min(limit))
             }
             _ => {
-                let (kind, end) = self.kind_at(pos)?;
-                (kind, end.min(limit))
+                let run = self.run_at(pos)?;
+                let end = match run.piece {
+                    Some(piece) => run.end.min(pos + piece),
+                    None => run.end,
+                };
+                (run.kind, end.min(limit))
             }
         };
         self.pos = end;

@@ -7,9 +7,6 @@ use common::{open::Image, Allocation};
 
 use crate::errors::{engine_msg, io_msg};
 
-/// The longest run of compressed source data one chunk copies.
-const COMPRESSED_RUN: u64 = 256 << 10;
-
 /// QEMU counts image lengths in 512-byte sectors.
 pub(super) const SECTOR: u64 = 512;
 
@@ -23,6 +20,21 @@ pub(super) enum Kind {
     /// The target's backing file provides it.
     Backing,
 }
+
+/// A run of the sources with one [`Kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Run {
+    pub kind: Kind,
+    /// Where it ends (never past a source's end).
+    pub end: u64,
+    /// Its data is stored compressed: chunks of it are at most this long.
+    pub piece: Option<u64>,
+}
+
+/// The shortest piece of compressed source data a chunk reads. qemu-img reads such data a
+/// cluster at a time; pieces of a cluster (at least this) keep each worker's buffers near
+/// that, where 8 workers x 2 MiB would double its memory.
+const COMPRESSED_PIECE: u64 = 64 << 10;
 
 /// The source images, concatenated. Each counts in whole sectors as in QEMU: bytes past a
 /// source's end, up to its next sector boundary, read as zeroes.
@@ -39,6 +51,8 @@ struct Part {
     len: u64,
     /// Its own size in bytes.
     bytes: u64,
+    /// How much of its compressed data one chunk reads: a cluster (grain), whole.
+    piece: u64,
 }
 
 impl Sources {
@@ -50,11 +64,13 @@ impl Sources {
             .map(|image| {
                 let bytes = image.driver().size();
                 let len = bytes.next_multiple_of(SECTOR);
+                let cluster = image.info().ok().and_then(|i| i.cluster_size);
                 let p = Part {
                     image,
                     start,
                     len,
                     bytes,
+                    piece: cluster.unwrap_or(0).max(COMPRESSED_PIECE),
                 };
                 start += len;
                 p
@@ -73,18 +89,17 @@ impl Sources {
         &self.parts[i]
     }
 
-    /// What the run starting at `offset` is, and where it ends (never past a source's end).
-    /// With `top_only`, only a source's own layer counts as data or zeroes.
-    pub(super) fn status(
-        &self,
-        offset: u64,
-        top_only: bool,
-        limit: u64,
-    ) -> Result<(Kind, u64), String> {
+    /// The run starting at `offset`. With `top_only`, only a source's own layer counts as
+    /// data or zeroes.
+    pub(super) fn status(&self, offset: u64, top_only: bool, limit: u64) -> Result<Run, String> {
         let p = self.part(offset);
         let rel = offset - p.start;
         if rel >= p.bytes {
-            return Ok((Kind::Zero, p.start + p.len));
+            return Ok(Run {
+                kind: Kind::Zero,
+                end: p.start + p.len,
+                piece: None,
+            });
         }
         let st = p
             .image
@@ -104,19 +119,16 @@ impl Sources {
             Allocation::Unallocated if top_only => Kind::Backing,
             Allocation::Unallocated => Kind::Zero,
         };
-        // Compressed data is copied in short runs, as qemu-img reads it a cluster at a
-        // time: the workers' buffers stay small (8 x 2 MiB would double its memory).
-        let len = if st.compressed {
-            st.len.min(COMPRESSED_RUN)
-        } else {
-            st.len
-        };
-        let end = if rel + len >= p.bytes {
+        let end = if rel + st.len >= p.bytes {
             p.start + p.len
         } else {
-            offset + len
+            offset + st.len
         };
-        Ok((kind, end))
+        Ok(Run {
+            kind,
+            end,
+            piece: st.compressed.then_some(p.piece),
+        })
     }
 
     /// Read `buf.len()` bytes at `offset` of the concatenation.
@@ -158,14 +170,18 @@ impl Sources {
         offset: u64,
         top_only: bool,
         warn: &dyn Fn(&str),
-    ) -> Result<(Kind, u64), String> {
+    ) -> Result<Run, String> {
         let mut limit = u64::MAX;
         loop {
             match self.status(offset, top_only, limit) {
                 Ok(r) => return Ok(r),
                 Err(e) if limit <= SECTOR => {
                     warn(&e);
-                    return Ok((Kind::Data, offset + SECTOR));
+                    return Ok(Run {
+                        kind: Kind::Data,
+                        end: offset + SECTOR,
+                        piece: None,
+                    });
                 }
                 Err(_) => {
                     let left = (self.size - offset).min(limit);
