@@ -5,6 +5,7 @@
 
 mod amend;
 mod bench;
+mod big_buffers;
 mod bitmap;
 mod chain;
 mod check;
@@ -270,6 +271,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    big_buffers::own_mappings();
     let args: Vec<String> = std::env::args().collect();
     let code = match run(args) {
         Ok(code) => code,
