@@ -148,10 +148,20 @@ impl Planner<'_> {
             }
             _ => {
                 let run = self.run_at(pos)?;
-                let end = match run.piece {
-                    Some(piece) => run.end.min(pos + piece),
-                    None => run.end,
-                };
+                let mut end = run.end;
+                if let Some(piece) = run.piece {
+                    // Compressed runs that block status reports a cluster at a time are
+                    // taken together up to the piece.
+                    let stop = (pos + piece).min(limit);
+                    while end < stop {
+                        let next = self.run_at(end)?;
+                        if next.kind != run.kind || next.piece.is_none() {
+                            break;
+                        }
+                        end = next.end;
+                    }
+                    end = end.min(pos + piece);
+                }
                 (run.kind, end.min(limit))
             }
         };
@@ -502,6 +512,68 @@ mod tests {
             v[i] = 1;
             assert!(!is_zero(&v), "{i}");
             v[i] = 0;
+        }
+    }
+
+    /// Compressed source data is cut into pieces of one source cluster (at least 64 KiB),
+    /// whole clusters each; uncompressed data and zeroes into 2 MiB chunks.
+    #[test]
+    fn compressed_sources_are_cut_into_whole_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("src.raw");
+        let mut data: Vec<u8> = (0..6u32 << 20).map(|i| (i / 97 % 251) as u8).collect();
+        data.resize(12 << 20, 0);
+        std::fs::write(&raw, &data).unwrap();
+        let plan = CopyPlan {
+            compressed: false,
+            min_sparse: 4096,
+            in_order: true,
+            in_flight: 1,
+            has_zero_init: true,
+            target_backing: false,
+            backing_end: None,
+            cluster_size: None,
+            offload: false,
+            salvage: false,
+            quiet: true,
+            rate_limit: 0,
+        };
+        for (opts, compressed, piece) in [
+            ("cluster_size=2M", true, 2u64 << 20),
+            ("cluster_size=4k", true, 64 << 10),
+            ("cluster_size=64k", false, 2 << 20),
+        ] {
+            let img = dir.path().join("src.qcow2");
+            let mut args = vec!["convert", "-q", "-O", "qcow2", "-o", opts];
+            if compressed {
+                args.push("-c");
+            }
+            let made = std::process::Command::new("qemu-img")
+                .args(args)
+                .arg(&raw)
+                .arg(&img)
+                .status()
+                .unwrap();
+            assert!(made.success());
+            let opened =
+                common::open::open_image(&img, &common::open::OpenOptions::default()).unwrap();
+            let src = Sources::new(vec![opened]);
+            let mut planner = Planner {
+                src: &src,
+                plan: &plan,
+                pos: 0,
+                seq: 0,
+                run: None,
+            };
+            let mut chunks = Vec::new();
+            while let Some(c) = planner.next().unwrap() {
+                chunks.push((c.offset, c.len, c.kind));
+            }
+            let data_chunks: Vec<_> = (0..(6 << 20) / piece)
+                .map(|i| (i * piece, piece, Kind::Data))
+                .collect();
+            let zero_chunks: Vec<_> = (3..6).map(|i| (i << 21, 2 << 20, Kind::Zero)).collect();
+            assert_eq!(chunks, [data_chunks, zero_chunks].concat(), "{opts}");
         }
     }
 }
