@@ -6,6 +6,7 @@
 //! a hang or an abort is, and so is a heap over 1 GiB ([`heap_limit`]).
 
 pub mod heap_limit;
+pub mod open_files;
 
 use std::path::PathBuf;
 
