@@ -1,5 +1,6 @@
 //! The one way the engine's unit tests run qemu-img and qemu-io (the cross-crate tests
-//! use the tests library instead; this crate cannot depend on it).
+//! use the tests library instead; this crate cannot depend on it), and their
+//! incompressible data.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,4 +32,17 @@ pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
     let (code, text) = qemu(tool, args);
     assert_eq!(code, 0, "{tool} {args:?} failed:\n{text}");
     text
+}
+
+/// `len` bytes of xorshift noise, the same every call: data no deflate shrinks.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_u32;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::nbd::consts::*;
 use common::nbd::handshake::{self, InfoRequest, OptionRequest};
+use common::nbd::request::Request;
 
 /// Where a server listens.
 #[derive(Clone, Debug)]
@@ -402,4 +403,17 @@ fn fake_session(s: &mut UnixStream, size: u64, behaviour: FakeBehaviour) -> std:
         }
         answered += 1;
     }
+}
+
+/// The bytes of a transmission request without flags.
+pub fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    Request {
+        flags: 0,
+        command,
+        cookie,
+        offset,
+        len,
+    }
+    .encode()
+    .to_vec()
 }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use common::check::Fix;
 use common::create::{create, CreateOptions, Qcow2CreateOptions};
 use common::nbd::consts::*;
-use common::nbd::request::Request;
 use common::nbd::server::{negotiate, transmit, Context, Export, Limits, Session, WriteCache};
 use common::open::{open_image, OpenOptions};
+use integration_tests::nbd::request;
 use integration_tests::tempdir;
 
 const SIZE: u64 = 1 << 20;
@@ -87,18 +87,6 @@ fn assert_released(path: &Path, what: &str) {
         fds_on(path).is_empty(),
         "{what}: the check's descriptor stays"
     );
-}
-
-fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    Request {
-        flags: 0,
-        command,
-        cookie,
-        offset,
-        len,
-    }
-    .encode()
-    .to_vec()
 }
 
 /// 40 writes of 16 KiB (more than the budget and the request limit let in at once).

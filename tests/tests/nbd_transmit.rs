@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::nbd::consts::*;
 use common::nbd::reply::{chunk_len, decode_reply, ReplyHeader};
-use common::nbd::request::Request;
 use common::nbd::server::{transmit, Context, Export, Limits, Session, WriteCache};
 use common::{Allocation, BlockDriver, BlockStatus, IoBuf, IoBufMut, Result};
 use integration_tests::mem_disk::MemDisk;
+use integration_tests::nbd::request;
 
 const BLOCK: u64 = 4096;
 const DISK: usize = 1 << 20;
@@ -189,18 +189,6 @@ fn structured() -> Session {
         structured: true,
         contexts: vec![Context::BaseAllocation],
     }
-}
-
-fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    Request {
-        flags: 0,
-        command,
-        cookie,
-        offset,
-        len,
-    }
-    .encode()
-    .to_vec()
 }
 
 /// Serve `input` as one connection's transmission phase; its result and the replies.

@@ -115,15 +115,7 @@ mod tests {
     /// its data, and nothing panics.
     #[test]
     fn the_reused_deflate_state_survives_incompressible_clusters() {
-        let mut x = 0x9e37_79b9_u32;
-        let period: Vec<u8> = (0..5000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let period = crate::test_tools::noise(5000);
         let data: Vec<u8> = period.iter().copied().cycle().take(1 << 20).collect();
         for cluster in data.chunks(512) {
             if let Some(c) = compress(CompressionType::Zlib, cluster).unwrap() {

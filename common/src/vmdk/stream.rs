@@ -113,15 +113,7 @@ mod tests {
     /// A stream longer than the first read is read on from the file, to its end.
     #[test]
     fn incompressible_grains_are_read_whole() {
-        let mut x = 0x9e37_79b9_u32;
-        let data: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let data = crate::test_tools::noise(65536);
         let enc = encode_grain(0, &data).unwrap();
         assert!(enc.len() > FIRST_READ * 2, "{}", enc.len());
         let s = MemStorage::new();
