@@ -417,3 +417,15 @@ pub fn request(command: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
     .encode()
     .to_vec()
 }
+
+/// A client that reads no reply: every write fails.
+pub struct Gone;
+
+impl Write for Gone {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -14,7 +14,7 @@ use common::create::{create, CreateOptions, Qcow2CreateOptions};
 use common::nbd::consts::*;
 use common::nbd::server::{negotiate, transmit, Context, Export, Limits, Session, WriteCache};
 use common::open::{open_image, OpenOptions};
-use integration_tests::nbd::request;
+use integration_tests::nbd::{request, Gone};
 use integration_tests::tempdir;
 
 const SIZE: u64 = 1 << 20;
@@ -104,18 +104,6 @@ fn reads() -> Vec<u8> {
     (0..200u64)
         .flat_map(|c| request(CMD_READ, c, c * 4096 % SIZE, 4096))
         .collect()
-}
-
-/// A client that reads no reply: every write fails.
-struct Gone;
-
-impl Write for Gone {
-    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::BrokenPipe.into())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Serve `input` as one connection's transmission phase (structured replies,

@@ -6,7 +6,7 @@
 //! after it runs, and a broken request or a client that cannot be answered ends the
 //! connection once the requests before it are done.
 
-use std::io::{self, BufReader, Write};
+use std::io::BufReader;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use common::nbd::reply::{chunk_len, decode_reply, ReplyHeader};
 use common::nbd::server::{transmit, Context, Export, Limits, Session, WriteCache};
 use common::{Allocation, BlockDriver, BlockStatus, IoBuf, IoBufMut, Result};
 use integration_tests::mem_disk::MemDisk;
-use integration_tests::nbd::request;
+use integration_tests::nbd::{request, Gone};
 
 const BLOCK: u64 = 4096;
 const DISK: usize = 1 << 20;
@@ -396,18 +396,6 @@ fn a_broken_request_ends_the_connection_after_the_requests_before_it() {
     assert!(err.contains("bad request magic"), "{err}");
     assert_eq!(ok_cookies(&messages(&out, |_| Some(512))), [0, 1, 2, 3]);
     assert_eq!(gate.seen().0, 4);
-}
-
-/// A client that reads no reply: every write fails.
-struct Gone;
-
-impl Write for Gone {
-    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::BrokenPipe.into())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]
