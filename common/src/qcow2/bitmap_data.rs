@@ -146,7 +146,9 @@ impl Bits {
     /// Set every bit whose granule holds a byte that `src` marks dirty (QEMU's merge; the
     /// caller checked the sizes match).
     pub fn merge(&mut self, src: &Bits) {
-        if src.granularity_bits == self.granularity_bits {
+        // Piece by piece only when the pieces line up: the same granularity, and the
+        // same cluster size (a merge from another image may have another).
+        if src.granularity_bits == self.granularity_bits && src.cluster_bits == self.cluster_bits {
             for (d, s) in self.chunks.iter_mut().zip(&src.chunks) {
                 let Some(s) = s else { continue };
                 match d {
@@ -245,6 +247,23 @@ mod tests {
         let mut a = with_bits(1 << 30, 9, &[0, 5000]);
         a.merge(&with_bits(1 << 30, 9, &[1, 4096 * 3]));
         assert_eq!(a.set_runs(), vec![(0, 1), (5000, 5000), (12288, 12288)]);
+    }
+
+    #[test]
+    fn merge_from_an_image_with_other_clusters_keeps_every_bit() {
+        // 64 KiB clusters hold 512 Ki bits a piece; 512-byte clusters 4 Ki.
+        let mut small = with_bits(1 << 30, 9, &[5]);
+        let mut big = Bits::empty(1 << 30, 9, 16);
+        big.set_bits(10, 10);
+        big.set_bits(100_000, 100_001);
+        small.merge(&big);
+        assert_eq!(small.set_runs(), vec![(5, 5), (10, 10), (100_000, 100_001)]);
+        assert!(small.chunks.iter().flatten().all(|c| c.len() == 512));
+        let mut back = Bits::empty(1 << 30, 9, 16);
+        back.set_bits(7, 7);
+        back.merge(&small);
+        let runs = vec![(5, 5), (7, 7), (10, 10), (100_000, 100_001)];
+        assert_eq!(back.set_runs(), runs);
     }
 
     #[test]
