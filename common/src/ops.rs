@@ -328,15 +328,29 @@ pub enum BitmapOp {
     },
 }
 
-/// A failed [`Image::bitmap_edit`]: the index of the operation that failed, or `None`
-/// when storing the result failed.
+/// The operations [`Image::bitmap_edits`] applies to one bitmap.
+#[derive(Debug, Clone, Copy)]
+pub struct BitmapEdit<'a> {
+    pub name: &'a str,
+    pub ops: &'a [BitmapOp],
+}
+
+/// A failed [`Image::bitmap_edits`]: the index of the edit and of its operation that
+/// failed, or `op: None` when storing the result failed.
 #[derive(Debug)]
 pub struct BitmapOpError {
+    pub edit: usize,
     pub op: Option<usize>,
     pub error: Error,
 }
 
 impl Image {
+    /// Whether the image can hold persistent dirty bitmaps: qcow2 version 3 only, as in
+    /// QEMU (`bdrv_supports_persistent_dirty_bitmap`).
+    pub fn supports_persistent_bitmaps(&self) -> bool {
+        matches!(self, Image::Qcow2(q) if q.header().version >= 3)
+    }
+
     /// Apply `ops` in order to bitmap `name` and store the result; operations before a
     /// failed one stay done, as in qemu-img. `Merge` reads its source bitmap from
     /// `source`, or from this image when `None`. `node` names the image in QEMU's
@@ -346,6 +360,17 @@ impl Image {
         node: &str,
         name: &str,
         ops: &[BitmapOp],
+        source: Option<&Image>,
+    ) -> std::result::Result<(), BitmapOpError> {
+        self.bitmap_edits(node, &[BitmapEdit { name, ops }], source)
+    }
+
+    /// [`Image::bitmap_edit`] for several bitmaps, edited in order and stored once (as
+    /// QEMU stores all its bitmaps when it closes the image).
+    pub fn bitmap_edits(
+        &self,
+        node: &str,
+        edits: &[BitmapEdit<'_>],
         source: Option<&Image>,
     ) -> std::result::Result<(), BitmapOpError> {
         use crate::qcow2::BitmapSource;
@@ -365,7 +390,7 @@ impl Image {
             ) => BitmapSource::NoBitmaps,
         };
         match self {
-            Image::Qcow2(q) => q.bitmap_edit(node, name, ops, &src),
+            Image::Qcow2(q) => q.bitmap_edits(node, edits, &src),
             Image::Raw(_)
             | Image::Vpc(_)
             | Image::Vdi(_)
@@ -373,13 +398,20 @@ impl Image {
             | Image::Vhdx(_)
             | Image::ReadOnly(_) => {
                 // Raw images hold no bitmaps and can store none.
-                let error = match ops.first() {
+                let Some(first) = edits.first() else {
+                    return Ok(());
+                };
+                let error = match first.ops.first() {
                     Some(BitmapOp::Add { .. }) => Error::Unsupported(format!(
                         "Can't store persistent bitmaps to {node}: Operation not supported"
                     )),
-                    _ => Error::NotFound(format!("Dirty bitmap '{name}' not found")),
+                    _ => Error::NotFound(format!("Dirty bitmap '{}' not found", first.name)),
                 };
-                Err(BitmapOpError { op: Some(0), error })
+                Err(BitmapOpError {
+                    edit: 0,
+                    op: Some(0),
+                    error,
+                })
             }
         }
     }

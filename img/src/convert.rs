@@ -8,6 +8,7 @@ use clap::Args;
 use common::create::{create, CreateOptions};
 use common::open::{Format, Image, OpenOptions};
 
+mod bitmaps;
 mod copy;
 mod page_buf;
 mod sources;
@@ -27,8 +28,8 @@ use copy::{copy, CopyPlan};
 use sources::Sources;
 
 /// `img convert [-f FMT] [-O FMT] [-o OPTS] [-c] [-p] [-q] [-n] [-W] [-m N] [-S SIZE]
-/// [-B BACKING [-F FMT]] [--target-is-zero] [-C] [-r RATE] [--salvage] [-U] [-t CACHE]
-/// [-T CACHE] SRC... DST`
+/// [-B BACKING [-F FMT]] [--target-is-zero] [-C] [-r RATE] [--salvage]
+/// [--bitmaps [--skip-broken-bitmaps]] [-U] [-t CACHE] [-T CACHE] SRC... DST`
 #[derive(Args, Debug, Default)]
 pub struct ConvertArgs {
     /// Format of the source images (probed when not given)
@@ -91,6 +92,12 @@ pub struct ConvertArgs {
     /// Turn what cannot be read from the sources into zeroes, with a warning
     #[arg(long = "salvage")]
     pub salvage: bool,
+    /// Also copy the source's persistent dirty bitmaps
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps instead of failing
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// The existing output image (-n) already reads as zeroes
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
@@ -139,6 +146,11 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     };
     let options = joined_options(&a.options)?;
     let out_fmt = a.output_format.as_deref().unwrap_or("raw");
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Failure::msg(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
+    }
     if a.copy_offload {
         if a.compress {
             return Err(Failure::msg(
@@ -263,6 +275,16 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     if a.compress && !a.no_create {
         check_compressible(&opts, format)?;
     }
+    let bitmaps = if a.bitmaps {
+        if srcs.len() > 1 {
+            return Err(Failure::msg(
+                "Copying bitmaps only possible with single source",
+            ));
+        }
+        Some(bitmaps::check(sources.first(), a.skip_broken_bitmaps)?)
+    } else {
+        None
+    };
     if !a.no_create {
         target.create(&opts, sources.size())?;
     }
@@ -273,6 +295,9 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         ))
     })?;
     let image = target.open(direct, cache_ignores_flushes(a.cache.as_deref()))?;
+    if bitmaps.is_some() {
+        bitmaps::check_target(&image, out_fmt)?;
+    }
     if a.compress && !matches!(image.format(), Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
             "Compression not supported for this file format",
@@ -316,6 +341,9 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         rate_limit,
     };
     copy(&sources, &image, &plan, &progress).map_err(Failure::msg)?;
+    if let Some(list) = &bitmaps {
+        bitmaps::copy(sources.first(), &image, list)?;
+    }
     progress.finish();
     Ok(0)
 }

@@ -22,7 +22,7 @@ use super::meta::Meta;
 use super::units::HostOffset;
 use super::Qcow2Image;
 use crate::error::{io, Error, Result};
-use crate::ops::{BitmapOp, BitmapOpError};
+use crate::ops::{BitmapEdit, BitmapOp, BitmapOpError};
 use crate::storage::Storage;
 
 /// A bitmap while the operations run: its directory entry and, when its bits change,
@@ -394,18 +394,21 @@ fn clusters_if_valid(
 }
 
 impl Qcow2Image {
-    /// Apply `ops` in order to bitmap `name`, then store what changed (also when an
-    /// operation failed: those before it stay done, as in qemu-img). `node` names the
-    /// image in QEMU's messages; `source` is the image `Merge` reads from, this one when
-    /// `None`.
-    pub(crate) fn bitmap_edit(
+    /// Apply each edit's operations in order to its bitmap, then store what changed at
+    /// once (also when an operation failed: those before it stay done, as in qemu-img).
+    /// `node` names the image in QEMU's messages; `source` is the image `Merge` reads
+    /// from.
+    pub(crate) fn bitmap_edits(
         &self,
         node: &str,
-        name: &str,
-        ops: &[BitmapOp],
+        edits: &[BitmapEdit<'_>],
         source: &Source<'_>,
     ) -> std::result::Result<(), BitmapOpError> {
-        let whole = |error| BitmapOpError { op: None, error };
+        let whole = |error| BitmapOpError {
+            edit: edits.len().saturating_sub(1),
+            op: None,
+            error,
+        };
         if self.read_only {
             return Err(whole(Error::ReadOnly));
         }
@@ -428,12 +431,18 @@ impl Qcow2Image {
             node,
         };
         let mut failed = None;
-        for (i, op) in ops.iter().enumerate() {
-            match edit.apply(&m, name, op, source) {
-                Ok(()) => edit.changed = true,
-                Err(error) => {
-                    failed = Some(BitmapOpError { op: Some(i), error });
-                    break;
+        'edits: for (k, e) in edits.iter().enumerate() {
+            for (i, op) in e.ops.iter().enumerate() {
+                match edit.apply(&m, e.name, op, source) {
+                    Ok(()) => edit.changed = true,
+                    Err(error) => {
+                        failed = Some(BitmapOpError {
+                            edit: k,
+                            op: Some(i),
+                            error,
+                        });
+                        break 'edits;
+                    }
                 }
             }
         }

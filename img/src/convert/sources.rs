@@ -79,6 +79,11 @@ impl Sources {
         Sources { parts, size: start }
     }
 
+    /// The first source image.
+    pub fn first(&self) -> &Image {
+        &self.parts[0].image
+    }
+
     /// Total length of the concatenation.
     pub fn size(&self) -> u64 {
         self.size
