@@ -137,11 +137,15 @@ impl GuestMap for ParallelsMap {
         let (i, in_cluster) = (pos / cs, pos % cs);
         let clusters = (in_cluster + len).div_ceil(cs);
         let Some(h) = self.host(i) else {
-            // Past the table everything is unallocated: only entries in it can end the run.
+            // Past the table everything is unallocated, and so is the part of the table
+            // past the end of the file: only stored entries can end the run.
             let in_table = clusters.min(self.entries.saturating_sub(i));
-            let run = (1..in_table)
-                .find(|&k| self.host(i + k).is_some())
-                .unwrap_or(clusters);
+            let zeros = self.bat.zero_run(i + 1, in_table.saturating_sub(1));
+            let run = if zeros + 1 < in_table {
+                zeros + 1
+            } else {
+                clusters
+            };
             return Ok((
                 Mapped::Unallocated,
                 len.min(run.saturating_mul(cs) - in_cluster),
@@ -310,5 +314,31 @@ mod tests {
             (Mapped::Unallocated, o.size - 700)
         );
         assert!(started.elapsed().as_secs() < 5, "mapped cluster by cluster");
+    }
+
+    /// Found by fuzzing (open_read): a table of 335 M entries in a file of 541 bytes took
+    /// half a minute to map, a step per entry past the end of the file.
+    #[test]
+    fn a_huge_table_past_the_end_of_the_file_maps_in_one_step() {
+        let mut b = header(MAGIC_EXT, 512, 500_000_000, 1 << 50);
+        b[64 + 4 * 3..64 + 4 * 4].copy_from_slice(&1u32.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = stored(&dir, &b);
+        let o = open(&s).unwrap();
+        let cs = 512 * 512;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            o.map.lookup(&s, 0, o.size).unwrap(),
+            (Mapped::Unallocated, 3 * cs)
+        );
+        assert_eq!(
+            o.map.lookup(&s, 3 * cs, o.size - 3 * cs).unwrap(),
+            (Mapped::Data(cs), cs)
+        );
+        assert_eq!(
+            o.map.lookup(&s, 4 * cs + 5, o.size - 4 * cs - 5).unwrap(),
+            (Mapped::Unallocated, o.size - 4 * cs - 5)
+        );
+        assert!(started.elapsed().as_secs() < 2, "mapped entry by entry");
     }
 }
