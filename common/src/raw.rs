@@ -7,7 +7,7 @@ use crate::driver::{check_range, Allocation, BlockDriver, BlockStatus};
 use crate::error::{Error, Result};
 use crate::format::Format;
 use crate::iovec::{IoBuf, IoBufMut};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, StorageRun};
 
 /// Chunk size used when zeroes have to be written out explicitly.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -274,20 +274,16 @@ impl BlockDriver for RawImage {
 /// that store guest data at its own offset (fixed VHD) or let the file refine it.
 pub(crate) fn file_status(storage: &dyn Storage, offset: u64, len: u64) -> Result<BlockStatus> {
     let end = offset + len;
-    let next = storage
-        .next_data(offset)
+    let (run, run_end) = storage
+        .run_at(offset, end)
         .map_err(|e| Error::io("Failed to query allocation", e))?;
-    let (allocation, run_end) = match next {
-        // Inside data (a data run starting at or before `offset`).
-        Some((start, stop)) if start <= offset && stop > offset => (Allocation::Data, stop),
-        // A hole up to the next data run.
-        Some((start, _)) => (Allocation::Zero, start.max(offset + 1)),
-        // A hole up to the end of the file.
-        None => (Allocation::Zero, end),
+    let allocation = match run {
+        StorageRun::Data => Allocation::Data,
+        StorageRun::AllocatedZero => Allocation::DataOverHole,
+        StorageRun::Hole => Allocation::Zero,
     };
-    let run_end = run_end.min(end);
     Ok(BlockStatus {
-        len: run_end - offset,
+        len: run_end.clamp(offset + 1, end) - offset,
         allocation,
         depth: 0,
         // Holes too: like QEMU, the offset in the file is the guest offset.

@@ -57,12 +57,34 @@ pub trait Storage: Send + Sync {
     /// Start of the next data region at or after `offset`, and where it ends, if the
     /// storage can tell holes from data (SEEK_DATA/SEEK_HOLE). `None` past the last data.
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>>;
+    /// What the run of bytes at `offset` (up to `end`, the storage's length at most) is,
+    /// and where it ends. By default from [`Storage::next_data`]: data or a hole.
+    fn run_at(&self, offset: u64, end: u64) -> io::Result<(StorageRun, u64)> {
+        Ok(match self.next_data(offset)? {
+            Some((start, stop)) if start <= offset && stop > offset => {
+                (StorageRun::Data, stop.min(end))
+            }
+            Some((start, _)) => (StorageRun::Hole, start.max(offset + 1).min(end)),
+            None => (StorageRun::Hole, end),
+        })
+    }
     /// Bytes actually allocated on the host.
     fn allocated_size(&self) -> io::Result<u64>;
     /// The open file under this storage, for copies the kernel makes between files.
     fn file(&self) -> Option<&File> {
         None
     }
+}
+
+/// What a run of a storage's bytes is, as [`Storage::run_at`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageRun {
+    /// Allocated, with data.
+    Data,
+    /// Allocated, but reads as zeroes (an NBD server's zero flag without its hole flag).
+    AllocatedZero,
+    /// A hole: reads as zeroes.
+    Hole,
 }
 
 /// Copy `len` bytes at `from_offset` of `from` to `to_offset` of `to` inside the kernel

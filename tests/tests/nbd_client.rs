@@ -7,7 +7,8 @@ use integration_tests::nbd::{free_port, Addr, FakeBehaviour, FakeServer, Server}
 use integration_tests::*;
 use std::path::{Path, PathBuf};
 
-/// A qcow2 with a backing file (data, zeroes, discards), a standalone qcow2 and a raw file.
+/// A qcow2 with a backing file (data, zeroes, discards), a standalone qcow2 (with a
+/// cluster whose tail is a hole in the file) and a raw file.
 fn images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let q = |args: &[&str]| assert!(qemu_img_in(dir, args).success(), "{args:?}");
     q(&["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
@@ -41,8 +42,16 @@ fn images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     qemu_io_cmds(
         &dir.join("alone.qcow2"),
         "qcow2",
-        &["write -P 9 64k 64k".into(), "write -z 1M 64k".into()],
+        &[
+            "write -P 9 64k 64k".into(),
+            "write -z 1M 64k".into(),
+            "write -P 4 2M 100k".into(),
+            "write -P 5 3M 4k".into(),
+        ],
     );
+    // The tail of the cluster at 2M+64k (past the write) made a hole in the file: data
+    // over a hole, the server's zero flag without its hole flag.
+    punch_guest_range(&dir.join("alone.qcow2"), (2 << 20) + (100 << 10), 28 << 10);
     q(&["create", "-q", "-f", "raw", "disk.raw", "6M"]);
     qemu_io_cmds(
         &dir.join("disk.raw"),
@@ -58,6 +67,35 @@ fn images(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("alone.qcow2"),
         dir.join("disk.raw"),
     )
+}
+
+/// Punch a hole in the file of qcow2 image `path` under guest bytes `at..at + len`,
+/// which must lie in one data cluster.
+fn punch_guest_range(path: &Path, at: u64, len: u64) {
+    let map = qemu_img(&["map", "--output=json", s(path)]).ok();
+    let extents: serde_json::Value = serde_json::from_str(&map.stdout).unwrap();
+    let e = extents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            let (start, n) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            start <= at && at + len <= start + n && e["data"] == true
+        })
+        .expect("a data extent under the range");
+    let host = e["offset"].as_u64().unwrap() + at - e["start"].as_u64().unwrap();
+    let st = std::process::Command::new("fallocate")
+        .args([
+            "-p",
+            "-o",
+            &host.to_string(),
+            "-l",
+            &len.to_string(),
+            s(path),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "fallocate failed");
 }
 
 /// Run `img ARGS` and `qemu-img ARGS`: exit code, stdout and stderr (qemu-img's name
@@ -97,6 +135,8 @@ fn img_reads_qemu_nbd_exports_as_qemu_img_does() {
         (&raw, "raw", true),
         // The export's bytes are a qcow2 image: probed as qcow2 over NBD.
         (&alone, "raw", false),
+        // Zero-reading data (a cluster's tail): the zero flag without the hole flag.
+        (&alone, "qcow2", false),
     ];
     for (i, (file, fmt, tcp)) in exports.into_iter().enumerate() {
         let addr = if tcp {

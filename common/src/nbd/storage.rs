@@ -10,7 +10,7 @@ use super::pipeline::Pipeline;
 use super::uri::NbdTarget;
 use crate::error::Result;
 use crate::iovec::{self, IoBufMut};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageRun};
 
 /// An open NBD export.
 pub struct NbdStorage {
@@ -142,7 +142,9 @@ impl Storage for NbdStorage {
             let mut data_start = None;
             for e in extents.iter() {
                 let end = at + u64::from(e.len);
-                match (e.flags & STATE_HOLE != 0, data_start) {
+                // Only the zero flag says a run reads as zeroes; a hole without it may
+                // not (the NBD spec), so it counts as data.
+                match (e.flags & STATE_ZERO != 0, data_start) {
                     (false, None) => data_start = Some(at),
                     (true, Some(s)) => return Ok(Some((s, at))),
                     _ => {}
@@ -154,6 +156,29 @@ impl Storage for NbdStorage {
             }
         }
         Ok(None)
+    }
+
+    fn run_at(&self, offset: u64, end: u64) -> io::Result<(StorageRun, u64)> {
+        let end = end.min(self.size);
+        if offset >= end {
+            return Ok((StorageRun::Hole, end));
+        }
+        let len = (end - offset).min(1 << 31) as u32;
+        let kind = |flags: u32| match (flags & STATE_HOLE != 0, flags & STATE_ZERO != 0) {
+            (_, false) => StorageRun::Data,
+            (false, true) => StorageRun::AllocatedZero,
+            (true, true) => StorageRun::Hole,
+        };
+        let extents = self.conn.block_status(offset, len)?;
+        let Some(first) = extents.first() else {
+            return Ok((StorageRun::Data, end));
+        };
+        let run = kind(first.flags);
+        let mut at = offset;
+        for e in extents.iter().take_while(|e| kind(e.flags) == run) {
+            at += u64::from(e.len);
+        }
+        Ok((run, at.clamp(offset + 1, end)))
     }
 
     fn allocated_size(&self) -> io::Result<u64> {
