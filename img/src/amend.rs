@@ -19,6 +19,9 @@ pub struct AmendArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Options to change (`-o help` lists them); several -o are joined
     #[arg(short = 'o', long = "options", value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
@@ -118,8 +121,13 @@ pub fn run(a: &AmendArgs) -> CmdResult {
     let [name] = a.args.as_slice() else {
         return Err(Failure::msg("Expecting one image file name"));
     };
-    let image =
-        open_user_image(name, a.format.as_deref(), OpenOptions::default()).map_err(Failure::msg)?;
+    let image = open_user_image(
+        name,
+        a.format.as_deref(),
+        a.image_opts,
+        OpenOptions::default(),
+    )
+    .map_err(Failure::msg)?;
     if image.format() != Format::Qcow2 {
         return Err(unsupported(image.format()));
     }

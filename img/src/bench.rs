@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// AIO mode: threads, native or io_uring (accepted; the engine always uses threads)
     #[arg(short = 'i', value_name = "AIO")]
     pub aio: Option<String>,
@@ -155,6 +158,7 @@ pub fn run(a: &BenchArgs) -> CmdResult {
     let image = open_user_image(
         name,
         a.format.as_deref(),
+        a.image_opts,
         OpenOptions {
             read_only: !p.write,
             force_share: a.force_share,

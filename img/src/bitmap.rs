@@ -62,6 +62,9 @@ pub struct BitmapOptions {
         allow_hyphen_values = true
     )]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// FILENAME BITMAP
     #[arg(value_name = "FILENAME BITMAP")]
     pub args: Vec<String>,
@@ -178,6 +181,7 @@ pub fn run(a: &BitmapArgs) -> CmdResult {
     let image = open_user_image(
         file,
         o.format.as_deref(),
+        o.image_opts,
         OpenOptions {
             no_backing: true,
             ..Default::default()
@@ -189,6 +193,7 @@ pub fn run(a: &BitmapArgs) -> CmdResult {
             open_user_image(
                 src,
                 o.source_format.as_deref(),
+                false,
                 OpenOptions {
                     read_only: true,
                     no_backing: true,

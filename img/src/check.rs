@@ -18,6 +18,9 @@ pub struct CheckArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Repair leaks, or all inconsistencies
     #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     pub repair: Option<String>,
@@ -72,7 +75,8 @@ pub fn run(a: &CheckArgs) -> CmdResult {
         check: true,
         ..Default::default()
     };
-    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
+    let image =
+        open_user_image(name, a.format.as_deref(), a.image_opts, opts).map_err(Failure::msg)?;
     let mut report = match image.check(fix) {
         Ok(r) => r,
         Err(Error::Unsupported(_)) => {

@@ -15,7 +15,7 @@ use common::{Allocation, BlockDriver, Error};
 use crate::chain::{find_backing_image, layer_names};
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::{open_named, open_user_image};
+use crate::imgopen::{open_named, Named};
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::workers::for_each_piece;
@@ -26,6 +26,9 @@ pub struct CommitArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Cache mode of the images written
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
@@ -76,7 +79,6 @@ pub fn run(a: &CommitArgs) -> CmdResult {
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
-    let name = &a.args[0];
     let direct = cache_is_direct(a.cache.as_deref()).ok_or_else(|| {
         Failure::msg(format!(
             "Invalid cache option: {}",
@@ -88,7 +90,10 @@ pub fn run(a: &CommitArgs) -> CmdResult {
         no_flush: a.cache.as_deref() == Some("unsafe"),
         ..Default::default()
     };
-    let image = open_user_image(name, a.format.as_deref(), opts.clone()).map_err(Failure::msg)?;
+    let named =
+        Named::resolve(&a.args[0], a.format.as_deref(), a.image_opts).map_err(Failure::msg)?;
+    let name = &named.name;
+    let image = named.open(opts.clone()).map_err(Failure::msg)?;
     let progress = Progress::new(a.progress && !a.quiet);
     let depth = match &a.base {
         Some(base) => find_backing_image(name, &image, base).ok_or_else(|| {
@@ -116,7 +121,7 @@ pub fn run(a: &CommitArgs) -> CmdResult {
         writable_backing: Some(depth),
         ..opts
     };
-    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
+    let image = named.open(opts).map_err(Failure::msg)?;
     commit(&image, depth, rate, &progress)
         .map_err(|e| Failure::msg(format!("Block job failed: {e}")))?;
     if !(a.drop || a.base.is_some()) {

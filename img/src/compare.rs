@@ -17,6 +17,9 @@ pub struct CompareArgs {
     /// Format of the first image (probed when not given)
     #[arg(short = 'f', value_name = "FMT")]
     pub format1: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Format of the second image (probed when not given)
     #[arg(short = 'F', value_name = "FMT")]
     pub format2: Option<String>,
@@ -76,7 +79,7 @@ pub fn run(a: &CompareArgs) -> CmdResult {
             direct,
             ..Default::default()
         };
-        let image = open_user_image(name, fmt, opts).map_err(Failure::msg)?;
+        let image = open_user_image(name, fmt, a.image_opts, opts).map_err(Failure::msg)?;
         Ok(Side::new(image, name))
     };
     let sides = open(&a.args[0], a.format1.as_deref())

@@ -20,7 +20,7 @@ use crate::create_opts::{
     not_creatable, opts_for, CreateOpts,
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::Named;
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::snapshot_param::parse_snapshot_param;
@@ -35,6 +35,12 @@ pub struct ConvertArgs {
     /// Format of the source images (probed when not given)
     #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     pub format: Option<String>,
+    /// Each SRC is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+    /// DST is an option string, not a file name (needs -n)
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Format of the output image (default raw)
     #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -166,6 +172,9 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
             return Err(Failure::msg("Cannot use copy offloading in salvaging mode"));
         }
     }
+    if a.target_image_opts && !a.no_create {
+        return Err(Failure::msg("--target-image-opts requires use of -n flag"));
+    }
     if a.no_create && options.is_some() {
         return Err(Failure::msg(
             "-o has no effect when skipping image creation",
@@ -201,26 +210,17 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         ))
     })?;
     let progress = Progress::new(a.progress && !a.quiet);
-    let src_format = a
-        .format
-        .as_ref()
-        .map(|f| Format::from_name(f).map_err(|e| e.to_string()));
     let mut images = Vec::with_capacity(srcs.len());
     for name in srcs {
-        let format = match &src_format {
-            Some(Ok(f)) => Some(*f),
-            Some(Err(e)) => return Err(Failure::msg(format!("Could not open '{name}': {e}"))),
-            None => None,
-        };
         let opts = OpenOptions {
             read_only: true,
             force_share: a.force_share,
-            format,
             direct: src_direct,
             ..Default::default()
         };
-        let image = open_named(name, &opts)
-            .map_err(|e| Failure::msg(format!("Could not open '{name}': {e}")))?;
+        let image = Named::resolve(name, a.format.as_deref(), a.image_opts)
+            .and_then(|n| n.open(opts))
+            .map_err(Failure::msg)?;
         if let Some(key) = &snapshot {
             image.load_snapshot(key).map_err(|e| {
                 Failure::msg(format!("Failed to load snapshot: {}", engine_msg(&e)))
@@ -239,6 +239,13 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
         name: dst,
         format,
         fmt_name: out_fmt,
+        image_opts: a.target_image_opts,
+        // With --target-image-opts the option string names the format.
+        fmt_arg: if a.target_image_opts {
+            a.output_format.as_deref()
+        } else {
+            Some(out_fmt)
+        },
     };
     let mut opts = CreateOpts::new(opts_for(format));
     let mut backing = a.backing.clone();
@@ -296,7 +303,7 @@ pub fn run(a: &ConvertArgs) -> CmdResult {
     })?;
     let image = target.open(direct, cache_ignores_flushes(a.cache.as_deref()))?;
     if bitmaps.is_some() {
-        bitmaps::check_target(&image, out_fmt)?;
+        bitmaps::check_target(&image)?;
     }
     if a.compress && !matches!(image.format(), Format::Qcow2 | Format::Vmdk) {
         return Err(Failure::msg(
@@ -353,6 +360,10 @@ struct Target<'a> {
     name: &'a str,
     format: Format,
     fmt_name: &'a str,
+    /// `name` is an option string (`--target-image-opts`).
+    image_opts: bool,
+    /// The format to open it in (`-O`).
+    fmt_arg: Option<&'a str>,
 }
 
 impl Target<'_> {
@@ -374,13 +385,13 @@ impl Target<'_> {
     /// Open it read-write with its backing chain.
     fn open(&self, direct: bool, no_flush: bool) -> Result<Image, Failure> {
         let opts = OpenOptions {
-            format: Some(self.format),
             direct,
             no_flush,
             ..Default::default()
         };
-        open_named(self.name, &opts)
-            .map_err(|e| Failure::msg(format!("Could not open '{}': {e}", self.name)))
+        Named::resolve(self.name, self.fmt_arg, self.image_opts)
+            .and_then(|n| n.open(opts))
+            .map_err(Failure::msg)
     }
 }
 

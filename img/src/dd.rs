@@ -23,6 +23,9 @@ pub struct DdArgs {
     /// Format of the input (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Format of the output (raw or qcow2; default raw)
     #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -93,7 +96,8 @@ fn copy_range(input_size: u64, op: &Operands) -> (u64, u64, bool) {
 /// Run `img dd`.
 pub fn run(a: &DdArgs) -> CmdResult {
     let op = parse_operands(&a.operands).map_err(Failure::msg)?;
-    let input = open_input(&op.input, a.format.as_deref(), a.force_share).map_err(Failure::msg)?;
+    let input = open_input(&op.input, a.format.as_deref(), a.image_opts, a.force_share)
+        .map_err(Failure::msg)?;
     let out_name = a.output_format.as_deref().unwrap_or("raw");
     let out_format = creatable(out_name)
         .ok_or_else(|| Failure::msg(not_creatable(out_name, "Unknown file format".into())))?;
@@ -123,10 +127,16 @@ pub fn run(a: &DdArgs) -> CmdResult {
 }
 
 /// Open the input read-only with its backing chain; errors as qemu-img words them.
-fn open_input(name: &str, fmt: Option<&str>, force_share: bool) -> Result<Image, String> {
+fn open_input(
+    name: &str,
+    fmt: Option<&str>,
+    image_opts: bool,
+    force_share: bool,
+) -> Result<Image, String> {
     open_user_image(
         name,
         fmt,
+        image_opts,
         OpenOptions {
             read_only: true,
             force_share,

@@ -6,6 +6,7 @@ use common::open::{open_image, Format, Image, OpenOptions};
 use common::ops::OpenWarning;
 
 use crate::errors::engine_msg;
+use crate::image_opts::{self, ImageSpec};
 
 /// Open `name`; the error is the text qemu-img prints after `Could not open 'NAME': `
 /// (or, for the backing file of `create`, after `FILE: `).
@@ -24,20 +25,85 @@ pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
     Ok(image)
 }
 
-/// Open the image the user named, in format `format` (`-f`; probed when `None`), with the
-/// rest of `opts`: any failure, an unknown format included, is qemu-img's whole
-/// `Could not open 'NAME': ...` text.
+/// An image as the user named it: a file name (or NBD URI) in an optional format, or an
+/// `--image-opts` string.
+#[derive(Debug, Clone)]
+pub struct Named {
+    /// The file name or NBD URI to open.
+    pub name: String,
+    pub format: Option<Format>,
+    /// What the user typed, for `Could not open '...'`.
+    pub label: String,
+    spec: Option<ImageSpec>,
+}
+
+impl Named {
+    /// `arg` in format `format` (`-f`; probed when `None`), or with `image_opts` an option
+    /// string; the error is qemu-img's whole message.
+    pub fn resolve(arg: &str, format: Option<&str>, image_opts: bool) -> Result<Named, String> {
+        let open_err = |m: String| format!("Could not open '{arg}': {m}");
+        if image_opts {
+            if format.is_some() {
+                return Err("--image-opts and --format are mutually exclusive".into());
+            }
+            let spec = image_opts::parse(arg).map_err(open_err)?;
+            return Ok(Named {
+                name: spec.name.clone(),
+                format: spec.format,
+                label: arg.to_string(),
+                spec: Some(spec),
+            });
+        }
+        let format = format
+            .map(Format::from_name)
+            .transpose()
+            .map_err(|e| open_err(engine_msg(&e)))?;
+        Ok(Named {
+            name: arg.to_string(),
+            format,
+            label: arg.to_string(),
+            spec: None,
+        })
+    }
+
+    /// `opts` with the format and what an option string asked for.
+    pub fn options(&self, opts: OpenOptions) -> OpenOptions {
+        match &self.spec {
+            Some(spec) => spec.open_options(opts),
+            None => OpenOptions {
+                format: self.format,
+                ..opts
+            },
+        }
+    }
+
+    /// An option string named a protocol driver (`driver=file`): there is no format
+    /// node, the protocol's node is the image.
+    pub fn protocol_on_top(&self) -> bool {
+        self.spec.as_ref().is_some_and(|s| s.protocol_on_top)
+    }
+
+    /// qemu-img's `Could not open 'NAME': MESSAGE`.
+    pub fn open_error(&self, m: &str) -> String {
+        format!("Could not open '{}': {m}", self.label)
+    }
+
+    /// Open it with the rest of `opts`.
+    pub fn open(&self, opts: OpenOptions) -> Result<Image, String> {
+        open_named(&self.name, &self.options(opts)).map_err(|m| self.open_error(&m))
+    }
+}
+
+/// Open the image the user named (see [`Named::resolve`]) with the rest of `opts`: any
+/// failure, an unknown format included, is qemu-img's whole `Could not open 'NAME': ...`
+/// text.
 pub fn open_user_image(
     name: &str,
     format: Option<&str>,
+    image_opts: bool,
     opts: OpenOptions,
 ) -> Result<Image, String> {
-    let open_err = |m: String| format!("Could not open '{name}': {m}");
-    let format = format
-        .map(Format::from_name)
-        .transpose()
-        .map_err(|e| open_err(engine_msg(&e)))?;
-    open_named(name, &OpenOptions { format, ..opts }).map_err(open_err)
+    Named::resolve(name, format, image_opts)?.open(opts)
 }
 
 /// Print what qemu-img warns about when it opens `image` (its words; the second line of

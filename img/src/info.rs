@@ -11,7 +11,7 @@ use common::ops::FormatSpecific as EngineSpecific;
 use common::storage::is_device;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_named;
+use crate::imgopen::Named;
 use crate::info_format::{render_human, render_json, FormatSpecific, NodeInfo};
 use crate::paths::path_combine;
 
@@ -21,6 +21,9 @@ pub struct InfoArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Output format: human or json
     #[arg(long = "output", value_name = "human|json")]
     pub output: Option<String>,
@@ -62,13 +65,10 @@ pub fn run(a: &InfoArgs) -> CmdResult {
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
-    let nodes = collect_image_info_list(
-        &a.args[0],
-        a.format.as_deref(),
-        a.backing_chain,
-        a.force_share,
-    )
-    .map_err(Failure::msg)?;
+    let top =
+        Named::resolve(&a.args[0], a.format.as_deref(), a.image_opts).map_err(Failure::msg)?;
+    let nodes =
+        collect_image_info_list(top, a.backing_chain, a.force_share).map_err(Failure::msg)?;
     match output {
         OutputFormat::Human => print!("{}", render_human(&nodes)),
         OutputFormat::Json => print!("{}", render_json(&nodes, a.backing_chain)),
@@ -76,25 +76,28 @@ pub fn run(a: &InfoArgs) -> CmdResult {
     Ok(0)
 }
 
-/// Describe `filename` and, with `chain`, every image below it. Each image is opened on
-/// its own without its backing file, as qemu-img does; a name seen twice is a loop.
+/// Describe `top` and, with `chain`, every image below it. Each image is opened on its
+/// own without its backing file, as qemu-img does; a name seen twice is a loop.
 pub fn collect_image_info_list(
-    filename: &str,
-    fmt: Option<&str>,
+    top: Named,
     chain: bool,
     force_share: bool,
 ) -> Result<Vec<NodeInfo>, String> {
     let mut seen: HashSet<String> = HashSet::new();
     let mut list = Vec::new();
-    let mut next = Some((filename.to_string(), fmt.map(str::to_string)));
-    while let Some((name, fmt)) = next.take() {
-        if !seen.insert(name.clone()) {
-            return Err(format!("Backing file '{name}' creates an infinite loop."));
+    let mut next = Some(top);
+    while let Some(named) = next.take() {
+        if !seen.insert(named.name.clone()) {
+            return Err(format!(
+                "Backing file '{}' creates an infinite loop.",
+                named.name
+            ));
         }
-        let info = image_info(&name, fmt.as_deref(), force_share)?;
+        let info = image_info(&named, force_share)?;
         if chain {
             if let Some(full) = &info.full_backing_filename {
-                next = Some((full.clone(), info.backing_filename_format.clone()));
+                let fmt = info.backing_filename_format.as_deref();
+                next = Some(Named::resolve(full, fmt, false)?);
             }
         }
         list.push(info);
@@ -103,29 +106,17 @@ pub fn collect_image_info_list(
 }
 
 /// Open one image read-only without its backing file and describe it.
-pub fn image_info(
-    filename: &str,
-    fmt: Option<&str>,
-    force_share: bool,
-) -> Result<NodeInfo, String> {
-    let open_err = |m: String| format!("Could not open '{filename}': {m}");
+pub fn image_info(named: &Named, force_share: bool) -> Result<NodeInfo, String> {
+    let open_err = |m: String| named.open_error(&m);
+    let filename = named.name.as_str();
     let path = Path::new(filename);
-    let format = match fmt {
-        Some(f) => Some(Format::from_name(f).map_err(|e| open_err(engine_msg(&e)))?),
-        None => None,
-    };
-    let image = open_named(
-        filename,
-        &OpenOptions {
-            read_only: true,
-            force_share,
-            format,
-            no_backing: true,
-            metadata_only: true,
-            ..Default::default()
-        },
-    )
-    .map_err(open_err)?;
+    let image = named.open(OpenOptions {
+        read_only: true,
+        force_share,
+        no_backing: true,
+        metadata_only: true,
+        ..Default::default()
+    })?;
     let driver = image.driver();
     // QEMU names an NBD export by its normalized URI, and the node under the format is
     // the 'nbd' protocol driver, which knows neither allocation nor a dirty flag.
@@ -183,6 +174,9 @@ pub fn image_info(
         Some(EngineSpecific::Vmdk(v)) => Some(FormatSpecific::Vmdk(v)),
         None => None,
     };
+    if named.protocol_on_top() {
+        return Ok(file);
+    }
     node.children = vec![("file".to_string(), file)];
     if let Some(FormatSpecific::Vmdk(v)) = &node.format_specific {
         // QEMU lists extent files as child nodes, the last opened first, and the file

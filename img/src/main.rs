@@ -17,6 +17,7 @@ mod create;
 mod create_opts;
 mod dd;
 mod errors;
+mod image_opts;
 mod imgopen;
 mod info;
 mod info_format;

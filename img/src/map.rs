@@ -6,7 +6,7 @@ use common::driver::{Allocation, BlockDriver};
 use common::open::{Image, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::open_user_image;
+use crate::imgopen::Named;
 use crate::info::parse_output;
 use crate::map_format::{DumpError, Dumper, MapEntry};
 use crate::paths::path_combine;
@@ -18,6 +18,9 @@ pub struct MapArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Output format: human or json
     #[arg(long = "output", value_name = "human|json")]
     pub output: Option<String>,
@@ -54,17 +57,16 @@ pub fn run(a: &MapArgs) -> CmdResult {
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }
-    let name = &a.args[0];
-    let image = open_user_image(
-        name,
-        a.format.as_deref(),
-        OpenOptions {
+    let named =
+        Named::resolve(&a.args[0], a.format.as_deref(), a.image_opts).map_err(Failure::msg)?;
+    let name = &named.name;
+    let image = named
+        .open(OpenOptions {
             read_only: true,
             force_share: a.force_share,
             ..Default::default()
-        },
-    )
-    .map_err(Failure::msg)?;
+        })
+        .map_err(Failure::msg)?;
     let mapper = Mapper::new(&image, name);
     // QEMU's block layer counts lengths in whole 512-byte sectors.
     let mut length = image.driver().size().next_multiple_of(512);

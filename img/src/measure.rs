@@ -20,6 +20,9 @@ pub struct MeasureArgs {
     /// Format of FILE (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Format of the image to measure for (default raw)
     #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -66,7 +69,7 @@ pub fn run(a: &MeasureArgs) -> CmdResult {
     }
     let file = a.args.first();
     match (file, size) {
-        (None, _) if a.format.is_some() || snapshot.is_some() => {
+        (None, _) if a.image_opts || a.format.is_some() || snapshot.is_some() => {
             return Err(Failure::msg(
                 "--image-opts, -f, and -l require a filename argument.",
             ))
@@ -134,6 +137,7 @@ fn open_source(name: &str, a: &MeasureArgs) -> Result<Image, Failure> {
     open_user_image(
         name,
         a.format.as_deref(),
+        a.image_opts,
         OpenOptions {
             read_only: true,
             force_share: a.force_share,

@@ -11,7 +11,7 @@ use common::{BlockDriver, Error};
 use crate::chain::{find_backing_image, has_protocol};
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
-use crate::imgopen::{open_named, open_user_image};
+use crate::imgopen::{open_named, Named};
 use crate::paths::path_combine;
 use crate::progress::Progress;
 
@@ -24,6 +24,9 @@ pub struct RebaseArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Cache mode of the image
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
@@ -69,7 +72,6 @@ pub fn run(a: &RebaseArgs) -> CmdResult {
             "Must specify backing file (-b) or use unsafe mode (-u)",
         ));
     }
-    let name = &a.args[0];
     let progress = Progress::new(a.progress && !a.quiet);
     let direct = cache_is_direct(a.cache.as_deref()).ok_or_else(|| {
         Failure::msg(format!(
@@ -90,7 +92,10 @@ pub fn run(a: &RebaseArgs) -> CmdResult {
         no_backing: a.unsafe_,
         ..Default::default()
     };
-    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
+    let named =
+        Named::resolve(&a.args[0], a.format.as_deref(), a.image_opts).map_err(Failure::msg)?;
+    let name = &named.name;
+    let image = named.open(opts).map_err(Failure::msg)?;
     if a.compress && image.format() != Format::Qcow2 {
         return Err(Failure::msg(
             "Compression not supported for this file format",

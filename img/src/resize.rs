@@ -14,6 +14,9 @@ pub struct ResizeArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Preallocation of the added area: off, metadata (qcow2), falloc or full
     #[arg(long = "preallocation", value_name = "PREALLOC")]
     pub preallocation: Option<String>,
@@ -102,8 +105,13 @@ pub fn run(a: &ResizeArgs, negative: Option<&str>) -> CmdResult {
         }
         _ => return Err(Failure::usage(CMD, "Expecting image file name and size")),
     };
-    let image =
-        open_user_image(name, a.format.as_deref(), OpenOptions::default()).map_err(Failure::msg)?;
+    let image = open_user_image(
+        name,
+        a.format.as_deref(),
+        a.image_opts,
+        OpenOptions::default(),
+    )
+    .map_err(Failure::msg)?;
     let current = image.driver().size();
     let total = new_size(spec, current)?;
     if total <= 0 {

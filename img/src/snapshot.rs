@@ -27,6 +27,9 @@ pub struct SnapshotArgs {
     /// Image format (probed when not given)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     /// Open the image in shared mode (allowed while another process writes it)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -85,7 +88,8 @@ pub fn run(a: &SnapshotArgs) -> CmdResult {
         force_share: a.force_share,
         ..Default::default()
     };
-    let image = open_user_image(name, a.format.as_deref(), opts).map_err(Failure::msg)?;
+    let image =
+        open_user_image(name, a.format.as_deref(), a.image_opts, opts).map_err(Failure::msg)?;
     let fail = |what: &str, sn: &str, m: String| {
         Failure::msg(format!("Could not {what} snapshot '{sn}': {m}"))
     };

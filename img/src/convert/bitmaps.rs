@@ -27,12 +27,13 @@ pub fn check(src: &Image, skip_broken: bool) -> Result<Vec<BitmapInfo>, Failure>
 }
 
 /// Refuse a target that cannot hold bitmaps (checked once it is open, as qemu-img does).
-pub fn check_target(dst: &Image, format_name: &str) -> Result<(), Failure> {
+pub fn check_target(dst: &Image) -> Result<(), Failure> {
     if dst.supports_persistent_bitmaps() {
         return Ok(());
     }
     Err(Failure::msg(format!(
-        "Format driver '{format_name}' does not support bitmaps"
+        "Format driver '{}' does not support bitmaps",
+        dst.driver().format_name()
     )))
 }
 

@@ -1,0 +1,355 @@
+//! `--image-opts`: an image named by QEMU's option string instead of a file name, as in
+//! `driver=qcow2,file.filename=disk.qcow2` or
+//! `driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=/run/nbd.sock`.
+//!
+//! The options img acts on: `driver` (a format, or a protocol: `file`, `host_device`,
+//! `host_cdrom`, `nbd`), the protocol child's (`file.driver`, `file.filename`, the NBD
+//! server and export, `file.locking=on|auto`, `file.aio`), `read-only`, `force-share`,
+//! `cache.direct`, `cache.no-flush`; `node-name` and `auto-read-only` are taken and mean
+//! nothing here, and qcow2's cache sizes are taken and left to the engine, which sizes its
+//! own caches. Any other option is refused, in QEMU's words.
+
+use std::collections::BTreeMap;
+
+use common::open::{Format, OpenOptions};
+
+/// What an option string names: the file (or NBD URI) to open and how.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageSpec {
+    /// A file name or an NBD URI, as the engine opens them.
+    pub name: String,
+    /// The format; `None` probes it.
+    pub format: Option<Format>,
+    /// `driver` named a protocol: the image is its bytes, with no format node above.
+    pub protocol_on_top: bool,
+    read_only: bool,
+    force_share: bool,
+    direct: bool,
+    no_flush: bool,
+}
+
+impl ImageSpec {
+    /// `opts` with what the option string asked for added.
+    pub fn open_options(&self, opts: OpenOptions) -> OpenOptions {
+        OpenOptions {
+            format: self.format,
+            read_only: opts.read_only || self.read_only,
+            force_share: opts.force_share || self.force_share,
+            direct: opts.direct || self.direct,
+            no_flush: opts.no_flush || self.no_flush,
+            ..opts
+        }
+    }
+}
+
+/// Protocols a `driver` may name.
+const PROTOCOLS: &[&str] = &["file", "host_device", "host_cdrom", "nbd"];
+
+/// Options of the format layer img takes besides `driver`.
+const FORMAT_KEYS: &[&str] = &[
+    "read-only",
+    "force-share",
+    "cache.direct",
+    "cache.no-flush",
+    "node-name",
+    "auto-read-only",
+];
+
+/// qcow2's cache tuning: taken, and left to the engine.
+const QCOW2_CACHE_KEYS: &[&str] = &[
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+];
+
+/// Parse an `--image-opts` string; the error is what qemu-img prints after
+/// `Could not open 'STRING': `.
+pub fn parse(s: &str) -> Result<ImageSpec, String> {
+    let mut o = split(s);
+    if o.contains_key("file") {
+        let f = &o["file"];
+        return Err(format!("Cannot find device='{f}' nor node-name='{f}'"));
+    }
+    let driver = o.remove("driver");
+    let has_child = o.keys().any(|k| k.starts_with("file."));
+    let mut spec = ImageSpec::default();
+    let child: BTreeMap<String, String> = match driver.as_deref() {
+        None if !has_child => return Err("Must specify either driver or file".into()),
+        Some(p) if PROTOCOLS.contains(&p) => {
+            // A protocol on top: its bytes are the image.
+            spec.format = Some(Format::Raw);
+            spec.protocol_on_top = true;
+            let mut c: BTreeMap<String, String> = o
+                .iter()
+                .filter(|(k, _)| !FORMAT_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            c.insert("driver".into(), p.to_string());
+            o.retain(|k, _| FORMAT_KEYS.contains(&k.as_str()));
+            c
+        }
+        Some(f) => {
+            let format = Format::from_name(f).map_err(|e| crate::errors::engine_msg(&e))?;
+            spec.format = Some(format);
+            if !has_child {
+                return Err("A block device must be specified for \"file\"".into());
+            }
+            take_prefixed(&mut o, "file.")
+        }
+        None => take_prefixed(&mut o, "file."),
+    };
+    let fmt_name = driver.as_deref().unwrap_or("raw");
+    for (k, v) in &o {
+        let b = || parse_bool(k, v);
+        match k.as_str() {
+            "read-only" => spec.read_only = b()?,
+            "force-share" => spec.force_share = b()?,
+            "cache.direct" => spec.direct = b()?,
+            "cache.no-flush" => spec.no_flush = b()?,
+            "auto-read-only" => {
+                b()?;
+            }
+            "node-name" => {}
+            k if spec.format == Some(Format::Qcow2) && QCOW2_CACHE_KEYS.contains(&k) => {}
+            k => {
+                return Err(format!(
+                    "Block format '{fmt_name}' does not support the option '{k}'"
+                ))
+            }
+        }
+    }
+    spec.name = protocol_name(&child)?;
+    Ok(spec)
+}
+
+/// The file name or NBD URI the protocol child's options name.
+fn protocol_name(c: &BTreeMap<String, String>) -> Result<String, String> {
+    let driver = c.get("driver").map_or("file", String::as_str);
+    if !PROTOCOLS.contains(&driver) {
+        return Err(format!("Unknown driver '{driver}'"));
+    }
+    let unsupported =
+        |k: &str| format!("Block protocol '{driver}' doesn't support the option '{k}'");
+    if driver == "nbd" {
+        for k in c.keys() {
+            if !NBD_KEYS.contains(&k.as_str()) {
+                return Err(unsupported(k));
+            }
+        }
+        return nbd_uri(c);
+    }
+    for (k, v) in c {
+        match k.as_str() {
+            "driver" | "filename" => {}
+            "locking" => match v.as_str() {
+                "on" | "auto" => {}
+                "off" => return Err(unsupported("locking=off")),
+                _ => return Err(format!("invalid parameter value: {v}")),
+            },
+            "aio" => match v.as_str() {
+                "threads" | "native" | "io_uring" => {}
+                _ => return Err(format!("invalid parameter value: {v}")),
+            },
+            k => return Err(unsupported(k)),
+        }
+    }
+    let Some(name) = c.get("filename") else {
+        return Err(format!("The '{driver}' block driver requires a file name"));
+    };
+    Ok(name.clone())
+}
+
+/// The NBD options img knows (the server's address, old and new spellings, and the
+/// export).
+const NBD_KEYS: &[&str] = &[
+    "driver",
+    "server.type",
+    "server.host",
+    "server.port",
+    "server.path",
+    "host",
+    "port",
+    "path",
+    "export",
+];
+
+/// The `nbd://` or `nbd+unix://` URI of an NBD child's options.
+fn nbd_uri(c: &BTreeMap<String, String>) -> Result<String, String> {
+    let get = |new: &str, old: &str| c.get(new).or_else(|| c.get(old)).cloned();
+    let export = c.get("export").map_or("", String::as_str);
+    let path = get("server.path", "path");
+    let host = get("server.host", "host");
+    let kind = match c.get("server.type").map(String::as_str) {
+        Some("unix") => "unix",
+        Some("inet") => "inet",
+        Some(t) => return Err(format!("Parameter 'type' does not accept value '{t}'")),
+        None if path.is_some() => "unix",
+        None if host.is_some() => "inet",
+        None => return Err("NBD server address missing".into()),
+    };
+    if kind == "unix" {
+        let path = path.ok_or("Parameter 'path' is missing")?;
+        return Ok(format!("nbd+unix:///{export}?socket={path}"));
+    }
+    let host = host.ok_or("Parameter 'host' is missing")?;
+    // The new spelling names the port explicitly, as QEMU requires; the old one
+    // defaults it.
+    let port = match (c.get("server.port"), c.get("port")) {
+        (Some(p), _) | (None, Some(p)) => p.clone(),
+        (None, None) if c.contains_key("server.host") => {
+            return Err("Parameter 'port' is missing".into())
+        }
+        (None, None) => "10809".into(),
+    };
+    Ok(format!("nbd://{host}:{port}/{export}"))
+}
+
+/// The options whose keys start with `prefix`, taken out of `o` with the prefix removed.
+fn take_prefixed(o: &mut BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+    let keys: Vec<String> = o
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    keys.into_iter()
+        .map(|k| {
+            let v = o.remove(&k).unwrap_or_default();
+            (k[prefix.len()..].to_string(), v)
+        })
+        .collect()
+}
+
+/// QEMU's boolean option values.
+fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// `key=value,...` with `,,` for a comma in a value; later keys win. A first element
+/// without `=` is the value of `file`; a later one is `KEY=on` (with QEMU's warning).
+fn split(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+                continue;
+            }
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for (i, p) in parts.into_iter().enumerate() {
+        match p.split_once('=') {
+            Some((k, v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None if i == 0 => {
+                out.insert("file".into(), p);
+            }
+            None => {
+                eprintln!(
+                    "img: warning: short-form boolean option '{p}' deprecated\nPlease use {p}=on instead"
+                );
+                out.insert(p, "on".into());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_and_formats() {
+        let s = parse("driver=qcow2,file.filename=a,,b.qcow2,read-only=on").unwrap();
+        assert_eq!(s.name, "a,b.qcow2");
+        assert_eq!(s.format, Some(Format::Qcow2));
+        assert!(s.read_only && !s.force_share);
+        let s = parse("file.filename=x.img").unwrap();
+        assert_eq!((s.name.as_str(), s.format), ("x.img", None));
+        let s = parse("driver=file,filename=x.img,cache.direct=on").unwrap();
+        assert_eq!((s.name.as_str(), s.format), ("x.img", Some(Format::Raw)));
+        assert!(s.direct && s.protocol_on_top);
+        let s = parse("driver=qcow2,file.filename=a,file.filename=b").unwrap();
+        assert_eq!(s.name, "b");
+    }
+
+    #[test]
+    fn nbd_servers() {
+        let s =
+            parse("driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=/s").unwrap();
+        assert_eq!(s.name, "nbd+unix:///?socket=/s");
+        let s = parse("driver=nbd,server.type=inet,server.host=h,server.port=99,export=e").unwrap();
+        assert_eq!(s.name, "nbd://h:99/e");
+        assert_eq!(parse("driver=nbd,host=h").unwrap().name, "nbd://h:10809/");
+        assert_eq!(
+            parse("driver=nbd,server.type=inet,server.host=h").unwrap_err(),
+            "Parameter 'port' is missing"
+        );
+        assert_eq!(
+            parse("driver=qcow2,file.driver=nbd").unwrap_err(),
+            "NBD server address missing"
+        );
+    }
+
+    #[test]
+    fn errors_in_qemu_words() {
+        for (s, e) in [
+            (
+                "a.qcow2",
+                "Cannot find device='a.qcow2' nor node-name='a.qcow2'",
+            ),
+            ("filename=a", "Must specify either driver or file"),
+            (
+                "driver=qcow2",
+                "A block device must be specified for \"file\"",
+            ),
+            ("driver=bogus,file.filename=a", "Unknown driver 'bogus'"),
+            (
+                "driver=raw,file.driver=bogus,file.filename=a",
+                "Unknown driver 'bogus'",
+            ),
+            (
+                "driver=qcow2,file.filename=a,foo=1",
+                "Block format 'qcow2' does not support the option 'foo'",
+            ),
+            (
+                "driver=qcow2,file.filename=a,file.foo=1",
+                "Block protocol 'file' doesn't support the option 'foo'",
+            ),
+            (
+                "driver=qcow2,file.driver=file",
+                "The 'file' block driver requires a file name",
+            ),
+            (
+                "driver=qcow2,file.filename=a,read-only=maybe",
+                "Parameter 'read-only' expects 'on' or 'off'",
+            ),
+            (
+                "driver=qcow2,file.filename=a,file.locking=bogus",
+                "invalid parameter value: bogus",
+            ),
+            (
+                "driver=raw,file.filename=a,l2-cache-size=1M",
+                "Block format 'raw' does not support the option 'l2-cache-size'",
+            ),
+        ] {
+            assert_eq!(parse(s).unwrap_err(), e, "{s}");
+        }
+        assert!(parse("driver=qcow2,file.filename=a,l2-cache-size=1M").is_ok());
+    }
+}

@@ -1,0 +1,241 @@
+//! `--image-opts` (and convert's `--target-image-opts`) against qemu-img: images named by
+//! QEMU option strings (`driver=qcow2,file.filename=...`, protocols on top, NBD servers
+//! over a unix socket) give every subcommand the same output, exit code and images as
+//! qemu-img, errors word for word.
+
+use integration_tests::nbd::{Addr, Server};
+use integration_tests::twin::{verbatim, Images, Names, Twin};
+use integration_tests::*;
+use std::path::Path;
+
+/// Twin directories with [`setup`]'s files (made once, so snapshot dates agree).
+fn twin() -> Twin {
+    let d = tempdir();
+    setup(d.path());
+    Twin::copied_from(d.path())
+}
+
+/// `bench`'s timing line without its time.
+fn untimed(s: &str) -> String {
+    s.lines()
+        .map(|l| match l.strip_prefix("Run completed in ") {
+            Some(_) => "Run completed in N seconds.",
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A qcow2 image with data and a snapshot, a raw one, and an overlay of the qcow2.
+fn setup(d: &Path) {
+    let run = |args: &[&str]| qemu_img_in(d, args).check().unwrap();
+    run(&["create", "-q", "-f", "qcow2", "t.qcow2", "8M"]);
+    qemu_io_cmds(
+        &d.join("t.qcow2"),
+        "qcow2",
+        &["write -P 7 0 100k".into(), "write -P 9 3M 64k".into()],
+    );
+    run(&["snapshot", "-c", "s1", "t.qcow2"]);
+    run(&["create", "-q", "-f", "raw", "r.raw", "8M"]);
+    qemu_io_cmds(&d.join("r.raw"), "raw", &["write -P 7 0 100k".into()]);
+    run(&[
+        "create", "-q", "-f", "qcow2", "-b", "t.qcow2", "-F", "qcow2", "o.qcow2",
+    ]);
+    run(&["create", "-q", "-f", "qcow2", "dst.qcow2", "8M"]);
+}
+
+const T: &str = "driver=qcow2,file.filename=t.qcow2";
+const O: &str = "driver=qcow2,file.driver=file,file.filename=o.qcow2";
+const R: &str = "driver=raw,file.filename=r.raw";
+
+/// Commands that only read, and option strings that must fail as in qemu-img.
+fn reading_cases() -> Vec<Vec<&'static str>> {
+    let mut v: Vec<Vec<&str>> = vec![
+        vec!["info", "--image-opts", T],
+        vec!["info", "--image-opts", "--output=json", T],
+        vec!["info", "--image-opts", "--backing-chain", O],
+        vec!["info", "--image-opts", "file.filename=t.qcow2"],
+        vec!["info", "--image-opts", "driver=file,filename=t.qcow2"],
+        vec![
+            "info",
+            "--image-opts",
+            "--output=json",
+            "driver=file,filename=t.qcow2",
+        ],
+        vec!["info", "--image-opts", "driver=raw,file.filename=t.qcow2"],
+        vec![
+            "info",
+            "--image-opts",
+            &"driver=qcow2,file.filename=t.qcow2,read-only=on",
+        ],
+        vec![
+            "info",
+            "--image-opts",
+            "driver=qcow2,file.filename=t.qcow2,l2-cache-size=1M",
+        ],
+        vec!["info", "--image-opts", "-f", "qcow2", T],
+        vec!["check", "--image-opts", T],
+        vec!["check", "--image-opts", "--output=json", O],
+        vec!["map", "--image-opts", O],
+        vec!["map", "--image-opts", "--output=json", O],
+        vec!["measure", "--image-opts", "-O", "qcow2", T],
+        vec!["measure", "--image-opts", "-O", "qcow2"],
+        vec!["compare", "--image-opts", T, R],
+        vec!["compare", "--image-opts", O, T],
+        vec!["snapshot", "-l", "--image-opts", T],
+        vec!["bench", "--image-opts", "-c", "10", T],
+    ];
+    for bad in [
+        "t.qcow2",
+        "filename=t.qcow2",
+        "driver=qcow2",
+        "driver=bogus,file.filename=t.qcow2",
+        "driver=qcow2,file.filename=nosuch",
+        "driver=qcow2,file.filename=t.qcow2,foo=1",
+        "driver=qcow2,file.filename=t.qcow2,file.foo=1",
+        "driver=qcow2,file.driver=file",
+        "driver=qcow2,file.filename=t.qcow2,read-only=maybe",
+        "driver=qcow2,file.filename=t.qcow2,file.locking=bogus",
+        "driver=qcow2,file.filename=r.raw",
+        "driver=qcow2,file.driver=nbd",
+        "driver=raw,file.driver=bogus,file.filename=t.qcow2",
+    ] {
+        v.push(vec!["info", "--image-opts", bad]);
+    }
+    v
+}
+
+#[test]
+fn reading_commands_match_qemu() {
+    let twin = twin();
+    let mut failures = Failures::new();
+    for args in reading_cases() {
+        let pair = twin.run(&args);
+        failures.record(&format!("{args:?}"), pair.compare(Names::Prefix, untimed));
+    }
+    failures.finish();
+}
+
+#[test]
+fn writing_commands_match_qemu() {
+    let mut failures = Failures::new();
+    let dst = "driver=qcow2,file.filename=dst.qcow2";
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "c.qcow2",
+            vec!["convert", "--image-opts", "-O", "qcow2", O, "c.qcow2"],
+        ),
+        (
+            "c.qcow2",
+            vec!["convert", "--image-opts", "-O", "qcow2", T, R, "c.qcow2"],
+        ),
+        (
+            "c.qcow2",
+            vec![
+                "convert",
+                "--image-opts",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                T,
+                "c.qcow2",
+            ],
+        ),
+        (
+            "dst.qcow2",
+            vec!["convert", "--target-image-opts", "-n", "t.qcow2", dst],
+        ),
+        (
+            "dst.qcow2",
+            vec![
+                "convert",
+                "--target-image-opts",
+                "-n",
+                "-O",
+                "qcow2",
+                "t.qcow2",
+                dst,
+            ],
+        ),
+        (
+            "",
+            vec![
+                "convert",
+                "--target-image-opts",
+                "-O",
+                "qcow2",
+                "t.qcow2",
+                dst,
+            ],
+        ),
+        ("t.qcow2", vec!["resize", "--image-opts", T, "+1M"]),
+        ("t.qcow2", vec!["snapshot", "-d", "s1", "--image-opts", T]),
+        ("t.qcow2", vec!["snapshot", "-a", "s1", "--image-opts", T]),
+        (
+            "t.qcow2",
+            vec!["amend", "--image-opts", "-o", "lazy_refcounts=on", T],
+        ),
+        ("t.qcow2", vec!["bitmap", "--add", "--image-opts", T, "b0"]),
+        ("o.qcow2", vec!["commit", "--image-opts", O]),
+        ("o.qcow2", vec!["rebase", "-u", "-b", "", "--image-opts", O]),
+        (
+            "d.raw",
+            vec![
+                "dd",
+                "--image-opts",
+                &"if=driver=qcow2,file.filename=t.qcow2",
+                "of=d.raw",
+                "bs=64k",
+                "count=4",
+            ],
+        ),
+    ];
+    for (file, args) in cases {
+        let twin = twin();
+        let pair = twin.run(&args);
+        let mut errs = pair.differences(Names::Prefix, verbatim);
+        if pair.both_succeeded() && !file.is_empty() {
+            errs.extend(twin.compare_images(file, Images::default()).err());
+        }
+        failures.record(&format!("{args:?}"), pair.verdict(errs));
+    }
+    failures.finish();
+}
+
+/// An NBD server named by options (new and old spellings, on top or under a format).
+#[test]
+fn nbd_servers_named_by_options_match_qemu() {
+    let twin = twin();
+    let sock = twin.qemu_dir().join("n.sock");
+    let image = twin.qemu_dir().join("t.qcow2");
+    let _srv = Server::start(
+        Path::new("qemu-nbd"),
+        &["-t", "-r", "-e", "0", "-x", "ex", "-f", "qcow2", s(&image)],
+        Addr::Unix(sock.clone()),
+        twin.qemu_dir(),
+    );
+    let p = sock.display();
+    let specs = [
+        format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={p},file.export=ex"
+        ),
+        format!("driver=nbd,server.type=unix,server.path={p},export=ex"),
+        format!("file.driver=nbd,file.path={p},file.export=ex"),
+        format!("driver=nbd,server.type=unix,server.path={p}.none"),
+        format!("driver=nbd,server.type=bogus,server.path={p}"),
+        "driver=nbd,server.type=inet,server.host=127.0.0.1".to_string(),
+    ];
+    let mut failures = Failures::new();
+    for spec in &specs {
+        for cmd in [
+            vec!["info", "--image-opts", spec.as_str()],
+            vec!["map", "--output=json", "--image-opts", spec.as_str()],
+            vec!["compare", "--image-opts", spec.as_str(), T],
+        ] {
+            let pair = twin.run(&cmd);
+            failures.record(&format!("{cmd:?}"), pair.compare(Names::Prefix, verbatim));
+        }
+    }
+    failures.finish();
+}
