@@ -22,6 +22,8 @@ pub struct ImageSpec {
     pub format: Option<Format>,
     /// `driver` named a protocol: the image is its bytes, with no format node above.
     pub protocol_on_top: bool,
+    /// `backing: null`: the backing file is not opened.
+    no_backing: bool,
     read_only: bool,
     force_share: bool,
     direct: bool,
@@ -37,6 +39,7 @@ impl ImageSpec {
             force_share: opts.force_share || self.force_share,
             direct: opts.direct || self.direct,
             no_flush: opts.no_flush || self.no_flush,
+            no_backing: opts.no_backing || self.no_backing,
             ..opts
         }
     }
@@ -67,7 +70,51 @@ const QCOW2_CACHE_KEYS: &[&str] = &[
 /// Parse an `--image-opts` string; the error is what qemu-img prints after
 /// `Could not open 'STRING': `.
 pub fn parse(s: &str) -> Result<ImageSpec, String> {
-    let mut o = split(s);
+    interpret(split(s))
+}
+
+/// Parse the JSON object of a `json:{...}` file name (nested objects are the dotted keys
+/// of the option string); the error is what qemu-img prints after `Could not open ...: `.
+pub fn parse_json(s: &str) -> Result<ImageSpec, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
+    let serde_json::Value::Object(top) = v else {
+        return Err("Invalid JSON object given".into());
+    };
+    let mut o = BTreeMap::new();
+    let mut no_backing = false;
+    for (k, v) in top {
+        if k == "backing" && v.is_null() {
+            no_backing = true;
+        } else {
+            flatten(&k, &v, &mut o);
+        }
+    }
+    let mut spec = interpret(o)?;
+    spec.no_backing |= no_backing;
+    Ok(spec)
+}
+
+/// `v` under `key` as option-string entries: objects as dotted keys, booleans `on`/`off`.
+fn flatten(key: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    use serde_json::Value;
+    let text = match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten(&format!("{key}.{k}"), v, out);
+            }
+            return;
+        }
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+        Value::Null => String::new(),
+        Value::Number(_) | Value::Array(_) => v.to_string(),
+    };
+    out.insert(key.to_string(), text);
+}
+
+/// The options of a file name, as a map, made into what it names.
+fn interpret(mut o: BTreeMap<String, String>) -> Result<ImageSpec, String> {
     if o.contains_key("file") {
         let f = &o["file"];
         return Err(format!("Cannot find device='{f}' nor node-name='{f}'"));
@@ -112,6 +159,13 @@ pub fn parse(s: &str) -> Result<ImageSpec, String> {
                 b()?;
             }
             "node-name" => {}
+            "backing" if v.is_empty() => {
+                eprintln!(
+                    "img: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead"
+                );
+                spec.no_backing = true;
+            }
+            "backing" => return Err(format!("Cannot find device='{v}' nor node-name='{v}'")),
             k if spec.format == Some(Format::Qcow2) && QCOW2_CACHE_KEYS.contains(&k) => {}
             k => {
                 return Err(format!(
@@ -286,6 +340,29 @@ mod tests {
         assert!(s.direct && s.protocol_on_top);
         let s = parse("driver=qcow2,file.filename=a,file.filename=b").unwrap();
         assert_eq!(s.name, "b");
+    }
+
+    #[test]
+    fn json_names() {
+        let s = parse_json(
+            r#"{"driver":"qcow2","file":{"driver":"file","filename":"a.qcow2"},"read-only":true,"backing":null,"l2-cache-size":65536}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.format),
+            ("a.qcow2", Some(Format::Qcow2))
+        );
+        assert!(s.read_only && s.no_backing);
+        let s = parse_json(r#"{"driver":"nbd","server":{"type":"unix","path":"/s"}}"#).unwrap();
+        assert_eq!(s.name, "nbd+unix:///?socket=/s");
+        assert_eq!(parse_json("[1]").unwrap_err(), "Invalid JSON object given");
+        assert!(parse_json(r#"{"driver":"qcow2""#)
+            .unwrap_err()
+            .starts_with("Could not parse the JSON options: "));
+        assert_eq!(
+            parse_json(r#"{"driver":"qcow2","file":"a"}"#).unwrap_err(),
+            "Cannot find device='a' nor node-name='a'"
+        );
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
     Ok(image)
 }
 
-/// An image as the user named it: a file name (or NBD URI) in an optional format, or an
-/// `--image-opts` string.
+/// An image as the user named it: a file name (or NBD URI, or QEMU's `json:{...}`) in an
+/// optional format, or an `--image-opts` string.
 #[derive(Debug, Clone)]
 pub struct Named {
     /// The file name or NBD URI to open.
@@ -58,6 +58,17 @@ impl Named {
             .map(Format::from_name)
             .transpose()
             .map_err(|e| open_err(engine_msg(&e)))?;
+        if let Some(json) = arg.strip_prefix("json:") {
+            // `-f` wins over the object's driver, as in qemu-img.
+            let mut spec = image_opts::parse_json(json).map_err(open_err)?;
+            spec.format = format.or(spec.format);
+            return Ok(Named {
+                name: spec.name.clone(),
+                format: spec.format,
+                label: arg.to_string(),
+                spec: Some(spec),
+            });
+        }
         Ok(Named {
             name: arg.to_string(),
             format,

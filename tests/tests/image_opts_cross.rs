@@ -1,7 +1,7 @@
 //! `--image-opts` (and convert's `--target-image-opts`) against qemu-img: images named by
 //! QEMU option strings (`driver=qcow2,file.filename=...`, protocols on top, NBD servers
-//! over a unix socket) give every subcommand the same output, exit code and images as
-//! qemu-img, errors word for word.
+//! over a unix socket) or `json:{...}` names give every subcommand the same output, exit
+//! code and images as qemu-img, errors word for word.
 
 use integration_tests::nbd::{Addr, Server};
 use integration_tests::twin::{verbatim, Images, Names, Twin};
@@ -85,6 +85,36 @@ fn reading_cases() -> Vec<Vec<&'static str>> {
         vec!["snapshot", "-l", "--image-opts", T],
         vec!["bench", "--image-opts", "-c", "10", T],
     ];
+    // QEMU's json: file names, without --image-opts.
+    for (cmd, name) in [
+        (
+            "info",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"}}"#,
+        ),
+        ("info", r#"json:{"file":{"filename":"t.qcow2"}}"#),
+        (
+            "map",
+            r#"json:{"driver":"qcow2","file.filename":"o.qcow2"}"#,
+        ),
+        (
+            "map",
+            r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"},"backing":null}"#,
+        ),
+        (
+            "check",
+            r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"},"backing":null}"#,
+        ),
+        ("info", r#"json:{"driver":"qcow2","file":"t.qcow2"}"#),
+        ("info", "json:[1]"),
+    ] {
+        v.push(vec![cmd, name]);
+    }
+    v.push(vec![
+        "info",
+        "-f",
+        "raw",
+        r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2"}}"#,
+    ]);
     for bad in [
         "t.qcow2",
         "filename=t.qcow2",
@@ -167,6 +197,14 @@ fn writing_commands_match_qemu() {
                 "qcow2",
                 "t.qcow2",
                 dst,
+            ],
+        ),
+        (
+            "c.raw",
+            vec![
+                "convert",
+                r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"},"backing":null}"#,
+                "c.raw",
             ],
         ),
         ("t.qcow2", vec!["resize", "--image-opts", T, "+1M"]),
