@@ -12,6 +12,7 @@ use crate::create_opts::{
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
+use crate::objects::{self, Objects};
 
 /// `img amend [-f FMT] [-t CACHE] [-p] [-q] [--force] -o OPTIONS FILE`
 #[derive(Args, Debug, Default)]
@@ -22,6 +23,9 @@ pub struct AmendArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Options to change (`-o help` lists them); several -o are joined
     #[arg(short = 'o', long = "options", value_name = "OPTIONS", action = ArgAction::Append)]
     pub options: Vec<String>,
@@ -100,6 +104,9 @@ fn show_progress(pct: f64) {
 
 /// Run `img amend`.
 pub fn run(a: &AmendArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     for o in &a.options {
         if !is_valid_option_list(o) {
             return Err(Failure::msg(format!("Invalid option list: {o}")));

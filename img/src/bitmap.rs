@@ -7,6 +7,7 @@ use common::ops::BitmapOp;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
+use crate::objects::{self, Objects};
 use crate::size::cvtnum;
 
 /// The options as clap sees them; [`BitmapArgs`] adds the order of the operations.
@@ -65,6 +66,9 @@ pub struct BitmapOptions {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// FILENAME BITMAP
     #[arg(value_name = "FILENAME BITMAP")]
     pub args: Vec<String>,
@@ -151,6 +155,9 @@ fn node_name() -> String {
 
 /// Run `img bitmap`.
 pub fn run(a: &BitmapArgs) -> CmdResult {
+    if objects::create(&a.opts.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let o = &a.opts;
     // qemu-img parses the granularity with the options, before any other check.
     let granularity = match &o.granularity {

@@ -11,6 +11,7 @@ use crate::check_format::{render_human, render_json, repaired_text};
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
 use crate::info::{parse_output, OutputFormat};
+use crate::objects::{self, Objects};
 
 /// `img check [-f FMT] [-r leaks|all] [--output=human|json] [-T CACHE] [-U] [-q] FILE`
 #[derive(Args, Debug, Default)]
@@ -21,6 +22,9 @@ pub struct CheckArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Repair leaks, or all inconsistencies
     #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     pub repair: Option<String>,
@@ -63,6 +67,9 @@ fn parse_fix(v: Option<&str>) -> Result<Fix, Failure> {
 
 /// Run `img check`.
 pub fn run(a: &CheckArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let fix = parse_fix(a.repair.as_deref())?;
     let output = parse_output(CMD, a.output.as_deref())?;
     if a.args.len() != 1 {

@@ -16,6 +16,7 @@ use crate::chain::{find_backing_image, layer_names};
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::{open_named, Named};
+use crate::objects::{self, Objects};
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::workers::for_each_piece;
@@ -29,6 +30,9 @@ pub struct CommitArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Cache mode of the images written
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
@@ -72,6 +76,9 @@ enum Piece {
 
 /// Run `img commit`.
 pub fn run(a: &CommitArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let rate = match &a.rate {
         Some(r) => cvtnum("rate limit", r).map_err(Failure::msg)?,
         None => 0,

@@ -10,6 +10,7 @@ use common::open::{Image, OpenOptions};
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
+use crate::objects::{self, Objects};
 
 /// `img compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-p] [-q] [-s] [-U] FILE1 FILE2`
 #[derive(Args, Debug, Default)]
@@ -20,6 +21,9 @@ pub struct CompareArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Format of the second image (probed when not given)
     #[arg(short = 'F', value_name = "FMT")]
     pub format2: Option<String>,
@@ -58,6 +62,9 @@ const READ_ERROR: i32 = 4;
 
 /// Run `img compare`.
 pub fn run(a: &CompareArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     if a.args.len() != 2 {
         return Err(Failure::usage(CMD, "Expecting two image file names"));
     }

@@ -21,6 +21,7 @@ use crate::create_opts::{
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::Named;
+use crate::objects::{self, Objects};
 use crate::progress::Progress;
 use crate::size::cvtnum;
 use crate::snapshot_param::parse_snapshot_param;
@@ -41,6 +42,9 @@ pub struct ConvertArgs {
     /// DST is an option string, not a file name (needs -n)
     #[arg(long = "target-image-opts")]
     pub target_image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Format of the output image (default raw)
     #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -132,6 +136,9 @@ const DEFAULT_MIN_SPARSE: u64 = 4096;
 
 /// Run `img convert`.
 pub fn run(a: &ConvertArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let snapshot = a
         .snapshot
         .as_deref()

@@ -12,6 +12,7 @@ use crate::create_opts::{
 };
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_named;
+use crate::objects::{self, Objects};
 use crate::paths::path_combine;
 use crate::size::cvtnum;
 
@@ -21,6 +22,9 @@ pub struct CreateArgs {
     /// Image format (raw or qcow2; default raw)
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     pub format: Option<String>,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Format options, comma separated (`-o help` lists them)
     #[arg(short = 'o', long = "options", value_name = "FMT_OPTS")]
     pub options: Vec<String>,
@@ -45,6 +49,9 @@ const CMD: &str = "create";
 
 /// Run `img create`.
 pub fn run(a: &CreateArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let mut options: Option<String> = None;
     for o in &a.options {
         if !is_valid_option_list(o) {

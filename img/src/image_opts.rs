@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 use common::open::{Format, OpenOptions};
 
+use crate::qemu_opts;
+
 /// What an option string names: the file (or NBD URI) to open and how.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageSpec {
@@ -70,7 +72,7 @@ const QCOW2_CACHE_KEYS: &[&str] = &[
 /// Parse an `--image-opts` string; the error is what qemu-img prints after
 /// `Could not open 'STRING': `.
 pub fn parse(s: &str) -> Result<ImageSpec, String> {
-    interpret(split(s))
+    interpret(qemu_opts::split(s, "file"))
 }
 
 /// Parse the JSON object of a `json:{...}` file name (nested objects are the dotted keys
@@ -282,45 +284,6 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
         "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
     }
-}
-
-/// `key=value,...` with `,,` for a comma in a value; later keys win. A first element
-/// without `=` is the value of `file`; a later one is `KEY=on` (with QEMU's warning).
-fn split(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-                continue;
-            }
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    for (i, p) in parts.into_iter().enumerate() {
-        match p.split_once('=') {
-            Some((k, v)) => {
-                out.insert(k.to_string(), v.to_string());
-            }
-            None if i == 0 => {
-                out.insert("file".into(), p);
-            }
-            None => {
-                eprintln!(
-                    "img: warning: short-form boolean option '{p}' deprecated\nPlease use {p}=on instead"
-                );
-                out.insert(p, "on".into());
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

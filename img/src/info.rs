@@ -13,6 +13,7 @@ use common::storage::is_device;
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::Named;
 use crate::info_format::{render_human, render_json, FormatSpecific, NodeInfo};
+use crate::objects::{self, Objects};
 use crate::paths::path_combine;
 
 /// `img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`
@@ -24,6 +25,9 @@ pub struct InfoArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Output format: human or json
     #[arg(long = "output", value_name = "human|json")]
     pub output: Option<String>,
@@ -61,6 +65,9 @@ pub fn parse_output(cmd: &'static str, v: Option<&str>) -> Result<OutputFormat, 
 
 /// Run `img info`.
 pub fn run(a: &InfoArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let output = parse_output(CMD, a.output.as_deref())?;
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));

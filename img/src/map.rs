@@ -9,6 +9,7 @@ use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::Named;
 use crate::info::parse_output;
 use crate::map_format::{DumpError, Dumper, MapEntry};
+use crate::objects::{self, Objects};
 use crate::paths::path_combine;
 use crate::size::cvtnum;
 
@@ -21,6 +22,9 @@ pub struct MapArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Output format: human or json
     #[arg(long = "output", value_name = "human|json")]
     pub output: Option<String>,
@@ -45,6 +49,9 @@ const MAX_QUERY: u64 = 1 << 30;
 
 /// Run `img map`.
 pub fn run(a: &MapArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let output = parse_output(CMD, a.output.as_deref())?;
     let start = match &a.start_offset {
         Some(s) => cvtnum("start offset", s).map_err(Failure::msg)?,

@@ -9,6 +9,7 @@ use crate::create_opts::{is_valid_option_list, CreateOpts, QCOW2_OPTS, RAW_OPTS}
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
 use crate::info::{parse_output, OutputFormat};
+use crate::objects::{self, Objects};
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::size::cvtnum;
 use crate::snapshot_param::parse_snapshot_param;
@@ -23,6 +24,9 @@ pub struct MeasureArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Format of the image to measure for (default raw)
     #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -50,6 +54,9 @@ const CMD: &str = "measure";
 
 /// Run `img measure`.
 pub fn run(a: &MeasureArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let output = parse_output(CMD, a.output.as_deref())?;
     let size = match &a.size {
         Some(s) => Some(cvtnum("image size", s).map_err(Failure::msg)?),

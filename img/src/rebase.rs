@@ -12,6 +12,7 @@ use crate::chain::{find_backing_image, has_protocol};
 use crate::convert::cache_is_direct;
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::{open_named, Named};
+use crate::objects::{self, Objects};
 use crate::paths::path_combine;
 use crate::progress::Progress;
 
@@ -27,6 +28,9 @@ pub struct RebaseArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Cache mode of the image
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub cache: Option<String>,
@@ -63,6 +67,9 @@ const CMD: &str = "rebase";
 
 /// Run `img rebase`.
 pub fn run(a: &RebaseArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
     }

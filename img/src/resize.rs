@@ -6,6 +6,7 @@ use common::prealloc::Preallocation;
 
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
+use crate::objects::{self, Objects};
 use crate::size::{parse_size, SizeError};
 
 /// `img resize [-f FMT] [--preallocation PREALLOC] [--shrink] [-q] FILE [+-]SIZE`
@@ -17,6 +18,9 @@ pub struct ResizeArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Preallocation of the added area: off, metadata (qcow2), falloc or full
     #[arg(long = "preallocation", value_name = "PREALLOC")]
     pub preallocation: Option<String>,
@@ -92,6 +96,9 @@ fn new_size(spec: &str, current: u64) -> Result<i64, Failure> {
 
 /// Run `img resize`; `negative` is a size taken out by [`split_negative_size`].
 pub fn run(a: &ResizeArgs, negative: Option<&str>) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let prealloc = match a.preallocation.as_deref() {
         None => Preallocation::Off,
         Some(p) => Preallocation::from_name(p)

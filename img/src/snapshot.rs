@@ -8,6 +8,7 @@ use common::Error;
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::open_user_image;
 use crate::info_format::{local_date, snapshot_list};
+use crate::objects::{self, Objects};
 
 /// `img snapshot [-l | -a NAME | -c NAME | -d NAME] [-f FMT] [-U] [-q] FILE`
 #[derive(Args, Debug, Default)]
@@ -30,6 +31,9 @@ pub struct SnapshotArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Open the image in shared mode (allowed while another process writes it)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -77,6 +81,9 @@ fn create_error(e: &Error) -> String {
 
 /// Run `img snapshot`.
 pub fn run(a: &SnapshotArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let act = action(a)?;
     if a.args.len() != 1 {
         return Err(Failure::usage(CMD, "Expecting one image file name"));
