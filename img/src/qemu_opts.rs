@@ -8,22 +8,7 @@ use std::collections::BTreeMap;
 /// a later one is `KEY=on` (with QEMU's warning, except for `help`).
 pub fn split(s: &str, implied: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-                continue;
-            }
-            parts.push(std::mem::take(&mut cur));
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
+    let parts = common::option_list::split(s);
     for (i, p) in parts.into_iter().enumerate() {
         match p.split_once('=') {
             Some((k, v)) => {
