@@ -173,6 +173,8 @@ pub struct Worker {
     packet: Vec<u8>,
     /// Its length, while it waits for receive buffers.
     pending: Option<usize>,
+    /// The receive buffers a packet goes into (kept to reuse its allocation).
+    rx_chains: Vec<Chain>,
     /// Packets dropped: too big for a guest that does not merge buffers, or refused by the
     /// backend.
     pub dropped: u64,
@@ -195,6 +197,7 @@ impl Worker {
             dead: [false; 2],
             packet: vec![0; VNET_HDR_LEN + MAX_PACKET],
             pending: None,
+            rx_chains: Vec::new(),
             dropped: 0,
         }
     }
@@ -332,7 +335,15 @@ impl Worker {
     /// Put the packet of `len` bytes into receive buffers; Ok(false) when the guest has not
     /// given enough of them yet (they are left available).
     fn deliver(&mut self, len: usize) -> Result<bool, String> {
-        let mut chains: Vec<Chain> = Vec::new();
+        let mut chains = std::mem::take(&mut self.rx_chains);
+        chains.clear();
+        let r = self.deliver_into(len, &mut chains);
+        self.rx_chains = chains;
+        r
+    }
+
+    /// [`Worker::deliver`] with `chains` (empty) to gather the buffers in.
+    fn deliver_into(&mut self, len: usize, chains: &mut Vec<Chain>) -> Result<bool, String> {
         let mut room = 0u64;
         while room < len as u64 && (self.mergeable || chains.is_empty()) {
             let chain = match self.queues[RX].queue.pop(&self.mem) {
@@ -371,7 +382,7 @@ impl Worker {
         }
         self.packet[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
         let mut at = 0usize;
-        for chain in chains {
+        for chain in chains.drain(..) {
             let mut w = Cursor::new(&self.mem, chain.descs);
             let n = (w.remaining() as usize).min(len - at);
             w.write(&self.packet[at..at + n])
@@ -397,11 +408,12 @@ impl Worker {
                     break;
                 }
             };
-            if let Err(why) = self.send(&chain) {
+            let head = chain.head;
+            if let Err(why) = self.send(chain) {
                 self.fail(TX, &why);
                 break;
             }
-            if let Err(e) = self.queues[TX].queue.add_used(&self.mem, chain.head, 0) {
+            if let Err(e) = self.queues[TX].queue.add_used(&self.mem, head, 0) {
                 self.fail(TX, &e.to_string());
                 break;
             }
@@ -412,11 +424,11 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, chain: &Chain) -> Result<(), String> {
+    fn send(&mut self, chain: Chain) -> Result<(), String> {
         if chain.descs.iter().any(|d| d.writable) {
             return Err("transmit buffer with a device-writable descriptor".into());
         }
-        let c = Cursor::new(&self.mem, chain.descs.clone());
+        let c = Cursor::new(&self.mem, chain.descs);
         if c.remaining() < VNET_HDR_LEN as u64 {
             return Err("transmit buffer shorter than the virtio-net header".into());
         }
