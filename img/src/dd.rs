@@ -15,6 +15,7 @@ use common::{Allocation, BlockDriver};
 use crate::create_opts::{creatable, not_creatable, opts_for, CreateOpts};
 use crate::errors::{engine_msg, CmdResult, Failure};
 use crate::imgopen::{open_named, open_user_image};
+use crate::objects::{self, Objects};
 use crate::size::{cvtnum, cvtnum_full};
 
 /// `img dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=N] [count=N] [skip=N] if=INPUT of=OUTPUT`
@@ -26,6 +27,9 @@ pub struct DdArgs {
     /// FILE is an option string (driver=FMT,file.filename=PATH,...), not a file name
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    /// Define an object (QEMU's --object: only `secret` is taken)
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    pub object: Vec<String>,
     /// Format of the output (raw or qcow2; default raw)
     #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
     pub output_format: Option<String>,
@@ -95,6 +99,9 @@ fn copy_range(input_size: u64, op: &Operands) -> (u64, u64, bool) {
 
 /// Run `img dd`.
 pub fn run(a: &DdArgs) -> CmdResult {
+    if objects::create(&a.object)? == Objects::HelpShown {
+        return Ok(0);
+    }
     let op = parse_operands(&a.operands).map_err(Failure::msg)?;
     let input = open_input(&op.input, a.format.as_deref(), a.image_opts, a.force_share)
         .map_err(Failure::msg)?;

@@ -26,24 +26,39 @@ pub struct ImageSpec {
     pub protocol_on_top: bool,
     /// `backing: null`: the backing file is not opened.
     no_backing: bool,
-    read_only: bool,
-    force_share: bool,
-    direct: bool,
-    no_flush: bool,
+    read_only: Option<bool>,
+    force_share: Option<bool>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+}
+
+/// Why the options cannot open the image the way the command needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// `read-only=on` for a command that writes.
+    ReadOnly,
+    /// `force-share=off` with `-U`.
+    ForceShare,
 }
 
 impl ImageSpec {
-    /// `opts` with what the option string asked for added.
-    pub fn open_options(&self, opts: OpenOptions) -> OpenOptions {
-        OpenOptions {
+    /// `opts` (what the command asks for) with what the option string says, which wins
+    /// where both name the same thing; a conflict QEMU refuses is an error.
+    pub fn open_options(&self, opts: OpenOptions) -> Result<OpenOptions, Conflict> {
+        if self.read_only == Some(true) && !opts.read_only {
+            return Err(Conflict::ReadOnly);
+        }
+        if opts.force_share && self.force_share == Some(false) {
+            return Err(Conflict::ForceShare);
+        }
+        Ok(OpenOptions {
             format: self.format,
-            read_only: opts.read_only || self.read_only,
-            force_share: opts.force_share || self.force_share,
-            direct: opts.direct || self.direct,
-            no_flush: opts.no_flush || self.no_flush,
+            force_share: self.force_share.unwrap_or(opts.force_share),
+            direct: self.direct.unwrap_or(opts.direct),
+            no_flush: self.no_flush.unwrap_or(opts.no_flush),
             no_backing: opts.no_backing || self.no_backing,
             ..opts
-        }
+        })
     }
 }
 
@@ -76,8 +91,8 @@ pub fn parse(s: &str) -> Result<ImageSpec, String> {
 }
 
 /// Parse the JSON object of a `json:{...}` file name (nested objects are the dotted keys
-/// of the option string); the error is what qemu-img prints after `Could not open ...: `.
-pub fn parse_json(s: &str) -> Result<ImageSpec, String> {
+/// of the option string), in format `format` if `-f` gave one; the error is what qemu-img prints after `Could not open ...: `.
+pub fn parse_json(s: &str, format: Option<&str>) -> Result<ImageSpec, String> {
     let v: serde_json::Value =
         serde_json::from_str(s).map_err(|e| format!("Could not parse the JSON options: {e}"))?;
     let serde_json::Value::Object(top) = v else {
@@ -91,6 +106,10 @@ pub fn parse_json(s: &str) -> Result<ImageSpec, String> {
         } else {
             flatten(&k, &v, &mut o);
         }
+    }
+    // `-f` names the driver, whatever the object says.
+    if let Some(f) = format {
+        o.insert("driver".into(), f.to_string());
     }
     let mut spec = interpret(o)?;
     spec.no_backing |= no_backing;
@@ -153,10 +172,10 @@ fn interpret(mut o: BTreeMap<String, String>) -> Result<ImageSpec, String> {
     for (k, v) in &o {
         let b = || parse_bool(k, v);
         match k.as_str() {
-            "read-only" => spec.read_only = b()?,
-            "force-share" => spec.force_share = b()?,
-            "cache.direct" => spec.direct = b()?,
-            "cache.no-flush" => spec.no_flush = b()?,
+            "read-only" => spec.read_only = Some(b()?),
+            "force-share" => spec.force_share = Some(b()?),
+            "cache.direct" => spec.direct = Some(b()?),
+            "cache.no-flush" => spec.no_flush = Some(b()?),
             "auto-read-only" => {
                 b()?;
             }
@@ -295,12 +314,12 @@ mod tests {
         let s = parse("driver=qcow2,file.filename=a,,b.qcow2,read-only=on").unwrap();
         assert_eq!(s.name, "a,b.qcow2");
         assert_eq!(s.format, Some(Format::Qcow2));
-        assert!(s.read_only && !s.force_share);
+        assert_eq!((s.read_only, s.force_share), (Some(true), None));
         let s = parse("file.filename=x.img").unwrap();
         assert_eq!((s.name.as_str(), s.format), ("x.img", None));
         let s = parse("driver=file,filename=x.img,cache.direct=on").unwrap();
         assert_eq!((s.name.as_str(), s.format), ("x.img", Some(Format::Raw)));
-        assert!(s.direct && s.protocol_on_top);
+        assert!(s.direct == Some(true) && s.protocol_on_top);
         let s = parse("driver=qcow2,file.filename=a,file.filename=b").unwrap();
         assert_eq!(s.name, "b");
     }
@@ -309,21 +328,38 @@ mod tests {
     fn json_names() {
         let s = parse_json(
             r#"{"driver":"qcow2","file":{"driver":"file","filename":"a.qcow2"},"read-only":true,"backing":null,"l2-cache-size":65536}"#,
+            None,
         )
         .unwrap();
         assert_eq!(
             (s.name.as_str(), s.format),
             ("a.qcow2", Some(Format::Qcow2))
         );
-        assert!(s.read_only && s.no_backing);
-        let s = parse_json(r#"{"driver":"nbd","server":{"type":"unix","path":"/s"}}"#).unwrap();
+        assert!(s.read_only == Some(true) && s.no_backing);
+        // -f names the driver: raw has no cache sizes.
+        let raw = parse_json(
+            r#"{"driver":"qcow2","file":{"filename":"a"},"l2-cache-size":1}"#,
+            Some("raw"),
+        );
+        assert_eq!(
+            raw.unwrap_err(),
+            "Block format 'raw' does not support the option 'l2-cache-size'"
+        );
+        let s = parse_json(
+            r#"{"driver":"nbd","server":{"type":"unix","path":"/s"}}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(s.name, "nbd+unix:///?socket=/s");
-        assert_eq!(parse_json("[1]").unwrap_err(), "Invalid JSON object given");
-        assert!(parse_json(r#"{"driver":"qcow2""#)
+        assert_eq!(
+            parse_json("[1]", None).unwrap_err(),
+            "Invalid JSON object given"
+        );
+        assert!(parse_json(r#"{"driver":"qcow2""#, None)
             .unwrap_err()
             .starts_with("Could not parse the JSON options: "));
         assert_eq!(
-            parse_json(r#"{"driver":"qcow2","file":"a"}"#).unwrap_err(),
+            parse_json(r#"{"driver":"qcow2","file":"a"}"#, None).unwrap_err(),
             "Cannot find device='a' nor node-name='a'"
         );
     }

@@ -6,7 +6,7 @@ use common::open::{open_image, Format, Image, OpenOptions};
 use common::ops::OpenWarning;
 
 use crate::errors::engine_msg;
-use crate::image_opts::{self, ImageSpec};
+use crate::image_opts::{self, Conflict, ImageSpec};
 
 /// Open `name`; the error is the text qemu-img prints after `Could not open 'NAME': `
 /// (or, for the backing file of `create`, after `FILE: `).
@@ -54,14 +54,13 @@ impl Named {
                 spec: Some(spec),
             });
         }
+        let fmt_arg = format;
         let format = format
             .map(Format::from_name)
             .transpose()
             .map_err(|e| open_err(engine_msg(&e)))?;
         if let Some(json) = arg.strip_prefix("json:") {
-            // `-f` wins over the object's driver, as in qemu-img.
-            let mut spec = image_opts::parse_json(json).map_err(open_err)?;
-            spec.format = format.or(spec.format);
+            let spec = image_opts::parse_json(json, fmt_arg).map_err(open_err)?;
             return Ok(Named {
                 name: spec.name.clone(),
                 format: spec.format,
@@ -77,14 +76,18 @@ impl Named {
         })
     }
 
-    /// `opts` with the format and what an option string asked for.
-    pub fn options(&self, opts: OpenOptions) -> OpenOptions {
+    /// `opts` with the format and what an option string asked for; the error is
+    /// qemu-img's whole message.
+    pub fn options(&self, opts: OpenOptions) -> Result<OpenOptions, String> {
         match &self.spec {
-            Some(spec) => spec.open_options(opts),
-            None => OpenOptions {
+            Some(spec) => spec.open_options(opts).map_err(|c| match c {
+                Conflict::ReadOnly => self.open_error("Block node is read-only"),
+                Conflict::ForceShare => "--force-share/-U conflicts with image options".into(),
+            }),
+            None => Ok(OpenOptions {
                 format: self.format,
                 ..opts
-            },
+            }),
         }
     }
 
@@ -101,7 +104,8 @@ impl Named {
 
     /// Open it with the rest of `opts`.
     pub fn open(&self, opts: OpenOptions) -> Result<Image, String> {
-        open_named(&self.name, &self.options(opts)).map_err(|m| self.open_error(&m))
+        let opts = self.options(opts)?;
+        open_named(&self.name, &opts).map_err(|m| self.open_error(&m))
     }
 }
 

@@ -46,7 +46,7 @@ pub enum Objects {
 pub fn create(defs: &[String]) -> Result<Objects, Failure> {
     let mut ids = BTreeSet::new();
     for def in defs {
-        let o = qemu_opts::split(def, "qom-type");
+        let o = keyval(def)?;
         let Some(kind) = o.get("qom-type") else {
             return Err(Failure::msg("Parameter 'qom-type' is missing"));
         };
@@ -114,14 +114,19 @@ fn secret(
         (Some(_), Some(_)) => return Err(Failure::msg("'file' and 'data' are mutually exclusive")),
         (None, None) => return Err(Failure::msg("Either 'file' or 'data' must be provided")),
         (None, Some(path)) => {
-            std::fs::read(path).map_err(|e| {
+            let why = |what: &str, e: std::io::Error| {
                 Failure::msg(format!(
-                    "Unable to read {path}: Failed to open file “{path}”: {}",
+                    "Unable to read {path}: {what} “{path}”: {}",
                     crate::errors::strip_os_error(&e.to_string())
                 ))
-            })?;
+            };
+            let mut f = std::fs::File::open(path).map_err(|e| why("Failed to open file", e))?;
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut data)
+                .map_err(|e| why("Error reading file", e))?;
+            check_base64(o, &data)?;
         }
-        (Some(_), None) => {}
+        (Some(d), None) => check_base64(o, d.as_bytes())?,
     }
     if let Some(k) = o.get("keyid") {
         if !ids.contains(k) {
@@ -132,6 +137,32 @@ fn secret(
         ));
     }
     Ok(())
+}
+
+/// With `format=base64`, the secret must be base64 text (QEMU checks its characters).
+fn check_base64(
+    o: &std::collections::BTreeMap<String, String>,
+    data: &[u8],
+) -> Result<(), Failure> {
+    let base64 = o.get("format").is_some_and(|f| f == "base64");
+    let ok = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=');
+    if base64 && !data.iter().all(ok) {
+        return Err(Failure::msg("Base64 data contains invalid characters"));
+    }
+    Ok(())
+}
+
+/// An object's `TYPE,key=value,...` as QEMU's keyval parser reads it: the type first, a
+/// bare key (but `help`) refused.
+fn keyval(def: &str) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    for (i, part) in common::option_list::split(def).iter().enumerate() {
+        if i > 0 && !part.is_empty() && part != "help" && !part.contains('=') {
+            return Err(Failure::msg(format!(
+                "Expected '=' after parameter '{part}'"
+            )));
+        }
+    }
+    Ok(qemu_opts::split(def, "qom-type"))
 }
 
 /// QEMU's identifiers: letters, digits, `-`, `.`, `_`, starting with a letter.
@@ -179,5 +210,15 @@ mod tests {
             "img: attempt to add duplicate property 's0' to object (type 'container')"
         );
         assert!(err(&["throttle-group,id=t"]).contains("not supported by img"));
+        assert_eq!(
+            err(&["secret,id=s0,data=a,foo"]),
+            "img: Expected '=' after parameter 'foo'"
+        );
+        assert_eq!(err(&[""]), "img: Parameter 'qom-type' is missing");
+        assert_eq!(
+            err(&["secret,id=s0,data=a!c,format=base64"]),
+            "img: Base64 data contains invalid characters"
+        );
+        assert!(err(&["secret,id=s0,file=/"]).contains("Error reading file “/”: Is a directory"));
     }
 }

@@ -3,12 +3,17 @@
 
 use std::collections::BTreeMap;
 
-/// `key=value,...` with `,,` for a comma in a value; later keys win. A first element
+/// `key=value,...` with `,,` for a comma in a value; later keys win; a trailing comma is
+/// ignored. A first element
 /// without `=` is the value of `implied` (`file` for an image, `qom-type` for an object);
 /// a later one is `KEY=on` (with QEMU's warning, except for `help`).
 pub fn split(s: &str, implied: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let parts = common::option_list::split(s);
+    let mut parts = common::option_list::split(s);
+    // A trailing comma (or nothing at all) adds no option.
+    if parts.last().is_some_and(String::is_empty) {
+        parts.pop();
+    }
     for (i, p) in parts.into_iter().enumerate() {
         match p.split_once('=') {
             Some((k, v)) => {
@@ -42,5 +47,7 @@ mod tests {
         assert_eq!(o["id"], "c");
         assert_eq!(o["data"], "x");
         assert_eq!(split("a=1,flag", "file")["flag"], "on");
+        assert_eq!(split("a=1,", "file").len(), 1);
+        assert!(split("", "file").is_empty());
     }
 }

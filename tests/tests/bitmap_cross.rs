@@ -543,6 +543,10 @@ fn convert_copies_bitmaps_like_qemu() {
         // has some of the names (qemu-img makes those before the clash, newest first).
         ("o.qcow2", &["-n", "-O", "qcow2", "t.qcow2", "o.qcow2"]),
         ("dup.qcow2", &["-n", "-O", "qcow2", "t.qcow2", "dup.qcow2"]),
+        // A bigger target: no merge fits, qemu-img makes no bitmap.
+        ("big.qcow2", &["-n", "-O", "qcow2", "t.qcow2", "big.qcow2"]),
+        // A source without bitmaps.
+        ("out.qcow2", &["-O", "qcow2", "plain.qcow2", "out.qcow2"]),
         ("out.qcow2", &["-O", "qcow2", "v2.qcow2", "out.qcow2"]),
         (
             "out.qcow2",
@@ -560,6 +564,8 @@ fn convert_copies_bitmaps_like_qemu() {
                 qbitmap(d, &["--remove", "dup.qcow2", "b0"]);
                 qbitmap(d, &["--remove", "dup.qcow2", "b2"]);
                 qcow2(d, "v2.qcow2", "compat=0.10", "64M");
+                qcow2(d, "big.qcow2", "", "128M");
+                qcow2(d, "plain.qcow2", "", "64M");
                 qemu_img_in(d, &["create", "-q", "-f", "raw", "r.raw", "1M"]).ok();
             });
             let mut a = vec!["convert", "--bitmaps"];

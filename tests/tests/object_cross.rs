@@ -12,6 +12,7 @@ fn objects_match_qemu() {
             .check()
             .unwrap();
         std::fs::write(d.join("key"), "k3y").unwrap();
+        std::fs::write(d.join("bad64"), "a!c").unwrap();
     });
     let objects = [
         "secret,id=s0,data=abc",
@@ -28,6 +29,12 @@ fn objects_match_qemu() {
         "secret,id=s0,data=abc,bogus=1",
         "id=s0",
         "nosuchtype,id=x",
+        "secret,id=s0,data=abc,foo",
+        "",
+        "secret,id=s0,data=a!c,format=base64",
+        "secret,id=s0,file=bad64,format=base64",
+        "secret,id=s0,file=.",
+        "secret,id=s0,data=abc,",
     ];
     let mut failures = Failures::new();
     for o in objects {
@@ -37,6 +44,15 @@ fn objects_match_qemu() {
             vec!["map", "--object", o, "t.qcow2"],
             vec!["snapshot", "-l", "--object", o, "t.qcow2"],
             vec!["measure", "--object", o, "-O", "qcow2", "t.qcow2"],
+            vec![
+                "dd",
+                "--object",
+                o,
+                "if=t.qcow2",
+                "of=d.raw",
+                "bs=64k",
+                "count=1",
+            ],
         ] {
             let pair = twin.run(&cmd);
             failures.record(&format!("{cmd:?}"), pair.compare(Names::Prefix, verbatim));

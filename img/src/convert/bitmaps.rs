@@ -42,11 +42,13 @@ pub fn check_target(dst: &Image) -> Result<(), Failure> {
 /// inconsistent ones are skipped with a warning.
 ///
 /// qemu-img creates them newest first and stops at the first failure, keeping those
-/// made before it, and stores them all when it closes the target, listed in the
-/// source's order. So this works out which qemu-img would have made, makes them in
-/// directory order in one edit, then reports the failure.
+/// made before it (a bitmap it could not fill it removes again), and stores them all
+/// when it closes the target, listed in the source's order. So this works out which
+/// qemu-img would have made (a name taken, or a target of another size, which no merge
+/// accepts), makes them in directory order in one edit, then reports the failure.
 pub fn copy(src: &Image, dst: &Image, list: &[BitmapInfo]) -> Result<(), Failure> {
     let existing: Vec<String> = bitmaps_of(dst)?.into_iter().map(|b| b.name).collect();
+    let (src_size, dst_size) = (src.driver().size(), dst.driver().size());
     let mut make = Vec::new();
     let mut failure = None;
     for b in list.iter().rev() {
@@ -58,9 +60,19 @@ pub fn copy(src: &Image, dst: &Image, list: &[BitmapInfo]) -> Result<(), Failure
                 b.name
             )));
             break;
+        } else if src_size != dst_size {
+            failure = Some(Failure::msg(format!(
+                "Failed to populate bitmap {}: Bitmaps are of different sizes (destination \
+                 size is {dst_size}, source size is {src_size}) and can't be merged",
+                b.name
+            )));
+            break;
         } else {
             make.push(b);
         }
+    }
+    if make.is_empty() {
+        return failure.map_or(Ok(()), Err);
     }
     make.reverse();
     let ops: Vec<Vec<BitmapOp>> = make
@@ -86,14 +98,15 @@ pub fn copy(src: &Image, dst: &Image, list: &[BitmapInfo]) -> Result<(), Failure
         .map(|(b, ops)| BitmapEdit { name: &b.name, ops })
         .collect();
     dst.bitmap_edits(NODE, &edits, Some(src)).map_err(|e| {
-        let what = if e.op == Some(1) {
-            "populate"
-        } else {
-            "create"
+        let what = match e.op {
+            // Storing them failed: QEMU's words at close.
+            None => return Failure::msg(engine_msg(&e.error)),
+            Some(1) => "populate",
+            Some(_) => "create",
         };
+        let name = make.get(e.edit).map_or("", |b| b.name.as_str());
         Failure::msg(format!(
-            "Failed to {what} bitmap {}: {}",
-            make[e.edit].name,
+            "Failed to {what} bitmap {name}: {}",
             engine_msg(&e.error)
         ))
     })?;
