@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use common::nbd::uri::escape;
 use common::open::{Format, OpenOptions};
 
 use crate::qemu_opts;
@@ -266,6 +267,7 @@ fn nbd_uri(c: &BTreeMap<String, String>) -> Result<String, String> {
     };
     if kind == "unix" {
         let path = path.ok_or("Parameter 'path' is missing")?;
+        let (export, path) = (escape(export.as_bytes()), escape(path.as_bytes()));
         return Ok(format!("nbd+unix:///{export}?socket={path}"));
     }
     let host = host.ok_or("Parameter 'host' is missing")?;
@@ -278,7 +280,7 @@ fn nbd_uri(c: &BTreeMap<String, String>) -> Result<String, String> {
         }
         (None, None) => "10809".into(),
     };
-    Ok(format!("nbd://{host}:{port}/{export}"))
+    Ok(format!("nbd://{host}:{port}/{}", escape(export.as_bytes())))
 }
 
 /// The options whose keys start with `prefix`, taken out of `o` with the prefix removed.

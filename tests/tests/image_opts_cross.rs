@@ -308,6 +308,24 @@ fn nbd_servers_named_by_options_match_qemu() {
         Addr::Unix(sock.clone()),
         twin.qemu_dir(),
     );
+    // A socket and an export whose names a URI would have to escape.
+    let odd = twin.qemu_dir().join("n&2%41;x.sock");
+    let _odd_srv = Server::start(
+        Path::new("qemu-nbd"),
+        &[
+            "-t",
+            "-r",
+            "-e",
+            "0",
+            "-x",
+            "a b?c#d",
+            "-f",
+            "qcow2",
+            s(&image),
+        ],
+        Addr::Unix(odd.clone()),
+        twin.qemu_dir(),
+    );
     let p = sock.display();
     let specs = [
         format!(
@@ -318,6 +336,10 @@ fn nbd_servers_named_by_options_match_qemu() {
         format!("driver=nbd,server.type=unix,server.path={p}.none"),
         format!("driver=nbd,server.type=bogus,server.path={p}"),
         "driver=nbd,server.type=inet,server.host=127.0.0.1".to_string(),
+        format!(
+            "driver=nbd,server.type=unix,server.path={},export=a b?c#d",
+            odd.display()
+        ),
     ];
     let mut failures = Failures::new();
     for spec in &specs {

@@ -1,6 +1,7 @@
 //! NBD image names, as QEMU takes them: `nbd://HOST[:PORT]/EXPORT` and
 //! `nbd+unix:///EXPORT?socket=PATH`.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
 use super::consts::DEFAULT_PORT;
@@ -56,7 +57,8 @@ pub fn parse(name: &str) -> Result<NbdTarget> {
         Some((p, q)) => (p, Some(q)),
         None => (path_query, None),
     };
-    let export = path.strip_prefix('/').unwrap_or(path).to_string();
+    let export =
+        String::from_utf8_lossy(&unescape(path.strip_prefix('/').unwrap_or(path))).into_owned();
     let endpoint = match scheme {
         "nbd" | "nbd+tcp" => {
             if query.is_some() || authority.is_empty() {
@@ -82,11 +84,48 @@ pub fn parse(name: &str) -> Result<NbdTarget> {
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("socket=")))
                 .filter(|s| !s.is_empty())
                 .ok_or_else(bad)?;
-            Endpoint::Unix(PathBuf::from(socket))
+            Endpoint::Unix(PathBuf::from(std::ffi::OsString::from_vec(unescape(
+                socket,
+            ))))
         }
         _ => return Err(bad()),
     };
     Ok(NbdTarget { endpoint, export })
+}
+
+/// `%XX` escapes decoded (anything else kept as it is), as a URI's path and query values
+/// are read.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// `s` with the characters that would end a URI's path or query value (and `%` itself)
+/// escaped, for building a URI from parts.
+pub fn escape(s: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &c in s {
+        if matches!(c, b'%' | b'?' | b'#' | b'&' | b';') || !c.is_ascii_graphic() {
+            out.push_str(&format!("%{c:02X}"));
+        } else {
+            out.push(c as char);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -132,5 +171,19 @@ mod tests {
         assert_eq!(name("nbd+unix:///e?socket=/s"), "nbd+unix:///e?socket=/s");
         assert_eq!(name("nbd://h:1/e"), "nbd://h:1/e");
         assert_eq!(name("nbd://h:10809/"), "nbd://h");
+    }
+
+    #[test]
+    fn escapes_are_decoded() {
+        let t = parse("nbd+unix:///a%20b%3Fc?socket=/tmp/s%261").unwrap();
+        assert_eq!(t.export, "a b?c");
+        assert_eq!(t.endpoint, Endpoint::Unix("/tmp/s&1".into()));
+        assert_eq!(parse("nbd://h/50%").unwrap().export, "50%");
+        let raw = b"/tmp/a&b%41 c";
+        let built = format!("nbd+unix:///?socket={}", escape(raw));
+        assert_eq!(
+            parse(&built).unwrap().endpoint,
+            Endpoint::Unix("/tmp/a&b%41 c".into())
+        );
     }
 }
