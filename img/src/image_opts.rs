@@ -219,11 +219,16 @@ fn protocol_name(c: &BTreeMap<String, String>) -> Result<String, String> {
     for (k, v) in c {
         match k.as_str() {
             "driver" | "filename" => {}
-            "locking" => match v.as_str() {
-                "on" | "auto" => {}
-                "off" => return Err(unsupported("locking=off")),
-                _ => return Err(format!("invalid parameter value: {v}")),
-            },
+            "locking" => {
+                match v.as_str() {
+                    "on" | "auto" => {}
+                    "off" => return Err(
+                        "img always locks the images it opens: file.locking=off is not supported"
+                            .into(),
+                    ),
+                    _ => return Err(format!("invalid parameter value: {v}")),
+                }
+            }
             "aio" => match v.as_str() {
                 "threads" | "native" | "io_uring" => {}
                 _ => return Err(format!("invalid parameter value: {v}")),
