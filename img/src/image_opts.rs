@@ -239,6 +239,17 @@ fn protocol_name(c: &BTreeMap<String, String>) -> Result<String, String> {
     let Some(name) = c.get("filename") else {
         return Err(format!("The '{driver}' block driver requires a file name"));
     };
+    if driver == "host_device" {
+        use std::os::unix::fs::FileTypeExt;
+        let device = std::fs::metadata(name)
+            .map(|m| m.file_type().is_block_device() || m.file_type().is_char_device())
+            .unwrap_or(true);
+        if !device {
+            return Err(format!(
+                "'host_device' driver requires '{name}' to be either a character or block device"
+            ));
+        }
+    }
     Ok(name.clone())
 }
 

@@ -184,6 +184,7 @@ fn reading_cases() -> Vec<Vec<&'static str>> {
         "driver=qcow2,file.filename=r.raw",
         "driver=qcow2,file.driver=nbd",
         "driver=raw,file.driver=bogus,file.filename=t.qcow2",
+        "driver=raw,file.driver=host_device,file.filename=t.qcow2",
     ] {
         v.push(vec!["info", "--image-opts", bad]);
     }
