@@ -5,9 +5,10 @@
 //! The options img acts on: `driver` (a format, or a protocol: `file`, `host_device`,
 //! `host_cdrom`, `nbd`), the protocol child's (`file.driver`, `file.filename`, the NBD
 //! server and export, `file.locking=on|auto`, `file.aio`), `read-only`, `force-share`,
-//! `cache.direct`, `cache.no-flush`; `node-name` and `auto-read-only` are taken and mean
-//! nothing here, and qcow2's cache sizes are taken and left to the engine, which sizes its
-//! own caches. Any other option is refused, in QEMU's words.
+//! `cache.direct`, `cache.no-flush`, `backing` (empty or JSON null: not opened);
+//! `node-name` and `auto-read-only` are taken and mean nothing here, and qcow2's cache
+//! sizes are taken and left to the engine, which sizes its own caches. Any other option is
+//! refused, in QEMU's words. `json:{...}` file names are the same options as JSON.
 
 use std::collections::BTreeMap;
 
