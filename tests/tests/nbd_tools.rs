@@ -176,6 +176,21 @@ fn nbdcopy_copies_out_of_and_into_img_serve() {
     qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&dst), s(&out)]).ok();
 }
 
+/// `nbdkit -f -U SOCK ARGS...` (a plugin and its arguments), once it listens.
+fn start_nbdkit(sock: &std::path::Path, plugin: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new("nbdkit")
+        .args(["-f", "-U", s(sock)])
+        .args(plugin)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let start = std::time::Instant::now();
+    while !unix_listening(sock) && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
 #[test]
 fn img_reads_nbdkit_exports_as_qemu_img_does() {
     if !have_nbd_tools() {
@@ -199,17 +214,7 @@ fn img_reads_nbdkit_exports_as_qemu_img_does() {
         .enumerate()
     {
         let sock = d.path().join(format!("k{i}"));
-        let mut args = vec!["-f", "-U", s(&sock)];
-        args.extend(plugin.iter().copied());
-        let mut child = std::process::Command::new("nbdkit")
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let start = std::time::Instant::now();
-        while !unix_listening(&sock) && start.elapsed() < std::time::Duration::from_secs(10) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let mut child = start_nbdkit(&sock, &plugin);
         let uri = Addr::Unix(sock.clone()).uri();
         for cmd in [
             vec!["info", &uri],
@@ -253,16 +258,14 @@ fn a_hole_without_the_zero_flag_is_copied() {
     std::fs::write(&list, "0 65536 hole\n65536 983040\n").unwrap();
     let sock = d.path().join("k");
     let extents = format!("extentlist={}", s(&list));
-    let mut child = std::process::Command::new("nbdkit")
-        .args(["-f", "-U", s(&sock), "--filter=extentlist", "data"])
-        .args(["data=1 2 3 4 5 6 7 8 *8192", "size=1M", &extents])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("start nbdkit");
-    let start = std::time::Instant::now();
-    while !unix_listening(&sock) && start.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let plugin = [
+        "--filter=extentlist",
+        "data",
+        "data=1 2 3 4 5 6 7 8 *8192",
+        "size=1M",
+        &extents,
+    ];
+    let mut child = start_nbdkit(&sock, &plugin);
     let uri = Addr::Unix(sock.clone()).uri();
     let (mine, theirs) = (d.path().join("i.raw"), d.path().join("q.raw"));
     let result = (|| {
