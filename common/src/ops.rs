@@ -328,6 +328,16 @@ pub enum BitmapOp {
     },
 }
 
+/// Why a `Merge` between bitmaps of disks of `dst` and `src` bytes fails when the two
+/// differ (QEMU's words): callers that must know before editing, as `convert --bitmaps`,
+/// report it too.
+pub fn bitmap_sizes_differ(dst: u64, src: u64) -> Error {
+    Error::invalid(format!(
+        "Bitmaps are of different sizes (destination size is {dst}, source size is {src}) \
+         and can't be merged"
+    ))
+}
+
 /// The operations [`Image::bitmap_edits`] applies to one bitmap.
 #[derive(Debug, Clone, Copy)]
 pub struct BitmapEdit<'a> {

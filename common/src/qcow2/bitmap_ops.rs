@@ -230,11 +230,7 @@ impl Edit<'_> {
                     Source::NoBitmaps => return Err(not_found(src_name)),
                 };
                 if src.size != m.h.size {
-                    return Err(Error::invalid(format!(
-                        "Bitmaps are of different sizes (destination size is {}, source size \
-                         is {}) and can't be merged",
-                        m.h.size, src.size
-                    )));
+                    return Err(crate::ops::bitmap_sizes_differ(m.h.size, src.size));
                 }
                 self.usable(dst)?;
                 let mut bits = self.bits(m, dst)?;

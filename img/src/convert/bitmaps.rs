@@ -3,7 +3,7 @@
 //! and messages).
 
 use common::open::Image;
-use common::ops::{BitmapEdit, BitmapInfo, BitmapOp, FormatSpecific};
+use common::ops::{bitmap_sizes_differ, BitmapEdit, BitmapInfo, BitmapOp, FormatSpecific};
 
 use crate::errors::{engine_msg, Failure};
 
@@ -62,9 +62,9 @@ pub fn copy(src: &Image, dst: &Image, list: &[BitmapInfo]) -> Result<(), Failure
             break;
         } else if src_size != dst_size {
             failure = Some(Failure::msg(format!(
-                "Failed to populate bitmap {}: Bitmaps are of different sizes (destination \
-                 size is {dst_size}, source size is {src_size}) and can't be merged",
-                b.name
+                "Failed to populate bitmap {}: {}",
+                b.name,
+                engine_msg(&bitmap_sizes_differ(dst_size, src_size))
             )));
             break;
         } else {
