@@ -22,8 +22,9 @@
 //! before the connection is dropped.
 
 use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::thread::Scope;
+use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::nbd::consts::*;
 use crate::nbd::request::{Request, REQUEST_LEN};
@@ -61,7 +62,17 @@ pub fn transmit<R: Read + Send, W: Write + Send>(
         room: Condvar::new(),
         out: Mutex::new(w),
     };
-    std::thread::scope(|scope| conn.run(scope));
+    std::thread::scope(|scope| {
+        let (started, threads) = mpsc::channel();
+        conn.run(scope, started);
+        // Every thread is joined, none detached: the channel ends when the last thread
+        // has left `run`, and each thread's handle was sent before its starter left.
+        for thread in threads {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
     let unsent = conn.lock().send_error.take();
     let input = conn.input.into_inner().unwrap_or_else(|p| p.into_inner());
     match unsent {
@@ -117,8 +128,9 @@ impl<'a, R: Read + Send, W: Write + Send> Conn<'a, R, W> {
     }
 
     /// One thread: take the reading turn, read a request, pass the turn on (starting a
-    /// thread to take it when none waits), run the request; until reading is over.
-    fn run<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+    /// thread to take it when none waits, its handle sent to `started`), run the request;
+    /// until reading is over.
+    fn run<'s>(&'s self, scope: &'s Scope<'s, '_>, started: Sender<ScopedJoinHandle<'s, ()>>) {
         let mut buf = Vec::new();
         loop {
             self.lock().waiting += 1;
@@ -143,12 +155,17 @@ impl<'a, R: Read + Send, W: Write + Send> Conn<'a, R, W> {
             };
             drop(input);
             if start_one {
-                let started = std::thread::Builder::new()
+                let theirs = started.clone();
+                match std::thread::Builder::new()
                     .stack_size(crate::open::IO_THREAD_STACK)
-                    .spawn_scoped(scope, move || self.run(scope));
-                if started.is_err() {
+                    .spawn_scoped(scope, move || self.run(scope, theirs))
+                {
+                    Ok(thread) => {
+                        // The receiver outlives every sender, so this cannot fail.
+                        let _ = started.send(thread);
+                    }
                     // This thread reads again after its request.
-                    self.lock().threads -= 1;
+                    Err(_) => self.lock().threads -= 1,
                 }
             }
             self.serve(job, &mut buf);
