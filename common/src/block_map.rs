@@ -47,6 +47,8 @@ pub(crate) fn stored_data_status(storage: &dyn Storage, host: u64, n: u64) -> Re
     Ok(BlockStatus {
         allocation: match st.allocation {
             Allocation::Zero => Allocation::DataOverHole,
+            // Only the file's zero flag refines the format's data (QEMU's rule).
+            Allocation::Undetermined => Allocation::Data,
             a => a,
         },
         ..st

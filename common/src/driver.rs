@@ -16,6 +16,10 @@ pub enum Allocation {
     Zero,
     /// No layer of the chain has it; reads as zeroes.
     Unallocated,
+    /// Neither data nor zeroes for sure: a hole that may read non-zero (an NBD server's
+    /// hole flag without its zero flag). It must be read to be copied, and is not
+    /// allocated (QEMU's data and zero both clear).
+    Undetermined,
 }
 
 /// The status of a run of guest bytes that all behave alike.

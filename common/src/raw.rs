@@ -281,6 +281,7 @@ pub(crate) fn file_status(storage: &dyn Storage, offset: u64, len: u64) -> Resul
         StorageRun::Data => Allocation::Data,
         StorageRun::AllocatedZero => Allocation::DataOverHole,
         StorageRun::Hole => Allocation::Zero,
+        StorageRun::UnsureHole => Allocation::Undetermined,
     };
     Ok(BlockStatus {
         len: run_end.clamp(offset + 1, end) - offset,

@@ -85,6 +85,8 @@ pub enum StorageRun {
     AllocatedZero,
     /// A hole: reads as zeroes.
     Hole,
+    /// A hole that may read non-zero (an NBD server's hole flag without its zero flag).
+    UnsureHole,
 }
 
 /// Copy `len` bytes at `from_offset` of `from` to `to_offset` of `to` inside the kernel

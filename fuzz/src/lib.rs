@@ -92,7 +92,7 @@ pub fn walk(d: &dyn BlockDriver) {
             st.len
         );
         let want = match st.allocation {
-            Allocation::Data | Allocation::DataOverHole => st.len,
+            Allocation::Data | Allocation::DataOverHole | Allocation::Undetermined => st.len,
             Allocation::Zero | Allocation::Unallocated => st.len.min(512),
         };
         let mut at = offset;

@@ -226,7 +226,10 @@ fn plan(top: &dyn BlockDriver, base: &dyn BlockDriver, depth: u32) -> common::Re
             // what comes of it is the same in steps of MAX_IO (a multiple of `g`).
             let st = top.block_status(off, (run.end - off).min(MAX_IO))?;
             // Like QEMU's mirror, data over a hole is still data: copied, not zeroed.
-            let data = matches!(st.allocation, Allocation::Data | Allocation::DataOverHole);
+            let data = matches!(
+                st.allocation,
+                Allocation::Data | Allocation::DataOverHole | Allocation::Undetermined
+            );
             let mut io = if data { st.len.min(MAX_IO) } else { st.len };
             io -= io % g;
             let mut whole = None;

@@ -179,8 +179,10 @@ impl Side {
             })?;
         let flags = Flags {
             data: matches!(s.allocation, Allocation::Data | Allocation::DataOverHole),
-            zero: s.allocation != Allocation::Data,
+            zero: !matches!(s.allocation, Allocation::Data | Allocation::Undetermined),
             offset_valid: s.host_offset.is_some(),
+            // qemu-img counts an undetermined run as unallocated and then reads only the
+            // other side, as if this one read zeroes: img reads and compares both.
             allocated: match s.allocation {
                 Allocation::Unallocated => beyond_short_backing(top, at),
                 _ => true,

@@ -192,7 +192,7 @@ fn copy(
             .block_status(pos, (data_end - pos).min(CHUNK))
             .map_err(read_err)?;
         let len = st.len.clamp(1, data_end - pos);
-        if st.allocation == Allocation::Data {
+        if matches!(st.allocation, Allocation::Data | Allocation::Undetermined) {
             let b = &mut buf[..len as usize];
             input.read_at(b, pos).map_err(read_err)?;
             output.write_at(b, pos - start).map_err(write_err)?;

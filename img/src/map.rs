@@ -169,6 +169,11 @@ impl<'a> Mapper<'a> {
                 zero: true,
                 ..base
             },
+            Allocation::Undetermined => MapEntry {
+                present: false,
+                offset: None,
+                ..base
+            },
         }))
     }
 

@@ -165,7 +165,8 @@ impl Storage for NbdStorage {
         }
         let len = (end - offset).min(1 << 31) as u32;
         let kind = |flags: u32| match (flags & STATE_HOLE != 0, flags & STATE_ZERO != 0) {
-            (_, false) => StorageRun::Data,
+            (false, false) => StorageRun::Data,
+            (true, false) => StorageRun::UnsureHole,
             (false, true) => StorageRun::AllocatedZero,
             (true, true) => StorageRun::Hole,
         };

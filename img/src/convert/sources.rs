@@ -121,8 +121,10 @@ impl Sources {
             Allocation::Data => Kind::Data,
             // QEMU copies nothing that reads as zeroes, whatever is allocated there.
             Allocation::Zero | Allocation::DataOverHole => Kind::Zero,
-            Allocation::Unallocated if top_only => Kind::Backing,
+            Allocation::Unallocated | Allocation::Undetermined if top_only => Kind::Backing,
             Allocation::Unallocated => Kind::Zero,
+            // It may not read as zeroes: copied unless the target's backing answers.
+            Allocation::Undetermined => Kind::Data,
         };
         let end = if rel + st.len >= p.bytes {
             p.start + p.len

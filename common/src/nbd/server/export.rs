@@ -47,7 +47,8 @@ impl Context {
             (Context::BaseAllocation, Allocation::Zero | Allocation::Unallocated) => {
                 STATE_HOLE | STATE_ZERO
             }
-            (Context::AllocationDepth, Allocation::Unallocated) => 0,
+            (Context::BaseAllocation, Allocation::Undetermined) => STATE_HOLE,
+            (Context::AllocationDepth, Allocation::Unallocated | Allocation::Undetermined) => 0,
             (Context::AllocationDepth, _) => s.depth + 1,
         }
     }
