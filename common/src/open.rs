@@ -59,7 +59,18 @@ pub struct OpenOptions {
     /// (BDRV_O_NO_IO): an AES-encrypted qcow image then opens without its key, its data
     /// unreadable; otherwise it is refused.
     pub metadata_only: bool,
+    /// How a `json:{...}` backing file name is read; without it such a name is taken as
+    /// a file name (and is not found).
+    pub json_names: Option<JsonNames>,
 }
+
+/// Reads the object of a `json:{...}` backing file name (the text after `json:`) with the
+/// format the overlay records, if any: the file name or NBD URI it names, as given (a
+/// relative name is not resolved against the overlay, as in QEMU), and its format (the
+/// recorded one wins over the object's driver, as in QEMU). The error is the text after
+/// "Could not open backing file: ".
+pub type JsonNames =
+    fn(&str, Option<&str>) -> std::result::Result<(String, Option<Format>), String>;
 
 /// An open image of any format, with its backing chain attached.
 // One `Image` exists per open file, so the size difference of the variants is irrelevant.
@@ -247,12 +258,17 @@ impl Chain {
                     "Backing chain too deep: more than {MAX_CHAIN_DEPTH} backing files"
                 )));
             }
-            let below = resolve_backing_path(&path, &r.name);
-            let layer = r
-                .format
-                .as_deref()
-                .map(Format::from_name)
-                .transpose()
+            let (below, format) = match (r.name.strip_prefix("json:"), opts.json_names) {
+                (Some(json), Some(read)) => match read(json, r.format.as_deref()) {
+                    Ok((name, format)) => (PathBuf::from(name), Ok(format)),
+                    Err(m) => (PathBuf::new(), Err(Error::invalid(m))),
+                },
+                _ => (
+                    resolve_backing_path(&path, &r.name),
+                    r.format.as_deref().map(Format::from_name).transpose(),
+                ),
+            };
+            let layer = format
                 .and_then(|format| {
                     let read_only = opts.writable_backing != Some(depth);
                     self.open_layer(&below, format, read_only, false, opts)

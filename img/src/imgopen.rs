@@ -20,9 +20,20 @@ pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
             "'file' driver requires '{name}' to be a regular file"
         ));
     }
-    let image = open_image(path, opts).map_err(|e| engine_msg(&e))?;
+    let opts = OpenOptions {
+        json_names: Some(json_backing),
+        ..opts.clone()
+    };
+    let image = open_image(path, &opts).map_err(|e| engine_msg(&e))?;
     print_warnings(&image);
     Ok(image)
+}
+
+/// A `json:{...}` backing file name read as qemu-img reads it: the file or NBD server it
+/// names, in the format the overlay records or else the one its `driver` gives.
+fn json_backing(json: &str, recorded: Option<&str>) -> Result<(String, Option<Format>), String> {
+    let spec = image_opts::parse_json(json, recorded)?;
+    Ok((spec.name, spec.format))
 }
 
 /// An image as the user named it: a file name (or NBD URI, or QEMU's `json:{...}`) in an

@@ -355,3 +355,100 @@ fn nbd_servers_named_by_options_match_qemu() {
     }
     failures.finish();
 }
+
+/// Overlays whose backing file names are `json:{...}` objects, as qemu-img and libvirt
+/// write them: both tools follow them alike (a file name relative to the working
+/// directory, dotted keys, a chain below the named file, an NBD server, the recorded
+/// format where the object names no driver) and fail alike where the recorded format
+/// overrides the object's driver and on objects that name nothing openable.
+#[test]
+fn json_backing_names_are_followed_like_qemu() {
+    let twin = twin();
+    let sock = twin.qemu_dir().join("b.sock");
+    let _srv = Server::start(
+        Path::new("qemu-nbd"),
+        &[
+            "-t",
+            "-r",
+            "-e",
+            "0",
+            "-f",
+            "raw",
+            s(&twin.qemu_dir().join("r.raw")),
+        ],
+        Addr::Unix(sock.clone()),
+        twin.qemu_dir(),
+    );
+    let nbd = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"unix","path":"{}"}}}}}}"#,
+        sock.display()
+    );
+    let overlays: Vec<(&str, String, &str)> = vec![
+        (
+            "j1",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"t.qcow2"}}"#.into(),
+            "qcow2",
+        ),
+        (
+            "j2",
+            r#"json:{"file":{"driver":"file","filename":"r.raw"}}"#.into(),
+            "raw",
+        ),
+        (
+            "clash",
+            r#"json:{"driver":"raw","file.filename":"r.raw"}"#.into(),
+            "qcow2",
+        ),
+        (
+            "j4",
+            r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"}}"#.into(),
+            "qcow2",
+        ),
+        ("j5", nbd, "raw"),
+        ("bad1", r#"json:{"driver":"qcow2"}"#.into(), "qcow2"),
+        (
+            "bad2",
+            r#"json:{"driver":"raw","file":{"driver":"file","filename":"none.raw"}}"#.into(),
+            "raw",
+        ),
+        (
+            "bad3",
+            r#"json:{"driver":"raw","file":{"driver":"file","filename":"r.raw"},"bogus":1}"#.into(),
+            "raw",
+        ),
+    ];
+    for dir in [twin.qemu_dir(), twin.img_dir()] {
+        for (name, backing, fmt) in &overlays {
+            // Written before the backing file is named: qemu-io opens relative names
+            // from its own working directory.
+            let file = format!("{name}.qcow2");
+            qemu_img_in(dir, &["create", "-q", "-f", "qcow2", &file, "8M"])
+                .check()
+                .unwrap();
+            qemu_io_cmds(&dir.join(&file), "qcow2", &["write -P 5 1M 64k".into()]);
+            let rebase = ["rebase", "-u", "-b", backing, "-F", fmt, &file];
+            qemu_img_in(dir, &rebase).check().unwrap();
+        }
+    }
+    let mut failures = Failures::new();
+    for (name, _, _) in &overlays {
+        let file = format!("{name}.qcow2");
+        let out = format!("{name}.raw");
+        for cmd in [
+            vec!["map", "--output=json", &file],
+            vec!["info", "--backing-chain", &file],
+            vec!["compare", &file, "t.qcow2"],
+            vec!["convert", "-O", "raw", &file, &out],
+        ] {
+            let pair = twin.run(&cmd);
+            failures.record(&format!("{cmd:?}"), pair.compare(Names::Prefix, verbatim));
+        }
+        if name.starts_with('j') {
+            failures.record(
+                &format!("{name}: the copies"),
+                twin.compare_images(&out, Images::default()),
+            );
+        }
+    }
+    failures.finish();
+}
