@@ -32,6 +32,8 @@ pub struct ImageSpec {
     force_share: Option<bool>,
     direct: Option<bool>,
     no_flush: Option<bool>,
+    /// Format options given without a `driver`: QEMU judges them by the probed format.
+    format_keys: Vec<String>,
 }
 
 /// Why the options cannot open the image the way the command needs it.
@@ -62,6 +64,25 @@ impl ImageSpec {
             ..opts
         })
     }
+
+    /// Whether `probed`, the format the image was found in, takes the format options
+    /// given without a `driver`; the error is qemu-img's text after `Could not open ...: `.
+    pub fn check_probed(&self, probed: &str) -> Result<(), String> {
+        match self.format_keys.iter().find(|k| !format_takes(probed, k)) {
+            Some(k) => Err(unsupported_by(probed, k)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether format `format` takes option `key` (besides [`FORMAT_KEYS`]).
+fn format_takes(format: &str, key: &str) -> bool {
+    format == "qcow2" && QCOW2_CACHE_KEYS.contains(&key)
+}
+
+/// qemu-img's refusal of a format option.
+fn unsupported_by(format: &str, key: &str) -> String {
+    format!("Block format '{format}' does not support the option '{key}'")
 }
 
 /// Protocols a `driver` may name.
@@ -170,7 +191,6 @@ fn interpret(mut o: BTreeMap<String, String>) -> Result<ImageSpec, String> {
         }
         None => take_prefixed(&mut o, "file."),
     };
-    let fmt_name = driver.as_deref().unwrap_or("raw");
     for (k, v) in &o {
         let b = || parse_bool(k, v);
         match k.as_str() {
@@ -189,12 +209,12 @@ fn interpret(mut o: BTreeMap<String, String>) -> Result<ImageSpec, String> {
                 spec.no_backing = true;
             }
             "backing" => return Err(format!("Cannot find device='{v}' nor node-name='{v}'")),
-            k if spec.format == Some(Format::Qcow2) && QCOW2_CACHE_KEYS.contains(&k) => {}
-            k => {
-                return Err(format!(
-                    "Block format '{fmt_name}' does not support the option '{k}'"
-                ))
-            }
+            k => match driver.as_deref() {
+                // Judged once the format is probed.
+                None => spec.format_keys.push(k.to_string()),
+                Some(f) if format_takes(f, k) => {}
+                Some(f) => return Err(unsupported_by(f, k)),
+            },
         }
     }
     spec.name = protocol_name(&child)?;

@@ -116,7 +116,12 @@ impl Named {
     /// Open it with the rest of `opts`.
     pub fn open(&self, opts: OpenOptions) -> Result<Image, String> {
         let opts = self.options(opts)?;
-        open_named(&self.name, &opts).map_err(|m| self.open_error(&m))
+        let image = open_named(&self.name, &opts).map_err(|m| self.open_error(&m))?;
+        if let Some(spec) = &self.spec {
+            spec.check_probed(image.driver().format_name())
+                .map_err(|m| self.open_error(&m))?;
+        }
+        Ok(image)
     }
 }
 

@@ -185,9 +185,23 @@ fn reading_cases() -> Vec<Vec<&'static str>> {
         "driver=qcow2,file.driver=nbd",
         "driver=raw,file.driver=bogus,file.filename=t.qcow2",
         "driver=raw,file.driver=host_device,file.filename=t.qcow2",
+        // Without a driver, format options are judged by the probed format.
+        "file.filename=t.qcow2,bogus=1",
+        "file.filename=r.raw,bogus=1",
+        "file.filename=nosuch,bogus=1",
+        "file.filename=r.raw,l2-cache-size=1M",
     ] {
         v.push(vec!["info", "--image-opts", bad]);
     }
+    v.push(vec![
+        "info",
+        "--image-opts",
+        "file.filename=t.qcow2,l2-cache-size=1M",
+    ]);
+    v.push(vec![
+        "info",
+        r#"json:{"file.filename":"t.qcow2","bogus":1}"#,
+    ]);
     v
 }
 
