@@ -189,7 +189,15 @@ impl Worker {
         loop {
             let chain = match self.queues[qi].queue.pop(&self.mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
+                Ok(None) => match self.queues[qi].queue.rearm(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        dead[qi] = true;
+                        self.irq.set_needs_reset(&e.to_string());
+                        return;
+                    }
+                },
                 Err(e) => {
                     dead[qi] = true;
                     self.irq.set_needs_reset(&e.to_string());

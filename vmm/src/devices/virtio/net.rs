@@ -270,7 +270,10 @@ impl Worker {
                         continue;
                     }
                     // Leave the packet in the backend until there is room for it.
-                    Ok(false) => break RxState::NoBuffers,
+                    Ok(false) => match self.rearm_rx() {
+                        true => continue,
+                        false => break RxState::NoBuffers,
+                    },
                     Ok(true) => match self.read_packet() {
                         Some(len) => len,
                         None => break RxState::Drained,
@@ -287,7 +290,9 @@ impl Worker {
                 }
                 Ok(false) => {
                     self.pending = Some(len);
-                    break RxState::NoBuffers;
+                    if !self.rearm_rx() {
+                        break RxState::NoBuffers;
+                    }
                 }
                 Err(why) => self.fail(RX, &why),
             }
@@ -296,6 +301,18 @@ impl Worker {
             self.interrupt(RX);
         }
         state
+    }
+
+    /// Out of receive buffers: ask the driver to notify when it adds one; true if it
+    /// already has (look again). The driver is not asked while buffers last.
+    fn rearm_rx(&mut self) -> bool {
+        match self.queues[RX].queue.rearm(&self.mem) {
+            Ok(more) => more,
+            Err(e) => {
+                self.fail(RX, &e.to_string());
+                false
+            }
+        }
     }
 
     /// One packet from the backend into `self.packet`; its length with the header. Runts
@@ -402,7 +419,14 @@ impl Worker {
         while !self.dead[TX] {
             let chain = match self.queues[TX].queue.pop(&self.mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
+                Ok(None) => match self.queues[TX].queue.rearm(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.fail(TX, &e.to_string());
+                        break;
+                    }
+                },
                 Err(e) => {
                     self.fail(TX, &e.to_string());
                     break;

@@ -76,6 +76,8 @@ pub struct Queue {
     pub event_idx: bool,
     pub indirect: bool,
     next_avail: u16,
+    /// The driver's available index as the device last read it.
+    seen_avail: u16,
     next_used: u16,
     /// Used index at the last interrupt (for EVENT_IDX suppression).
     signalled_used: Option<u16>,
@@ -99,6 +101,7 @@ impl Queue {
             event_idx,
             indirect,
             next_avail: 0,
+            seen_avail: 0,
             next_used: 0,
             signalled_used: None,
         }
@@ -133,9 +136,12 @@ impl Queue {
             .map_err(|_| QueueError::BadRing(addr))
     }
 
-    /// Take the next available chain, if any.
+    /// Take the next available chain, if any. The driver is not asked to notify for
+    /// chains it adds meanwhile (no kick per chain while the device is busy): once done,
+    /// the caller calls [`Queue::rearm`].
     pub fn pop(&mut self, mem: &GuestMem) -> Result<Option<Chain>, QueueError> {
         let avail_idx = Self::read_u16(mem, self.cfg.avail + 2)?;
+        self.seen_avail = avail_idx;
         let pending = avail_idx.wrapping_sub(self.next_avail);
         if pending == 0 {
             return Ok(None);
@@ -148,12 +154,6 @@ impl Queue {
         let slot = (self.next_avail % self.cfg.size) as u64;
         let head = Self::read_u16(mem, self.cfg.avail + 4 + 2 * slot)?;
         self.next_avail = self.next_avail.wrapping_add(1);
-        if self.event_idx {
-            // avail_event: ask to be notified when the driver passes what we consumed.
-            let off = self.cfg.used + 4 + 8 * self.cfg.size as u64;
-            Self::write_u16(mem, off, self.next_avail)?;
-            fence(Ordering::SeqCst);
-        }
         let descs = self.walk(mem, head)?;
         Ok(Some(Chain { head, descs }))
     }
@@ -164,9 +164,25 @@ impl Queue {
         self.next_avail = self.next_avail.wrapping_sub(n);
     }
 
-    /// Whether more chains are available right now (after re-arming notifications).
-    pub fn has_more(&self, mem: &GuestMem) -> Result<bool, QueueError> {
-        Ok(Self::read_u16(mem, self.cfg.avail + 2)? != self.next_avail)
+    /// Whether chains are available that were not popped.
+    pub fn has_more(&mut self, mem: &GuestMem) -> Result<bool, QueueError> {
+        self.seen_avail = Self::read_u16(mem, self.cfg.avail + 2)?;
+        Ok(self.seen_avail != self.next_avail)
+    }
+
+    /// Ask the driver to notify when it makes a chain available past the available
+    /// index the device last read (with EVENT_IDX, through avail_event; without, the
+    /// driver always notifies), then say whether it already has: the caller looks again
+    /// instead of waiting for a notification that may have come before the request.
+    pub fn rearm(&mut self, mem: &GuestMem) -> Result<bool, QueueError> {
+        if self.event_idx {
+            let off = self.cfg.used + 4 + 8 * self.cfg.size as u64;
+            Self::write_u16(mem, off, self.seen_avail)?;
+        }
+        // The driver publishes its index before it reads avail_event: our write must
+        // come before our read of the index.
+        fence(Ordering::SeqCst);
+        Ok(Self::read_u16(mem, self.cfg.avail + 2)? != self.seen_avail)
     }
 
     fn read_desc(mem: &GuestMem, table: u64, idx: u16) -> Result<RawDesc, QueueError> {
@@ -295,4 +311,92 @@ pub fn range_ok(mem: &GuestMem, addr: u64, len: u64) -> bool {
         pos = rend.min(end);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// A driver that notifies only when EVENT_IDX says to (Linux's `vring_need_event`).
+    struct Driver {
+        idx: u16,
+    }
+
+    impl Driver {
+        /// Make one single-buffer chain available; whether the device must be notified.
+        fn add(&mut self, mem: &GuestMem) -> bool {
+            let head = self.idx % SIZE;
+            let desc = DESC + 16 * head as u64;
+            mem.write_obj(0x8000u64 + 0x100 * head as u64, GuestAddress(desc))
+                .unwrap();
+            mem.write_obj(0x100u32, GuestAddress(desc + 8)).unwrap();
+            let slot = AVAIL + 4 + 2 * (self.idx % SIZE) as u64;
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+            let old = self.idx;
+            self.idx = self.idx.wrapping_add(1);
+            mem.write_obj(self.idx, GuestAddress(AVAIL + 2)).unwrap();
+            let event: u16 = mem
+                .read_obj(GuestAddress(USED + 4 + 8 * SIZE as u64))
+                .unwrap();
+            self.idx.wrapping_sub(event).wrapping_sub(1) < self.idx.wrapping_sub(old)
+        }
+    }
+
+    fn queue() -> (GuestMem, Queue) {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let cfg = QueueConfig {
+            size: SIZE,
+            ready: true,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+        };
+        (mem, Queue::new(cfg, true, false))
+    }
+
+    /// The driver is not asked to notify while the device has chains to take, is asked
+    /// again once the device has taken them all and rearmed, and a chain made available
+    /// before the device rearms is found by the rearm, not lost.
+    #[test]
+    fn notifications_wait_for_the_device_to_rearm() {
+        let (mem, mut q) = queue();
+        let mut d = Driver { idx: 0 };
+        assert!(d.add(&mem), "the first chain is notified");
+        assert!(q.pop(&mem).unwrap().is_some());
+        assert!(!d.add(&mem), "no notification while the device is busy");
+        assert!(q.pop(&mem).unwrap().is_some());
+        assert!(q.pop(&mem).unwrap().is_none());
+        assert!(!q.rearm(&mem).unwrap(), "nothing new");
+        assert!(d.add(&mem), "notified after the rearm");
+        assert!(q.pop(&mem).unwrap().is_some());
+        assert!(q.pop(&mem).unwrap().is_none());
+        // The driver adds after the device last looked and before it rearms: its
+        // avail_event is old, so it does not notify, and the rearm reports the chain.
+        assert!(!d.add(&mem));
+        assert!(
+            q.rearm(&mem).unwrap(),
+            "the chain added meanwhile is reported"
+        );
+        assert!(q.pop(&mem).unwrap().is_some());
+    }
+
+    /// A device that gave chains back (too few receive buffers for a packet) waits for
+    /// a chain past those: the rearm does not report the ones it gave back.
+    #[test]
+    fn chains_given_back_are_not_news() {
+        let (mem, mut q) = queue();
+        let mut d = Driver { idx: 0 };
+        d.add(&mem);
+        assert!(q.pop(&mem).unwrap().is_some());
+        assert!(q.pop(&mem).unwrap().is_none());
+        q.unpop(1);
+        assert!(!q.rearm(&mem).unwrap());
+        assert!(d.add(&mem), "a new buffer is notified");
+        assert!(q.rearm(&mem).unwrap());
+    }
 }
