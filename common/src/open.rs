@@ -65,12 +65,22 @@ pub struct OpenOptions {
 }
 
 /// Reads the object of a `json:{...}` backing file name (the text after `json:`) with the
-/// format the overlay records, if any: the file name or NBD URI it names, as given (a
-/// relative name is not resolved against the overlay, as in QEMU), and its format (the
-/// recorded one wins over the object's driver, as in QEMU). The error is the text after
-/// "Could not open backing file: ".
-pub type JsonNames =
-    fn(&str, Option<&str>) -> std::result::Result<(String, Option<Format>), String>;
+/// format the overlay records, if any, into the layer it names. The error is the text
+/// after "Could not open backing file: ".
+pub type JsonNames = fn(&str, Option<&str>) -> std::result::Result<JsonBacking, String>;
+
+/// The layer a `json:{...}` backing file name names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonBacking {
+    /// The file name or NBD URI, as given: a relative name is not resolved against the
+    /// overlay (QEMU takes it from the working directory).
+    pub name: String,
+    /// Its format: the one the overlay records wins over the object's driver, as in QEMU;
+    /// `None` probes it.
+    pub format: Option<Format>,
+    /// `"backing": null`: the chain ends with this layer.
+    pub no_backing: bool,
+}
 
 /// An open image of any format, with its backing chain attached.
 // One `Image` exists per open file, so the size difference of the variants is irrelevant.
@@ -248,8 +258,10 @@ impl Chain {
     ) -> Result<Image> {
         let mut layers = vec![top];
         let mut path = path.to_path_buf();
+        // A layer named by a `json:` name with `"backing": null` ends the chain.
+        let mut last = false;
         while let Some(r) = layers.last().and_then(Image::backing_ref) {
-            if opts.no_backing {
+            if opts.no_backing || last {
                 break;
             }
             let depth = layers.len() as u32;
@@ -260,7 +272,10 @@ impl Chain {
             }
             let (below, format) = match (r.name.strip_prefix("json:"), opts.json_names) {
                 (Some(json), Some(read)) => match read(json, r.format.as_deref()) {
-                    Ok((name, format)) => (PathBuf::from(name), Ok(format)),
+                    Ok(named) => {
+                        last = named.no_backing;
+                        (PathBuf::from(named.name), Ok(named.format))
+                    }
                     Err(m) => (PathBuf::new(), Err(Error::invalid(m))),
                 },
                 _ => (

@@ -65,6 +65,11 @@ impl ImageSpec {
         })
     }
 
+    /// `backing: null`: the backing file is not opened.
+    pub fn no_backing(&self) -> bool {
+        self.no_backing
+    }
+
     /// Whether `probed`, the format the image was found in, takes the format options
     /// given without a `driver`; the error is qemu-img's text after `Could not open ...: `.
     pub fn check_probed(&self, probed: &str) -> Result<(), String> {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use common::open::{open_image, Format, Image, OpenOptions};
+use common::open::{open_image, Format, Image, JsonBacking, OpenOptions};
 use common::ops::OpenWarning;
 
 use crate::errors::engine_msg;
@@ -31,9 +31,13 @@ pub fn open_named(name: &str, opts: &OpenOptions) -> Result<Image, String> {
 
 /// A `json:{...}` backing file name read as qemu-img reads it: the file or NBD server it
 /// names, in the format the overlay records or else the one its `driver` gives.
-fn json_backing(json: &str, recorded: Option<&str>) -> Result<(String, Option<Format>), String> {
+fn json_backing(json: &str, recorded: Option<&str>) -> Result<JsonBacking, String> {
     let spec = image_opts::parse_json(json, recorded)?;
-    Ok((spec.name, spec.format))
+    Ok(JsonBacking {
+        no_backing: spec.no_backing(),
+        name: spec.name,
+        format: spec.format,
+    })
 }
 
 /// An image as the user named it: a file name (or NBD URI, or QEMU's `json:{...}`) in an

@@ -372,8 +372,8 @@ fn nbd_servers_named_by_options_match_qemu() {
 
 /// Overlays whose backing file names are `json:{...}` objects, as qemu-img and libvirt
 /// write them: both tools follow them alike (a file name relative to the working
-/// directory, dotted keys, a chain below the named file, an NBD server, the recorded
-/// format where the object names no driver) and fail alike where the recorded format
+/// directory, dotted keys, a chain below the named file or none with `"backing": null`,
+/// an NBD server, the recorded format where the object names no driver) and fail alike where the recorded format
 /// overrides the object's driver and on objects that name nothing openable.
 #[test]
 fn json_backing_names_are_followed_like_qemu() {
@@ -419,6 +419,11 @@ fn json_backing_names_are_followed_like_qemu() {
             "qcow2",
         ),
         ("j5", nbd, "raw"),
+        (
+            "j6",
+            r#"json:{"driver":"qcow2","file":{"filename":"o.qcow2"},"backing":null}"#.into(),
+            "qcow2",
+        ),
         ("bad1", r#"json:{"driver":"qcow2"}"#.into(), "qcow2"),
         (
             "bad2",
