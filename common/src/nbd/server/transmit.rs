@@ -66,11 +66,16 @@ pub fn transmit<R: Read + Send, W: Write + Send>(
         let (started, threads) = mpsc::channel();
         conn.run(scope, started);
         // Every thread is joined, none detached: the channel ends when the last thread
-        // has left `run`, and each thread's handle was sent before its starter left.
+        // has left `run`, and each thread's handle was sent before its starter left. A
+        // panic is raised again once all are joined.
+        let mut panicked = None;
         for thread in threads {
             if let Err(panic) = thread.join() {
-                std::panic::resume_unwind(panic);
+                panicked.get_or_insert(panic);
             }
+        }
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
         }
     });
     let unsent = conn.lock().send_error.take();
@@ -161,7 +166,7 @@ impl<'a, R: Read + Send, W: Write + Send> Conn<'a, R, W> {
                     .spawn_scoped(scope, move || self.run(scope, theirs))
                 {
                     Ok(thread) => {
-                        // The receiver outlives every sender, so this cannot fail.
+                        // The receiver is read until every sender is gone: this cannot fail.
                         let _ = started.send(thread);
                     }
                     // This thread reads again after its request.

@@ -187,17 +187,9 @@ impl Worker {
         }
         let mut used_any = false;
         loop {
-            let chain = match self.queues[qi].queue.pop(&self.mem) {
+            let chain = match self.queues[qi].queue.pop_or_rearm(&self.mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => match self.queues[qi].queue.rearm(&self.mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        dead[qi] = true;
-                        self.irq.set_needs_reset(&e.to_string());
-                        return;
-                    }
-                },
+                Ok(None) => break,
                 Err(e) => {
                     dead[qi] = true;
                     self.irq.set_needs_reset(&e.to_string());

@@ -417,16 +417,9 @@ impl Worker {
     pub fn tx(&mut self) {
         let mut used = false;
         while !self.dead[TX] {
-            let chain = match self.queues[TX].queue.pop(&self.mem) {
+            let chain = match self.queues[TX].queue.pop_or_rearm(&self.mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => match self.queues[TX].queue.rearm(&self.mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        self.fail(TX, &e.to_string());
-                        break;
-                    }
-                },
+                Ok(None) => break,
                 Err(e) => {
                     self.fail(TX, &e.to_string());
                     break;

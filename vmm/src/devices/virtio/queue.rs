@@ -138,7 +138,7 @@ impl Queue {
 
     /// Take the next available chain, if any. The driver is not asked to notify for
     /// chains it adds meanwhile (no kick per chain while the device is busy): once done,
-    /// the caller calls [`Queue::rearm`].
+    /// the caller calls [`Queue::rearm`] (or drains with [`Queue::pop_or_rearm`]).
     pub fn pop(&mut self, mem: &GuestMem) -> Result<Option<Chain>, QueueError> {
         let avail_idx = Self::read_u16(mem, self.cfg.avail + 2)?;
         self.seen_avail = avail_idx;
@@ -156,6 +156,19 @@ impl Queue {
         self.next_avail = self.next_avail.wrapping_add(1);
         let descs = self.walk(mem, head)?;
         Ok(Some(Chain { head, descs }))
+    }
+
+    /// The next available chain; when there is none, the driver is asked to notify for
+    /// the next one (see [`Queue::rearm`]) and `None` returned only if it still has
+    /// none: the way to drain a queue.
+    pub fn pop_or_rearm(&mut self, mem: &GuestMem) -> Result<Option<Chain>, QueueError> {
+        loop {
+            match self.pop(mem)? {
+                Some(c) => return Ok(Some(c)),
+                None if self.rearm(mem)? => continue,
+                None => return Ok(None),
+            }
+        }
     }
 
     /// Give back the last `n` chains popped, untouched, to be popped again later (a
@@ -383,6 +396,19 @@ mod tests {
             "the chain added meanwhile is reported"
         );
         assert!(q.pop(&mem).unwrap().is_some());
+    }
+
+    /// Draining with `pop_or_rearm` leaves the driver asked to notify for its next chain.
+    #[test]
+    fn a_drained_queue_is_rearmed() {
+        let (mem, mut q) = queue();
+        let mut d = Driver { idx: 0 };
+        d.add(&mem);
+        assert!(q.pop(&mem).unwrap().is_some());
+        assert!(!d.add(&mem), "busy: no notification");
+        assert!(q.pop_or_rearm(&mem).unwrap().is_some());
+        assert!(q.pop_or_rearm(&mem).unwrap().is_none());
+        assert!(d.add(&mem), "drained: the next chain is notified");
     }
 
     /// A device that gave chains back (too few receive buffers for a packet) waits for
